@@ -1,0 +1,21 @@
+"""fmm_attention: attention on long sequences, outside PyTorch.
+
+Fast Multipole Attention (exact near field, hierarchical far field, one joint softmax),
+exact softmax attention as the memory-efficient reference, and error analysis against it.
+Numba CPU kernels (and CUDA kernels with the ``[cuda]`` extra) behind one NumPy API.
+"""
+
+from .api import exact_attention, fmm_attention
+from .coarsening import LearnedCoarsening
+from .tree import FMMTree, build_tree
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "exact_attention",
+    "fmm_attention",
+    "build_tree",
+    "FMMTree",
+    "LearnedCoarsening",
+    "__version__",
+]

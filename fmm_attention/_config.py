@@ -1,0 +1,33 @@
+"""Kernel knobs in one place.
+
+Every tile size, thread count and compiler flag the kernels use is read from here, so a
+tuning change is one edit and the tests can patch the CUDA launch sizes small.
+"""
+
+#: Fastmath flags for the CPU kernels. ``reassoc``/``contract`` let LLVM vectorise the
+#: reductions and fuse multiply-adds; ``nnan``/``ninf`` are deliberately *not* set, because
+#: masked logits are ``-inf`` and the kernels rely on IEEE semantics for them.
+FASTMATH = {"reassoc", "contract", "arcp", "nsz"}
+
+#: Cache compiled CPU kernels on disk (``__pycache__``) so later processes skip the JIT.
+CACHE = True
+
+#: Exact attention: query rows per tile (the unit of parallel work) and keys per tile.
+EXACT_QUERY_TILE = 64
+EXACT_KEY_TILE = 512
+
+#: Fastformer: sequence chunk length of the parallel bidirectional reductions.
+FASTFORMER_CHUNK = 4096
+
+#: CUDA launch configuration (patched small by the simulator tests).
+CUDA_THREADS_PER_BLOCK = 128
+CUDA_QUERY_TILE = 32
+CUDA_KEY_TILE = 32
+
+#: Largest ``n`` for which dense ``(n, n)`` diagnostics (level maps, implied attention
+#: matrices) are built; beyond it they would take gigabytes.
+DENSE_MAX_N = 8192
+
+#: Defaults of ``fmm_attention`` (see docs/tuning.rst for the measurements behind them).
+DEFAULT_BLOCK_SIZE = 32
+DEFAULT_RANK = 4

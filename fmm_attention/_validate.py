@@ -1,0 +1,199 @@
+"""Input checking: array-likes in, contiguous float arrays out, or a clear error.
+
+Every public function funnels its arguments through here before anything is planned or
+compiled, so a compiled kernel never sees a shape, dtype or value it was not written for.
+Errors name the offending argument and say what was expected.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from dataclasses import dataclass
+
+import numpy as np
+
+#: dtypes the kernels are compiled for; everything else real-floating is promoted.
+KERNEL_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+
+
+def as_array(x, name):
+    """Convert an array-like (list, ``__array__``, DLPack) to a NumPy array, no copy if possible."""
+    if isinstance(x, np.ndarray):
+        return x
+    if hasattr(x, "__cuda_array_interface__"):
+        raise TypeError(
+            f"{name} lives on a CUDA device; pass backend='cuda' (or 'auto') with all inputs on "
+            "the device, or copy it to the host first"
+        )
+    if hasattr(x, "__dlpack__") and not hasattr(x, "__array__"):
+        try:
+            return np.from_dlpack(x)
+        except (TypeError, RuntimeError, BufferError) as exc:
+            raise TypeError(f"{name} could not be read through DLPack: {exc}") from exc
+    try:
+        return np.asarray(x)
+    except (TypeError, ValueError) as exc:
+        raise TypeError(f"{name} must be an array-like of real floats, got {type(x).__name__}") from exc
+
+
+def float_dtype(*named_arrays):
+    """The kernel dtype for a set of arrays: float32 or float64.
+
+    float16 (and any float narrower than 32 bits) is promoted to float32; float64 and wider
+    (``longdouble``) compute in float64. Integers, booleans, complex and object arrays are
+    rejected with a ``TypeError`` naming the argument.
+    """
+    result = None
+    for name, arr in named_arrays:
+        dt = arr.dtype
+        if dt.kind != "f":
+            raise TypeError(
+                f"{name} must have a real floating dtype (float32 or float64), got {dt}"
+            )
+        dt = np.dtype(np.float32) if dt.itemsize <= 4 else np.dtype(np.float64)
+        result = dt if result is None else np.promote_types(result, dt)
+    return result
+
+
+def check_finite_array(arr, name):
+    """Raise ``ValueError`` if ``arr`` holds NaN or infinity."""
+    if not np.isfinite(arr).all():
+        raise ValueError(f"{name} contains NaN or infinity (pass check_finite=False to skip this check)")
+
+
+def check_bool(value, name):
+    """``value`` must be a Python or NumPy bool."""
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{name} must be True or False, got {value!r}")
+    return bool(value)
+
+
+def check_power_of_two(value, name):
+    """``value`` must be an integer power of two (1, 2, 4, ...)."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an integer power of two, got {value!r}")
+    value = int(value)
+    if value < 1 or value & (value - 1):
+        raise ValueError(f"{name} must be a power of two >= 1, got {value}")
+    return value
+
+
+def check_choice(value, name, choices):
+    """``value`` must be one of ``choices`` (strings)."""
+    if not isinstance(value, str) or value not in choices:
+        raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))}; got {value!r}")
+    return value
+
+
+def check_scale(scale, d):
+    """The logit scale: ``1/sqrt(d)`` by default, else a finite real number."""
+    if scale is None:
+        return 1.0 / math.sqrt(d)
+    if isinstance(scale, (bool, np.bool_)) or not isinstance(scale, numbers.Real):
+        raise TypeError(f"scale must be a real number or None, got {scale!r}")
+    scale = float(scale)
+    if not math.isfinite(scale):
+        raise ValueError(f"scale must be finite, got {scale}")
+    return scale
+
+
+@dataclass(frozen=True)
+class Batch:
+    """Validated attention inputs, leading dims flattened to one batch axis.
+
+    Attributes
+    ----------
+    q, k : ndarray, shape (B, n, d)
+    v : ndarray, shape (B, n, dv)
+    valid : ndarray of bool, shape (B, n), or None
+        Key validity (``True`` = valid); ``None`` when every key is valid.
+    lead_shape : tuple
+        The caller's leading dims, restored on output.
+    dtype : numpy.dtype
+        float32 or float64, the dtype of the computation and the output.
+    scale : float
+    """
+
+    q: np.ndarray
+    k: np.ndarray
+    v: np.ndarray
+    valid: np.ndarray | None
+    lead_shape: tuple
+    dtype: np.dtype
+    scale: float
+
+    @property
+    def n(self):
+        return self.q.shape[1]
+
+    @property
+    def d(self):
+        return self.q.shape[2]
+
+    @property
+    def dv(self):
+        return self.v.shape[2]
+
+    def restore(self, out, last_dim=True):
+        """Give ``out`` (B, n[, x]) the caller's leading dims back."""
+        tail = out.shape[2:] if last_dim else ()
+        return out.reshape(self.lead_shape + (self.n,) + tail)
+
+
+def attention_inputs(q, k, v, *, scale, key_padding_mask, check_finite):
+    """Validate ``q, k, v`` (and mask, scale) and return a :class:`Batch`.
+
+    Shapes ``(..., n, d)``, ``(..., n, d)``, ``(..., n, dv)`` with identical leading dims.
+    Arrays are made C-contiguous in the kernel dtype; a copy happens only when the input is
+    not already so, and the inputs themselves are never written to.
+    """
+    check_finite = check_bool(check_finite, "check_finite")
+    arrays = {"q": as_array(q, "q"), "k": as_array(k, "k"), "v": as_array(v, "v")}
+    for name, arr in arrays.items():
+        if arr.ndim < 2:
+            raise ValueError(f"{name} must have at least 2 dims (..., n, features), got shape {arr.shape}")
+    qa, ka, va = arrays["q"], arrays["k"], arrays["v"]
+    if qa.shape[:-2] != ka.shape[:-2] or qa.shape[:-2] != va.shape[:-2]:
+        raise ValueError(
+            f"q, k and v must share their leading dims; got q {qa.shape}, k {ka.shape}, v {va.shape}"
+        )
+    if qa.shape[-2] != ka.shape[-2] or ka.shape[-2] != va.shape[-2]:
+        raise ValueError(
+            f"q, k and v must have the same sequence length n (axis -2); got q {qa.shape}, "
+            f"k {ka.shape}, v {va.shape}"
+        )
+    if qa.shape[-1] != ka.shape[-1]:
+        raise ValueError(f"q and k must have the same feature dim d; got q {qa.shape}, k {ka.shape}")
+    n, d, dv = qa.shape[-2], qa.shape[-1], va.shape[-1]
+    if n < 1:
+        raise ValueError("the sequence length n must be at least 1, got an empty sequence")
+    if d < 1 or dv < 1:
+        raise ValueError(f"feature dims must be at least 1; got d={d}, dv={dv}")
+    dtype = float_dtype(*arrays.items())
+    lead_shape = tuple(qa.shape[:-2])
+    batch = int(np.prod(lead_shape, dtype=np.int64))
+    out = {}
+    for name, arr in arrays.items():
+        arr = np.ascontiguousarray(arr, dtype=dtype).reshape(batch, n, arr.shape[-1])
+        if check_finite:
+            check_finite_array(arr, name)
+        out[name] = arr
+    valid = padding_mask(key_padding_mask, lead_shape, n)
+    return Batch(out["q"], out["k"], out["v"], valid, lead_shape, dtype, check_scale(scale, d))
+
+
+def padding_mask(key_padding_mask, lead_shape, n):
+    """Validate ``key_padding_mask`` (..., n) bool, True = valid; ``None`` if all valid."""
+    if key_padding_mask is None:
+        return None
+    mask = as_array(key_padding_mask, "key_padding_mask")
+    if mask.dtype != np.bool_:
+        raise TypeError(f"key_padding_mask must be a bool array (True = valid key), got dtype {mask.dtype}")
+    if mask.shape != lead_shape + (n,):
+        raise ValueError(
+            f"key_padding_mask must have shape {lead_shape + (n,)} (leading dims of q, then n), "
+            f"got {mask.shape}"
+        )
+    batch = int(np.prod(lead_shape, dtype=np.int64))
+    return np.ascontiguousarray(mask).reshape(batch, n)

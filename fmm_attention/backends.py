@@ -1,0 +1,37 @@
+"""Backend registry: which implementation executes a call.
+
+``"cpu"`` is always there. ``"cuda"`` is imported lazily, only when asked for or when the
+inputs already live on a CUDA device, so the CPU library never needs the CUDA packages.
+"""
+
+from ._validate import check_choice
+
+BACKENDS = ("auto", "cpu", "cuda")
+
+
+def on_cuda_device(*arrays):
+    """True if any array exposes ``__cuda_array_interface__`` (Numba, CuPy, PyTorch CUDA)."""
+    return any(hasattr(a, "__cuda_array_interface__") for a in arrays)
+
+
+def resolve(backend, *arrays):
+    """Name of the backend that runs a call: ``"cpu"`` or ``"cuda"``.
+
+    ``"auto"`` picks CUDA when the inputs live on the GPU, else the CPU.
+    """
+    check_choice(backend, "backend", BACKENDS)
+    if backend == "auto":
+        return "cuda" if on_cuda_device(*arrays) else "cpu"
+    return backend
+
+
+def get(name):
+    """The backend module for ``name`` (``"cpu"`` or ``"cuda"``)."""
+    if name == "cpu":
+        from . import cpu
+
+        return cpu
+    from . import cuda
+
+    cuda.require()
+    return cuda

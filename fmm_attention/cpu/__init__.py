@@ -1,0 +1,125 @@
+"""The CPU backend: Numba ``@njit`` kernels behind two entry points.
+
+:func:`exact` and :func:`fmm` take validated inputs (:class:`fmm_attention._validate.Batch`)
+and a tree, allocate outputs, run the kernels and return ``(out, lse)`` of shapes
+``(B, n, dv)`` and ``(B, n)``.
+"""
+
+import contextlib
+import threading
+
+import numba
+import numpy as np
+
+from .exact import exact_kernel
+from .fma import (
+    block_attention,
+    box_counts_bias,
+    coarse_queries,
+    downward_pass,
+    far_partials,
+    learned_upward_level,
+    mean_upward,
+)
+
+_LAUNCH_LOCK = threading.Lock()
+
+
+@contextlib.contextmanager
+def _launch_guard():
+    """Serialise parallel launches when the threading layer cannot take concurrent calls.
+
+    The OpenMP and TBB layers accept kernel launches from several Python threads at once;
+    numba's fallback ``workqueue`` layer aborts the process instead. Until the layer is
+    known (first launch) and whenever it is ``workqueue``, launches take a lock.
+    """
+    try:
+        safe = numba.threading_layer() != "workqueue"
+    except ValueError:  # no parallel region has run yet
+        safe = False
+    if safe:
+        yield
+    else:
+        with _LAUNCH_LOCK:
+            yield
+
+
+def _key_bias(batch):
+    """``(B, n)`` additive key bias (0 or ``-inf``) and whether any key is masked."""
+    if batch.valid is None:
+        return np.zeros((1, 1), dtype=batch.dtype), np.zeros((1, 1), dtype=np.bool_), False
+    bias = np.where(batch.valid, 0.0, -np.inf).astype(batch.dtype)
+    return bias, batch.valid, True
+
+
+def _outputs(batch):
+    B, n = batch.q.shape[:2]
+    return np.empty((B, n, batch.dv), dtype=batch.dtype), np.empty((B, n), dtype=batch.dtype)
+
+
+def exact(batch, *, causal):
+    """Exact softmax attention of a validated batch."""
+    out, lse = _outputs(batch)
+    key_bias, _, has_mask = _key_bias(batch)
+    with _launch_guard():
+        exact_kernel(batch.q, batch.k, batch.v, key_bias, has_mask, batch.dtype.type(batch.scale), causal, out, lse)
+    return out, lse
+
+
+def coarse_buffers(batch, tree, coarsening, count_scaling):
+    """Run the upward pass: coarse keys, values and biases of every level, ``(B, C, .)``."""
+    B = batch.q.shape[0]
+    dtype = batch.dtype
+    kc = np.zeros((B, tree.n_coarse, batch.d), dtype=dtype)
+    vc = np.zeros((B, tree.n_coarse, batch.dv), dtype=dtype)
+    cbias = np.empty((B, tree.n_coarse), dtype=dtype)
+    _, valid, has_mask = _key_bias(batch)
+    with _launch_guard():
+        if coarsening == "mean":
+            sub_sizes = np.array([lv.sub_box_size for lv in tree.levels], dtype=np.int64)
+            offsets = np.array([lv.offset for lv in tree.levels], dtype=np.int64)
+            n_rows = np.array([lv.n_boxes * lv.rank for lv in tree.levels], dtype=np.int64)
+            counts = np.zeros((B, tree.n_coarse), dtype=dtype)
+            mean_upward(batch.k, batch.v, valid, has_mask, sub_sizes, offsets, n_rows, count_scaling, kc, vc, cbias, counts)
+        else:
+            kw, vw, kb, vb = coarsening.level_arrays(dtype)
+            for i, level in enumerate(tree.levels):
+                args = (level.box_size, level.rank, level.offset)
+                learned_upward_level(batch.k, valid, has_mask, kw[i], kb[i], *args, kc)
+                learned_upward_level(batch.v, valid, has_mask, vw[i], vb[i], *args, vc)
+                box_counts_bias(valid, has_mask, batch.n, *args, count_scaling, kc, vc, cbias)
+    return kc, vc, cbias
+
+
+def fmm(batch, tree, *, coarsening, count_scaling, query_coarsening):
+    """Fast Multipole Attention of a validated batch along ``tree``."""
+    out, lse = _outputs(batch)
+    B = batch.q.shape[0]
+    dtype = batch.dtype
+    scale = dtype.type(batch.scale)
+    key_bias, _, has_mask = _key_bias(batch)
+    kc, vc, cbias = coarse_buffers(batch, tree, coarsening, count_scaling)
+    with _launch_guard():
+        if query_coarsening:
+            box_offset, interactions = tree.box_tables
+            box_sizes = np.array([lv.box_size for lv in tree.levels], dtype=np.int64)
+            box_ranks = np.array([lv.rank for lv in tree.levels], dtype=np.int64)
+            total = interactions.shape[0]
+            qc = np.empty((B, total, batch.d), dtype=dtype)
+            coarse_queries(batch.q, batch.n, box_sizes, box_offset, qc)
+            part_max = np.empty((B, total), dtype=dtype)
+            part_sum = np.empty((B, total), dtype=dtype)
+            part_num = np.empty((B, total, batch.dv), dtype=dtype)
+            far_partials(qc, kc, vc, cbias, box_offset, box_ranks, interactions, scale, part_max, part_sum, part_num)
+            downward_pass(box_offset, part_max, part_sum, part_num)
+            level1 = slice(0, tree.levels[0].n_boxes)  # level-1 boxes are the query blocks
+            inherit = (True, part_max[:, level1].copy(), part_sum[:, level1].copy(), part_num[:, level1].copy())
+            ptr, segments, max_keys = tree.near_plan
+        else:
+            inherit = (False, np.zeros((1, 1), dtype), np.zeros((1, 1), dtype), np.zeros((1, 1, 1), dtype))
+            ptr, segments, max_keys = tree.key_plan
+        block_attention(
+            batch.q, batch.k, batch.v, key_bias, has_mask, kc, vc, cbias, ptr, segments, max_keys,
+            tree.block_size, scale, tree.causal, *inherit, out, lse,
+        )
+    return out, lse

@@ -1,0 +1,134 @@
+"""Online-softmax building blocks shared by the CPU kernels.
+
+The exponential is the hot spot of every attention kernel: numba's ``math.exp`` compiles
+to a scalar libm call (about 2.7 ns per element here), NumPy's SIMD ``exp`` cannot be
+called from compiled code, and SVML is usually absent. :func:`exp_inplace` is a
+Cody-Waite range reduction plus a Taylor polynomial, written so LLVM vectorises it
+(about 0.4 ns per element in float32) with a relative error of a few ulp. It is only ever
+applied to shifted logits ``x - max <= 0``, where underflow is the only edge case: inputs
+below the smallest normal exponent (and ``-inf``, a masked key) give exactly 0.
+"""
+
+import numpy as np
+from numba import njit, types
+from numba.extending import overload
+
+from .. import _config
+
+# float32 constants: ln 2 split so that k * LN2_HI is exact for |k| < 2**11.
+_F32_LOG2E = np.float32(1.4426950408889634)
+_F32_LN2_HI = np.float32(0.693145751953125)
+_F32_LN2_LO = np.float32(1.428606765330187e-06)
+_F32_FLOOR = np.float32(-87.0)  # 2**-125: the bit trick below stays in normal range
+_F32_HALF = np.float32(0.5)
+_F32_ONE = np.float32(1.0)
+_F32_ZERO = np.float32(0.0)
+_F32_C = tuple(np.float32(1.0 / f) for f in (5040.0, 720.0, 120.0, 24.0, 6.0, 2.0))
+
+_F64_LOG2E = 1.4426950408889634
+_F64_LN2_HI = 0.6931471803691238
+_F64_LN2_LO = 1.9082149292705877e-10
+_F64_FLOOR = -708.0  # 2**-1021
+_F64_C = (
+    1.0 / 479001600.0, 1.0 / 39916800.0, 1.0 / 3628800.0, 1.0 / 362880.0, 1.0 / 40320.0,
+    1.0 / 5040.0, 1.0 / 720.0, 1.0 / 120.0, 1.0 / 24.0, 1.0 / 6.0, 0.5,
+)
+
+
+def exp_inplace(x):
+    """``x[:] = exp(x)`` for a 1-D contiguous float array with ``x <= 0`` (``-inf`` allowed)."""
+    x[:] = np.exp(x)
+
+
+def _exp32(x):
+    bits = x.view(np.int32)
+    c0, c1, c2, c3, c4, c5 = _F32_C
+    for i in range(x.size):
+        xi = x[i]
+        keep = xi > _F32_FLOOR
+        xc = xi if keep else _F32_FLOOR
+        kf = np.floor(xc * _F32_LOG2E + _F32_HALF)
+        r = xc - kf * _F32_LN2_HI - kf * _F32_LN2_LO
+        p = c0
+        p = p * r + c1
+        p = p * r + c2
+        p = p * r + c3
+        p = p * r + c4
+        p = p * r + c5
+        p = p * r + _F32_ONE
+        p = p * r + _F32_ONE
+        x[i] = p if keep else _F32_ZERO
+        bits[i] += (np.int32(kf) << np.int32(23)) if keep else np.int32(0)
+
+
+def _exp64(x):
+    bits = x.view(np.int64)
+    c0, c1, c2, c3, c4, c5, c6, c7, c8, c9, c10 = _F64_C
+    for i in range(x.size):
+        xi = x[i]
+        keep = xi > _F64_FLOOR
+        xc = xi if keep else _F64_FLOOR
+        kf = np.floor(xc * _F64_LOG2E + 0.5)
+        r = xc - kf * _F64_LN2_HI - kf * _F64_LN2_LO
+        p = c0
+        p = p * r + c1
+        p = p * r + c2
+        p = p * r + c3
+        p = p * r + c4
+        p = p * r + c5
+        p = p * r + c6
+        p = p * r + c7
+        p = p * r + c8
+        p = p * r + c9
+        p = p * r + c10
+        p = p * r + 1.0
+        p = p * r + 1.0
+        x[i] = p if keep else 0.0
+        bits[i] += (np.int64(kf) << np.int64(52)) if keep else np.int64(0)
+
+
+@overload(exp_inplace, jit_options={"fastmath": _config.FASTMATH})
+def _exp_inplace_overload(x):
+    if isinstance(x, types.Array) and x.dtype == types.float32:
+        return _exp32
+    if isinstance(x, types.Array) and x.dtype == types.float64:
+        return _exp64
+    return None
+
+
+def jit(**options):
+    """``numba.njit`` with the library's cache and fastmath settings."""
+    return njit(cache=_config.CACHE, fastmath=_config.FASTMATH, **options)
+
+
+@jit()
+def softmax_row(row, bias, positions, query_position, causal, floor_max):
+    """Turn one row of raw scores into unnormalised weights, in place.
+
+    Adds ``bias`` (``-inf`` masks a key), masks keys with ``positions > query_position``
+    when ``causal``, subtracts the row maximum (at least ``floor_max``, the maximum of an
+    already accumulated partial) and exponentiates.
+
+    Returns
+    -------
+    (row_max, row_sum) : the shift used (``-inf`` if every logit and ``floor_max`` are
+    ``-inf``; the row is then all zeros) and the sum of the weights.
+    """
+    nk = row.size
+    mx = floor_max
+    for j in range(nk):
+        x = row[j] + bias[j]
+        if bias[j] == -np.inf or (causal and positions[j] > query_position):
+            x = -np.inf
+        row[j] = x
+        mx = max(mx, x)
+    if mx == -np.inf:
+        row[:] = 0
+        return mx, row.dtype.type(0)
+    for j in range(nk):
+        row[j] -= mx
+    exp_inplace(row)
+    total = row.dtype.type(0)
+    for j in range(nk):
+        total += row[j]
+    return mx, total

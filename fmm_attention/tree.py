@@ -1,0 +1,302 @@
+"""The FMA tree: padding, levels, boxes, interaction lists and the per-block key plan.
+
+A tree depends only on ``(n, block_size, rank, causal)``, never on the data, so it is
+built once and cached. Every backend executes the same plan, which is what makes the CPU
+and CUDA results agree to rounding.
+
+Conventions (``../shared/spec/fma.md``): the sequence is right-padded to
+``N = m * 2**k`` with ``k >= 2``; far levels ``l = 1 .. L = log2(N/m) - 1`` have boxes of
+``w_l = m * 2**(l-1)`` tokens, each summarised by ``r_l = min(p, w_l)`` coarse keys (one per
+aligned sub-box of ``w_l / r_l`` tokens).
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import numpy as np
+
+from . import _config
+from ._validate import check_bool, check_power_of_two
+
+#: Segment kinds in a key plan: exact tokens of ``k``/``v``, or rows of the coarse buffers.
+TOKEN, COARSE = 0, 1
+
+
+def padded_length(n, block_size):
+    """Smallest ``N = block_size * 2**k >= n`` with ``k >= 2``."""
+    length = 4 * block_size
+    while length < n:
+        length *= 2
+    return length
+
+
+def far_boxes(b, causal):
+    """The far-field interaction list of box ``b`` at any level, before clipping to range.
+
+    Bidirectional: even ``b`` sees ``b-2, b+2, b+3``; odd ``b`` sees ``b-3, b-2, b+2``.
+    Causal: even ``b`` sees ``b-2``; odd ``b`` sees ``b-3, b-2``.
+    """
+    if causal:
+        return (b - 2,) if b % 2 == 0 else (b - 3, b - 2)
+    return (b - 2, b + 2, b + 3) if b % 2 == 0 else (b - 3, b - 2, b + 2)
+
+
+@dataclass(frozen=True)
+class Level:
+    """One far level of the tree.
+
+    Attributes
+    ----------
+    index : int
+        Level number ``l`` (1 = finest far level).
+    box_size : int
+        Tokens per box, ``w_l = m * 2**(l-1)``.
+    n_boxes : int
+        Boxes covering the padded length, ``N / w_l``.
+    rank : int
+        Coarse keys per box, ``r_l = min(p, w_l)``.
+    sub_box_size : int
+        Tokens summarised by one coarse key, ``w_l / r_l``.
+    offset : int
+        First row of this level in the coarse buffers (row of box ``c``, slot ``t``:
+        ``offset + c * rank + t``).
+    interactions : ndarray of int64, shape (n_boxes, 3)
+        Far boxes seen by each box at this level, ``-1`` where the list is shorter or a box
+        falls outside ``[0, n_boxes)``.
+    """
+
+    index: int
+    box_size: int
+    n_boxes: int
+    rank: int
+    sub_box_size: int
+    offset: int
+    interactions: np.ndarray
+
+
+@dataclass(frozen=True, eq=False)
+class FMMTree:
+    """The plan of one FMA call: what every query attends to, at which level.
+
+    Build it with :func:`build_tree`. All arrays are read-only.
+
+    Attributes
+    ----------
+    n : int
+        Sequence length.
+    padded_length : int
+        ``N``, the padded length.
+    block_size, rank : int
+        ``m`` and ``p``.
+    causal : bool
+    levels : tuple of Level
+        Far levels ``1 .. L`` (empty never: ``L >= 1``).
+    n_coarse : int
+        Rows of the coarse buffers (all levels together).
+    n_blocks : int
+        Query blocks holding at least one real query, ``ceil(n / m)``.
+    """
+
+    n: int
+    padded_length: int
+    block_size: int
+    rank: int
+    causal: bool
+    levels: tuple
+    n_coarse: int
+
+    @property
+    def n_levels(self):
+        """``L``, the number of far levels."""
+        return len(self.levels)
+
+    @property
+    def n_blocks(self):
+        return -(-self.n // self.block_size)
+
+    def near_range(self, block):
+        """Token range ``[lo, hi)`` of the near field of query block ``block`` (clipped to ``n``).
+
+        Causal near fields also end at the block's last key; the kernels additionally mask
+        keys after each query.
+        """
+        m = self.block_size
+        lo = max(0, (block - 1) * m)
+        hi = min(self.n, (block + (1 if self.causal else 2)) * m)
+        return lo, hi
+
+    def far_segments(self, block):
+        """Coarse-row segments ``(start, count, level)`` of query block ``block``'s far field.
+
+        Boxes that hold only padding are left out: every key in them is masked.
+        """
+        segments = []
+        position = block * self.block_size
+        for level in self.levels:
+            b = position // level.box_size
+            for c in level.interactions[b]:
+                if c >= 0 and c * level.box_size < self.n:
+                    segments.append((level.offset + c * level.rank, level.rank, level.index))
+        return segments
+
+    @functools.cached_property
+    def key_plan(self):
+        """The per-block key plan every backend executes (fine queries).
+
+        Returns
+        -------
+        ptr : ndarray of int64, shape (n_blocks + 1,)
+            Segments of block ``I`` are ``ptr[I] : ptr[I+1]``.
+        segments : ndarray of int64, shape (n_segments, 3)
+            ``(kind, start, count)``; kind ``TOKEN`` indexes ``k``/``v`` rows, kind
+            ``COARSE`` indexes coarse-buffer rows.
+        max_keys : int
+            The most keys any block attends to (buffer size for the kernels).
+        """
+        return self._plan(with_far=True)
+
+    @functools.cached_property
+    def near_plan(self):
+        """As :attr:`key_plan`, near field only (for ``query_coarsening=True``)."""
+        return self._plan(with_far=False)
+
+    def _plan(self, with_far):
+        ptr = np.zeros(self.n_blocks + 1, dtype=np.int64)
+        rows = []
+        max_keys = 0
+        for block in range(self.n_blocks):
+            lo, hi = self.near_range(block)
+            block_rows = [(TOKEN, lo, hi - lo)]
+            if with_far:
+                block_rows += [(COARSE, start, count) for start, count, _ in self.far_segments(block)]
+            rows += block_rows
+            ptr[block + 1] = len(rows)
+            max_keys = max(max_keys, sum(r[2] for r in block_rows))
+        segments = np.array(rows, dtype=np.int64).reshape(-1, 3)
+        for arr in (ptr, segments):
+            arr.setflags(write=False)
+        return ptr, segments, max_keys
+
+    @functools.cached_property
+    def box_tables(self):
+        """Per-level arrays for the coarse-query (O(n)) pass.
+
+        Returns
+        -------
+        box_offset : ndarray of int64, shape (L + 1,)
+            Boxes of level ``l`` (1-based) are rows ``box_offset[l-1] : box_offset[l]`` of the
+            box buffers.
+        interactions : ndarray of int64, shape (total_boxes, 3)
+            Coarse-row start of each far box (``-1``: none or padding only).
+        """
+        box_offset = np.zeros(self.n_levels + 1, dtype=np.int64)
+        tables = []
+        for i, level in enumerate(self.levels):
+            table = np.full((level.n_boxes, 3), -1, dtype=np.int64)
+            for b in range(level.n_boxes):
+                for slot, c in enumerate(level.interactions[b]):
+                    if c >= 0 and c * level.box_size < self.n:
+                        table[b, slot] = level.offset + c * level.rank
+            tables.append(table)
+            box_offset[i + 1] = box_offset[i] + level.n_boxes
+        inter = np.concatenate(tables)
+        for arr in (box_offset, inter):
+            arr.setflags(write=False)
+        return box_offset, inter
+
+    def level_map(self):
+        """Dense ``(n, n)`` map of the level serving each (query, key) pair.
+
+        ``0`` is the near field (exact tokens), ``l >= 1`` a far level, ``-1`` a pair never
+        attended (future keys when causal). For diagnostics and figures at small ``n``.
+
+        Returns
+        -------
+        ndarray of int8, shape (n, n)
+        """
+        n = self.n
+        if n > _config.DENSE_MAX_N:
+            raise ValueError(f"level_map() builds an (n, n) array; n={n} exceeds {_config.DENSE_MAX_N}")
+        out = np.full((n, n), -1, dtype=np.int8)
+        m = self.block_size
+        for block in range(self.n_blocks):
+            rows = slice(block * m, min(n, (block + 1) * m))
+            lo, hi = self.near_range(block)
+            out[rows, lo:hi] = 0
+            for level in self.levels:
+                b = block * m // level.box_size
+                for c in level.interactions[b]:
+                    if c >= 0:
+                        w = level.box_size
+                        out[rows, c * w : min(n, (c + 1) * w)] = level.index
+        if self.causal:
+            out[np.triu_indices(n, 1)] = -1
+        return out
+
+    def __repr__(self):
+        return (
+            f"FMMTree(n={self.n}, padded_length={self.padded_length}, block_size={self.block_size}, "
+            f"rank={self.rank}, causal={self.causal}, n_levels={self.n_levels})"
+        )
+
+
+def build_tree(n, *, block_size, rank, causal=False):
+    """Build (or fetch from cache) the FMA tree for a sequence of length ``n``.
+
+    Parameters
+    ----------
+    n : int
+        Sequence length, ``n >= 1``.
+    block_size : int
+        Finest box size ``m`` (power of two): each query attends exactly to the keys of its
+        own and neighbouring blocks.
+    rank : int
+        Coarse keys per far box ``p`` (power of two).
+    causal : bool, optional
+        Build the causal interaction lists (keys at or before each query only).
+
+    Returns
+    -------
+    FMMTree
+
+    Examples
+    --------
+    >>> from fmm_attention import build_tree
+    >>> tree = build_tree(100, block_size=8, rank=2)
+    >>> tree.padded_length, tree.n_levels, [lv.box_size for lv in tree.levels]
+    (128, 3, [8, 16, 32])
+    """
+    if isinstance(n, (bool, np.bool_)) or not isinstance(n, (int, np.integer)):
+        raise TypeError(f"n must be an integer, got {n!r}")
+    if n < 1:
+        raise ValueError(f"n must be at least 1, got {n}")
+    if n > 2**40:
+        raise ValueError(f"n={n} is beyond the supported sequence length 2**40")
+    return _build_tree(
+        int(n),
+        check_power_of_two(block_size, "block_size"),
+        check_power_of_two(rank, "rank"),
+        check_bool(causal, "causal"),
+    )
+
+
+@functools.lru_cache(maxsize=64)
+def _build_tree(n, m, p, causal):
+    N = padded_length(n, m)
+    n_levels = (N // m).bit_length() - 1 - 1  # log2(N/m) - 1
+    levels = []
+    offset = 0
+    for index in range(1, n_levels + 1):
+        w = m << (index - 1)
+        r = min(p, w)
+        n_boxes = N // w
+        inter = np.full((n_boxes, 3), -1, dtype=np.int64)
+        for b in range(n_boxes):
+            listed = [c for c in far_boxes(b, causal) if 0 <= c < n_boxes]
+            inter[b, : len(listed)] = listed
+        inter.setflags(write=False)
+        levels.append(Level(index, w, n_boxes, r, w // r, offset, inter))
+        offset += n_boxes * r
+    return FMMTree(n, N, m, p, causal, tuple(levels), offset)
