@@ -1,0 +1,161 @@
+"""Plain NumPy oracles for small n, float64, written from the specs independently of the library.
+
+Nothing here imports :mod:`fmm_attention`: the interaction rules are re-derived from
+``shared/spec/fma.md`` in the simplest (slowest) form, so a bug in ``tree.py`` or the
+kernels cannot hide in the oracle too.
+"""
+
+import numpy as np
+
+
+def softmax_rows(logits):
+    """Row softmax with ``-inf`` masking; all-masked rows give zeros (and lse -inf)."""
+    mx = logits.max(axis=-1, keepdims=True)
+    safe = np.where(np.isfinite(mx), mx, 0.0)
+    w = np.exp(logits - safe)
+    total = w.sum(axis=-1, keepdims=True)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        p = np.where(total > 0, w / np.where(total > 0, total, 1.0), 0.0)
+        lse = np.where(total[..., 0] > 0, np.log(np.where(total[..., 0] > 0, total[..., 0], 1.0)) + safe[..., 0], -np.inf)
+    return p, lse
+
+
+def exact_reference(q, k, v, *, causal=False, scale=None, valid=None):
+    """Dense softmax attention of one head: q (n, d), k (n, d), v (n, dv), valid (n,) bool."""
+    q, k, v = (np.asarray(x, dtype=np.float64) for x in (q, k, v))
+    n, d = q.shape
+    scale = 1 / np.sqrt(d) if scale is None else scale
+    logits = scale * q @ k.T
+    allowed = np.ones((n, n), bool) if valid is None else np.broadcast_to(np.asarray(valid, bool), (n, n)).copy()
+    if causal:
+        allowed &= np.tril(np.ones((n, n), bool))
+    p, lse = softmax_rows(np.where(allowed, logits, -np.inf))
+    return p @ v, lse
+
+
+def padded_length(n, m):
+    N = 4 * m
+    while N < n:
+        N *= 2
+    return N
+
+
+def serving_level(i, j, N, m, causal):
+    """Level serving pair (i, j) by the spec's lists: 0 near, l >= 1 far, -1 never."""
+    if causal and j > i:
+        return -1
+    I, J = i // m, j // m
+    if (causal and I - 1 <= J <= I) or (not causal and abs(I - J) <= 1):
+        return 0
+    L = int(np.log2(N // m)) - 1
+    for level in range(1, L + 1):
+        w = m * 2 ** (level - 1)
+        b, c = i // w, j // w
+        if causal:
+            listed = [b - 2] if b % 2 == 0 else [b - 3, b - 2]
+        else:
+            listed = [b - 2, b + 2, b + 3] if b % 2 == 0 else [b - 3, b - 2, b + 2]
+        if c in listed:
+            return level
+    raise AssertionError(f"pair ({i}, {j}) served by no level")
+
+
+def level_map_reference(n, m, causal):
+    N = padded_length(n, m)
+    return np.array([[serving_level(i, j, N, m, causal) for j in range(n)] for i in range(n)])
+
+
+def fma_reference(q, k, v, *, block_size, rank, causal=False, scale=None, valid=None, count_scaling=True,
+                  learned=None):
+    """Dense FMA of one head (fine queries) by enumerating, for each query, all its logits.
+
+    ``learned``: None for mean coarsening, else ``(key_weights, value_weights, key_bias,
+    value_bias)``, one ``(r*d, 1, w)`` array (and ``(r*d,)`` bias) per level.
+    Returns ``(out, lse)``.
+    """
+    q, k, v = (np.asarray(x, dtype=np.float64) for x in (q, k, v))
+    n, d = q.shape
+    m, p = block_size, rank
+    scale = 1 / np.sqrt(d) if scale is None else scale
+    valid = np.ones(n, bool) if valid is None else np.asarray(valid, bool)
+    N = padded_length(n, m)
+    levels = level_map_reference(n, m, causal)
+    L = int(np.log2(N // m)) - 1
+    out = np.zeros((n, v.shape[1]))
+    lse = np.full(n, -np.inf)
+    for i in range(n):
+        logits, values = [], []
+        for j in range(n):
+            if levels[i, j] == 0 and valid[j]:
+                logits.append(scale * q[i] @ k[j])
+                values.append(v[j])
+        for level in range(1, L + 1):
+            w = m * 2 ** (level - 1)
+            r = min(p, w)
+            boxes = sorted({j // w for j in range(n) if levels[i, j] == level})
+            for c in boxes:
+                tokens = np.arange(c * w, min(n, (c + 1) * w))
+                ok = tokens[valid[tokens]]
+                if learned is None:
+                    sub = w // r
+                    for t in range(r):
+                        members = [j for j in ok if (j - c * w) // sub == t]
+                        if not members:
+                            continue
+                        kc, vc = k[members].mean(0), v[members].mean(0)
+                        bias = np.log(len(members)) if count_scaling else 0.0
+                        logits.append(scale * q[i] @ kc + bias)
+                        values.append(vc)
+                else:
+                    if len(ok) == 0:
+                        continue
+                    kw, vw, kb, vb = (x[level - 1] for x in learned)
+                    kpad = np.zeros((w, d))
+                    vpad = np.zeros((w, v.shape[1]))
+                    kpad[ok - c * w] = k[ok]
+                    vpad[ok - c * w] = v[ok]
+                    for t in range(r):
+                        kc = np.array([kw[e * r + t, 0] @ kpad[:, e] + kb[e * r + t] for e in range(d)])
+                        vc = np.array([vw[e * r + t, 0] @ vpad[:, e] + vb[e * r + t] for e in range(v.shape[1])])
+                        bias = np.log(len(ok) / r) if count_scaling else 0.0
+                        logits.append(scale * q[i] @ kc + bias)
+                        values.append(vc)
+        if logits:
+            x = np.array(logits)
+            mx = x.max()
+            wgt = np.exp(x - mx)
+            out[i] = wgt @ np.array(values) / wgt.sum()
+            lse[i] = mx + np.log(wgt.sum())
+    return out, lse
+
+
+def fma_implied_matrix(q, k, *, block_size, rank, causal=False, scale=None, valid=None, count_scaling=True):
+    """Dense (n, n) attention implied by mean-coarsened FMA (fine queries).
+
+    Seen from query ``i``, key ``j`` is replaced by the coarse key of its sub-box at the level
+    serving ``(i, j)``; with count scaling every token of a sub-box carries the sub-box's
+    logit, without it the sub-box's weight is shared among its tokens.
+    ``implied @ v`` is FMA's output.
+    """
+    q, k = (np.asarray(x, dtype=np.float64) for x in (q, k))
+    n, d = q.shape
+    m, p = block_size, rank
+    scale = 1 / np.sqrt(d) if scale is None else scale
+    valid = np.ones(n, bool) if valid is None else np.asarray(valid, bool)
+    N = padded_length(n, m)
+    levels = level_map_reference(n, m, causal)
+    logits = np.full((n, n), -np.inf)
+    for i in range(n):
+        for j in range(n):
+            level = levels[i, j]
+            if level < 0 or not valid[j]:
+                continue
+            if level == 0:
+                logits[i, j] = scale * q[i] @ k[j]
+                continue
+            w = m * 2 ** (level - 1)
+            sub = w // min(p, w)
+            first = (j // sub) * sub
+            members = [t for t in range(first, min(n, first + sub)) if valid[t]]
+            logits[i, j] = scale * q[i] @ k[members].mean(0) - (0.0 if count_scaling else np.log(len(members)))
+    return softmax_rows(logits)[0]
