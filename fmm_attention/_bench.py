@@ -1,0 +1,67 @@
+"""``python -m fmm_attention bench``: exact attention and FMA beside a plain NumPy baseline.
+
+All figures of one invocation are measured in the same process, one after the other, so
+ratios between them are meaningful even on a noisy machine; absolute times are not.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from . import api
+from ._workloads import Progress, best_time, fma_logits, matmul_rate, numpy_attention, random_qkv, table
+
+
+def add_arguments(parser):
+    parser.add_argument("--n", type=int, nargs="+", default=[1024, 4096, 16384, 65536], help="sequence lengths")
+    parser.add_argument("--d", type=int, default=64, help="head dim (default 64)")
+    parser.add_argument("--block-size", type=int, default=32)
+    parser.add_argument("--rank", type=int, default=2)
+    parser.add_argument("--backend", choices=["cpu", "cuda"], default="cpu")
+    parser.add_argument("--repeat", type=int, default=3, help="timed runs per figure (best is kept)")
+    parser.add_argument("--numpy-max-n", type=int, default=65536, help="skip the NumPy baseline above this n")
+    parser.add_argument("--scaling", action="store_true", help="fit the log-log slope of FMA time from n=16384 to 1,048,576")
+
+
+def _fmm(q, k, v, args, **kw):
+    return api.fmm_attention(q, k, v, block_size=args.block_size, rank=args.rank, backend=args.backend,
+                             check_finite=False, **kw)
+
+
+def run(args):
+    if args.scaling:
+        from ._perf import scaling_study
+
+        for coarse in (False, True):
+            ns, times, slope = scaling_study(query_coarsening=coarse, block_size=args.block_size, rank=args.rank, d=args.d)
+            label = "coarse queries" if coarse else "fine queries"
+            print(f"FMA {label}: " + ", ".join(f"n={n}: {t * 1e3:.1f} ms" for n, t in zip(ns, times)))
+            print(f"  fitted log-log slope: {slope:.3f}")
+        return 0
+    rate = matmul_rate()
+    print(f"NumPy float32 matmul (2048 x 2048): {rate / 1e9:.1f} GFLOP/s")
+    print(f"float32, d={args.d}, one head, block_size={args.block_size}, rank={args.rank}, backend={args.backend}\n")
+    # warm the JIT on a tiny input so compile time stays out of the figures
+    wq, wk, wv = random_qkv(256, args.d)
+    api.exact_attention(wq, wk, wv, backend=args.backend)
+    _fmm(wq, wk, wv, args)
+    rows = []
+    progress = Progress(len(args.n), "bench")
+    for n in args.n:
+        q, k, v = random_qkv(n, args.d)
+        t_np = best_time(lambda: numpy_attention(q, k, v), repeat=1 if n >= 16384 else args.repeat) if n <= args.numpy_max_n else float("nan")
+        t_ex = best_time(lambda: api.exact_attention(q, k, v, backend=args.backend, check_finite=False), repeat=1 if n >= 32768 else args.repeat)
+        t_fm = best_time(lambda: _fmm(q, k, v, args), repeat=args.repeat)
+        exact_flops = 4.0 * args.d * n * n
+        fma_flops = 4.0 * args.d * fma_logits(n, block_size=args.block_size, rank=args.rank)
+        rows.append([
+            n, f"{t_np * 1e3:.1f}", f"{t_ex * 1e3:.1f}", f"{t_fm * 1e3:.2f}",
+            f"{t_np / t_ex:.2f}", f"{t_np / t_fm:.0f}",
+            f"{exact_flops / t_ex / 1e9:.1f}", f"{fma_flops / t_fm / 1e9:.1f}", f"{100 * fma_flops / t_fm / rate:.0f}%",
+        ])
+        progress.update(f"n={n}")
+    progress.close()
+    print(table(rows, ["n", "numpy ms", "exact ms", "fma ms", "numpy/exact", "numpy/fma",
+                       "exact GF/s", "fma GF/s", "fma/matmul"]))
+    print("\nFLOPs: 4 d per logit (q.k and p.v); FMA's logits counted from its tree.")
+    return 0
