@@ -5,7 +5,7 @@ exact softmax attention as the memory-efficient reference, and error analysis ag
 Numba CPU kernels (and CUDA kernels with the ``[cuda]`` extra) behind one NumPy API.
 """
 
-from .api import exact_attention, fmm_attention
+from .api import exact_attention, fastformer_attention, fmm_attention
 from .coarsening import LearnedCoarsening
 from .tree import FMMTree, build_tree
 
@@ -14,6 +14,7 @@ __version__ = "0.1.0"
 __all__ = [
     "exact_attention",
     "fmm_attention",
+    "fastformer_attention",
     "build_tree",
     "FMMTree",
     "LearnedCoarsening",

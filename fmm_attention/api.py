@@ -6,8 +6,10 @@ Each function checks its arguments (:mod:`._validate`), builds or fetches the pl
 
 from __future__ import annotations
 
+import numpy as np
+
 from . import _config, backends
-from ._validate import attention_inputs, check_bool
+from ._validate import as_array, attention_inputs, check_bool, check_finite_array, float_dtype
 from .coarsening import LearnedCoarsening
 from .tree import build_tree
 
@@ -198,3 +200,134 @@ def fmm_attention(q, k, v, *, causal=False, block_size=_config.DEFAULT_BLOCK_SIZ
         batch, tree, coarsening=coarsening, count_scaling=count_scaling, query_coarsening=query_coarsening
     )
     return _finish(batch, out, lse, return_lse)
+
+
+def _attention_vector(w, name, batch, check_finite):
+    """Validate an additive-attention vector ``(..., d)``; return it as ``(B, d)`` in the batch dtype."""
+    arr = as_array(w, name)
+    float_dtype((name, arr))
+    d, lead = batch.d, batch.lead_shape
+    if arr.ndim < 1 or arr.shape[-1] != d:
+        raise ValueError(f"{name} must have shape (..., d) with d = {d} (the feature dim of q), got {arr.shape}")
+    try:
+        fits = np.broadcast_shapes(arr.shape[:-1], lead) == lead
+    except ValueError:
+        fits = False
+    if not fits:
+        raise ValueError(
+            f"{name} of shape {arr.shape} does not broadcast against the leading dims {lead} of q: "
+            f"expected (..., {d}) with leading dims broadcastable to {lead}, e.g. one vector per head"
+        )
+    arr = arr.astype(batch.dtype, copy=False)
+    if check_finite:
+        check_finite_array(arr, name)
+    return np.broadcast_to(arr, lead + (d,)).reshape(batch.q.shape[0], d)
+
+
+def fastformer_attention(q, k, v, w_q, w_k, *, causal=False, scale=None, key_padding_mask=None,
+                         return_pools=False, check_finite=True, backend="auto"):
+    """Fastformer additive attention: global query and key pools, O(n d) time and memory.
+
+    For each leading index, with ``s = scale``:
+    ``alpha = softmax_i(s q_i . w_q)``, ``qg = sum_i alpha_i q_i``; ``p_i = qg * k_i``;
+    ``beta = softmax_i(s p_i . w_k)``, ``kg = sum_i beta_i p_i``; output ``u_i = kg * v_i``
+    (``*`` element-wise). With ``causal=True`` the pools at position ``i`` are taken over
+    ``j <= i`` only, and ``p_j = qg(j) * k_j`` uses the prefix pool at ``j``. This is the
+    attention core of Wu et al., "Fastformer: Additive Attention Can Be All You Need"
+    (arXiv 2108.09084); the projections, output transform and residual are the caller's
+    (see :doc:`/fastformer`). The semantics are fixed in ``shared/spec/fastformer.md``.
+
+    Parameters
+    ----------
+    q, k, v : array_like, shape (..., n, d)
+        Queries, keys and values, all with the same leading dims and the same ``d``
+        (``v`` is multiplied element-wise by the global key).
+    w_q, w_k : array_like, shape (..., d)
+        Additive-attention vectors, broadcasting against the leading dims of ``q``: ``(d,)``
+        for one shared vector, ``(h, d)`` for one per head with ``q`` of shape
+        ``(b, h, n, d)``. Cast to the dtype of the computation.
+    causal : bool, optional
+        Position ``i`` sees only positions ``j <= i`` (prefix pools), computed in one pass
+        with running maxima.
+    scale : float, optional
+        Logit scale ``s``; ``1 / sqrt(d)`` by default.
+    key_padding_mask : array_like of bool, shape (..., n), optional
+        ``True`` marks a valid position. Invalid positions leave both softmaxes (they
+        contribute to neither pool), so their ``q``, ``k`` values change nothing; their
+        output is still ``kg * v_i`` (with the causal pool ``kg(i)`` over the valid
+        ``j <= i``). Where no valid position exists (the whole sequence, or a causal prefix)
+        the pools and the output are zero.
+    return_pools : bool, optional
+        Also return the pools ``qg`` and ``kg``.
+    check_finite : bool, optional
+        Reject NaN or infinity in ``q``, ``k``, ``v``, ``w_q``, ``w_k`` (default).
+    backend : {"auto", "cpu", "cuda"}, optional
+        ``"auto"`` runs on the GPU when the inputs live there, else on the CPU.
+
+    Returns
+    -------
+    u : ndarray, shape (..., n, d)
+        In the dtype of ``q``, ``k``, ``v``: float32 stays float32, float64 stays float64;
+        float16 computes in float32, wider floats in float64.
+    qg, kg : ndarray
+        Only with ``return_pools=True``: shape ``(..., d)`` bidirectional, ``(..., n, d)``
+        causal (the pools of each prefix).
+
+    Raises
+    ------
+    TypeError
+        Non-float inputs or vectors, a non-bool mask or flag.
+    ValueError
+        Mismatched shapes (``v`` with another ``d``, vectors that do not broadcast), an
+        empty sequence, NaN/inf with ``check_finite``, unknown options.
+
+    See Also
+    --------
+    fmm_attention : Softmax attention over pairs, approximated in O(n log n).
+    exact_attention : Softmax attention over pairs, exact.
+
+    Notes
+    -----
+    Bidirectionally each pool is a two-pass log-sum-exp reduction, parallel over chunks of
+    the sequence and the leading dims, so one long sequence uses every core; ``q``, ``k``
+    and ``v`` are each read once. Causally each sequence is one serial pass (parallel over
+    the leading dims) with online-softmax rescaling, stable for logits of any size.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from fmm_attention import fastformer_attention
+    >>> rng = np.random.default_rng(0)
+    >>> q, k, v = rng.standard_normal((3, 2, 4, 128, 16))  # (batch, heads, n, d)
+    >>> w_q, w_k = rng.standard_normal((2, 4, 16))  # one vector per head
+    >>> fastformer_attention(q, k, v, w_q, w_k).shape
+    (2, 4, 128, 16)
+    >>> u, qg, kg = fastformer_attention(q, k, v, w_q, w_k, causal=True, return_pools=True)
+    >>> qg.shape
+    (2, 4, 128, 16)
+    >>> bool(np.allclose(u, kg * v))
+    True
+    """
+    causal = check_bool(causal, "causal")
+    return_pools = check_bool(return_pools, "return_pools")
+    name = backends.resolve(backend, q, k, v, w_q, w_k)
+    if name == "cuda":
+        return backends.get("cuda").fastformer_attention(
+            q, k, v, w_q, w_k, causal=causal, scale=scale, key_padding_mask=key_padding_mask,
+            return_pools=return_pools, check_finite=check_finite,
+        )
+    batch = attention_inputs(q, k, v, scale=scale, key_padding_mask=key_padding_mask, check_finite=check_finite)
+    if batch.dv != batch.d:
+        raise ValueError(
+            f"v must have the feature dim d = {batch.d} of q (u = kg * v is element-wise), got "
+            f"v of shape {batch.lead_shape + (batch.n, batch.dv)}"
+        )
+    w_q = _attention_vector(w_q, "w_q", batch, check_finite)  # check_finite: checked by attention_inputs
+    w_k = _attention_vector(w_k, "w_k", batch, check_finite)
+    out, qg, kg = backends.get(name).fastformer(batch, w_q, w_k, causal=causal, return_pools=return_pools)
+    out = batch.restore(out)
+    if not return_pools:
+        return out
+    if causal:
+        return out, batch.restore(qg), batch.restore(kg)
+    return out, qg.reshape(batch.lead_shape + (batch.d,)), kg.reshape(batch.lead_shape + (batch.d,))

@@ -159,3 +159,33 @@ def fma_implied_matrix(q, k, *, block_size, rank, causal=False, scale=None, vali
             members = [t for t in range(first, min(n, first + sub)) if valid[t]]
             logits[i, j] = scale * q[i] @ k[members].mean(0) - (0.0 if count_scaling else np.log(len(members)))
     return softmax_rows(logits)[0]
+
+
+# ---------------------------------------------------------------------------------------
+# Fastformer additive attention (shared/spec/fastformer.md), dense and direct
+# ---------------------------------------------------------------------------------------
+
+
+def fastformer_reference(q, k, v, w_q, w_k, *, causal=False, scale=None, valid=None):
+    """Fastformer core of one head by the spec's equations, with dense ``(n, n)`` pool weights.
+
+    q, k, v (n, d); w_q, w_k (d,); valid (n,) bool or None. Row ``i`` of the pool matrices
+    holds the softmax weights of pool ``i``: every valid ``j`` bidirectionally, the valid
+    ``j <= i`` causally. Masked positions take part in no softmax; a pool with nothing to
+    pool is zero. Returns ``(u, qg, kg)``: pools ``(d,)`` bidirectional, ``(n, d)`` causal.
+    """
+    q, k, v, w_q, w_k = (np.asarray(x, dtype=np.float64) for x in (q, k, v, w_q, w_k))
+    n, d = q.shape
+    scale = 1 / np.sqrt(d) if scale is None else scale
+    allowed = np.ones((n, n), bool) if valid is None else np.broadcast_to(np.asarray(valid, bool), (n, n)).copy()
+    if causal:
+        allowed &= np.tril(np.ones((n, n), bool))
+    alpha, _ = softmax_rows(np.where(allowed, scale * (q @ w_q)[None, :], -np.inf))
+    qg = alpha @ q  # row i: the global query seen from position i
+    p = qg * k  # p_j = qg(j) * k_j; bidirectionally every row of qg is the same
+    beta, _ = softmax_rows(np.where(allowed, scale * (p @ w_k)[None, :], -np.inf))
+    kg = beta @ p
+    u = kg * v
+    if causal:
+        return u, qg, kg
+    return u, qg[0], kg[0]
