@@ -6,6 +6,7 @@ Numba CPU kernels (and CUDA kernels with the ``[cuda]`` extra) behind one NumPy 
 """
 
 from .api import exact_attention, fastformer_attention, fmm_attention
+from ._stats import FMMStats
 from .coarsening import LearnedCoarsening
 from .tree import FMMTree, build_tree
 
@@ -18,5 +19,6 @@ __all__ = [
     "build_tree",
     "FMMTree",
     "LearnedCoarsening",
+    "FMMStats",
     "__version__",
 ]

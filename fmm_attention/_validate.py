@@ -79,6 +79,15 @@ def check_power_of_two(value, name):
     return value
 
 
+def check_count(value, name):
+    """``value`` must be an integer >= 0."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be a non-negative integer, got {value!r}")
+    if value < 0:
+        raise ValueError(f"{name} must be >= 0, got {value}")
+    return int(value)
+
+
 def check_choice(value, name, choices):
     """``value`` must be one of ``choices`` (strings)."""
     if not isinstance(value, str) or value not in choices:
@@ -145,8 +154,9 @@ def attention_inputs(q, k, v, *, scale, key_padding_mask, check_finite):
     """Validate ``q, k, v`` (and mask, scale) and return a :class:`Batch`.
 
     Shapes ``(..., n, d)``, ``(..., n, d)``, ``(..., n, dv)`` with identical leading dims.
-    Arrays are made C-contiguous in the kernel dtype; a copy happens only when the input is
-    not already so, and the inputs themselves are never written to.
+    Arrays are made C-contiguous and writeable in the kernel dtype; a copy happens only when
+    the input is not already so (read-only inputs are copied: Numba would otherwise compile a
+    second variant of every kernel for them), and the inputs themselves are never written to.
     """
     check_finite = check_bool(check_finite, "check_finite")
     arrays = {"q": as_array(q, "q"), "k": as_array(k, "k"), "v": as_array(v, "v")}
@@ -176,6 +186,10 @@ def attention_inputs(q, k, v, *, scale, key_padding_mask, check_finite):
     out = {}
     for name, arr in arrays.items():
         arr = np.ascontiguousarray(arr, dtype=dtype).reshape(batch, n, arr.shape[-1])
+        if not arr.flags.writeable:
+            # Numba types read-only arrays apart: passing one would compile every kernel
+            # again (tens of seconds). One O(n d) copy is far cheaper; the kernels never write.
+            arr = arr.copy()
         if check_finite:
             check_finite_array(arr, name)
         out[name] = arr
@@ -196,4 +210,5 @@ def padding_mask(key_padding_mask, lead_shape, n):
             f"got {mask.shape}"
         )
     batch = int(np.prod(lead_shape, dtype=np.int64))
-    return np.ascontiguousarray(mask).reshape(batch, n)
+    mask = np.ascontiguousarray(mask).reshape(batch, n)
+    return mask if mask.flags.writeable else mask.copy()  # read-only: see attention_inputs

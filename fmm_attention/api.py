@@ -9,7 +9,8 @@ from __future__ import annotations
 import numpy as np
 
 from . import _config, backends
-from ._validate import as_array, attention_inputs, check_bool, check_finite_array, float_dtype
+from ._stats import fmm_stats
+from ._validate import as_array, attention_inputs, check_bool, check_count, check_finite_array, float_dtype
 from .coarsening import LearnedCoarsening
 from .tree import build_tree
 
@@ -92,8 +93,8 @@ def exact_attention(q, k, v, *, causal=False, scale=None, key_padding_mask=None,
 
 def check_fmm_options(*, coarsening, count_scaling, query_coarsening, causal):
     """Validate FMA options shared by every backend; returns them normalised."""
-    if not (isinstance(coarsening, LearnedCoarsening) or (isinstance(coarsening, str) and coarsening == "mean")):
-        raise ValueError(f"coarsening must be 'mean' or a LearnedCoarsening, got {coarsening!r}")
+    if not (isinstance(coarsening, LearnedCoarsening) or (isinstance(coarsening, str) and coarsening in ("mean", "cluster"))):
+        raise ValueError(f"coarsening must be 'mean', 'cluster' or a LearnedCoarsening, got {coarsening!r}")
     count_scaling = check_bool(count_scaling, "count_scaling")
     query_coarsening = check_bool(query_coarsening, "query_coarsening")
     if query_coarsening and causal:
@@ -104,9 +105,33 @@ def check_fmm_options(*, coarsening, count_scaling, query_coarsening, causal):
     return coarsening, count_scaling, query_coarsening
 
 
+def check_accuracy_options(*, cluster_iters, refine, query_coarsening):
+    """Validate the training-free accuracy options; returns ``(cluster_iters, refine)``."""
+    cluster_iters = check_count(cluster_iters, "cluster_iters")
+    refine = check_count(refine, "refine")
+    if refine and query_coarsening:
+        raise ValueError("refine > 0 needs fine queries: it cannot be combined with query_coarsening=True")
+    return cluster_iters, refine
+
+
+def check_global_tokens(global_tokens, n):
+    """Sorted unique token indices in ``[0, n)`` as a tuple (empty for ``None``)."""
+    if global_tokens is None:
+        return ()
+    arr = np.asarray(global_tokens)
+    if arr.ndim == 0:
+        arr = arr[None]
+    if arr.ndim != 1 or (arr.size and arr.dtype.kind not in "iu"):
+        raise TypeError(f"global_tokens must be a 1-D sequence of integer token indices, got {global_tokens!r}")
+    if arr.size and (arr.min() < 0 or arr.max() >= n):
+        raise ValueError(f"global_tokens must lie in [0, n) = [0, {n}), got min {arr.min()} and max {arr.max()}")
+    return tuple(int(i) for i in np.unique(arr))
+
+
 def fmm_attention(q, k, v, *, causal=False, block_size=_config.DEFAULT_BLOCK_SIZE, rank=_config.DEFAULT_RANK,
                   coarsening="mean", count_scaling=True, query_coarsening=False, scale=None,
-                  key_padding_mask=None, return_lse=False, check_finite=True, backend="auto"):
+                  key_padding_mask=None, return_lse=False, check_finite=True, backend="auto",
+                  cluster_iters=3, refine=0, global_tokens=None, return_stats=False):
     """Fast Multipole Attention: exact near field, coarsened far field, one joint softmax.
 
     Each query attends exactly to the keys of its own block and the neighbouring blocks
@@ -128,9 +153,11 @@ def fmm_attention(q, k, v, *, causal=False, block_size=_config.DEFAULT_BLOCK_SIZ
     rank : int, optional
         Coarse keys per far box ``p``, a power of two. Larger: finer far field, slower.
         ``rank >= N/4`` (``N`` the padded length) makes FMA exact.
-    coarsening : "mean" or LearnedCoarsening, optional
-        ``"mean"`` averages the valid tokens of each sub-box (training-free);
-        :class:`LearnedCoarsening` applies trained Conv1d weights.
+    coarsening : "mean", "cluster" or LearnedCoarsening, optional
+        ``"mean"`` averages the valid tokens of each sub-box (training-free, the paper's
+        avgpool); ``"cluster"`` groups each box's keys by content (k-means started from the
+        sub-boxes, ``cluster_iters`` Lloyd steps) and averages each group, with
+        ``log(group size)`` as bias; :class:`LearnedCoarsening` applies trained Conv1d weights.
     count_scaling : bool, optional
         Add ``log(count)`` to each coarse logit, so a coarse key weighs as much as the
         tokens it stands for.
@@ -148,6 +175,19 @@ def fmm_attention(q, k, v, *, causal=False, block_size=_config.DEFAULT_BLOCK_SIZ
         Reject NaN or infinity in ``q``, ``k``, ``v`` (default).
     backend : {"auto", "cpu", "cuda"}, optional
         ``"auto"`` runs on the GPU when the inputs live there, else on the CPU.
+    cluster_iters : int, optional
+        Lloyd iterations of ``coarsening="cluster"`` (0 gives mean coarsening); ignored
+        otherwise. Costs ``O(n p d)`` per level and iteration.
+    refine : int, optional
+        Extra keys per query block for adaptive refinement (fine queries only): the far
+        boxes that receive the most attention mass from the block are split into their two
+        children one level finer (a level-1 box into its exact tokens) until the budget is
+        spent. A budget covering every far key gives exact attention. Default 0.
+    global_tokens : array_like of int, optional
+        Token indices attended exactly by every query (causal: by queries at or after
+        them) and left out of coarsening, e.g. ``[0]`` for an attention sink.
+    return_stats : bool, optional
+        Also return an :class:`FMMStats` with keys per query and FLOPs by stage.
 
     Returns
     -------
@@ -155,6 +195,8 @@ def fmm_attention(q, k, v, *, causal=False, block_size=_config.DEFAULT_BLOCK_SIZ
         In the dtype of the inputs (float32 or float64; float16 computes in float32).
     lse : ndarray, shape (..., n)
         Only with ``return_lse=True``.
+    stats : FMMStats
+        Only with ``return_stats=True`` (last).
 
     Raises
     ------
@@ -182,11 +224,20 @@ def fmm_attention(q, k, v, *, causal=False, block_size=_config.DEFAULT_BLOCK_SIZ
     """
     causal = check_bool(causal, "causal")
     return_lse = check_bool(return_lse, "return_lse")
+    return_stats = check_bool(return_stats, "return_stats")
     coarsening, count_scaling, query_coarsening = check_fmm_options(
         coarsening=coarsening, count_scaling=count_scaling, query_coarsening=query_coarsening, causal=causal
     )
+    cluster_iters, refine = check_accuracy_options(
+        cluster_iters=cluster_iters, refine=refine, query_coarsening=query_coarsening
+    )
     name = backends.resolve(backend, q, k, v)
     if name == "cuda":
+        if coarsening == "cluster" or refine or global_tokens is not None or return_stats:
+            raise ValueError(
+                "coarsening='cluster', refine, global_tokens and return_stats are not supported by the "
+                "CUDA backend yet; use backend='cpu'"
+            )
         return backends.get("cuda").fmm_attention(
             q, k, v, causal=causal, block_size=block_size, rank=rank, coarsening=coarsening,
             count_scaling=count_scaling, query_coarsening=query_coarsening, scale=scale,
@@ -196,10 +247,20 @@ def fmm_attention(q, k, v, *, causal=False, block_size=_config.DEFAULT_BLOCK_SIZ
     tree = build_tree(batch.n, block_size=block_size, rank=rank, causal=causal)
     if isinstance(coarsening, LearnedCoarsening):
         coarsening.check_tree(tree, batch.d, batch.dv)
-    out, lse = backends.get(name).fmm(
-        batch, tree, coarsening=coarsening, count_scaling=count_scaling, query_coarsening=query_coarsening
+    global_tokens = check_global_tokens(global_tokens, batch.n)
+    out, lse, plan = backends.get(name).fmm(
+        batch, tree, coarsening=coarsening, count_scaling=count_scaling, query_coarsening=query_coarsening,
+        cluster_iters=cluster_iters, refine=refine, global_tokens=global_tokens,
     )
-    return _finish(batch, out, lse, return_lse)
+    result = _finish(batch, out, lse, return_lse)
+    if not return_stats:
+        return result
+    stats = fmm_stats(
+        tree, plan, batch_size=batch.q.shape[0], d=batch.d, dv=batch.dv,
+        coarsening=coarsening if isinstance(coarsening, str) else "learned", cluster_iters=cluster_iters,
+        refine=refine, query_coarsening=query_coarsening,
+    )
+    return (*result, stats) if return_lse else (result, stats)
 
 
 def _attention_vector(w, name, batch, check_finite):

@@ -141,7 +141,7 @@ class FMMTree:
                     segments.append((level.offset + c * level.rank, level.rank, level.index))
         return segments
 
-    @functools.cached_property
+    @property
     def key_plan(self):
         """The per-block key plan every backend executes (fine queries).
 
@@ -155,29 +155,30 @@ class FMMTree:
         max_keys : int
             The most keys any block attends to (buffer size for the kernels).
         """
-        return self._plan(with_far=True)
+        return self.plan()
 
-    @functools.cached_property
+    @property
     def near_plan(self):
         """As :attr:`key_plan`, near field only (for ``query_coarsening=True``)."""
-        return self._plan(with_far=False)
+        return self.plan(with_far=False)
 
-    def _plan(self, with_far):
-        ptr = np.zeros(self.n_blocks + 1, dtype=np.int64)
-        rows = []
-        max_keys = 0
-        for block in range(self.n_blocks):
-            lo, hi = self.near_range(block)
-            block_rows = [(TOKEN, lo, hi - lo)]
-            if with_far:
-                block_rows += [(COARSE, start, count) for start, count, _ in self.far_segments(block)]
-            rows += block_rows
-            ptr[block + 1] = len(rows)
-            max_keys = max(max_keys, sum(r[2] for r in block_rows))
-        segments = np.array(rows, dtype=np.int64).reshape(-1, 3)
-        for arr in (ptr, segments):
-            arr.setflags(write=False)
-        return ptr, segments, max_keys
+    def plan(self, *, with_far=True, global_tokens=()):
+        """The key plan, optionally with far levels left out or global tokens added.
+
+        Parameters
+        ----------
+        with_far : bool
+            Include the far-field coarse segments (fine queries) or not (coarse queries:
+            the far field arrives through the box partials).
+        global_tokens : tuple of int
+            Sorted token indices attended exactly by every block; a block whose near field
+            already holds one attends it there. The caller leaves them out of coarsening.
+
+        Returns
+        -------
+        (ptr, segments, max_keys) as in :attr:`key_plan`; cached per arguments.
+        """
+        return _plan(self, bool(with_far), tuple(global_tokens))
 
     @functools.cached_property
     def box_tables(self):
@@ -240,6 +241,33 @@ class FMMTree:
             f"FMMTree(n={self.n}, padded_length={self.padded_length}, block_size={self.block_size}, "
             f"rank={self.rank}, causal={self.causal}, n_levels={self.n_levels})"
         )
+
+
+@functools.lru_cache(maxsize=32)
+def _plan(tree, with_far, global_tokens):
+    ptr = np.zeros(tree.n_blocks + 1, dtype=np.int64)
+    rows = []
+    max_keys = 0
+    globals_ = np.asarray(global_tokens, dtype=np.int64)
+    for block in range(tree.n_blocks):
+        lo, hi = tree.near_range(block)
+        block_rows = [(TOKEN, lo, hi - lo)]
+        outside = globals_[(globals_ < lo) | (globals_ >= hi)]
+        if tree.causal:  # tokens after the block's last query are masked for every row
+            outside = outside[outside < min(tree.n, (block + 1) * tree.block_size)]
+        # consecutive global tokens travel as one segment
+        for run in np.split(outside, np.flatnonzero(np.diff(outside) != 1) + 1):
+            if run.size:
+                block_rows.append((TOKEN, int(run[0]), int(run.size)))
+        if with_far:
+            block_rows += [(COARSE, start, count) for start, count, _ in tree.far_segments(block)]
+        rows += block_rows
+        ptr[block + 1] = len(rows)
+        max_keys = max(max_keys, sum(r[2] for r in block_rows))
+    segments = np.array(rows, dtype=np.int64).reshape(-1, 3)
+    for arr in (ptr, segments):
+        arr.setflags(write=False)
+    return ptr, segments, max_keys
 
 
 def build_tree(n, *, block_size, rank, causal=False):

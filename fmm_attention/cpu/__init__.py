@@ -17,11 +17,13 @@ from .fastformer import fastformer
 from .fma import (
     block_attention,
     box_counts_bias,
+    cluster_upward_level,
     coarse_queries,
     downward_pass,
     far_partials,
     learned_upward_level,
     mean_upward,
+    refine_plans,
 )
 
 _LAUNCH_LOCK = threading.Lock()
@@ -106,21 +108,32 @@ def exact(batch, *, causal):
     return out, lse
 
 
-def coarse_buffers(batch, tree, coarsening, count_scaling):
-    """Run the upward pass: coarse keys, values and biases of every level, ``(B, C, .)``."""
+def coarse_buffers(batch, tree, coarsening, count_scaling, *, cluster_iters=0, coarse_valid=None):
+    """Run the upward pass: coarse keys, values and biases of every level, ``(B, C, .)``.
+
+    ``coarse_valid`` (B, n) marks the tokens that may enter coarsening (valid keys minus
+    global tokens); ``None`` takes the batch's key validity.
+    """
     B = batch.q.shape[0]
     dtype = batch.dtype
     kc = np.zeros((B, tree.n_coarse, batch.d), dtype=dtype)
     vc = np.zeros((B, tree.n_coarse, batch.dv), dtype=dtype)
-    cbias = np.empty((B, tree.n_coarse), dtype=dtype)
-    _, valid, has_mask = _key_bias(batch)
+    cbias = np.full((B, tree.n_coarse), -np.inf, dtype=dtype)
+    if coarse_valid is None:
+        _, valid, has_mask = _key_bias(batch)
+    else:
+        valid, has_mask = coarse_valid, True
     with _launch_guard():
-        if coarsening == "mean":
+        if isinstance(coarsening, str) and coarsening == "mean":
             sub_sizes = np.array([lv.sub_box_size for lv in tree.levels], dtype=np.int64)
             offsets = np.array([lv.offset for lv in tree.levels], dtype=np.int64)
             n_rows = np.array([lv.n_boxes * lv.rank for lv in tree.levels], dtype=np.int64)
             counts = np.zeros((B, tree.n_coarse), dtype=dtype)
             mean_upward(batch.k, batch.v, valid, has_mask, sub_sizes, offsets, n_rows, count_scaling, kc, vc, cbias, counts)
+        elif isinstance(coarsening, str) and coarsening == "cluster":
+            for level in tree.levels:
+                cluster_upward_level(batch.k, batch.v, valid, has_mask, level.box_size, level.rank, cluster_iters,
+                                     level.offset, count_scaling, kc, vc, cbias)
         else:
             kw, vw, kb, vb = coarsening.level_arrays(dtype)
             for i, level in enumerate(tree.levels):
@@ -131,14 +144,63 @@ def coarse_buffers(batch, tree, coarsening, count_scaling):
     return kc, vc, cbias
 
 
-def fmm(batch, tree, *, coarsening, count_scaling, query_coarsening):
-    """Fast Multipole Attention of a validated batch along ``tree``."""
+def _coarse_validity(batch, global_tokens):
+    """Tokens allowed into coarsening: valid keys that are not global tokens (or None)."""
+    if not global_tokens:
+        return None
+    valid = np.ones((batch.q.shape[0], batch.n), dtype=np.bool_) if batch.valid is None else batch.valid.copy()
+    valid[:, list(global_tokens)] = False
+    return valid
+
+
+def _refined_plan(batch, tree, base, kc, vc, cbias, key_bias, has_mask, scale, budget, global_tokens):
+    """Per-entry plans with ``budget`` extra keys per block spent on the heaviest far boxes."""
+    ptr, segments, max_keys = base
+    B = batch.q.shape[0]
+    per_block = int(np.diff(ptr).max())
+    # each split adds at most one segment per run of tokens between globals
+    capacity = per_block + 2 * budget + len(global_tokens) + tree.block_size + 2
+    is_global = np.zeros(batch.n, dtype=np.bool_)
+    is_global[list(global_tokens)] = True
+    token_bias = key_bias if has_mask else np.zeros((B, batch.n), dtype=batch.dtype)
+    seg_lo = np.empty((B, tree.n_blocks), dtype=np.int64)
+    seg_hi = np.empty((B, tree.n_blocks), dtype=np.int64)
+    out = np.zeros((B, tree.n_blocks * capacity, 3), dtype=np.int64)
+    lv = tree.levels
+    with _launch_guard():
+        refine_plans(
+            batch.q, batch.k, batch.v, kc, vc, cbias, token_bias, is_global, ptr, segments,
+            np.array([x.offset for x in lv], dtype=np.int64), np.array([x.rank for x in lv], dtype=np.int64),
+            np.array([x.box_size for x in lv], dtype=np.int64), tree.block_size, scale, tree.causal,
+            budget, capacity, seg_lo, seg_hi, out,
+        )
+    return seg_lo, seg_hi, out, max_keys + budget
+
+
+def fmm(batch, tree, *, coarsening, count_scaling, query_coarsening, cluster_iters=0, refine=0, global_tokens=()):
+    """Fast Multipole Attention of a validated batch along ``tree``.
+
+    Returns
+    -------
+    out, lse : ndarray
+    plan : tuple ``(seg_lo, seg_hi, segments)``
+        The key plan executed (shared ``(1, ...)`` or per entry ``(B, ...)``), for statistics.
+    """
     out, lse = _outputs(batch)
     B = batch.q.shape[0]
     dtype = batch.dtype
     scale = dtype.type(batch.scale)
     key_bias, _, has_mask = _key_bias(batch)
-    kc, vc, cbias = coarse_buffers(batch, tree, coarsening, count_scaling)
+    kc, vc, cbias = coarse_buffers(batch, tree, coarsening, count_scaling, cluster_iters=cluster_iters,
+                                   coarse_valid=_coarse_validity(batch, global_tokens))
+    base = tree.plan(with_far=not query_coarsening, global_tokens=global_tokens)
+    if refine > 0:
+        seg_lo, seg_hi, segments, max_keys = _refined_plan(
+            batch, tree, base, kc, vc, cbias, key_bias, has_mask, scale, refine, global_tokens
+        )
+    else:
+        ptr, shared_segments, max_keys = base
+        seg_lo, seg_hi, segments = ptr[None, :-1], ptr[None, 1:], shared_segments[None]
     with _launch_guard():
         if query_coarsening:
             box_offset, interactions = tree.box_tables
@@ -154,12 +216,10 @@ def fmm(batch, tree, *, coarsening, count_scaling, query_coarsening):
             downward_pass(box_offset, part_max, part_sum, part_num)
             level1 = slice(0, tree.levels[0].n_boxes)  # level-1 boxes are the query blocks
             inherit = (True, part_max[:, level1].copy(), part_sum[:, level1].copy(), part_num[:, level1].copy())
-            ptr, segments, max_keys = tree.near_plan
         else:
             inherit = (False, np.zeros((1, 1), dtype), np.zeros((1, 1), dtype), np.zeros((1, 1, 1), dtype))
-            ptr, segments, max_keys = tree.key_plan
         block_attention(
-            batch.q, batch.k, batch.v, key_bias, has_mask, kc, vc, cbias, ptr, segments, max_keys,
+            batch.q, batch.k, batch.v, key_bias, has_mask, kc, vc, cbias, seg_lo, seg_hi, segments, max_keys,
             tree.block_size, scale, tree.causal, *inherit, out, lse,
         )
-    return out, lse
+    return out, lse, (seg_lo, seg_hi, segments)

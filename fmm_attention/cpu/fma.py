@@ -9,7 +9,7 @@ so near and far field share a single max and denominator as the spec requires.
 import numpy as np
 from numba import prange
 
-from ..tree import TOKEN
+from ..tree import COARSE, TOKEN
 from ._blocks import exp_inplace, jit, softmax_row
 
 
@@ -126,23 +126,26 @@ def box_counts_bias(valid, has_mask, n, box_size, rank, offset, count_scaling, k
 # ---------------------------------------------------------------- block attention
 @jit(parallel=True)
 def block_attention(
-    q, k, v, key_bias, has_mask, kc, vc, cbias, ptr, segments, max_keys, block_size, scale,
-    causal, inherit, inh_max, inh_sum, inh_num, out, lse,
+    q, k, v, key_bias, has_mask, kc, vc, cbias, seg_lo, seg_hi, segments, max_keys, block_size,
+    scale, causal, inherit, inh_max, inh_sum, inh_num, out, lse,
 ):
     """Joint softmax of every query block over its planned keys.
 
-    For block ``I`` the plan segments ``ptr[I]:ptr[I+1]`` name token rows of ``k``/``v``
-    and coarse rows of ``kc``/``vc``; they are gathered into one buffer, scored with one
-    BLAS product and normalised together. With ``inherit`` (coarse queries) the block's
-    far field arrives as a ready partial ``(inh_max, inh_sum, inh_num)`` and is merged into
-    the same softmax.
+    For block ``I`` of batch entry ``b`` the plan rows ``segments[p, seg_lo[p, I]:seg_hi[p, I]]``
+    (``p = b`` for per-entry plans, ``p = 0`` for a shared plan) name token rows of
+    ``k``/``v`` and coarse rows of ``kc``/``vc``; they are gathered into one buffer, scored
+    with one BLAS product and normalised together. With ``inherit`` (coarse queries) the
+    block's far field arrives as a ready partial ``(inh_max, inh_sum, inh_num)`` and is
+    merged into the same softmax.
     """
     n_batch, n, d = q.shape
     dv = v.shape[2]
-    n_blocks = ptr.size - 1
+    n_blocks = seg_lo.shape[1]
+    shared = seg_lo.shape[0] == 1
     for job in prange(n_batch * n_blocks):
         b = job // n_blocks
         blk = job % n_blocks
+        p = 0 if shared else b
         i0 = blk * block_size
         i1 = min(n, i0 + block_size)
         rows = i1 - i0
@@ -151,10 +154,10 @@ def block_attention(
         bias = np.empty(max_keys, dtype=q.dtype)
         positions = np.empty(max_keys, dtype=np.int64)
         nk = 0
-        for s in range(ptr[blk], ptr[blk + 1]):
-            kind = segments[s, 0]
-            start = segments[s, 1]
-            count = segments[s, 2]
+        for s in range(seg_lo[p, blk], seg_hi[p, blk]):
+            kind = segments[p, s, 0]
+            start = segments[p, s, 1]
+            count = segments[p, s, 2]
             if kind == TOKEN:
                 keys[nk : nk + count] = k[b, start : start + count]
                 vals[nk : nk + count] = v[b, start : start + count]
@@ -283,3 +286,278 @@ def downward_pass(box_offset, part_max, part_sum, part_num):
             part_sum[b, row] = own * part_sum[b, row] + inherited * part_sum[b, parent]
             part_num[b, row] = own * part_num[b, row] + inherited * part_num[b, parent]
             part_max[b, row] = mx
+
+
+# ---------------------------------------------------------------- cluster coarsening
+@jit(parallel=True)
+def cluster_upward_level(k, v, valid, has_mask, box_size, rank, iters, offset, count_scaling, kc, vc, cbias):
+    """Content-grouped coarsening of one level: k-means of each box's valid keys.
+
+    Groups start as the positional sub-boxes (so ``iters=0`` is mean coarsening), then
+    ``iters`` Lloyd steps reassign each key to its nearest group mean (ties: lowest group).
+    Coarse key and value are the group means, the bias ``log(group size)``. Deterministic,
+    and causal-safe: a box's groups use only its own keys.
+    """
+    n_batch, n, d = k.shape
+    dv = v.shape[2]
+    n_boxes = (n + box_size - 1) // box_size
+    sub = box_size // rank
+    for job in prange(n_batch * n_boxes):
+        b = job // n_boxes
+        c = job % n_boxes
+        first = c * box_size
+        last = min(n, first + box_size)
+        tokens = np.empty(last - first, dtype=np.int64)
+        nt = 0
+        for t in range(first, last):
+            if not has_mask or valid[b, t]:
+                tokens[nt] = t
+                nt += 1
+        group = np.empty(nt, dtype=np.int64)
+        for i in range(nt):
+            group[i] = (tokens[i] - first) // sub
+        centre = np.zeros((rank, d), dtype=k.dtype)
+        size = np.zeros(rank, dtype=np.int64)
+        for step in range(iters + 1):
+            centre[:] = 0
+            size[:] = 0
+            for i in range(nt):
+                centre[group[i]] += k[b, tokens[i]]
+                size[group[i]] += 1
+            for g in range(rank):
+                if size[g] > 0:
+                    centre[g] /= size[g]
+            if step == iters:
+                break
+            for i in range(nt):
+                best = -1
+                best_dist = np.inf
+                for g in range(rank):
+                    if size[g] == 0:
+                        continue
+                    dist = 0.0
+                    for e in range(d):
+                        diff = k[b, tokens[i], e] - centre[g, e]
+                        dist += diff * diff
+                    if dist < best_dist:
+                        best_dist = dist
+                        best = g
+                group[i] = best
+        for g in range(rank):
+            row = offset + c * rank + g
+            kc[b, row] = centre[g]
+            vc[b, row] = 0
+        for i in range(nt):
+            vc[b, offset + c * rank + group[i]] += v[b, tokens[i]]
+        for g in range(rank):
+            row = offset + c * rank + g
+            if size[g] == 0:
+                cbias[b, row] = -np.inf
+            else:
+                vc[b, row] /= size[g]
+                cbias[b, row] = np.log(size[g]) if count_scaling else 0
+
+
+# ---------------------------------------------------------------- adaptive refinement
+@jit(parallel=True)
+def refine_plans(
+    q, k, v, kc, vc, cbias, token_bias, is_global, ptr, segments, level_offset, level_rank, level_box,
+    block_size, scale, causal, budget, capacity, seg_lo, seg_hi, out_segments,
+):
+    """Per (entry, block) plans with the far boxes that matter most split finer.
+
+    The block's queries score the base plan once (max, normaliser, output ``o_i``). Each far
+    box's *benefit* is the first-order change its split would make to the block's outputs,
+    ``sum_i ||dnum_i - o_i dden_i|| / Z_i``, where ``dnum``/``dden`` are the children's
+    softmax numerator/denominator contributions minus the box's own. Repeatedly the alive
+    far box of largest benefit (ties: earliest in the plan) is replaced by its two children
+    one level finer (a level-1 box by its exact tokens), as long as the extra keys fit in
+    ``budget``.
+    Children of a causal far box lie in the past too. Causal blocks are scored with the
+    previous block's queries, so no choice depends on a position after any of the block's
+    own queries. Global tokens (``is_global``) are never emitted again by a split.
+    """
+    n_batch, n, d = q.shape
+    n_blocks = ptr.size - 1
+    n_levels = level_offset.size
+    for job in prange(n_batch * n_blocks):
+        b = job // n_blocks
+        blk = job % n_blocks
+        i0 = blk * block_size
+        i1 = min(n, i0 + block_size)
+        # queries that score the plan: the block's own, or (causal) the previous block's
+        s0 = max(0, i0 - block_size) if causal else i0
+        s1 = i0 if causal else i1
+        rows = s1 - s0
+        queries = q[b, s0:s1] * scale
+        # ---- base plan: per-query max and normaliser of its logits
+        lo = ptr[blk]
+        hi = ptr[blk + 1]
+        row_max = np.full(rows, -np.inf)
+        row_sum = np.zeros(rows)
+        base_out = np.zeros((rows, v.shape[2]))
+        for pass_ in range(3):
+            for s in range(lo, hi):
+                kind = segments[s, 0]
+                start = segments[s, 1]
+                for t in range(segments[s, 2]):
+                    for i in range(rows):
+                        if kind == TOKEN:
+                            if token_bias[b, start + t] == -np.inf or (causal and start + t > s0 + i):
+                                continue
+                            x = _dot(queries[i], k[b, start + t])
+                        else:
+                            if cbias[b, start + t] == -np.inf:
+                                continue
+                            x = _dot(queries[i], kc[b, start + t]) + cbias[b, start + t]
+                        if pass_ == 0:
+                            row_max[i] = max(row_max[i], x)
+                        elif pass_ == 1:
+                            row_sum[i] += np.exp(x - row_max[i])
+                        else:
+                            w = np.exp(x - row_max[i]) / row_sum[i]
+                            if kind == TOKEN:
+                                base_out[i] += w * v[b, start + t]
+                            else:
+                                base_out[i] += w * vc[b, start + t]
+        # ---- candidates: (kind, start, count, level, alive, mass)
+        cand = np.zeros((capacity, 4), dtype=np.int64)
+        alive = np.zeros(capacity, dtype=np.bool_)
+        mass = np.zeros(capacity)
+        nc = 0
+        for s in range(lo, hi):
+            cand[nc, 0] = segments[s, 0]
+            cand[nc, 1] = segments[s, 1]
+            cand[nc, 2] = segments[s, 2]
+            cand[nc, 3] = 0
+            if segments[s, 0] != TOKEN:
+                level = 0
+                while level + 1 < n_levels and level_offset[level + 1] <= segments[s, 1]:
+                    level += 1
+                cand[nc, 3] = level + 1
+                mass[nc] = _split_benefit(
+                    queries, row_max, row_sum, base_out, k, v, token_bias, kc, vc, cbias, is_global, b,
+                    level, segments[s, 1], segments[s, 2], level_offset, level_rank, level_box,
+                )
+            alive[nc] = True
+            nc += 1
+        spent = 0
+        blocked = np.zeros(capacity, dtype=np.bool_)
+        while True:
+            best = -1
+            for c in range(nc):
+                if alive[c] and not blocked[c] and cand[c, 3] > 0 and (best < 0 or mass[c] > mass[best]):
+                    best = c
+            if best < 0:
+                break
+            level = cand[best, 3] - 1
+            box = (cand[best, 1] - level_offset[level]) // level_rank[level]
+            width = level_box[level]
+            if level_rank[level] >= width:  # already exact: one coarse key per token
+                blocked[best] = True
+                continue
+            if level == 0:
+                first = box * width
+                cost = -cand[best, 2]
+                for t in range(first, min(n, first + width)):
+                    if not is_global[t]:
+                        cost += 1
+            else:
+                kids = 0
+                for child in (2 * box, 2 * box + 1):
+                    if child * level_box[level - 1] < n:
+                        kids += 1
+                cost = kids * level_rank[level - 1] - cand[best, 2]
+            if spent + cost > budget or nc + width + 2 > capacity:
+                blocked[best] = True
+                continue
+            spent += cost
+            alive[best] = False
+            if level == 0:  # the box's exact tokens, as runs between global tokens
+                first = box * width
+                t = first
+                end = min(n, first + width)
+                while t < end:
+                    if is_global[t]:
+                        t += 1
+                        continue
+                    run = t
+                    while run < end and not is_global[run]:
+                        run += 1
+                    cand[nc, 0] = TOKEN
+                    cand[nc, 1] = t
+                    cand[nc, 2] = run - t
+                    cand[nc, 3] = 0
+                    alive[nc] = True
+                    nc += 1
+                    t = run
+            else:
+                for child in (2 * box, 2 * box + 1):
+                    if child * level_box[level - 1] >= n:
+                        continue
+                    start = level_offset[level - 1] + child * level_rank[level - 1]
+                    cand[nc, 0] = COARSE
+                    cand[nc, 1] = start
+                    cand[nc, 2] = level_rank[level - 1]
+                    cand[nc, 3] = level
+                    mass[nc] = _split_benefit(
+                        queries, row_max, row_sum, base_out, k, v, token_bias, kc, vc, cbias, is_global, b,
+                        level - 1, start, level_rank[level - 1], level_offset, level_rank, level_box,
+                    )
+                    alive[nc] = True
+                    nc += 1
+        out_lo = blk * capacity
+        count = 0
+        for c in range(nc):
+            if alive[c]:
+                out_segments[b, out_lo + count, 0] = cand[c, 0]
+                out_segments[b, out_lo + count, 1] = cand[c, 1]
+                out_segments[b, out_lo + count, 2] = cand[c, 2]
+                count += 1
+        seg_lo[b, blk] = out_lo
+        seg_hi[b, blk] = out_lo + count
+
+
+@jit()
+def _add_softmax_terms(queries, row_max, keys, vals, bias, b, start, count, skip, sign, num, den):
+    """``num[i] += sign * sum_t exp(x_it - M_i) vals[t]`` and likewise ``den`` over rows ``start:start+count``."""
+    for t in range(start, start + count):
+        if bias[b, t] == -np.inf or (skip.size > 1 and skip[t]):
+            continue
+        for i in range(queries.shape[0]):
+            if row_max[i] == -np.inf:
+                continue
+            w = sign * np.exp(_dot(queries[i], keys[b, t]) + bias[b, t] - row_max[i])
+            den[i] += w
+            num[i] += w * vals[b, t]
+
+
+@jit()
+def _split_benefit(queries, row_max, row_sum, base_out, k, v, token_bias, kc, vc, cbias, is_global, b,
+                   level, start, count, level_offset, level_rank, level_box):
+    """First-order change of the block's outputs if far box ``(level, start)`` were split."""
+    rows = queries.shape[0]
+    num = np.zeros((rows, v.shape[2]))
+    den = np.zeros(rows)
+    no_skip = np.zeros(1, dtype=np.bool_)
+    _add_softmax_terms(queries, row_max, kc, vc, cbias, b, start, count, no_skip, -1.0, num, den)
+    box = (start - level_offset[level]) // level_rank[level]
+    if level == 0:
+        first = box * level_box[0]
+        last = min(k.shape[1], first + level_box[0])
+        _add_softmax_terms(queries, row_max, k, v, token_bias, b, first, last - first, is_global, 1.0, num, den)
+    else:
+        child_rank = level_rank[level - 1]
+        for child in (2 * box, 2 * box + 1):
+            if child * level_box[level - 1] < k.shape[1]:
+                child_start = level_offset[level - 1] + child * child_rank
+                _add_softmax_terms(queries, row_max, kc, vc, cbias, b, child_start, child_rank, no_skip, 1.0, num, den)
+    total = 0.0
+    for i in range(rows):
+        if row_sum[i] > 0:
+            change = 0.0
+            for e in range(num.shape[1]):
+                diff = num[i, e] - base_out[i, e] * den[i]
+                change += diff * diff
+            total += np.sqrt(change) / row_sum[i]
+    return total
