@@ -64,4 +64,24 @@ def run(args):
     print(table(rows, ["n", "numpy ms", "exact ms", "fma ms", "numpy/exact", "numpy/fma",
                        "exact GF/s", "fma GF/s", "fma/matmul"]))
     print("\nFLOPs: 4 d per logit (q.k and p.v); FMA's logits counted from its tree.")
+    _bench_fastformer(args)
     return 0
+
+
+def _bench_fastformer(args):
+    """Fastformer against the time of reading its inputs once (a memory-bound yardstick)."""
+    rows = []
+    w = np.random.default_rng(2).standard_normal((2, args.d)).astype(np.float32)
+    api.fastformer_attention(*random_qkv(256, args.d), w[0], w[1], backend=args.backend)
+    api.fastformer_attention(*random_qkv(256, args.d), w[0], w[1], causal=True, backend=args.backend)
+    for n in args.n:
+        q, k, v = random_qkv(n, args.d)
+        moved = 4.0 * q.nbytes  # q, k, v read once, u written once
+        t_read = best_time(lambda: (q.sum(), k.sum(), v.sum()), repeat=args.repeat)
+        for causal in (False, True):
+            t = best_time(lambda: api.fastformer_attention(q, k, v, w[0], w[1], causal=causal, backend=args.backend,
+                                                           check_finite=False), repeat=args.repeat)
+            rows.append([n, "causal" if causal else "bidirectional", f"{t * 1e3:.2f}", f"{moved / t / 1e9:.1f}",
+                         f"{t_read * 1e3:.2f}", f"{t / t_read:.1f}"])
+    print("\nFastformer (float32, one head): bytes = q, k, v read once + output written once")
+    print(table(rows, ["n", "variant", "ms", "GB/s", "read q,k,v ms", "time / read"]))

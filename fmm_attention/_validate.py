@@ -56,9 +56,14 @@ def float_dtype(*named_arrays):
     return result
 
 
-def check_finite_array(arr, name):
-    """Raise ``ValueError`` if ``arr`` holds NaN or infinity."""
-    if not np.isfinite(arr).all():
+def check_finite_array(arr, name, *, chunk=1 << 20):
+    """Raise ``ValueError`` if ``arr`` holds NaN or infinity.
+
+    Checked in chunks of ``chunk`` elements so the boolean temporary stays small (a whole
+    ``np.isfinite(arr)`` would cost a quarter of a float32 input's memory).
+    """
+    flat = arr.reshape(-1)
+    if not all(np.isfinite(flat[i : i + chunk]).all() for i in range(0, flat.size, chunk)):
         raise ValueError(f"{name} contains NaN or infinity (pass check_finite=False to skip this check)")
 
 

@@ -21,6 +21,7 @@ from numba import prange
 
 from .. import _config
 from ._blocks import exp_inplace, jit
+from ._launch import launch_guard
 
 
 @jit(parallel=True)
@@ -188,9 +189,8 @@ def fastformer(batch, w_q, w_k, *, causal, return_pools):
     valid = batch.valid if has_mask else np.ones((1, 1), dtype=np.bool_)
     w_q = (w_q * scale).astype(dtype, copy=False)
     out = np.empty_like(batch.v)
-    from . import _launch_guard  # the package's guard for the threading layer
 
-    with _launch_guard():
+    with launch_guard():
         if causal:
             shape = batch.q.shape if return_pools else (1, 1, 1)
             qg, kg = np.empty(shape, dtype), np.empty(shape, dtype)
