@@ -1,9 +1,353 @@
-"""``python -m fmm_attention analyze``: placeholder until the analysis module lands (issue 4)."""
+"""``python -m fmm_attention analyze FILE.npz``: error analysis of FMA against exact attention.
+
+Loads arrays ``q``, ``k``, ``v`` of shape ``(..., n, d)`` (optionally ``key_padding_mask``
+of shape ``(..., n)``, bool) from an ``.npz``, runs :func:`fmm_attention.analysis.compare`
+head by head with a progress bar, prints a table per head and a summary, and optionally
+writes the report as JSON (``--json``) and PNG figures (``--plot DIR``, needs matplotlib:
+extra ``plot``). For 4-D arrays ``(layer, head, n, d)`` ``--layers``/``--heads`` pick a
+subset; in general ``--layers`` selects along axis ``-4`` and ``--heads`` along axis ``-3``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from . import _config
+
+#: Figures written by ``--plot`` (file name -> what it shows).
+FIGURES = {
+    "level_map.png": "which level serves each (query, key) pair",
+    "attention.png": "exact vs FMA-implied attention of the head with the largest error",
+    "error_by_level.png": "attention mass and error share by level; bound vs actual error",
+    "singular_values.png": "singular-value decay of far-field blocks vs FMA's rank",
+    "error_by_head.png": "relative output error per (layer, head)",
+}
+
+
+class _UsageError(Exception):
+    """A problem with the command line or the input file (exit status 2)."""
+
+
+def _selection(text):
+    """Parse ``"0,2-4"`` into ``[0, 2, 3, 4]`` (an argparse ``type``)."""
+    out = []
+    try:
+        for part in text.split(","):
+            lo, dash, hi = part.strip().partition("-")
+            first, last = int(lo), int(hi) if dash else int(lo)
+            if first < 0 or last < first:
+                raise ValueError
+            out.extend(range(first, last + 1))
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated indices and ranges such as 0,2-4; got {text!r}"
+        ) from None
+    return out
 
 
 def add_arguments(parser):
-    parser.add_argument("file", help="an .npz with arrays q, k, v")
+    """Add the ``analyze`` options to ``parser``."""
+    parser.add_argument("file", type=Path,
+                        help="an .npz with arrays q, k, v of shape (..., n, d) and optionally "
+                             "key_padding_mask (..., n), bool, True = valid key")
+    parser.add_argument("--block-size", type=int, default=_config.DEFAULT_BLOCK_SIZE, metavar="M",
+                        help=f"finest box size m, a power of two (default {_config.DEFAULT_BLOCK_SIZE})")
+    parser.add_argument("--rank", type=int, default=_config.DEFAULT_RANK, metavar="P",
+                        help=f"coarse keys per far box p, a power of two (default {_config.DEFAULT_RANK})")
+    parser.add_argument("--causal", action="store_true", help="causal attention (keys j <= i only)")
+    parser.add_argument("--coarsening", choices=["mean"], default="mean",
+                        help="far-field coarsening (default mean); learned coarsening has no "
+                             "token-level attention matrix, so it cannot be analysed this way")
+    parser.add_argument("--no-count-scaling", dest="count_scaling", action="store_false",
+                        help="leave out the log(count) bias of coarse keys")
+    parser.add_argument("--query-coarsening", action="store_true",
+                        help="the O(n) variant with coarse queries (bidirectional only)")
+    parser.add_argument("--scale", type=float, default=None, help="logit scale (default 1/sqrt(d))")
+    parser.add_argument("--layers", type=_selection, metavar="LIST",
+                        help="layers to analyse (axis -4, e.g. of (layer, head, n, d)): indices and "
+                             "ranges such as 0,2-4 (default all)")
+    parser.add_argument("--heads", type=_selection, metavar="LIST",
+                        help="heads to analyse (axis -3), as --layers (default all)")
+    parser.add_argument("--plot", type=Path, metavar="DIR",
+                        help="write PNG figures to DIR (needs matplotlib: pip install 'fmm_attention[plot]')")
+    parser.add_argument("--json", type=Path, metavar="FILE", help="also write the full report as JSON")
+    parser.add_argument("--no-progress", dest="progress", action="store_false",
+                        help="no progress bar on stderr")
 
 
+# --------------------------------------------------------------------------- input
+def _load(path, layers, heads):
+    """Arrays and per-head labels after the selection."""
+    if not path.is_file():
+        raise _UsageError(f"no such file: {path}")
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            arrays = {name: np.asarray(data[name]) for name in data.files}
+    except (OSError, ValueError) as exc:
+        raise _UsageError(f"cannot read {path} as an .npz: {exc}") from exc
+    missing = [name for name in ("q", "k", "v") if name not in arrays]
+    if missing:
+        raise _UsageError(f"{path} lacks array(s) {', '.join(missing)} (has: {', '.join(sorted(arrays)) or 'none'})")
+    q, k, v = arrays["q"], arrays["k"], arrays["v"]
+    mask = arrays.get("key_padding_mask")
+    lead = q.shape[:-2]
+    indices = [np.arange(size) for size in lead]
+    for name, axis_from_end, chosen in (("--layers", 4, layers), ("--heads", 3, heads)):
+        if chosen is None:
+            continue
+        axis = q.ndim - axis_from_end
+        if axis < 0:
+            raise _UsageError(f"{name} needs arrays with at least {axis_from_end} dims; q has shape {q.shape}")
+        bad = [i for i in chosen if not 0 <= i < q.shape[axis]]
+        if bad:
+            raise _UsageError(f"{name}: index {bad[0]} is out of range for axis {axis} of size {q.shape[axis]}")
+        q, k, v = (x.take(chosen, axis=axis) if x.ndim == q.ndim else x for x in (q, k, v))
+        if mask is not None and mask.ndim == q.ndim - 1:
+            mask = mask.take(chosen, axis=axis)
+        indices[axis] = np.asarray(chosen)
+    grid = np.meshgrid(*indices, indexing="ij") if indices else []
+    labels = [",".join(str(int(g.flat[i])) for g in grid) or "-" for i in range(int(np.prod(q.shape[:-2])))]
+    return q, k, v, mask, labels, indices
+
+
+def _progress(enabled):
+    """A wrapper of the head iterable: tqdm when installed, else a plain stderr counter."""
+    if not enabled:
+        return None
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:
+        return _counter
+    return functools.partial(tqdm, desc="analyze", unit="head", file=sys.stderr, leave=False)
+
+
+def _counter(iterable):
+    total = len(iterable)
+    for i, item in enumerate(iterable):
+        print(f"\ranalyze: head {i + 1}/{total}", end="", file=sys.stderr, flush=True)
+        yield item
+    print("\r" + " " * 40 + "\r", end="", file=sys.stderr, flush=True)
+
+
+def _clean(obj):
+    """NaN and infinity -> None, recursively, for strict JSON."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {key: _clean(value) for key, value in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_clean(value) for value in obj]
+    return obj
+
+
+# --------------------------------------------------------------------------- figures
+def _figure(width, height):
+    from matplotlib.figure import Figure
+
+    return Figure(figsize=(width, height), layout="constrained")
+
+
+def figure_level_map(tree):
+    """Which level serves each (query, key) pair: the FMA plan as an image."""
+    from matplotlib.colors import BoundaryNorm, ListedColormap
+
+    levels = tree.level_map()
+    n_levels = tree.n_levels
+    colors = ["#ffffff", "#222222"] + [f"C{i}" for i in range(n_levels)]
+    cmap = ListedColormap(colors[: n_levels + 2])
+    norm = BoundaryNorm(np.arange(-1.5, n_levels + 1.5), cmap.N)
+    fig = _figure(6.4, 4.6)
+    ax = fig.add_subplot()
+    image = ax.imshow(levels, cmap=cmap, norm=norm, interpolation="nearest")
+    bar = fig.colorbar(image, ax=ax, ticks=np.arange(-1, n_levels + 1), shrink=0.8)
+    bar.ax.set_yticklabels(["never"] + ["near field"] + [f"level {lv.index}: w={lv.box_size}, r={lv.rank}"
+                                                         for lv in tree.levels], fontsize=8)
+    ax.set_xlabel("key j")
+    ax.set_ylabel("query i")
+    kind = "causal" if tree.causal else "bidirectional"
+    ax.set_title(f"FMA plan: n={tree.n}, block {tree.block_size}, rank {tree.rank}, {kind}", fontsize=9)
+    return fig
+
+
+def _pooled(matrix, size=256):
+    """Mean over square tiles so that the image has at most ``size`` pixels a side."""
+    factor = -(-max(matrix.shape) // size)
+    if factor == 1:
+        return matrix
+    rows, cols = (-(-s // factor) * factor for s in matrix.shape)
+    padded = np.zeros((rows, cols))
+    padded[: matrix.shape[0], : matrix.shape[1]] = matrix
+    return padded.reshape(rows // factor, factor, cols // factor, factor).mean(axis=(1, 3))
+
+
+def figure_attention(exact, implied, label):
+    """Exact attention, FMA-implied attention and their difference (log scale).
+
+    Matrices larger than 256 are shown as means over square tiles (the extent stays in
+    token units).
+    """
+    from matplotlib import colormaps
+    from matplotlib.colors import BoundaryNorm
+
+    floor = 1e-6
+    fig = _figure(10, 3.4)
+    axes = fig.subplots(1, 3, sharex=True, sharey=True)
+    bounds = np.logspace(-6, 0, 13)  # two colours a decade: readable, and the PNG stays small
+    norm = BoundaryNorm(bounds, 12)
+    cmap = colormaps["magma"].resampled(12)
+    n = exact.shape[0]
+    panels = [(exact, "exact P"), (implied, "FMA-implied P~"), (np.abs(implied - exact), "|P~ - P|")]
+    for ax, (matrix, title) in zip(axes, panels):
+        image = ax.imshow(np.maximum(_pooled(matrix), floor), norm=norm, cmap=cmap, interpolation="nearest",
+                          extent=(-0.5, n - 0.5, n - 0.5, -0.5))
+        ax.set_title(f"{title} ({label})", fontsize=9)
+        ax.set_xlabel("key j")
+    axes[0].set_ylabel("query i")
+    bar = fig.colorbar(image, ax=axes, shrink=0.8, label="attention weight", ticks=bounds[::2])
+    bar.ax.set_yticklabels([f"1e{int(e)}" for e in np.log10(bounds[::2])])
+    return fig
+
+
+def figure_error_by_level(report):
+    """Median share of exact mass and of the L1 error per level; bound vs error per query."""
+    fig = _figure(10, 3.8)
+    ax, ax2 = fig.subplots(1, 2)
+    mass = np.array([h.level_mass for h in report.heads])
+    share = np.array([h.level_error_share for h in report.heads])
+    x = np.arange(mass.shape[1])
+    ax.bar(x - 0.2, np.median(mass, axis=0), 0.4, label="exact attention mass")
+    ax.bar(x + 0.2, np.median(share, axis=0), 0.4, label="share of |P~ - P|")
+    ax.set_xticks(x, ["near"] + [f"{i}\nw={w}" for i, w in enumerate(report.box_sizes[1:], start=1)])
+    ax.set_xlabel("level")
+    ax.set_ylabel(f"median over {len(report)} heads")
+    ax.legend(fontsize=8)
+    ax.set_title("where the attention and the error sit", fontsize=9)
+    errors = np.concatenate([h.row_error for h in report.heads])
+    bounds = np.concatenate([h.bound for h in report.heads])
+    keep = (errors > 0) & np.isfinite(bounds)
+    rng = np.random.default_rng(0)
+    shown = rng.choice(np.flatnonzero(keep), size=min(4000, int(keep.sum())), replace=False)
+    ax2.loglog(errors[shown], bounds[shown], ".", ms=2, alpha=0.4)
+    if shown.size:
+        lo, hi = errors[shown].min(), bounds[shown].max()
+        ax2.loglog([lo, hi], [lo, hi], "k-", lw=1, label="bound = error")
+        ax2.legend(fontsize=8)
+    ax2.set_xlabel("actual error ||o~_i - o_i||")
+    ax2.set_ylabel("Theorem 1 bound")
+    ax2.set_title("per-query bound vs actual error", fontsize=9)
+    return fig
+
+
+def figure_singular_values(study, label):
+    """Normalised singular values of the exact far-field blocks, level by level."""
+    fig = _figure(6, 4)
+    ax = fig.add_subplot()
+    for i, level in enumerate(study.levels):
+        sv = level.singular_values.reshape(-1, level.box_size)
+        keep = sv[:, 0] > 0
+        if not keep.any():
+            continue
+        normalised = np.median(sv[keep] / sv[keep, :1], axis=0)
+        t = np.arange(1, level.box_size + 1)
+        excess = float(np.nanmedian(level.excess))
+        ax.semilogy(t, np.maximum(normalised, 1e-16), "-", color=f"C{i}",
+                    label=f"level {level.level} (w={level.box_size}): FMA/optimal error {excess:.1f}x")
+        ax.axvline(level.rank + 0.5, color=f"C{i}", ls=":", lw=1)
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("singular value index t (dotted: FMA's rank + 1/2)")
+    ax.set_ylabel("median sigma_t / sigma_1 over blocks")
+    ax.set_title(f"far-field blocks of the exact attention ({label})", fontsize=9)
+    ax.legend(fontsize=7)
+    return fig
+
+
+def figure_error_by_head(values, row_labels, col_labels, title):
+    """Heat map of one metric over (layer, head)."""
+    fig = _figure(1.2 + 0.45 * len(col_labels), 1.2 + 0.4 * len(row_labels))
+    ax = fig.add_subplot()
+    image = ax.imshow(values, cmap="viridis", aspect="auto")
+    ax.set_xticks(range(len(col_labels)), col_labels, fontsize=7)
+    ax.set_yticks(range(len(row_labels)), row_labels, fontsize=7)
+    ax.set_xlabel("head")
+    ax.set_ylabel("layer")
+    ax.set_title(title, fontsize=9)
+    fig.colorbar(image, ax=ax, shrink=0.8)
+    return fig
+
+
+def _plot(directory, q, k, mask, report, labels, indices, options):
+    from .analysis import attention_matrix, far_field_rank_study
+
+    directory.mkdir(parents=True, exist_ok=True)
+    flat = lambda x: None if x is None else x.reshape((-1,) + x.shape[q.ndim - 2 :])  # noqa: E731
+    qf, kf, mf = flat(q), flat(k), (None if mask is None else mask.reshape(-1, mask.shape[-1]))
+    worst = int(np.argmax([h.rel_fro_error for h in report.heads]))
+    label = f"head {labels[worst]}" if labels[worst] != "-" else "the input"
+    head_mask = None if mf is None else mf[worst]
+    common = dict(key_padding_mask=head_mask, **options)
+    from .tree import build_tree
+
+    figures = {
+        "level_map.png": figure_level_map(build_tree(q.shape[-2], block_size=options["block_size"],
+                                                     rank=options["rank"], causal=options["causal"])),
+        "attention.png": figure_attention(attention_matrix(qf[worst], kf[worst], method="exact", **common),
+                                          attention_matrix(qf[worst], kf[worst], method="fmm", **common), label),
+        "error_by_level.png": figure_error_by_level(report),
+        "singular_values.png": figure_singular_values(far_field_rank_study(qf[worst], kf[worst], **common), label),
+    }
+    if q.ndim >= 4 and int(np.prod(q.shape[:-4])) == 1:
+        grid = np.array([h.rel_fro_error for h in report.heads]).reshape(q.shape[-4], q.shape[-3])
+        figures["error_by_head.png"] = figure_error_by_head(
+            grid, [str(i) for i in indices[-2]], [str(i) for i in indices[-1]],
+            "relative output error ||O~ - O||_F / ||O||_F")
+    written = []
+    for name, fig in figures.items():
+        path = directory / name
+        fig.savefig(path, dpi=100)
+        written.append(path)
+    return written
+
+
+# --------------------------------------------------------------------------- command
 def run(args):
-    raise SystemExit("analyze is not available yet")
+    """Run the ``analyze`` command; returns the exit status."""
+    from .analysis import compare
+
+    start = time.perf_counter()
+    try:
+        if args.plot is not None:
+            try:
+                import matplotlib  # noqa: F401
+            except ImportError:
+                raise _UsageError("--plot needs matplotlib: pip install 'fmm_attention[plot]'") from None
+        q, k, v, mask, labels, indices = _load(args.file, args.layers, args.heads)
+        options = dict(causal=args.causal, block_size=args.block_size, rank=args.rank, coarsening=args.coarsening,
+                       count_scaling=args.count_scaling, query_coarsening=args.query_coarsening, scale=args.scale)
+        print(f"analyze: {args.file}: q {q.shape} {q.dtype}, {len(labels)} head(s) of n={q.shape[-2]}", flush=True)
+        report = compare(q, k, v, key_padding_mask=mask, progress=_progress(args.progress), **options)
+    except _UsageError as exc:
+        print(f"analyze: error: {exc}", file=sys.stderr)
+        return 2
+    except (ValueError, TypeError) as exc:
+        print(f"analyze: error: {exc}", file=sys.stderr)
+        return 2
+    print(report.format(labels=labels))
+    if args.json is not None:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        payload = report.to_dict()
+        payload["labels"] = labels
+        args.json.write_text(json.dumps(_clean(payload)))
+        print(f"wrote {args.json}")
+    if args.plot is not None:
+        for path in _plot(args.plot, q, k, mask, report, labels, indices, options):
+            print(f"wrote {path}")
+    print(f"done in {time.perf_counter() - start:.1f} s")
+    return 0
