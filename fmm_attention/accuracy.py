@@ -1,0 +1,190 @@
+"""Accuracy against cost: FMA settings beside an oracle that keeps each query's top keys.
+
+Training-free FMA is judged by two numbers per setting: the keys each query attends to
+(its cost, from :class:`~fmm_attention.FMMStats`) and the relative output error against
+exact attention. The *top-k oracle* gives the yardstick: at the same number of keys per
+query, it keeps the ``k`` largest exact logits of each query and renormalises. It needs
+the full attention matrix to choose them, so no O(n log n) method can do better by
+selection alone; beating it takes coarse keys that summarise what they leave out.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from . import _config
+from ._validate import attention_inputs
+from .api import exact_attention, fmm_attention
+
+
+def topk_attention(q, k, v, *, keys, causal=False, scale=None):
+    """Oracle attention that keeps each query's ``keys`` largest logits exactly.
+
+    Parameters
+    ----------
+    q, k : array_like, shape (..., n, d)
+    v : array_like, shape (..., n, dv)
+    keys : int
+        Keys kept per query (``1 <= keys``); causal rows with fewer allowed keys keep all.
+    causal : bool, optional
+    scale : float, optional
+        Logit scale, ``1/sqrt(d)`` by default.
+
+    Returns
+    -------
+    ndarray, shape (..., n, dv), float64
+
+    Notes
+    -----
+    Dense: builds each head's ``(n, n)`` logits, so ``n`` is limited to
+    ``_config.DENSE_MAX_N``. Ties at the threshold keep every tied key.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from fmm_attention.accuracy import topk_attention
+    >>> from fmm_attention import exact_attention
+    >>> x = np.random.default_rng(0).standard_normal((64, 8))
+    >>> bool(np.allclose(topk_attention(x, x, x, keys=64), exact_attention(x, x, x)))
+    True
+    """
+    batch = attention_inputs(q, k, v, scale=scale, key_padding_mask=None, check_finite=True)
+    n = batch.n
+    if n > _config.DENSE_MAX_N:
+        raise ValueError(f"topk_attention builds (n, n) logits; n={n} exceeds {_config.DENSE_MAX_N}")
+    if isinstance(keys, bool) or not isinstance(keys, (int, np.integer)) or keys < 1:
+        raise ValueError(f"keys must be a positive integer, got {keys!r}")
+    keys = min(int(keys), n)
+    out = np.empty((batch.q.shape[0], n, batch.dv))
+    allowed = np.tril(np.ones((n, n), bool)) if causal else np.ones((n, n), bool)
+    for b in range(batch.q.shape[0]):
+        logits = batch.scale * batch.q[b].astype(np.float64) @ batch.k[b].astype(np.float64).T
+        logits = np.where(allowed, logits, -np.inf)
+        threshold = -np.sort(-logits, axis=1)[:, keys - 1 : keys]
+        logits = np.where(logits >= threshold, logits, -np.inf)
+        w = np.exp(logits - logits.max(axis=1, keepdims=True))
+        out[b] = (w / w.sum(axis=1, keepdims=True)) @ batch.v[b]
+    return batch.restore(out)
+
+
+@dataclass(frozen=True)
+class CostErrorRow:
+    """One setting of :func:`accuracy_vs_cost`.
+
+    Attributes
+    ----------
+    label : str
+    options : dict
+        Keyword arguments given to :func:`~fmm_attention.fmm_attention`.
+    keys_fraction : float
+        Mean keys per query over ``n``.
+    errors : ndarray
+        Relative Frobenius output error of each head.
+    oracle_errors : ndarray
+        The top-k oracle's errors at the same keys per query.
+    """
+
+    label: str
+    options: dict
+    keys_fraction: float
+    errors: np.ndarray
+    oracle_errors: np.ndarray
+
+    @property
+    def median(self):
+        return float(np.median(self.errors))
+
+    @property
+    def p90(self):
+        return float(np.percentile(self.errors, 90))
+
+    @property
+    def oracle_median(self):
+        return float(np.median(self.oracle_errors))
+
+
+def relative_errors(out, ref):
+    """Relative Frobenius error of each leading index: ``||out - ref|| / ||ref||`` over (n, dv)."""
+    out, ref = np.asarray(out, dtype=np.float64), np.asarray(ref, dtype=np.float64)
+    num = np.linalg.norm((out - ref).reshape(-1, ref.shape[-2] * ref.shape[-1]), axis=1)
+    den = np.linalg.norm(ref.reshape(-1, ref.shape[-2] * ref.shape[-1]), axis=1)
+    return num / np.where(den > 0, den, 1.0)
+
+
+def default_settings(n):
+    """The settings of the accuracy-versus-cost table in the docs, for sequences of length ``n``."""
+    sinks = [0, n - 1]
+    return [
+        ("mean m=16 p=1", dict(block_size=16, rank=1)),
+        ("mean m=16 p=4", dict(block_size=16, rank=4)),
+        ("mean m=16 p=8", dict(block_size=16, rank=8)),
+        ("cluster m=16 p=4", dict(block_size=16, rank=4, coarsening="cluster", cluster_iters=8)),
+        ("cluster m=16 p=8", dict(block_size=16, rank=8, coarsening="cluster", cluster_iters=8)),
+        ("mean m=16 p=1 + sinks", dict(block_size=16, rank=1, global_tokens=sinks)),
+        ("mean m=16 p=1 refine 32", dict(block_size=16, rank=1, refine=32)),
+        ("mean m=16 p=1 refine 64", dict(block_size=16, rank=1, refine=64)),
+        ("mean m=16 p=1 refine 64 + sinks", dict(block_size=16, rank=1, refine=64, global_tokens=sinks)),
+        ("cluster m=8 p=4 refine 48 + sinks",
+         dict(block_size=8, rank=4, coarsening="cluster", cluster_iters=8, refine=48, global_tokens=sinks)),
+        ("cluster m=4 p=2 refine 80 + sinks", dict(ACCURATE, global_tokens=sinks)),
+    ]
+
+
+#: The accuracy-oriented setting of docs/accuracy.rst (add ``global_tokens`` for sinks).
+ACCURATE = dict(block_size=4, rank=2, coarsening="cluster", cluster_iters=8, refine=80)
+
+
+def accuracy_vs_cost(q, k, v, settings=None, *, causal=False, progress=None):
+    """Error and keys per query of several FMA settings, beside the top-k oracle.
+
+    Parameters
+    ----------
+    q, k : array_like, shape (..., n, d)
+    v : array_like, shape (..., n, dv)
+        Every leading index (layer, head, ...) is one sample of the error distribution.
+    settings : list of (str, dict), optional
+        Labels and :func:`~fmm_attention.fmm_attention` options; :func:`default_settings`
+        when omitted.
+    causal : bool, optional
+    progress : callable, optional
+        Called with each label after its setting is measured.
+
+    Returns
+    -------
+    list of CostErrorRow
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from fmm_attention.accuracy import accuracy_vs_cost
+    >>> q, k, v = np.random.default_rng(0).standard_normal((3, 2, 128, 16))
+    >>> rows = accuracy_vs_cost(q, k, v, [("exact limit", dict(block_size=8, rank=32))])
+    >>> rows[0].keys_fraction, rows[0].median < 1e-12
+    (1.0, True)
+    """
+    q, k, v = (np.asarray(x, dtype=np.float64) for x in (q, k, v))
+    n = q.shape[-2]
+    settings = default_settings(n) if settings is None else settings
+    ref = exact_attention(q, k, v, causal=causal)
+    oracle_cache = {}
+    rows = []
+    for label, options in settings:
+        out, stats = fmm_attention(q, k, v, causal=causal, return_stats=True, **options)
+        keys = max(1, int(round(stats.keys_per_query_mean)))
+        if keys not in oracle_cache:
+            oracle_cache[keys] = relative_errors(topk_attention(q, k, v, keys=keys, causal=causal), ref)
+        rows.append(CostErrorRow(label, dict(options), stats.keys_fraction, relative_errors(out, ref), oracle_cache[keys]))
+        if progress is not None:
+            progress(label)
+    return rows
+
+
+def format_rows(rows):
+    """The rows of :func:`accuracy_vs_cost` as a text table."""
+    from ._workloads import table
+
+    body = [[r.label, f"{100 * r.keys_fraction:.1f}%", f"{r.median:.3f}", f"{r.p90:.3f}", f"{r.oracle_median:.3f}",
+             "yes" if r.median < r.oracle_median else "no"] for r in rows]
+    return table(body, ["setting", "keys/query", "median err", "p90 err", "top-k oracle median", "beats oracle"])
