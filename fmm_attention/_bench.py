@@ -28,6 +28,41 @@ def _fmm(q, k, v, args, **kw):
                              check_finite=False, **kw)
 
 
+def _timer(args):
+    """``best_time`` that waits for the GPU before reading the clock when timing CUDA."""
+    if args.backend != "cuda":
+        return best_time
+    from . import cuda
+
+    def timed(fn, **kw):
+        return best_time(lambda: (fn(), cuda.synchronize()), **kw)
+
+    return timed
+
+
+def _on_backend(args, *arrays):
+    """The inputs where the backend computes: device arrays for CUDA (no host round trip)."""
+    if args.backend != "cuda":
+        return arrays
+    from numba import cuda
+
+    return tuple(cuda.to_device(a) for a in arrays)
+
+
+def _torch_sdpa_time(q, k, v, timer):
+    """PyTorch's scaled_dot_product_attention on the same float32 inputs on the GPU, or None."""
+    try:
+        import torch
+    except ImportError:
+        return None
+    if not torch.cuda.is_available():
+        return None
+    tq, tk, tv = (torch.as_tensor(x, device="cuda")[None] for x in (q, k, v))
+    fn = lambda: (torch.nn.functional.scaled_dot_product_attention(tq, tk, tv), torch.cuda.synchronize())  # noqa: E731
+    fn()
+    return timer(fn, repeat=1)
+
+
 def run(args):
     if args.scaling:
         from ._perf import scaling_study
@@ -46,12 +81,19 @@ def run(args):
     api.exact_attention(wq, wk, wv, backend=args.backend)
     _fmm(wq, wk, wv, args)
     rows = []
+    timer = _timer(args)
+    sdpa = []
     progress = Progress(len(args.n), "bench")
     for n in args.n:
         q, k, v = random_qkv(n, args.d)
         t_np = best_time(lambda: numpy_attention(q, k, v), repeat=1 if n >= 16384 else args.repeat) if n <= args.numpy_max_n else float("nan")
-        t_ex = best_time(lambda: api.exact_attention(q, k, v, backend=args.backend, check_finite=False), repeat=1 if n >= 32768 else args.repeat)
-        t_fm = best_time(lambda: _fmm(q, k, v, args), repeat=args.repeat)
+        dq, dk, dv = _on_backend(args, q, k, v)
+        t_ex = timer(lambda: api.exact_attention(dq, dk, dv, backend=args.backend, check_finite=False), repeat=1 if n >= 32768 else args.repeat)
+        t_fm = timer(lambda: _fmm(dq, dk, dv, args), repeat=args.repeat)
+        if args.backend == "cuda":
+            t_sdpa = _torch_sdpa_time(q[0], k[0], v[0], timer)
+            if t_sdpa is not None:
+                sdpa.append([n, f"{t_sdpa * 1e3:.1f}", f"{t_fm * 1e3:.2f}", f"{t_sdpa / t_fm:.0f}"])
         exact_flops = 4.0 * args.d * n * n
         fma_flops = 4.0 * args.d * fma_logits(n, block_size=args.block_size, rank=args.rank)
         rows.append([
@@ -64,6 +106,11 @@ def run(args):
     print(table(rows, ["n", "numpy ms", "exact ms", "fma ms", "numpy/exact", "numpy/fma",
                        "exact GF/s", "fma GF/s", "fma/matmul"]))
     print("\nFLOPs: 4 d per logit (q.k and p.v); FMA's logits counted from its tree.")
+    if sdpa:
+        print("\nPyTorch scaled_dot_product_attention on the same GPU, float32:")
+        print(table(sdpa, ["n", "sdpa ms", "fma ms", "sdpa/fma"]))
+    elif args.backend == "cuda":
+        print("\n(PyTorch with CUDA is not installed here: no SDPA comparison)")
     _bench_fastformer(args)
     return 0
 
@@ -74,13 +121,15 @@ def _bench_fastformer(args):
     w = np.random.default_rng(2).standard_normal((2, args.d)).astype(np.float32)
     api.fastformer_attention(*random_qkv(256, args.d), w[0], w[1], backend=args.backend)
     api.fastformer_attention(*random_qkv(256, args.d), w[0], w[1], causal=True, backend=args.backend)
+    timer = _timer(args)
     for n in args.n:
         q, k, v = random_qkv(n, args.d)
         moved = 4.0 * q.nbytes  # q, k, v read once, u written once
         t_read = best_time(lambda: (q.sum(), k.sum(), v.sum()), repeat=args.repeat)
+        dq, dk, dv, w0, w1 = _on_backend(args, q, k, v, w[0], w[1])
         for causal in (False, True):
-            t = best_time(lambda: api.fastformer_attention(q, k, v, w[0], w[1], causal=causal, backend=args.backend,
-                                                           check_finite=False), repeat=args.repeat)
+            t = timer(lambda: api.fastformer_attention(dq, dk, dv, w0, w1, causal=causal, backend=args.backend,
+                                                       check_finite=False), repeat=args.repeat)
             rows.append([n, "causal" if causal else "bidirectional", f"{t * 1e3:.2f}", f"{moved / t / 1e9:.1f}",
                          f"{t_read * 1e3:.2f}", f"{t / t_read:.1f}"])
     print("\nFastformer (float32, one head): bytes = q, k, v read once + output written once")

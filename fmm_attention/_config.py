@@ -23,6 +23,9 @@ FASTFORMER_CHUNK = 4096
 CUDA_THREADS_PER_BLOCK = 128
 CUDA_QUERY_TILE = 32
 CUDA_KEY_TILE = 32
+#: Shared memory a CUDA block may use (the portable 48 KiB), and the most blocks per launch.
+CUDA_SHARED_MEMORY_BYTES = 48 * 1024
+CUDA_MAX_BLOCKS = 65535
 
 #: Largest ``n`` for which dense ``(n, n)`` diagnostics (level maps, implied attention
 #: matrices) are built; beyond it they would take gigabytes.

@@ -217,3 +217,64 @@ def padding_mask(key_padding_mask, lead_shape, n):
     batch = int(np.prod(lead_shape, dtype=np.int64))
     mask = np.ascontiguousarray(mask).reshape(batch, n)
     return mask if mask.flags.writeable else mask.copy()  # read-only: see attention_inputs
+
+
+def check_fmm_options(*, coarsening, count_scaling, query_coarsening, causal):
+    """Validate FMA options shared by every backend; returns them normalised."""
+    from .coarsening import LearnedCoarsening  # coarsening imports this module
+
+    if not (isinstance(coarsening, LearnedCoarsening) or (isinstance(coarsening, str) and coarsening in ("mean", "cluster"))):
+        raise ValueError(f"coarsening must be 'mean', 'cluster' or a LearnedCoarsening, got {coarsening!r}")
+    count_scaling = check_bool(count_scaling, "count_scaling")
+    query_coarsening = check_bool(query_coarsening, "query_coarsening")
+    if query_coarsening and causal:
+        raise ValueError(
+            "query_coarsening=True cannot be combined with causal=True: a coarse query averages "
+            "future tokens into past outputs (use fine queries for causal attention)"
+        )
+    return coarsening, count_scaling, query_coarsening
+
+
+def check_accuracy_options(*, cluster_iters, refine, query_coarsening):
+    """Validate the training-free accuracy options; returns ``(cluster_iters, refine)``."""
+    cluster_iters = check_count(cluster_iters, "cluster_iters")
+    refine = check_count(refine, "refine")
+    if refine and query_coarsening:
+        raise ValueError("refine > 0 needs fine queries: it cannot be combined with query_coarsening=True")
+    return cluster_iters, refine
+
+
+def check_global_tokens(global_tokens, n):
+    """Sorted unique token indices in ``[0, n)`` as a tuple (empty for ``None``)."""
+    if global_tokens is None:
+        return ()
+    arr = np.asarray(global_tokens)
+    if arr.ndim == 0:
+        arr = arr[None]
+    if arr.ndim != 1 or (arr.size and arr.dtype.kind not in "iu"):
+        raise TypeError(f"global_tokens must be a 1-D sequence of integer token indices, got {global_tokens!r}")
+    if arr.size and (arr.min() < 0 or arr.max() >= n):
+        raise ValueError(f"global_tokens must lie in [0, n) = [0, {n}), got min {arr.min()} and max {arr.max()}")
+    return tuple(int(i) for i in np.unique(arr))
+
+
+def attention_vector(w, name, batch, check_finite):
+    """Validate an additive-attention vector ``(..., d)``; return it as ``(B, d)`` in the batch dtype."""
+    arr = as_array(w, name)
+    float_dtype((name, arr))
+    d, lead = batch.d, batch.lead_shape
+    if arr.ndim < 1 or arr.shape[-1] != d:
+        raise ValueError(f"{name} must have shape (..., d) with d = {d} (the feature dim of q), got {arr.shape}")
+    try:
+        fits = np.broadcast_shapes(arr.shape[:-1], lead) == lead
+    except ValueError:
+        fits = False
+    if not fits:
+        raise ValueError(
+            f"{name} of shape {arr.shape} does not broadcast against the leading dims {lead} of q: "
+            f"expected (..., {d}) with leading dims broadcastable to {lead}, e.g. one vector per head"
+        )
+    arr = arr.astype(batch.dtype, copy=False)
+    if check_finite:
+        check_finite_array(arr, name)
+    return np.broadcast_to(arr, lead + (d,)).reshape(batch.q.shape[0], d)

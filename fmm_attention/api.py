@@ -10,7 +10,14 @@ import numpy as np
 
 from . import _config, backends
 from ._stats import fmm_stats
-from ._validate import as_array, attention_inputs, check_bool, check_count, check_finite_array, float_dtype
+from ._validate import (  # noqa: F401  (check_fmm_options is re-exported for older imports)
+    attention_inputs,
+    attention_vector,
+    check_accuracy_options,
+    check_bool,
+    check_fmm_options,
+    check_global_tokens,
+)
 from .coarsening import LearnedCoarsening
 from .tree import build_tree
 
@@ -89,43 +96,6 @@ def exact_attention(q, k, v, *, causal=False, scale=None, key_padding_mask=None,
     batch = attention_inputs(q, k, v, scale=scale, key_padding_mask=key_padding_mask, check_finite=check_finite)
     out, lse = backends.get(name).exact(batch, causal=causal)
     return _finish(batch, out, lse, return_lse)
-
-
-def check_fmm_options(*, coarsening, count_scaling, query_coarsening, causal):
-    """Validate FMA options shared by every backend; returns them normalised."""
-    if not (isinstance(coarsening, LearnedCoarsening) or (isinstance(coarsening, str) and coarsening in ("mean", "cluster"))):
-        raise ValueError(f"coarsening must be 'mean', 'cluster' or a LearnedCoarsening, got {coarsening!r}")
-    count_scaling = check_bool(count_scaling, "count_scaling")
-    query_coarsening = check_bool(query_coarsening, "query_coarsening")
-    if query_coarsening and causal:
-        raise ValueError(
-            "query_coarsening=True cannot be combined with causal=True: a coarse query averages "
-            "future tokens into past outputs (use fine queries for causal attention)"
-        )
-    return coarsening, count_scaling, query_coarsening
-
-
-def check_accuracy_options(*, cluster_iters, refine, query_coarsening):
-    """Validate the training-free accuracy options; returns ``(cluster_iters, refine)``."""
-    cluster_iters = check_count(cluster_iters, "cluster_iters")
-    refine = check_count(refine, "refine")
-    if refine and query_coarsening:
-        raise ValueError("refine > 0 needs fine queries: it cannot be combined with query_coarsening=True")
-    return cluster_iters, refine
-
-
-def check_global_tokens(global_tokens, n):
-    """Sorted unique token indices in ``[0, n)`` as a tuple (empty for ``None``)."""
-    if global_tokens is None:
-        return ()
-    arr = np.asarray(global_tokens)
-    if arr.ndim == 0:
-        arr = arr[None]
-    if arr.ndim != 1 or (arr.size and arr.dtype.kind not in "iu"):
-        raise TypeError(f"global_tokens must be a 1-D sequence of integer token indices, got {global_tokens!r}")
-    if arr.size and (arr.min() < 0 or arr.max() >= n):
-        raise ValueError(f"global_tokens must lie in [0, n) = [0, {n}), got min {arr.min()} and max {arr.max()}")
-    return tuple(int(i) for i in np.unique(arr))
 
 
 def fmm_attention(q, k, v, *, causal=False, block_size=_config.DEFAULT_BLOCK_SIZE, rank=_config.DEFAULT_RANK,
@@ -263,28 +233,6 @@ def fmm_attention(q, k, v, *, causal=False, block_size=_config.DEFAULT_BLOCK_SIZ
     return (*result, stats) if return_lse else (result, stats)
 
 
-def _attention_vector(w, name, batch, check_finite):
-    """Validate an additive-attention vector ``(..., d)``; return it as ``(B, d)`` in the batch dtype."""
-    arr = as_array(w, name)
-    float_dtype((name, arr))
-    d, lead = batch.d, batch.lead_shape
-    if arr.ndim < 1 or arr.shape[-1] != d:
-        raise ValueError(f"{name} must have shape (..., d) with d = {d} (the feature dim of q), got {arr.shape}")
-    try:
-        fits = np.broadcast_shapes(arr.shape[:-1], lead) == lead
-    except ValueError:
-        fits = False
-    if not fits:
-        raise ValueError(
-            f"{name} of shape {arr.shape} does not broadcast against the leading dims {lead} of q: "
-            f"expected (..., {d}) with leading dims broadcastable to {lead}, e.g. one vector per head"
-        )
-    arr = arr.astype(batch.dtype, copy=False)
-    if check_finite:
-        check_finite_array(arr, name)
-    return np.broadcast_to(arr, lead + (d,)).reshape(batch.q.shape[0], d)
-
-
 def fastformer_attention(q, k, v, w_q, w_k, *, causal=False, scale=None, key_padding_mask=None,
                          return_pools=False, check_finite=True, backend="auto"):
     """Fastformer additive attention: global query and key pools, O(n d) time and memory.
@@ -383,8 +331,8 @@ def fastformer_attention(q, k, v, w_q, w_k, *, causal=False, scale=None, key_pad
             f"v must have the feature dim d = {batch.d} of q (u = kg * v is element-wise), got "
             f"v of shape {batch.lead_shape + (batch.n, batch.dv)}"
         )
-    w_q = _attention_vector(w_q, "w_q", batch, check_finite)  # check_finite: checked by attention_inputs
-    w_k = _attention_vector(w_k, "w_k", batch, check_finite)
+    w_q = attention_vector(w_q, "w_q", batch, check_finite)  # check_finite: checked by attention_inputs
+    w_k = attention_vector(w_k, "w_k", batch, check_finite)
     out, qg, kg = backends.get(name).fastformer(batch, w_q, w_k, causal=causal, return_pools=return_pools)
     out = batch.restore(out)
     if not return_pools:

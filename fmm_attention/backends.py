@@ -10,8 +10,12 @@ BACKENDS = ("auto", "cpu", "cuda")
 
 
 def on_cuda_device(*arrays):
-    """True if any array exposes ``__cuda_array_interface__`` (Numba, CuPy, PyTorch CUDA)."""
-    return any(hasattr(a, "__cuda_array_interface__") for a in arrays)
+    """True if any array lives on a CUDA device.
+
+    Arrays exposing ``__cuda_array_interface__`` (Numba, CuPy, PyTorch CUDA tensors) and
+    Numba's simulated device arrays (``__cuda_ndarray__``, under ``NUMBA_ENABLE_CUDASIM``).
+    """
+    return any(hasattr(a, "__cuda_array_interface__") or getattr(a, "__cuda_ndarray__", False) for a in arrays)
 
 
 def resolve(backend, *arrays):

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 from .. import _config
 from .._validate import check_bool
-from ..api import check_fmm_options
+from .._validate import check_fmm_options
 from ..coarsening import LearnedCoarsening
 from ..tree import build_tree
 from . import _device

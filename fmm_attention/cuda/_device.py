@@ -24,10 +24,10 @@ from .._validate import KERNEL_DTYPES, attention_inputs, check_bool, check_scale
 
 #: Dynamic shared memory one attention block may use (bytes): the limit every CUDA GPU grants
 #: without an opt-in. Tiles shrink (key tile first, then query tile) until they fit.
-SHARED_MEMORY_BYTES = 48 * 1024
+SHARED_MEMORY_BYTES = _config.CUDA_SHARED_MEMORY_BYTES
 
 #: Most blocks per launch; the kernels stride over the rest (grid-stride loops).
-MAX_BLOCKS = 65535
+MAX_BLOCKS = _config.CUDA_MAX_BLOCKS
 
 
 # ---------------------------------------------------------------- the lazy import

@@ -299,7 +299,7 @@ def attention_vector(w, name, batch, check_finite):
     Host vectors are checked and broadcast like on the CPU, then copied in. Device vectors
     (float32/float64, C-contiguous) are broadcast on the device and cast to the batch dtype.
     """
-    from ..api import _attention_vector
+    from .._validate import attention_vector as _attention_vector
 
     B, d, lead = batch.batch, batch.d, batch.lead_shape
     if not _device.is_device_array(w):
