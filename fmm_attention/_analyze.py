@@ -208,9 +208,10 @@ def figure_attention(exact, implied, label):
     for ax, (matrix, title) in zip(axes, panels):
         image = ax.imshow(np.maximum(_pooled(matrix), floor), norm=norm, cmap=cmap, interpolation="nearest",
                           extent=(-0.5, n - 0.5, n - 0.5, -0.5))
-        ax.set_title(f"{title} ({label})", fontsize=9)
+        ax.set_title(title, fontsize=9)
         ax.set_xlabel("key j")
     axes[0].set_ylabel("query i")
+    fig.suptitle(label, fontsize=9)
     bar = fig.colorbar(image, ax=axes, shrink=0.8, label="attention weight", ticks=bounds[::2])
     bar.ax.set_yticklabels([f"1e{int(e)}" for e in np.log10(bounds[::2])])
     return fig

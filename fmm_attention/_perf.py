@@ -109,25 +109,42 @@ def method_call(method, q, k, v, *, causal=False, block_size=32, rank=2, query_c
     raise ValueError(f"method must be one of {', '.join(map(repr, METHODS))}; got {method!r}")
 
 
-def best_time(fn, *, repeat=3):
-    """Best wall time (seconds) of ``fn()`` over ``repeat`` runs.
+#: Clocks of :func:`best_time`: elapsed time, or CPU time of this process (all its threads).
+CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
+
+
+def best_time(fn, *, repeat=3, min_time=0.0, max_runs=100, clock="wall"):
+    """Best time (seconds) of ``fn()`` over at least ``repeat`` runs.
+
+    Fast functions run more often: runs continue until ``min_time`` seconds have been spent
+    (at most ``max_runs`` runs), which makes the best time robust on a loaded machine.
 
     Parameters
     ----------
     fn : callable
         Called with no arguments.
     repeat : int, optional
-        Number of timed runs, at least 1.
+        Minimum number of timed runs, at least 1.
+    min_time : float, optional
+        Keep running until this many seconds have been spent in total.
+    max_runs : int, optional
+        Upper bound on the runs that ``min_time`` may ask for.
+    clock : {"wall", "cpu"}, optional
+        ``"wall"``: elapsed time (what a caller waits). ``"cpu"``: CPU time of this process
+        summed over its threads, which other processes on the machine barely disturb: with
+        one worker thread (``NUMBA_NUM_THREADS=1``) it is the work a call does.
 
     Returns
     -------
     float
     """
-    best = math.inf
-    for _ in range(max(1, int(repeat))):
-        t0 = time.perf_counter()
+    timer = CLOCKS[clock]
+    best, spent, runs = math.inf, 0.0, 0
+    while runs < max(1, int(repeat)) or (spent < min_time and runs < max_runs):
+        t0 = timer()
         fn()
-        best = min(best, time.perf_counter() - t0)
+        elapsed = timer() - t0
+        best, spent, runs = min(best, elapsed), spent + elapsed, runs + 1
     return best
 
 
@@ -274,13 +291,13 @@ def _clear_plan_caches():
 
 
 def scaling_study(ns=DEFAULT_SCALING_NS, *, method="fma", query_coarsening=False, causal=False, d=64,
-                  dtype=np.float32, block_size=32, rank=2, repeat=3, backend="cpu", include_plan=False,
-                  seed=0, progress=None):
+                  dtype=np.float32, block_size=32, rank=2, repeat=3, min_time=1.0, clock="wall",
+                  backend="cpu", include_plan=False, seed=0, progress=None):
     """Time one method over a range of ``n`` and fit the log-log slope.
 
     One head of standard-normal ``q, k, v`` per ``n``; the JIT is warmed on a small input
     first. Each ``n`` is called once untimed (building and caching its plan), then timed
-    ``repeat`` times; the best time is kept.
+    at least ``repeat`` times and for at least ``min_time`` seconds; the best time is kept.
 
     Parameters
     ----------
@@ -296,7 +313,13 @@ def scaling_study(ns=DEFAULT_SCALING_NS, *, method="fma", query_coarsening=False
     block_size, rank : int, optional
         FMA's ``m`` and ``p``.
     repeat : int, optional
-        Timed runs per ``n``.
+        Minimum number of timed runs per ``n``.
+    min_time : float, optional
+        Seconds of timed runs per ``n`` at least (more runs for small ``n``: on a loaded
+        machine a single run is often slowed down by a descheduled worker thread).
+    clock : {"wall", "cpu"}, optional
+        Elapsed time, or CPU time of the process (see :func:`best_time`); run with
+        ``NUMBA_NUM_THREADS=1`` for a slope that the machine's other load barely moves.
     backend : {"cpu", "cuda"}, optional
     include_plan : bool, optional
         Time cold calls instead: the tree and plan caches are cleared before every timed
@@ -329,7 +352,7 @@ def scaling_study(ns=DEFAULT_SCALING_NS, *, method="fma", query_coarsening=False
             def fn(_call=fn):
                 _clear_plan_caches()
                 return _call()
-        t = best_time(_synchronized(fn, backend), repeat=repeat)
+        t = best_time(_synchronized(fn, backend), repeat=repeat, min_time=min_time, clock=clock)
         times.append(t)
         if progress is not None:
             progress(n, t)

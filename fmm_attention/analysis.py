@@ -93,6 +93,12 @@ def _setup(caller, q, k, v, *, causal, block_size, rank, coarsening, count_scali
     coarsening, count_scaling, query_coarsening = check_fmm_options(
         coarsening=coarsening, count_scaling=count_scaling, query_coarsening=query_coarsening, causal=causal
     )
+    if coarsening != "mean":
+        raise ValueError(
+            f"{caller}: coarsening={coarsening!r} is not supported; the analysis reproduces mean "
+            "coarsening (aligned sub-boxes) only. Content-dependent groups ('cluster') also have a "
+            "token-level matrix, but their assignments live inside the kernels"
+        )
     # attention_matrix has no values: k stands in for v, which only passes the shape checks.
     batch = attention_inputs(q, k, k if v is None else v, scale=scale, key_padding_mask=key_padding_mask,
                              check_finite=check_finite)

@@ -419,3 +419,9 @@ def test_cli_errors(small_npz, tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["analyze", str(small_npz), "--layers", "2-1"])
     assert "0,2-4" in capsys.readouterr().err
+
+
+def test_cluster_coarsening_is_rejected():
+    q, k, v = _inputs((64, 4))
+    with pytest.raises(ValueError, match="coarsening='cluster' is not supported"):
+        compare(q, k, v, block_size=4, rank=2, coarsening="cluster")
