@@ -242,7 +242,7 @@ def figure_error_by_level(report):
         ax2.loglog([lo, hi], [lo, hi], "k-", lw=1, label="bound = error")
         ax2.legend(fontsize=8)
     ax2.set_xlabel("actual error ||o~_i - o_i||")
-    ax2.set_ylabel("Theorem 1 bound")
+    ax2.set_ylabel("Theorem 2 bound")
     ax2.set_title("per-query bound vs actual error", fontsize=9)
     return fig
 

@@ -9,7 +9,7 @@ question about FMA's error into a question about two row-stochastic matrices:
 * :func:`attention_matrix` builds ``P`` (exact) or ``P~`` (FMA) densely;
 * :func:`compare` measures output errors, per-row KL divergence and total variation, the
   spectral-norm error, where (by level) the attention mass and the error sit, and checks
-  two rigorous per-query bounds (Theorem 1 and Proposition 2 of the "Error analysis"
+  two rigorous per-query bounds (Theorem 2 and Proposition 3 of the "Error analysis"
   page of the documentation, with proofs);
 * :func:`far_field_rank_study` compares FMA's far-field blocks with the best possible
   (Eckart-Young) approximation of the same rank.
@@ -30,8 +30,8 @@ import scipy.special
 from numba import prange
 
 from . import _config
-from ._validate import attention_inputs, check_bool, check_choice
-from .api import check_fmm_options, fmm_attention
+from ._validate import attention_inputs, check_bool, check_choice, check_fmm_options
+from .api import fmm_attention
 from .coarsening import LearnedCoarsening
 from .cpu._blocks import jit
 from .tree import build_tree
@@ -300,7 +300,7 @@ _OVERFLOW = 700.0
 def _bound_kernel(exact, implied, levels, pt, values, centers, part_a, radius, max_delta):
     """Per query ``i`` (one pass over its keys, no ``(n, n)`` temporaries):
 
-    * ``part_a[i]``: Theorem 1 (a), ``(||sum_j p~_ij (cosh d_ij - 1) u_ij||
+    * ``part_a[i]``: Theorem 2 (A), ``(||sum_j p~_ij (cosh d_ij - 1) u_ij||
       + ||sum_j p~_ij sinh(d_ij) |u_ij| ||) / sum_j p~_ij exp(-d_ij)`` with
       ``u_ij = v_j - o~_i`` and ``d_ij = |implied_ij - exact_ij|`` on far pairs (0 near);
     * ``radius[i] = max_j ||u_ij||`` and ``max_delta[i] = max_j d_ij`` over attended keys.
@@ -351,9 +351,9 @@ def _bound_kernel(exact, implied, levels, pt, values, centers, part_a, radius, m
 
 
 def _output_bound(exact, implied, levels, pt, values, fma_out):
-    """Theorem 1 for every query: ``(bound, max_delta)``.
+    """Theorem 2 for every query: ``(bound, max_delta)``.
 
-    The bound is the smaller of part (a) (see :func:`_bound_kernel`) and part (b),
+    The bound is the smaller of part A (see :func:`_bound_kernel`) and part B,
     ``2 tanh(max_j d_ij / 2) max_j ||v_j - o~_i||``. Rounding: a weight ``p~ < 5e-324``
     that underflowed to 0 drops a term below ``5e-324 * sinh(700) * ||u|| < 1e-15 ||u||``
     (larger perturbations give ``inf``), far inside :data:`BOUND_SLACK`.
@@ -396,9 +396,9 @@ class HeadReport:
     level_error_share : ndarray
         Each level's share of the entrywise L1 error ``sum |P~ - P|``.
     bound : ndarray
-        Theorem 1's a-posteriori bound on ``row_error``: the smaller of its parts (a) and (b).
+        Theorem 2's a-posteriori bound on ``row_error``: the smaller of its parts A and B.
     tv_bound : ndarray
-        Proposition 2's bound ``tanh(max_j delta_ij / 2)`` on ``tv``.
+        Proposition 3's bound ``tanh(max_j delta_ij / 2)`` on ``tv``.
     bound_held, tv_bound_held : bool
         Whether each bound held for every query (up to :data:`BOUND_SLACK`).
     value_norm : float
@@ -598,8 +598,8 @@ class CompareReport:
         lines.append("  exact mass (median)  " + " ".join(f"{x:7.3f}" for x in summ["level_mass"]))
         lines.append("  error share (median) " + " ".join(f"{x:7.3f}" for x in summ["level_error_share"]))
         verdict = {True: "held for every query", False: "VIOLATED"}
-        lines.append(f"  output bound (Theorem 1): {verdict[summ['bound_held']]}; "
-                     f"TV bound (Proposition 2): {verdict[summ['tv_bound_held']]}")
+        lines.append(f"  output bound (Theorem 2): {verdict[summ['bound_held']]}; "
+                     f"TV bound (Proposition 3): {verdict[summ['tv_bound_held']]}")
         return "\n".join(lines)
 
     def __str__(self):
@@ -637,8 +637,8 @@ def _compare_head(setup, b, fma_out):
     level_error = np.bincount(by_level, weights=abs_diff.ravel(), minlength=n_levels + 1)[1:]
     level_error_share = _ratio(level_error, level_error.sum())
 
-    # The logit perturbations delta_ij = |l~_ij - l_ij| of the far pairs give Theorem 1 and
-    # Proposition 2.
+    # The logit perturbations delta_ij = |l~_ij - l_ij| of the far pairs give Theorem 2 and
+    # Proposition 3.
     bound, max_perturbation = _output_bound(exact, implied, levels, pt, v, fma_out)
     tv = 0.5 * abs_diff.sum(axis=1)
     tv_bound = np.tanh(max_perturbation / 2)
@@ -700,11 +700,11 @@ def compare(q, k, v, *, causal=False, block_size=_config.DEFAULT_BLOCK_SIZE, ran
           and its share of the entrywise error ``sum |P~ - P|``;
         * the bounds and whether they held (up to :data:`BOUND_SLACK`): with the logit
           perturbations ``delta_ij = |l~_ij - l_ij|`` of the far pairs (``s |q_i . (kc - k_j)|``
-          with count scaling and fine queries) and ``u_ij = v_j - o~_i``, Theorem 1,
-          ``||o~_i - o_i|| <= min((a), (b))`` with
-          (a) ``(||sum_j p~_ij (cosh delta_ij - 1) u_ij||
+          with count scaling and fine queries) and ``u_ij = v_j - o~_i``, Theorem 2,
+          ``||o~_i - o_i|| <= min(A, B)`` with
+          A = ``(||sum_j p~_ij (cosh delta_ij - 1) u_ij||
           + ||sum_j p~_ij sinh(delta_ij) |u_ij| ||) / sum_j p~_ij exp(-delta_ij)`` and
-          (b) ``2 tanh(max_j delta_ij / 2) max_j ||u_ij||``; and Proposition 2,
+          B = ``2 tanh(max_j delta_ij / 2) max_j ||u_ij||``; and Proposition 3,
           ``TV(p_i, p~_i) <= tanh(max_j delta_ij / 2)``.
 
     Raises
