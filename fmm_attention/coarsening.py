@@ -40,7 +40,11 @@ def _weight_list(weights, name):
 
 def _bias_list(biases, weights, name):
     if biases is None:
-        return tuple(np.zeros(w.shape[0]) for w in weights)
+        # read-only like given biases: Numba compiles one kernel variant per (dtype, writeable)
+        zeros = tuple(np.zeros(w.shape[0]) for w in weights)
+        for arr in zeros:
+            arr.setflags(write=False)
+        return zeros
     if isinstance(biases, np.ndarray) or not hasattr(biases, "__len__") or len(biases) != len(weights):
         raise ValueError(f"{name} must be None or one array per far level ({len(weights)} levels)")
     out = []

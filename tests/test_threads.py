@@ -1,0 +1,97 @@
+"""Several Python threads calling the kernels at once give the serial results.
+
+Numba's OpenMP and TBB threading layers accept parallel launches from several threads; the
+fallback ``workqueue`` layer would abort, and the CPU backend serialises launches then. Either
+way the results must not depend on the concurrency.
+"""
+
+import threading
+
+import numpy as np
+import pytest
+
+from fmm_attention import LearnedCoarsening, build_tree, exact_attention, fmm_attention
+
+N_THREADS = 4
+
+
+def jobs():
+    """Eight different calls (dtypes, masks, causal, coarse queries, learned weights)."""
+    out = []
+    for i in range(8):
+        rng = np.random.default_rng(i)
+        n = 300 + 37 * i
+        dtype = np.float32 if i % 2 else np.float64
+        q, k, v = (rng.standard_normal((2, n, 8)).astype(dtype) for _ in range(3))
+        mask = rng.random((2, n)) > 0.2 if i % 3 == 0 else None
+        if i == 6:
+            out.append((exact_attention, (q, k, v), dict(causal=True, key_padding_mask=mask, return_lse=True)))
+        elif i == 7:
+            tree = build_tree(n, block_size=16, rank=2)
+            kw = [rng.standard_normal((lv.rank * 8, 1, lv.box_size)) / lv.box_size for lv in tree.levels]
+            out.append((fmm_attention, (q, k, v), dict(block_size=16, rank=2,
+                                                       coarsening=LearnedCoarsening(kw, kw))))
+        else:
+            out.append((fmm_attention, (q, k, v), dict(block_size=8 * (1 + i % 2), rank=2 ** (i % 3),
+                                                       causal=i % 4 == 1, query_coarsening=i % 4 == 2,
+                                                       key_padding_mask=mask, return_lse=True)))
+    return out
+
+
+def as_tuple(result):
+    return result if isinstance(result, tuple) else (result,)
+
+
+@pytest.mark.parametrize("rounds", [3])
+def test_concurrent_calls_match_serial(rounds):
+    work = jobs()
+    serial = [as_tuple(f(*args, **kwargs)) for f, args, kwargs in work]  # also compiles everything
+    results = {}
+    errors = []
+    barrier = threading.Barrier(N_THREADS)
+
+    def worker(tid):
+        try:
+            for r in range(rounds):
+                barrier.wait()  # start every round together
+                for j in range(tid, tid + len(work)):  # each thread walks all jobs, staggered
+                    j %= len(work)
+                    f, args, kwargs = work[j]
+                    results[tid, r, j] = as_tuple(f(*args, **kwargs))
+        except Exception as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+            barrier.abort()
+
+    threads = [threading.Thread(target=worker, args=(t,)) for t in range(N_THREADS)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=300)
+    assert not any(t.is_alive() for t in threads), "a thread hung"
+    assert not errors, errors
+    assert len(results) == N_THREADS * rounds * len(work)
+    for (tid, r, j), got in results.items():
+        for a, b in zip(got, serial[j]):
+            np.testing.assert_array_equal(a, b, err_msg=f"thread {tid} round {r} job {j}")
+
+
+def test_concurrent_calls_with_distinct_inputs_do_not_mix():
+    """Threads on different inputs of the same shape: each gets its own answer."""
+    rng = np.random.default_rng(42)
+    inputs = [tuple(rng.standard_normal((3, 256, 8)) for _ in range(3)) for _ in range(N_THREADS)]
+    serial = [fmm_attention(*x, block_size=8, rank=2) for x in inputs]
+    got = [None] * N_THREADS
+    barrier = threading.Barrier(N_THREADS)
+
+    def worker(i):
+        barrier.wait()
+        for _ in range(5):
+            got[i] = fmm_attention(*inputs[i], block_size=8, rank=2)
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(N_THREADS)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=300)
+    for i in range(N_THREADS):
+        np.testing.assert_array_equal(got[i], serial[i])
