@@ -79,6 +79,9 @@ def add_arguments(parser):
     parser.add_argument("--plot", type=Path, metavar="DIR",
                         help="write PNG figures to DIR (needs matplotlib: pip install 'fmm_attention[plot]')")
     parser.add_argument("--json", type=Path, metavar="FILE", help="also write the full report as JSON")
+    parser.add_argument("--accuracy", action="store_true",
+                        help="also print the accuracy-versus-cost table of the training-free options "
+                             "(mean, cluster, refine, sinks) beside the top-k oracle (docs: accuracy)")
     parser.add_argument("--no-progress", dest="progress", action="store_false",
                         help="no progress bar on stderr")
 
@@ -350,5 +353,12 @@ def run(args):
     if args.plot is not None:
         for path in _plot(args.plot, q, k, mask, report, labels, indices, options):
             print(f"wrote {path}")
+    if args.accuracy:
+        from .accuracy import accuracy_vs_cost, format_rows
+
+        rows = accuracy_vs_cost(q, k, v, causal=args.causal)
+        print(f"\naccuracy versus cost over {len(labels)} head(s), n={q.shape[-2]} "
+              "(errors: median/p90 over heads; oracle: each query's top keys at the same keys per query)")
+        print(format_rows(rows))
     print(f"done in {time.perf_counter() - start:.1f} s")
     return 0

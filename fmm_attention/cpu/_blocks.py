@@ -35,16 +35,25 @@ _F64_C = (
 )
 
 
+def exp_shift_sum(x, shift):
+    """``x[:] = exp(x - shift)`` in place for a 1-D contiguous float array with ``x <= shift``
+    (``-inf`` allowed); returns the sum of the results. One vectorised pass."""
+    x[:] = np.exp(x - shift)
+    return x.sum()
+
+
 def exp_inplace(x):
     """``x[:] = exp(x)`` for a 1-D contiguous float array with ``x <= 0`` (``-inf`` allowed)."""
-    x[:] = np.exp(x)
+    exp_shift_sum(x, 0.0)
 
 
-def _exp32(x):
+def _exp32(x, shift):
     bits = x.view(np.int32)
     c0, c1, c2, c3, c4, c5 = _F32_C
+    shift = np.float32(shift)
+    total = _F32_ZERO
     for i in range(x.size):
-        xi = x[i]
+        xi = x[i] - shift
         keep = xi > _F32_FLOOR
         xc = xi if keep else _F32_FLOOR
         kf = np.floor(xc * _F32_LOG2E + _F32_HALF)
@@ -59,13 +68,16 @@ def _exp32(x):
         p = p * r + _F32_ONE
         x[i] = p if keep else _F32_ZERO
         bits[i] += (np.int32(kf) << np.int32(23)) if keep else np.int32(0)
+        total += x[i]
+    return total
 
 
-def _exp64(x):
+def _exp64(x, shift):
     bits = x.view(np.int64)
     c0, c1, c2, c3, c4, c5, c6, c7, c8, c9, c10 = _F64_C
+    total = 0.0
     for i in range(x.size):
-        xi = x[i]
+        xi = x[i] - shift
         keep = xi > _F64_FLOOR
         xc = xi if keep else _F64_FLOOR
         kf = np.floor(xc * _F64_LOG2E + 0.5)
@@ -85,14 +97,26 @@ def _exp64(x):
         p = p * r + 1.0
         x[i] = p if keep else 0.0
         bits[i] += (np.int64(kf) << np.int64(52)) if keep else np.int64(0)
+        total += x[i]
+    return total
 
 
-@overload(exp_inplace, jit_options={"fastmath": _config.FASTMATH})
-def _exp_inplace_overload(x):
+@overload(exp_shift_sum, jit_options={"fastmath": _config.FASTMATH})
+def _exp_shift_sum_overload(x, shift):
     if isinstance(x, types.Array) and x.dtype == types.float32:
         return _exp32
     if isinstance(x, types.Array) and x.dtype == types.float64:
         return _exp64
+    return None
+
+
+@overload(exp_inplace, jit_options={"fastmath": _config.FASTMATH})
+def _exp_inplace_overload(x):
+    if isinstance(x, types.Array) and x.dtype in (types.float32, types.float64):
+        def impl(x):
+            exp_shift_sum(x, 0.0)
+
+        return impl
     return None
 
 
@@ -101,13 +125,15 @@ def jit(**options):
     return njit(cache=_config.CACHE, fastmath=_config.FASTMATH, **options)
 
 
-@jit()
+@njit(cache=_config.CACHE, fastmath=_config.FASTMATH | {"nnan"})
 def softmax_row(row, bias, positions, query_position, causal, floor_max):
     """Turn one row of raw scores into unnormalised weights, in place.
 
-    Adds ``bias`` (``-inf`` masks a key), masks keys with ``positions > query_position``
-    when ``causal``, subtracts the row maximum (at least ``floor_max``, the maximum of an
-    already accumulated partial) and exponentiates.
+    Adds ``bias`` (``-inf`` masks a key; masked keys' scores are finite because the kernels
+    zero their keys), masks keys with ``positions > query_position`` when ``causal``,
+    subtracts the row maximum (at least ``floor_max``, the maximum of an already
+    accumulated partial) and exponentiates. Each step is a branch-free loop LLVM
+    vectorises (``nnan`` lets it vectorise the max; ``-inf`` keeps IEEE semantics).
 
     Returns
     -------
@@ -115,20 +141,17 @@ def softmax_row(row, bias, positions, query_position, causal, floor_max):
     ``-inf``; the row is then all zeros) and the sum of the weights.
     """
     nk = row.size
+    if causal:
+        for j in range(nk):
+            x = row[j] + bias[j]
+            row[j] = x if positions[j] <= query_position else -np.inf
+    else:
+        for j in range(nk):
+            row[j] += bias[j]
     mx = floor_max
     for j in range(nk):
-        x = row[j] + bias[j]
-        if bias[j] == -np.inf or (causal and positions[j] > query_position):
-            x = -np.inf
-        row[j] = x
-        mx = max(mx, x)
+        mx = max(mx, row[j])
     if mx == -np.inf:
         row[:] = 0
         return mx, row.dtype.type(0)
-    for j in range(nk):
-        row[j] -= mx
-    exp_inplace(row)
-    total = row.dtype.type(0)
-    for j in range(nk):
-        total += row[j]
-    return mx, total
+    return mx, exp_shift_sum(row, mx)

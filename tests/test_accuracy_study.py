@@ -1,0 +1,68 @@
+"""fmm_attention.accuracy: the top-k oracle and the accuracy-versus-cost study, and `analyze --accuracy`."""
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+from reference import exact_reference  # noqa: E402
+
+from fmm_attention.accuracy import accuracy_vs_cost, format_rows, relative_errors, topk_attention  # noqa: E402
+from fmm_attention.cli import main  # noqa: E402
+
+
+def qkv(n=48, seed=0, heads=2):
+    return np.random.default_rng(seed).standard_normal((3, heads, n, 6))
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_topk_with_all_keys_is_exact(causal):
+    q, k, v = qkv()
+    out = topk_attention(q, k, v, keys=48, causal=causal)
+    for h in range(2):
+        np.testing.assert_allclose(out[h], exact_reference(q[h], k[h], v[h], causal=causal)[0], atol=1e-12)
+
+
+def test_topk_keeps_the_largest_logits():
+    q, k, v = qkv(heads=1)
+    logits = q[0] @ k[0].T / np.sqrt(6)
+    keep = np.argsort(-logits, axis=1)[:, :5]
+    w = np.zeros_like(logits)
+    rows = np.arange(48)[:, None]
+    w[rows, keep] = np.exp(logits[rows, keep] - logits[rows, keep].max(1, keepdims=True))
+    expected = (w / w.sum(1, keepdims=True)) @ v[0]
+    np.testing.assert_allclose(topk_attention(q, k, v, keys=5)[0], expected, atol=1e-12)
+
+
+def test_topk_bad_keys():
+    q, k, v = qkv()
+    with pytest.raises(ValueError, match="keys"):
+        topk_attention(q, k, v, keys=0)
+
+
+def test_relative_errors_per_head():
+    ref = np.ones((2, 4, 3))
+    out = ref.copy()
+    out[1] *= 1.5
+    np.testing.assert_allclose(relative_errors(out, ref), [0.0, 0.5])
+
+
+def test_study_rows_measure_cost_and_error():
+    q, k, v = qkv(64)
+    settings = [("exact limit", dict(block_size=4, rank=16)), ("coarse", dict(block_size=4, rank=1))]
+    rows = accuracy_vs_cost(q, k, v, settings)
+    assert rows[0].keys_fraction == 1.0 and rows[0].median < 1e-12
+    assert rows[0].oracle_median < 1e-12  # the oracle with every key is exact too
+    assert rows[1].keys_fraction < 1.0 and rows[1].median > 1e-3
+    assert "coarse" in format_rows(rows)
+
+
+def test_analyze_accuracy_flag(tmp_path, capsys):
+    q, k, v = qkv(64)
+    path = tmp_path / "x.npz"
+    np.savez(path, q=q, k=k, v=v)
+    assert main(["analyze", str(path), "--accuracy", "--no-progress", "--block-size", "4", "--rank", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "accuracy versus cost" in out and "cluster m=4 p=2 refine 80 + sinks" in out
