@@ -10,6 +10,9 @@ tuning change is one edit and the tests can patch the CUDA launch sizes small.
 FASTMATH = {"reassoc", "contract", "arcp", "nsz"}
 
 #: Cache compiled CPU kernels on disk (``__pycache__``) so later processes skip the JIT.
+#: Numba invalidates a cached kernel only when *its own* file changes: after editing a
+#: helper in ``cpu/_blocks.py``, delete the ``*.nbi``/``*.nbc`` files (or the kernels that
+#: inline it keep the old code). Installed releases are unaffected: every file changes.
 CACHE = True
 
 #: Exact attention: query rows per tile (the unit of parallel work) and keys per tile.
