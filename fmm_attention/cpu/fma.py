@@ -181,14 +181,18 @@ def block_attention(
             floor_max = inh_max[b, blk] if inherit else -np.inf
             row_max[i], row_sum[i] = softmax_row(scores[i], bias[:nk], positions[:nk], i0 + i, causal, floor_max)
         weighted = np.dot(scores, vals[:nk])
+        # explicit loops: a row expression like weighted[i] / total allocates a temporary
         for i in range(rows):
             total = row_sum[i]
+            carry = 0.0
             if inherit and inh_max[b, blk] > -np.inf:
                 carry = np.exp(inh_max[b, blk] - row_max[i])
                 total += carry * inh_sum[b, blk]
-                weighted[i] += carry * inh_num[b, blk]
             if total > 0:
-                out[b, i0 + i] = weighted[i] / total
+                inv = 1.0 / total
+                for e in range(dv):
+                    extra = carry * inh_num[b, blk, e] if inherit else 0.0
+                    out[b, i0 + i, e] = (weighted[i, e] + extra) * inv
                 lse[b, i0 + i] = row_max[i] + np.log(total)
             else:
                 out[b, i0 + i] = 0
