@@ -112,8 +112,30 @@ def run(args):
     elif args.backend == "cuda":
         print("\n(PyTorch with CUDA is not installed here: no SDPA comparison)")
     _bench_fastformer(args)
+    if args.backend == "cpu":
+        _bench_cluster_upward(args)
     return 0
 
+
+def _bench_cluster_upward(args):
+    """Cluster coarsening's upward pass beside the attention it serves (largest n)."""
+    from . import cpu
+    from ._validate import attention_inputs
+    from .tree import build_tree
+
+    n = max(args.n)
+    q, k, v = random_qkv(n, args.d)
+    options = dict(block_size=args.block_size, rank=args.rank, coarsening="cluster", check_finite=False)
+    api.fmm_attention(q[:, :512], k[:, :512], v[:, :512], **options)
+    batch = attention_inputs(q, k, v, scale=None, key_padding_mask=None, check_finite=False)
+    tree = build_tree(n, block_size=args.block_size, rank=args.rank)
+    rows = []
+    for iters in (1, 3):
+        t_up = best_time(lambda: cpu.coarse_buffers(batch, tree, "cluster", True, cluster_iters=iters), repeat=args.repeat)
+        t_all = best_time(lambda: api.fmm_attention(q, k, v, cluster_iters=iters, **options), repeat=args.repeat)
+        rows.append([n, iters, f"{t_up * 1e3:.1f}", f"{(t_all - t_up) * 1e3:.1f}", f"{t_up / (t_all - t_up):.2f}"])
+    print("\nCluster coarsening (float32, one head): upward pass against the rest of the call")
+    print(table(rows, ["n", "cluster_iters", "upward ms", "attention ms", "upward / attention"]))
 
 def _bench_fastformer(args):
     """Fastformer against the time of reading its inputs once (a memory-bound yardstick)."""
