@@ -72,6 +72,20 @@ def machine():
     return f"{model}, {os.cpu_count()} cores{ram}, {platform.system()}"
 
 
+def commit():
+    """The measured commit (``+`` when the package's files differ from it), or ``"unknown"``."""
+    import subprocess
+
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
+                              check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "fmm_attention"], cwd=ROOT,
+                               capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return head + ("+" if dirty else "")
+
+
 def load_average():
     try:
         return os.getloadavg()[0]
@@ -136,7 +150,8 @@ def _best_of(rounds):
 
 
 def measure(log, rounds=2):
-    data = {"machine": machine(), "load_before": load_average(), "started": time.strftime("%Y-%m-%d %H:%M"),
+    data = {"machine": machine(), "commit": commit(), "load_before": load_average(),
+            "started": time.strftime("%Y-%m-%d %H:%M"),
             "numba_threads": int(os.environ.get("NUMBA_NUM_THREADS", os.cpu_count())),
             "config": {"d": D, "block_size": BLOCK_SIZE, "rank": RANK, "dtype": "float32", "heads": 1}}
     data["rounds"] = rounds
@@ -186,7 +201,8 @@ def plot(data):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    subtitle = (f"{data['machine']}; shared, load average {data['load_before']:.1f} to {data['load_after']:.1f}\n"
+    subtitle = (f"{data['machine']}; shared, load average {data['load_before']:.1f} to {data['load_after']:.1f}; "
+                f"commit {data.get('commit', 'unknown')}\n"
                 f"float32, d = {D}, one head, block_size = {BLOCK_SIZE}, rank = {RANK}")
     fig, axes = plt.subplots(1, 2, figsize=(10, 4.2), sharey=True)
     for ax, (mode, times) in zip(axes, data["times"].items()):
@@ -244,7 +260,8 @@ def main(argv=None):
             args.data.write_text(json.dumps(data, indent=1))
         data = json.loads(json.dumps(data))  # the same str keys as a file read back
     plot(data)
-    print(f"machine: {data['machine']}; load average {data['load_before']:.1f} -> {data['load_after']:.1f}")
+    print(f"machine: {data['machine']}; commit {data.get('commit', 'unknown')}; "
+          f"load average {data['load_before']:.1f} -> {data['load_after']:.1f}")
     print(summary(data))
     return 0
 

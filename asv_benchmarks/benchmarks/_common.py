@@ -4,7 +4,7 @@ Environment variables
 ---------------------
 FMM_ATTENTION_BENCH_FULL=1
     Add the large sizes (n = 262,144 and 1,048,576) to FMA and Fastformer. Exact attention
-    stays at n <= 65,536: its O(n^2) cost at n = 1,048,576 would be hours per call.
+    stays at n <= 65,536: its O(n^2) cost at n = 1,048,576 would be over an hour per call.
 FMM_ATTENTION_DATA=DIR
     Where the real MiniLM inputs live (``minilm_*.npz``); ``../shared/data`` beside the
     repository root by default. Accuracy benchmarks are skipped when it is absent.
