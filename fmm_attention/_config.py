@@ -35,5 +35,5 @@ CUDA_MAX_BLOCKS = 65535
 DENSE_MAX_N = 8192
 
 #: Defaults of ``fmm_attention`` (see docs/tuning.rst for the measurements behind them).
-DEFAULT_BLOCK_SIZE = 32
+DEFAULT_BLOCK_SIZE = 64
 DEFAULT_RANK = 4
