@@ -49,7 +49,7 @@ def _methods(args):
 
 
 def _measure(name, fn, q, k, v, ref):
-    seconds = best_time(lambda: fn(q, k, v), repeat=1, min_total=0)
+    seconds = best_time(lambda: fn(q, k, v), repeat=1)
     peak = peak_memory(lambda: fn(q, k, v))
     out = fn(q, k, v)
     if ref is None:

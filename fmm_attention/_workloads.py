@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import sys
-import time
 import tracemalloc
 from importlib import resources
 
 import numpy as np
 
-from .tree import COARSE, build_tree
+from ._perf import best_time, fma_logits  # noqa: F401  (one timer and one logit count for every command)
 
 
 def random_qkv(n, d=64, *, heads=1, dtype=np.float32, seed=0):
@@ -38,18 +37,6 @@ def numpy_attention(q, k, v, *, tile=1024):
     return out
 
 
-def best_time(fn, *, repeat=3, min_total=0.2):
-    """Best wall time of ``fn()`` over ``repeat`` runs (more runs for fast functions)."""
-    best = float("inf")
-    runs, spent = 0, 0.0
-    while runs < repeat or (spent < min_total and runs < 50):
-        t0 = time.perf_counter()
-        fn()
-        dt = time.perf_counter() - t0
-        best, runs, spent = min(best, dt), runs + 1, spent + dt
-    return best
-
-
 def peak_memory(fn):
     """Peak bytes of NumPy allocations made while ``fn()`` runs (``tracemalloc``).
 
@@ -68,34 +55,7 @@ def matmul_rate(n=2048, dtype=np.float32):
     """NumPy's matmul FLOP rate (flop/s) on an ``n x n`` product."""
     a = np.random.default_rng(1).standard_normal((n, n)).astype(dtype)
     a @ a
-    return 2.0 * n**3 / best_time(lambda: a @ a, repeat=5)
-
-
-def fma_logits(n, *, block_size, rank, causal=False, query_coarsening=False):
-    """Exact number of logits FMA computes for one head (for FLOP rates: 4 d flops each).
-
-    Fine queries: every query of a block scores every key of the block's plan, causal near
-    fields counting only ``j <= i``. Coarse queries: near fields per query, far fields once
-    per box.
-    """
-    tree = build_tree(n, block_size=block_size, rank=rank, causal=causal)
-    ptr, seg, _ = tree.near_plan if query_coarsening else tree.key_plan
-    m = block_size
-    total = 0
-    for blk in range(tree.n_blocks):
-        rows = min(n, (blk + 1) * m) - blk * m
-        for kind, start, count in seg[ptr[blk] : ptr[blk + 1]]:
-            if kind == COARSE or not causal:
-                total += rows * count
-            else:  # causal near field: previous block whole, own block up to the diagonal
-                first = blk * m
-                for i in range(first, first + rows):
-                    total += max(0, min(start + count, i + 1) - start)
-    if query_coarsening:
-        _, inter = tree.box_tables
-        ranks = np.concatenate([np.full(lv.n_boxes, lv.rank) for lv in tree.levels])
-        total += int(((inter >= 0).sum(axis=1) * ranks).sum())
-    return total
+    return 2.0 * n**3 / best_time(lambda: a @ a, repeat=5, min_time=0.2)
 
 
 class Progress:
