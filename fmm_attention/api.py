@@ -6,8 +6,6 @@ Each function checks its arguments (:mod:`._validate`), builds or fetches the pl
 
 from __future__ import annotations
 
-import numpy as np
-
 from . import _config, backends
 from ._stats import fmm_stats
 from ._validate import (  # noqa: F401  (check_fmm_options is re-exported for older imports)

@@ -243,7 +243,7 @@ class FMMTree:
         )
 
 
-@functools.lru_cache(maxsize=32)
+@functools.lru_cache(maxsize=8)  # a plan at n = 2**20 is tens of MB
 def _plan(tree, with_far, global_tokens):
     ptr = np.zeros(tree.n_blocks + 1, dtype=np.int64)
     rows = []

@@ -142,7 +142,6 @@ def fma_implied_matrix(q, k, *, block_size, rank, causal=False, scale=None, vali
     m, p = block_size, rank
     scale = 1 / np.sqrt(d) if scale is None else scale
     valid = np.ones(n, bool) if valid is None else np.asarray(valid, bool)
-    N = padded_length(n, m)
     levels = level_map_reference(n, m, causal)
     logits = np.full((n, n), -np.inf)
     for i in range(n):

@@ -9,7 +9,7 @@ import numpy as np
 
 from ._launch import launch_guard as _launch_guard
 from .exact import exact_kernel
-from .fastformer import fastformer
+from .fastformer import fastformer  # noqa: F401  (the backend's Fastformer entry point)
 from .fma import (
     block_attention,
     box_counts_bias,
@@ -21,6 +21,7 @@ from .fma import (
     mean_upward,
     refine_plans,
 )
+
 
 def _key_bias(batch):
     """``(B, n)`` additive key bias (0 or ``-inf``) and whether any key is masked."""

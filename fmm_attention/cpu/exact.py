@@ -9,7 +9,7 @@ import numpy as np
 from numba import prange
 
 from .. import _config
-from ._blocks import exp_inplace, jit
+from ._blocks import exp_shift_sum, jit
 
 QUERY_TILE = _config.EXACT_QUERY_TILE
 KEY_TILE = _config.EXACT_KEY_TILE
@@ -55,10 +55,7 @@ def exact_kernel(q, k, v, key_bias, has_mask, scale, causal, out, lse):
                     run_sum[i] *= rescale
                     acc[i] *= rescale
                     run_max[i] = new_max
-                for j in range(j1 - j0):
-                    row[j] -= new_max
-                exp_inplace(row)
-                run_sum[i] += row.sum()
+                run_sum[i] += exp_shift_sum(row, new_max)
             acc += np.dot(scores, v[b, j0:j1])
         for i in range(rows):
             if run_sum[i] > 0:

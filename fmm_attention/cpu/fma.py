@@ -10,7 +10,7 @@ import numpy as np
 from numba import prange
 
 from ..tree import COARSE, TOKEN
-from ._blocks import exp_inplace, jit, softmax_row
+from ._blocks import jit, softmax_row
 
 
 # ---------------------------------------------------------------- upward pass (coarsening)
@@ -23,7 +23,6 @@ def mean_upward(k, v, valid, has_mask, sub_sizes, offsets, n_rows, count_scaling
     Rows with no valid token get zero keys/values and bias ``-inf``.
     """
     n_batch, n, d = k.shape
-    dv = v.shape[2]
     for level in range(sub_sizes.size):
         size = sub_sizes[level]
         start = offsets[level]
@@ -303,7 +302,6 @@ def cluster_upward_level(k, v, valid, has_mask, box_size, rank, iters, offset, c
     and causal-safe: a box's groups use only its own keys.
     """
     n_batch, n, d = k.shape
-    dv = v.shape[2]
     n_boxes = (n + box_size - 1) // box_size
     sub = box_size // rank
     for job in prange(n_batch * n_boxes):
