@@ -8,12 +8,12 @@ and a tree, allocate outputs, run the kernels and return ``(out, lse)`` of shape
 import numpy as np
 
 from ._launch import launch_guard as _launch_guard
+from .cluster import cluster_upward_level
 from .exact import exact_kernel
 from .fastformer import fastformer  # noqa: F401  (the backend's Fastformer entry point)
 from .fma import (
     block_attention,
     box_counts_bias,
-    cluster_upward_level,
     coarse_queries,
     downward_pass,
     far_partials,
