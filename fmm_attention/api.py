@@ -123,9 +123,10 @@ def fmm_attention(q, k, v, *, causal=False, block_size=_config.DEFAULT_BLOCK_SIZ
         ``rank >= N/4`` (``N`` the padded length) makes FMA exact.
     coarsening : "mean", "cluster" or LearnedCoarsening, optional
         ``"mean"`` averages the valid tokens of each sub-box (training-free, the paper's
-        avgpool); ``"cluster"`` groups each box's keys by content (k-means started from the
-        sub-boxes, ``cluster_iters`` Lloyd steps) and averages each group, with
-        ``log(group size)`` as bias; :class:`LearnedCoarsening` applies trained Conv1d weights.
+        avgpool); ``"cluster"`` groups each box's keys by content (k-means up the tree,
+        started from the children's groups, ``cluster_iters`` Lloyd steps) and averages
+        each group, with ``log(group size)`` as bias; :class:`LearnedCoarsening` applies
+        trained Conv1d weights.
     count_scaling : bool, optional
         Add ``log(count)`` to each coarse logit, so a coarse key weighs as much as the
         tokens it stands for.
@@ -145,7 +146,9 @@ def fmm_attention(q, k, v, *, causal=False, block_size=_config.DEFAULT_BLOCK_SIZ
         ``"auto"`` runs on the GPU when the inputs live there, else on the CPU.
     cluster_iters : int, optional
         Lloyd iterations of ``coarsening="cluster"`` (0 gives mean coarsening); ignored
-        otherwise. Costs ``O(n p d)`` per level and iteration.
+        otherwise. Each costs ``O(n p d)`` per level whose boxes hold at most 128 tokens
+        (these move single tokens) and ``O(n p^2 d / 128)`` for all larger levels together
+        (these move whole groups of their children).
     refine : int, optional
         Extra keys per query block for adaptive refinement (fine queries only): the far
         boxes that receive the most attention mass from the block are split into their two

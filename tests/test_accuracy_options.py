@@ -72,6 +72,183 @@ def test_cluster_groups_identical_keys_exactly():
     np.testing.assert_allclose(cluster, ref, rtol=1e-12, atol=1e-12)
 
 
+# ---------------------------------------------------------------- cluster: the upward pass
+def _lloyd_reference(points, weights, group, rank, iters):
+    """Weighted Lloyd steps (NumPy): nearest non-empty mean, ties to the lowest group, stop when stable."""
+    for _ in range(iters):
+        total = np.bincount(group, weights, minlength=rank)
+        centre = np.zeros((rank, points.shape[1]))
+        for g in np.flatnonzero(total > 0):
+            centre[g] = (weights[group == g, None] * points[group == g]).sum(0) / total[g]
+        dist = ((points[:, None, :] - centre[None]) ** 2).sum(-1)
+        dist[:, total == 0] = np.inf
+        new = np.argmin(dist, axis=1)  # first minimum: the lowest group
+        if np.array_equal(new, group):
+            break
+        group = new
+    return group
+
+
+def cluster_reference(k, v, valid, tree, iters, flat_size, count_scaling=True):
+    """The documented cluster upward pass of one sequence, in plain NumPy (float64).
+
+    Levels up to ``flat_size`` (and level 1) run k-means over each box's valid tokens, started
+    from the children's groups side by side; later levels over the children's non-empty
+    groups, weighted by their counts. Returns ``kc, vc, cbias`` in the tree's row layout.
+    """
+    n = k.shape[0]
+    kc = np.zeros((tree.n_coarse, k.shape[1]))
+    vc = np.zeros((tree.n_coarse, v.shape[1]))
+    cbias = np.full(tree.n_coarse, -np.inf)
+    counts = np.zeros(tree.n_coarse)
+    label = np.zeros(n, dtype=np.int64)
+    flat = True
+    for i, lv in enumerate(tree.levels):
+        w, r = lv.box_size, lv.rank
+        flat = flat and (i == 0 or w <= flat_size)
+        prev = tree.levels[i - 1] if i > 0 else None
+        for c in range(-(-n // w)):
+            if flat:
+                tokens = np.array([t for t in range(c * w, min(n, (c + 1) * w)) if valid[t]], dtype=np.int64)
+                points, values, weights = k[tokens], v[tokens], np.ones(len(tokens))
+                if prev is None:
+                    start = (tokens - c * w) // (w // r)
+                else:
+                    start = (((tokens - c * w) // (w // 2)) * prev.rank + label[tokens]) // (2 * prev.rank // r)
+            else:
+                slots = np.arange(2 * prev.rank)
+                rows = prev.offset + 2 * c * prev.rank + slots
+                keep = counts[rows] > 0
+                rows, slots = rows[keep], slots[keep]
+                points, values, weights = kc[rows], vc[rows], counts[rows]
+                start = slots // (2 * prev.rank // r)
+            group = _lloyd_reference(points, weights, start.astype(np.int64), r, iters if w > r else 0)
+            for g in range(r):
+                row = lv.offset + c * r + g
+                members = group == g
+                total = weights[members].sum()
+                if total > 0:
+                    kc[row] = (weights[members, None] * points[members]).sum(0) / total
+                    vc[row] = (weights[members, None] * values[members]).sum(0) / total
+                    counts[row] = total
+                    cbias[row] = np.log(total) if count_scaling else 0.0
+            if flat:
+                label[tokens] = group
+    return kc, vc, cbias
+
+
+def _coarse(q, k, v, tree, coarsening, *, iters=0, mask=None, coarse_valid=None, count_scaling=True):
+    from fmm_attention import cpu
+    from fmm_attention._validate import attention_inputs
+
+    batch = attention_inputs(q, k, v, scale=None, key_padding_mask=mask, check_finite=True)
+    return cpu.coarse_buffers(batch, tree, coarsening, count_scaling, cluster_iters=iters, coarse_valid=coarse_valid)
+
+
+@pytest.fixture
+def flat_size(request, monkeypatch):
+    """Set the largest box that clusters tokens (``None``: the shipped default)."""
+    from fmm_attention.cpu import cluster
+
+    if request.param is not None:
+        monkeypatch.setattr(cluster, "FLAT_SIZE", request.param)
+    return cluster.FLAT_SIZE
+
+
+@pytest.mark.parametrize("flat_size", [0, 16, None], indirect=True)
+@pytest.mark.parametrize("rank", [1, 2, 16])
+@pytest.mark.parametrize("iters", [0, 1, 4])
+@pytest.mark.parametrize("masked", [False, True])
+def test_cluster_upward_matches_numpy_reference(flat_size, rank, iters, masked):
+    from fmm_attention import build_tree
+
+    n, m = 300, 4  # N = 512: levels of 4 .. 128 tokens
+    rng = np.random.default_rng(rank + 10 * iters)
+    k, v = rng.standard_normal((2, n, 6)), rng.standard_normal((2, n, 5))
+    k[:, 40:48] = k[:, 40:41]  # a run of identical keys: groups merge them exactly
+    mask = rng.random((2, n)) > 0.3 if masked else None
+    mask_b = np.ones((2, n), bool) if mask is None else mask
+    if masked:
+        mask_b[1, 64:200] = False  # whole boxes without a valid token
+        mask = mask_b
+    tree = build_tree(n, block_size=m, rank=rank)
+    kc, vc, cbias = _coarse(k, k, v, tree, "cluster", iters=iters, mask=mask)
+    for b in range(2):
+        rk, rv, rb = cluster_reference(k[b], v[b], mask_b[b], tree, iters, flat_size)
+        np.testing.assert_array_equal(np.isinf(cbias[b]), np.isinf(rb))
+        np.testing.assert_allclose(cbias[b], rb, rtol=1e-12, atol=1e-12)
+        np.testing.assert_allclose(kc[b], rk, rtol=1e-10, atol=1e-12)
+        np.testing.assert_allclose(vc[b], rv, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("flat_size", [0, None], indirect=True)
+@pytest.mark.parametrize("rank", [1, 4, 64])
+def test_cluster_upward_without_iterations_is_mean_coarsening(flat_size, rank):
+    from fmm_attention import build_tree
+
+    n = 700
+    k, v = RNG.standard_normal((2, n, 6)), RNG.standard_normal((2, n, 3))
+    mask = RNG.random((2, n)) > 0.25
+    tree = build_tree(n, block_size=4, rank=rank)
+    cluster = _coarse(k, k, v, tree, "cluster", mask=mask)
+    mean = _coarse(k, k, v, tree, "mean", mask=mask)
+    for a, b in zip(cluster, mean):
+        np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("flat_size", [0, None], indirect=True)
+def test_cluster_upward_excludes_global_tokens(flat_size):
+    from fmm_attention import build_tree
+
+    n = 600
+    k, v = RNG.standard_normal((1, n, 6)), RNG.standard_normal((1, n, 3))
+    k[0, [0, 300, 599]] = 50.0  # far outliers: if they entered any group it would show
+    coarse_valid = np.ones((1, n), bool)
+    coarse_valid[0, [0, 300, 599]] = False
+    tree = build_tree(n, block_size=4, rank=2)
+    kc, vc, cbias = _coarse(k, k, v, tree, "cluster", iters=3, coarse_valid=coarse_valid)
+    rk, rv, rb = cluster_reference(k[0], v[0], coarse_valid[0], tree, 3, flat_size)
+    np.testing.assert_allclose(kc[0], rk, rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(vc[0], rv, rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(cbias[0], rb, rtol=1e-12, atol=1e-12)
+    assert np.abs(kc).max() < 10
+
+
+@pytest.mark.parametrize("flat_size", [0, None], indirect=True)
+def test_cluster_upward_is_deterministic(flat_size):
+    from fmm_attention import build_tree
+
+    n = 2000
+    k, v = (x.astype(np.float32) for x in (RNG.standard_normal((3, n, 16)), RNG.standard_normal((3, n, 8))))
+    tree = build_tree(n, block_size=8, rank=4)
+    first = _coarse(k, k, v, tree, "cluster", iters=5)
+    again = _coarse(k, k, v, tree, "cluster", iters=5)
+    threads = numba.get_num_threads()
+    try:
+        numba.set_num_threads(1)
+        serial = _coarse(k, k, v, tree, "cluster", iters=5)
+    finally:
+        numba.set_num_threads(threads)
+    for a, b, c in zip(first, again, serial):
+        np.testing.assert_array_equal(a, b)
+        np.testing.assert_array_equal(a, c)
+
+
+@pytest.mark.parametrize("flat_size", [0], indirect=True)
+@pytest.mark.parametrize("causal", [False, True])
+def test_cluster_with_group_levels_keeps_exact_limit_and_causality(flat_size, causal):
+    q, k, v = qkv(100)
+    out = fmm_attention(q, k, v, block_size=4, rank=64, causal=causal, coarsening="cluster", cluster_iters=4)
+    np.testing.assert_allclose(out, exact_reference(q, k, v, causal=causal)[0], rtol=1e-12, atol=1e-12)
+    if causal:
+        options = dict(block_size=4, rank=2, causal=True, coarsening="cluster", cluster_iters=3, global_tokens=[0, 40])
+        base = fmm_attention(q, k, v, **options)
+        k2, v2 = k.copy(), v.copy()
+        k2[45:] -= 2.0
+        v2[45:] *= -5.0
+        np.testing.assert_array_equal(fmm_attention(q, k2, v2, **options)[:45], base[:45])
+
+
 @pytest.mark.parametrize("causal", [False, True])
 def test_global_tokens_covering_everything_is_exact(causal):
     q, k, v = qkv(50)

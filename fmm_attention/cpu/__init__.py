@@ -7,8 +7,8 @@ and a tree, allocate outputs, run the kernels and return ``(out, lse)`` of shape
 
 import numpy as np
 
+from . import cluster as _cluster
 from ._launch import launch_guard as _launch_guard
-from .cluster import cluster_upward_level
 from .exact import exact_kernel
 from .fastformer import fastformer  # noqa: F401  (the backend's Fastformer entry point)
 from .fma import (
@@ -68,9 +68,11 @@ def coarse_buffers(batch, tree, coarsening, count_scaling, *, cluster_iters=0, c
             counts = np.zeros((B, tree.n_coarse), dtype=dtype)
             mean_upward(batch.k, batch.v, valid, has_mask, sub_sizes, offsets, n_rows, count_scaling, kc, vc, cbias, counts)
         elif isinstance(coarsening, str) and coarsening == "cluster":
-            for level in tree.levels:
-                cluster_upward_level(batch.k, batch.v, valid, has_mask, level.box_size, level.rank, cluster_iters,
-                                     level.offset, count_scaling, kc, vc, cbias)
+            levels = tree.levels
+            box_sizes, ranks, offsets = (np.array([getattr(lv, a) for lv in levels], dtype=np.int64)
+                                         for a in ("box_size", "rank", "offset"))
+            _cluster.cluster_upward(batch.k, batch.v, valid, has_mask, box_sizes, ranks, offsets, cluster_iters,
+                                    count_scaling, _cluster.FLAT_SIZE, kc, vc, cbias)
         else:
             kw, vw, kb, vb = coarsening.level_arrays(dtype)
             for i, level in enumerate(tree.levels):

@@ -1,74 +1,214 @@
-"""Content-grouped (cluster) coarsening on the CPU: k-means of each box's keys."""
+"""Content-grouped (cluster) coarsening on the CPU: k-means up the tree.
+
+Levels whose boxes hold at most :data:`FLAT_SIZE` tokens (and level 1 always) group their
+box's valid *tokens*; every level above groups the *groups* of its box's two children, each
+a weighted point (its key mean, weighted by its token count). Either way a group's key and
+value are the means of the tokens it holds. See :func:`cluster_upward`.
+"""
 
 import numpy as np
 from numba import prange
 
 from ._blocks import jit
 
+#: Largest box whose level clusters tokens; larger boxes cluster their children's groups.
+#: Token levels cost O(n p d iters) each, group levels O(n p^2 d iters / box size).
+#: With 128 every level of a sequence of at most 512 tokens clusters tokens (docs/accuracy.rst
+#: measures what the group levels cost).
+FLAT_SIZE = 128
 
-@jit(parallel=True)
-def cluster_upward_level(k, v, valid, has_mask, box_size, rank, iters, offset, count_scaling, kc, vc, cbias):
-    """Content-grouped coarsening of one level: k-means of each box's valid keys.
+#: Work items per parallel loop (each allocates its scratch once; the result depends
+#: neither on it nor on the thread count).
+_CHUNKS = 64
 
-    Groups start as the positional sub-boxes (so ``iters=0`` is mean coarsening), then
-    ``iters`` Lloyd steps reassign each key to its nearest group mean (ties: lowest group).
-    Coarse key and value are the group means, the bias ``log(group size)``. Deterministic,
-    and causal-safe: a box's groups use only its own keys.
+
+@jit()
+def _lloyd(x, index, weight, count, group, rank, iters, centre, total):
+    """Weighted Lloyd steps over the points ``x[index[i]]`` (``i < count``), in place.
+
+    ``group[:count]`` holds the starting groups and receives the final ones; on return
+    ``centre[g]`` is the weighted mean of group ``g`` and ``total[g]`` its weight (0: empty,
+    its centre 0). Each step reassigns every point to the nearest non-empty centre (squared
+    Euclidean distance, ties to the lowest group); it stops early once no point moves (the
+    centres would not change either).
     """
-    n_batch, n, d = k.shape
-    n_boxes = (n + box_size - 1) // box_size
-    sub = box_size // rank
-    for job in prange(n_batch * n_boxes):
+    d = x.shape[1]
+    zero = centre.dtype.type(0)
+    for step in range(iters + 1):
+        centre[:rank] = 0
+        total[:rank] = 0
+        for i in range(count):
+            g = group[i]
+            row = index[i]
+            total[g] += weight[i]
+            w = centre.dtype.type(weight[i])
+            for e in range(d):
+                centre[g, e] += w * x[row, e]
+        for g in range(rank):
+            if total[g] > 0:
+                inv = centre.dtype.type(1.0 / total[g])
+                for e in range(d):
+                    centre[g, e] *= inv
+        if step == iters:
+            break
+        moved = False
+        for i in range(count):
+            row = index[i]
+            best = -1
+            best_dist = zero
+            for g in range(rank):
+                if total[g] == 0:
+                    continue
+                dist = zero
+                for e in range(d):
+                    diff = x[row, e] - centre[g, e]
+                    dist += diff * diff
+                if best < 0 or dist < best_dist:
+                    best_dist = dist
+                    best = g
+            if best != group[i]:
+                group[i] = best
+                moved = True
+        if not moved:
+            break
+
+
+@jit()
+def _group_box(x, xv, index, weight, count, group, rank, iters, centre, total, b, base, count_scaling,
+               kc, vc, cbias, counts):
+    """Group one box's candidates ``x[index[:count]]`` and write its ``rank`` rows from ``base``."""
+    _lloyd(x, index, weight, count, group, rank, iters, centre, total)
+    dv = xv.shape[1]
+    for g in range(rank):
+        kc[b, base + g] = centre[g]
+        vc[b, base + g] = 0
+        counts[b, base + g] = total[g]
+    for i in range(count):
+        w = vc.dtype.type(weight[i])
+        row = index[i]
+        out = base + group[i]
+        for e in range(dv):
+            vc[b, out, e] += w * xv[row, e]
+    for g in range(rank):
+        row = base + g
+        if total[g] == 0:
+            cbias[b, row] = -np.inf
+        else:
+            for e in range(dv):
+                vc[b, row, e] /= total[g]
+            cbias[b, row] = np.log(total[g]) if count_scaling else 0
+
+
+@jit()
+def _flat_spans(k, v, valid, has_mask, box_sizes, ranks, offsets, n_flat, iters, count_scaling, first_job, last_job,
+                kc, vc, cbias, counts):
+    """Token-level levels ``0 .. n_flat-1`` of the spans ``first_job <= job < last_job``.
+
+    A span is one box of the last token-level level (``job = b * n_spans + span``); all its
+    levels run while its tokens are in cache.
+    """
+    n = k.shape[1]
+    span = box_sizes[n_flat - 1]
+    n_spans = (n + span - 1) // span
+    index = np.empty(span, dtype=np.int64)
+    weight = np.ones(span, dtype=np.float64)
+    group = np.empty(span, dtype=np.int64)
+    label = np.empty(span, dtype=np.int64)  # each token's slot in its box at the level below
+    centre = np.empty((ranks.max(), k.shape[2]), dtype=kc.dtype)
+    total = np.empty(ranks.max(), dtype=np.float64)
+    for job in range(first_job, last_job):
+        b = job // n_spans
+        lo = (job % n_spans) * span
+        hi = min(n, lo + span)
+        for level in range(n_flat):
+            box_size = box_sizes[level]
+            rank = ranks[level]
+            prev_rank = ranks[level - 1] if level > 0 else 0
+            spread = (2 * prev_rank if level > 0 else box_size) // rank  # candidates per slot of the start
+            steps = iters if box_size > rank else 0  # one token per slot: every group is exact already
+            half = box_size // 2
+            for first in range(lo, hi, box_size):
+                count = 0
+                for t in range(first, min(hi, first + box_size)):
+                    if not has_mask or valid[b, t]:
+                        index[count] = t
+                        if level == 0:
+                            group[count] = (t - first) // spread
+                        else:  # the slot of the token's group in its child box, children side by side
+                            group[count] = (((t - first) // half) * prev_rank + label[t - lo]) // spread
+                        count += 1
+                _group_box(k[b], v[b], index, weight, count, group, rank, steps, centre, total,
+                           b, offsets[level] + (first // box_size) * rank, count_scaling, kc, vc, cbias, counts)
+                for i in range(count):
+                    label[index[i] - lo] = group[i]
+
+
+@jit()
+def _merged_boxes(box_size, rank, offset, prev_rank, prev_offset, iters, count_scaling, first_job, last_job,
+                  n_boxes, kc, vc, cbias, counts):
+    """Group-level level: boxes ``first_job <= job < last_job`` (``job = b * n_boxes + c``)."""
+    n_points = 2 * prev_rank
+    spread = n_points // rank  # candidates per slot of the start
+    steps = iters if box_size > rank else 0  # one token per slot: every group is exact already
+    index = np.empty(n_points, dtype=np.int64)
+    weight = np.empty(n_points, dtype=np.float64)
+    group = np.empty(n_points, dtype=np.int64)
+    centre = np.empty((rank, kc.shape[2]), dtype=kc.dtype)
+    total = np.empty(rank, dtype=np.float64)
+    for job in range(first_job, last_job):
         b = job // n_boxes
         c = job % n_boxes
-        first = c * box_size
-        last = min(n, first + box_size)
-        tokens = np.empty(last - first, dtype=np.int64)
-        nt = 0
-        for t in range(first, last):
-            if not has_mask or valid[b, t]:
-                tokens[nt] = t
-                nt += 1
-        group = np.empty(nt, dtype=np.int64)
-        for i in range(nt):
-            group[i] = (tokens[i] - first) // sub
-        centre = np.zeros((rank, d), dtype=k.dtype)
-        size = np.zeros(rank, dtype=np.int64)
-        for step in range(iters + 1):
-            centre[:] = 0
-            size[:] = 0
-            for i in range(nt):
-                centre[group[i]] += k[b, tokens[i]]
-                size[group[i]] += 1
-            for g in range(rank):
-                if size[g] > 0:
-                    centre[g] /= size[g]
-            if step == iters:
-                break
-            for i in range(nt):
-                best = -1
-                best_dist = np.inf
-                for g in range(rank):
-                    if size[g] == 0:
-                        continue
-                    dist = 0.0
-                    for e in range(d):
-                        diff = k[b, tokens[i], e] - centre[g, e]
-                        dist += diff * diff
-                    if dist < best_dist:
-                        best_dist = dist
-                        best = g
-                group[i] = best
-        for g in range(rank):
-            row = offset + c * rank + g
-            kc[b, row] = centre[g]
-            vc[b, row] = 0
-        for i in range(nt):
-            vc[b, offset + c * rank + group[i]] += v[b, tokens[i]]
-        for g in range(rank):
-            row = offset + c * rank + g
-            if size[g] == 0:
-                cbias[b, row] = -np.inf
-            else:
-                vc[b, row] /= size[g]
-                cbias[b, row] = np.log(size[g]) if count_scaling else 0
+        first = prev_offset + 2 * c * prev_rank
+        count = 0
+        for i in range(n_points):
+            if counts[b, first + i] > 0:
+                index[count] = first + i
+                weight[count] = counts[b, first + i]
+                group[count] = i // spread
+                count += 1
+        _group_box(kc[b], vc[b], index, weight, count, group, rank, steps, centre, total,
+                   b, offset + c * rank, count_scaling, kc, vc, cbias, counts)
+
+
+@jit(parallel=True)
+def cluster_upward(k, v, valid, has_mask, box_sizes, ranks, offsets, iters, count_scaling, flat_size, kc, vc, cbias):
+    """Content-grouped coarsening of every level in one upward pass (k-means up the tree).
+
+    Each box's ``r_l`` groups start from the groups of its two children, their slots side by
+    side, ``2 r_{l-1} / r_l`` of them to a slot (level 1: token ``t`` of a box in slot
+    ``t // (w_1 / r_1)``), so with ``iters=0`` every group is its positional sub-box: mean
+    coarsening. Then at most ``iters`` Lloyd steps (:func:`_lloyd`), over
+
+    * the box's valid tokens, at level 1 and at every level whose boxes hold at most
+      ``flat_size`` tokens (these levels run span by span, a span being one box of the
+      last of them, so its tokens are read from memory once): O(n p d iters) per level;
+    * above, the children's non-empty groups, each a point at its key mean weighted by its
+      token count: whole groups move, O(p^2 d iters) per box.
+
+    Lloyd steps are skipped where a box has one token per slot (``w_l <= r_l``: exact).
+    Coarse key and value are the group's (weighted) means, which are the means of its
+    tokens' keys and values; the bias is ``log(count)`` (count scaling) or 0, and ``-inf``
+    with zero key and value for an empty group. Rows of boxes that start at or after ``n``
+    are left as given. Deterministic (nothing depends on the thread count) and causal-safe:
+    a box's groups depend only on its own tokens.
+    """
+    n_batch, n = k.shape[:2]
+    counts = np.zeros(cbias.shape, dtype=np.float64)
+    n_flat = 1
+    while n_flat < box_sizes.size and box_sizes[n_flat] <= flat_size:
+        n_flat += 1
+    span = box_sizes[n_flat - 1]
+    jobs = n_batch * ((n + span - 1) // span)
+    n_chunks = min(jobs, _CHUNKS)
+    for chunk in prange(n_chunks):
+        _flat_spans(k, v, valid, has_mask, box_sizes, ranks, offsets, n_flat, iters, count_scaling,
+                    chunk * jobs // n_chunks, (chunk + 1) * jobs // n_chunks, kc, vc, cbias, counts)
+    for level in range(n_flat, box_sizes.size):
+        box_size = box_sizes[level]
+        n_boxes = (n + box_size - 1) // box_size
+        jobs = n_batch * n_boxes
+        n_chunks = min(jobs, _CHUNKS)
+        for chunk in prange(n_chunks):
+            _merged_boxes(box_size, ranks[level], offsets[level], ranks[level - 1], offsets[level - 1], iters,
+                          count_scaling, chunk * jobs // n_chunks, (chunk + 1) * jobs // n_chunks, n_boxes,
+                          kc, vc, cbias, counts)
