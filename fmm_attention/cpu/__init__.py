@@ -9,7 +9,6 @@ import numba
 import numpy as np
 
 from .. import _config
-
 from ._launch import launch_guard as _launch_guard
 from .cluster import cluster_upward_level
 from .exact import exact_kernel
