@@ -404,37 +404,57 @@ def refine_plans(
         s1 = i0 if causal else i1
         rows = s1 - s0
         queries = q[b, s0:s1] * scale
-        # ---- base plan: per-query max and normaliser of its logits
+        # ---- base plan: per-query max, normaliser and output, from its logits scored once
         lo = ptr[blk]
         hi = ptr[blk + 1]
+        n_plan = 0
+        for s in range(lo, hi):
+            n_plan += segments[s, 2]
+        logits = np.full((rows, n_plan), -np.inf)
+        col = 0
+        for s in range(lo, hi):
+            kind = segments[s, 0]
+            start = segments[s, 1]
+            for t in range(segments[s, 2]):
+                for i in range(rows):
+                    if kind == TOKEN:
+                        if token_bias[b, start + t] == -np.inf or (causal and start + t > s0 + i):
+                            continue
+                        logits[i, col] = _dot(queries[i], k[b, start + t])
+                    elif cbias[b, start + t] > -np.inf:
+                        logits[i, col] = _dot(queries[i], kc[b, start + t]) + cbias[b, start + t]
+                col += 1
         row_max = np.full(rows, -np.inf)
         row_sum = np.zeros(rows)
         base_out = np.zeros((rows, v.shape[2]))
-        for pass_ in range(3):
-            for s in range(lo, hi):
-                kind = segments[s, 0]
-                start = segments[s, 1]
-                for t in range(segments[s, 2]):
-                    for i in range(rows):
-                        if kind == TOKEN:
-                            if token_bias[b, start + t] == -np.inf or (causal and start + t > s0 + i):
-                                continue
-                            x = _dot(queries[i], k[b, start + t])
-                        else:
-                            if cbias[b, start + t] == -np.inf:
-                                continue
-                            x = _dot(queries[i], kc[b, start + t]) + cbias[b, start + t]
-                        if pass_ == 0:
-                            row_max[i] = max(row_max[i], x)
-                        elif pass_ == 1:
-                            row_sum[i] += np.exp(x - row_max[i])
-                        else:
-                            w = np.exp(x - row_max[i]) / row_sum[i]
-                            if kind == TOKEN:
-                                base_out[i] += w * v[b, start + t]
-                            else:
-                                base_out[i] += w * vc[b, start + t]
+        for i in range(rows):
+            for c in range(n_plan):
+                row_max[i] = max(row_max[i], logits[i, c])
+            if row_max[i] == -np.inf:
+                continue
+            for c in range(n_plan):
+                logits[i, c] = np.exp(logits[i, c] - row_max[i])
+                row_sum[i] += logits[i, c]
+        col = 0
+        for s in range(lo, hi):
+            kind = segments[s, 0]
+            start = segments[s, 1]
+            for t in range(segments[s, 2]):
+                for i in range(rows):
+                    if row_sum[i] == 0:
+                        continue
+                    w = logits[i, col] / row_sum[i]
+                    if kind == TOKEN:
+                        for e in range(v.shape[2]):
+                            base_out[i, e] += w * v[b, start + t, e]
+                    else:
+                        for e in range(v.shape[2]):
+                            base_out[i, e] += w * vc[b, start + t, e]
+                col += 1
         # ---- candidates: (kind, start, count, level, alive, mass)
+        num = np.empty((rows, v.shape[2]))
+        den = np.empty(rows)
+        no_skip = np.zeros(1, dtype=np.bool_)
         cand = np.zeros((capacity, 4), dtype=np.int64)
         alive = np.zeros(capacity, dtype=np.bool_)
         mass = np.zeros(capacity)
@@ -451,7 +471,7 @@ def refine_plans(
                 cand[nc, 3] = level + 1
                 mass[nc] = _split_benefit(
                     queries, row_max, row_sum, base_out, k, v, token_bias, kc, vc, cbias, is_global, b,
-                    level, segments[s, 1], segments[s, 2], level_offset, level_rank, level_box,
+                    level, segments[s, 1], segments[s, 2], level_offset, level_rank, level_box, num, den, no_skip,
                 )
             alive[nc] = True
             nc += 1
@@ -516,7 +536,7 @@ def refine_plans(
                     cand[nc, 3] = level
                     mass[nc] = _split_benefit(
                         queries, row_max, row_sum, base_out, k, v, token_bias, kc, vc, cbias, is_global, b,
-                        level - 1, start, level_rank[level - 1], level_offset, level_rank, level_box,
+                        level - 1, start, level_rank[level - 1], level_offset, level_rank, level_box, num, den, no_skip,
                     )
                     alive[nc] = True
                     nc += 1
@@ -543,17 +563,20 @@ def _add_softmax_terms(queries, row_max, keys, vals, bias, b, start, count, skip
                 continue
             w = sign * np.exp(_dot(queries[i], keys[b, t]) + bias[b, t] - row_max[i])
             den[i] += w
-            num[i] += w * vals[b, t]
+            for e in range(vals.shape[2]):  # a row expression would allocate per term
+                num[i, e] += w * vals[b, t, e]
 
 
 @jit()
 def _split_benefit(queries, row_max, row_sum, base_out, k, v, token_bias, kc, vc, cbias, is_global, b,
-                   level, start, count, level_offset, level_rank, level_box):
-    """First-order change of the block's outputs if far box ``(level, start)`` were split."""
+                   level, start, count, level_offset, level_rank, level_box, num, den, no_skip):
+    """First-order change of the block's outputs if far box ``(level, start)`` were split.
+
+    ``num`` (rows, dv) and ``den`` (rows,) are work buffers, ``no_skip`` a length-1 array.
+    """
     rows = queries.shape[0]
-    num = np.zeros((rows, v.shape[2]))
-    den = np.zeros(rows)
-    no_skip = np.zeros(1, dtype=np.bool_)
+    num[:] = 0
+    den[:] = 0
     _add_softmax_terms(queries, row_max, kc, vc, cbias, b, start, count, no_skip, -1.0, num, den)
     box = (start - level_offset[level]) // level_rank[level]
     if level == 0:
