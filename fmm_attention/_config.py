@@ -19,6 +19,10 @@ CACHE = True
 EXACT_QUERY_TILE = 64
 EXACT_KEY_TILE = 512
 
+#: FMA block attention: chunks of query blocks per thread; each chunk allocates its work
+#: buffers once (more chunks balance uneven threads, fewer allocate less).
+FMA_CHUNKS_PER_THREAD = 4
+
 #: Fastformer: sequence chunk length of the parallel bidirectional reductions.
 FASTFORMER_CHUNK = 4096
 

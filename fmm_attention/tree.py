@@ -43,6 +43,22 @@ def far_boxes(b, causal):
     return (b - 2, b + 2, b + 3) if b % 2 == 0 else (b - 3, b - 2, b + 2)
 
 
+def _interactions(n_boxes, causal):
+    """:func:`far_boxes` of every box ``0 .. n_boxes-1``, clipped to range and left-packed,
+    ``-1`` filling the rest: shape ``(n_boxes, 3)``."""
+    b = np.arange(n_boxes, dtype=np.int64)
+    even = b % 2 == 0
+    if causal:
+        listed = np.stack([np.where(even, b - 2, b - 3), np.where(even, -1, b - 2)], axis=1)
+    else:
+        listed = np.stack([np.where(even, b - 2, b - 3), np.where(even, b + 2, b - 2), np.where(even, b + 3, b + 2)], axis=1)
+    listed[(listed < 0) | (listed >= n_boxes)] = -1
+    order = np.argsort(listed < 0, axis=1, kind="stable")  # keep the list order, -1 last
+    packed = np.full((n_boxes, 3), -1, dtype=np.int64)
+    packed[:, : listed.shape[1]] = np.take_along_axis(listed, order, axis=1)
+    return packed
+
+
 @dataclass(frozen=True)
 class Level:
     """One far level of the tree.
@@ -195,12 +211,8 @@ class FMMTree:
         box_offset = np.zeros(self.n_levels + 1, dtype=np.int64)
         tables = []
         for i, level in enumerate(self.levels):
-            table = np.full((level.n_boxes, 3), -1, dtype=np.int64)
-            for b in range(level.n_boxes):
-                for slot, c in enumerate(level.interactions[b]):
-                    if c >= 0 and c * level.box_size < self.n:
-                        table[b, slot] = level.offset + c * level.rank
-            tables.append(table)
+            c = level.interactions
+            tables.append(np.where((c >= 0) & (c * level.box_size < self.n), level.offset + c * level.rank, -1))
             box_offset[i + 1] = box_offset[i] + level.n_boxes
         inter = np.concatenate(tables)
         for arr in (box_offset, inter):
@@ -243,28 +255,53 @@ class FMMTree:
         )
 
 
+def _global_runs(global_tokens):
+    """Sorted global token indices as runs ``(first, stop)`` of consecutive indices."""
+    tokens = np.asarray(global_tokens, dtype=np.int64)
+    if tokens.size == 0:
+        return np.zeros((0, 2), dtype=np.int64)
+    breaks = np.flatnonzero(np.diff(tokens) != 1) + 1
+    firsts = tokens[np.r_[0, breaks]]
+    lasts = tokens[np.r_[breaks - 1, tokens.size - 1]]
+    return np.stack([firsts, lasts + 1], axis=1)
+
+
 @functools.lru_cache(maxsize=8)  # a plan at n = 2**20 is tens of MB
 def _plan(tree, with_far, global_tokens):
-    ptr = np.zeros(tree.n_blocks + 1, dtype=np.int64)
-    rows = []
-    max_keys = 0
-    globals_ = np.asarray(global_tokens, dtype=np.int64)
-    for block in range(tree.n_blocks):
-        lo, hi = tree.near_range(block)
-        block_rows = [(TOKEN, lo, hi - lo)]
-        outside = globals_[(globals_ < lo) | (globals_ >= hi)]
-        if tree.causal:  # tokens after the block's last query are masked for every row
-            outside = outside[outside < min(tree.n, (block + 1) * tree.block_size)]
-        # consecutive global tokens travel as one segment
-        for run in np.split(outside, np.flatnonzero(np.diff(outside) != 1) + 1):
-            if run.size:
-                block_rows.append((TOKEN, int(run[0]), int(run.size)))
-        if with_far:
-            block_rows += [(COARSE, start, count) for start, count, _ in tree.far_segments(block)]
-        rows += block_rows
-        ptr[block + 1] = len(rows)
-        max_keys = max(max_keys, sum(r[2] for r in block_rows))
-    segments = np.array(rows, dtype=np.int64).reshape(-1, 3)
+    # Built for all blocks at once: a column of candidate segments per slot (near field,
+    # global runs left of it, global runs right of it, far boxes level by level), each
+    # with a validity flag, then compressed row by row so every block keeps this order.
+    m, n = tree.block_size, tree.n
+    blocks = np.arange(tree.n_blocks, dtype=np.int64)
+    lo = np.maximum(0, (blocks - 1) * m)
+    hi = np.minimum(n, (blocks + (1 if tree.causal else 2)) * m)
+    always = np.ones(blocks.size, dtype=bool)
+    columns = [(TOKEN, lo, hi - lo, always)]
+    runs = _global_runs(global_tokens)
+    # a global token inside the near field is attended there; one after a causal block's
+    # last query is masked for all its rows, so causal blocks take no right-hand pieces
+    for first, stop in runs:
+        columns.append((TOKEN, np.full_like(lo, first), np.minimum(stop, lo) - first, first < lo))
+    if not tree.causal:
+        for first, stop in runs:
+            start = np.maximum(first, hi)
+            columns.append((TOKEN, start, stop - start, stop > hi))
+    if with_far:
+        for level in tree.levels:
+            boxes = level.interactions[(blocks * m) // level.box_size]
+            for slot in range(boxes.shape[1]):
+                c = boxes[:, slot]
+                # boxes of padding only are left out: every key in them is masked
+                columns.append((COARSE, level.offset + c * level.rank, np.full_like(c, level.rank),
+                                (c >= 0) & (c * level.box_size < n)))
+    kinds = np.stack([np.full(blocks.size, kind, dtype=np.int64) for kind, *_ in columns], axis=1)
+    starts = np.stack([col[1] for col in columns], axis=1)
+    counts = np.stack([col[2] for col in columns], axis=1)
+    valid = np.stack([col[3] for col in columns], axis=1)
+    ptr = np.zeros(blocks.size + 1, dtype=np.int64)
+    np.cumsum(valid.sum(axis=1), out=ptr[1:])
+    segments = np.stack([kinds[valid], starts[valid], counts[valid]], axis=1)
+    max_keys = int(np.where(valid, counts, 0).sum(axis=1).max())
     for arr in (ptr, segments):
         arr.setflags(write=False)
     return ptr, segments, max_keys
@@ -320,10 +357,7 @@ def _build_tree(n, m, p, causal):
         w = m << (index - 1)
         r = min(p, w)
         n_boxes = N // w
-        inter = np.full((n_boxes, 3), -1, dtype=np.int64)
-        for b in range(n_boxes):
-            listed = [c for c in far_boxes(b, causal) if 0 <= c < n_boxes]
-            inter[b, : len(listed)] = listed
+        inter = _interactions(n_boxes, causal)
         inter.setflags(write=False)
         levels.append(Level(index, w, n_boxes, r, w // r, offset, inter))
         offset += n_boxes * r

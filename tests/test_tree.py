@@ -268,3 +268,59 @@ def test_build_tree_accepts_numpy_integers():
     a = build_tree(np.int64(100), block_size=np.int32(4), rank=np.uint8(2), causal=np.bool_(True))
     assert (a.n, a.block_size, a.rank, a.causal) == (100, 4, 2, True)
     assert type(a.n) is int and type(a.block_size) is int
+
+
+def loop_plan(tree, with_far, global_tokens):
+    """The key plan built block by block from the spec's rules (the library builds it for
+    all blocks at once with array operations; this is its oracle, order included)."""
+    m, n = tree.block_size, tree.n
+    ptr, rows = [0], []
+    for block in range(tree.n_blocks):
+        lo = max(0, (block - 1) * m)
+        hi = min(n, (block + (1 if tree.causal else 2)) * m)
+        block_rows = [(TOKEN, lo, hi - lo)]
+        outside = [g for g in global_tokens if not lo <= g < hi and not (tree.causal and g >= hi)]
+        while outside:  # consecutive global tokens form one segment
+            run = 1
+            while run < len(outside) and outside[run] == outside[0] + run:
+                run += 1
+            block_rows.append((TOKEN, outside[0], run))
+            outside = outside[run:]
+        if with_far:
+            for level in tree.levels:
+                b = block * m // level.box_size
+                listed = [b - 2] if b % 2 == 0 else [b - 3, b - 2]
+                if not tree.causal:
+                    listed = [b - 2, b + 2, b + 3] if b % 2 == 0 else [b - 3, b - 2, b + 2]
+                for c in listed:
+                    if 0 <= c < level.n_boxes and c * level.box_size < n:
+                        block_rows.append((COARSE, level.offset + c * level.rank, level.rank))
+        rows += block_rows
+        ptr.append(len(rows))
+    max_keys = max(sum(r[2] for r in rows[a:b]) for a, b in zip(ptr, ptr[1:]))
+    return np.array(ptr), np.array(rows, dtype=np.int64).reshape(-1, 3), max_keys
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("n, m, p", [(1, 1, 1), (3, 4, 2), (100, 4, 2), (129, 8, 4), (1000, 32, 2), (777, 2, 8)])
+@pytest.mark.parametrize("global_tokens", [(), (0,), (0, 1, 2, 50, 51, 98), (5, 40, 41, 42, 99)])
+def test_plan_matches_block_by_block_oracle(n, m, p, causal, global_tokens):
+    tree = build_tree(n, block_size=m, rank=p, causal=causal)
+    global_tokens = tuple(g for g in global_tokens if g < n)
+    for with_far in (True, False):
+        ptr, segments, max_keys = tree.plan(with_far=with_far, global_tokens=global_tokens)
+        ref_ptr, ref_segments, ref_max = loop_plan(tree, with_far, global_tokens)
+        np.testing.assert_array_equal(ptr, ref_ptr)
+        np.testing.assert_array_equal(segments, ref_segments)
+        assert max_keys == ref_max
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_interaction_lists_keep_the_spec_order(causal):
+    for level in build_tree(1000, block_size=4, rank=2, causal=causal).levels:
+        for b in range(level.n_boxes):
+            listed = [b - 2] if b % 2 == 0 else [b - 3, b - 2]
+            if not causal:
+                listed = [b - 2, b + 2, b + 3] if b % 2 == 0 else [b - 3, b - 2, b + 2]
+            listed = [c for c in listed if 0 <= c < level.n_boxes]
+            assert list(level.interactions[b]) == listed + [-1] * (3 - len(listed))

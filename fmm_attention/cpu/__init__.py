@@ -5,8 +5,10 @@ and a tree, allocate outputs, run the kernels and return ``(out, lse)`` of shape
 ``(B, n, dv)`` and ``(B, n)``.
 """
 
+import numba
 import numpy as np
 
+from .. import _config
 from . import cluster as _cluster
 from ._launch import launch_guard as _launch_guard
 from .exact import exact_kernel
@@ -159,6 +161,7 @@ def fmm(batch, tree, *, coarsening, count_scaling, query_coarsening, cluster_ite
             inherit = (False, np.zeros((1, 1), dtype), np.zeros((1, 1), dtype), np.zeros((1, 1, 1), dtype))
         block_attention(
             batch.q, batch.k, batch.v, key_bias, has_mask, kc, vc, cbias, seg_lo, seg_hi, segments, max_keys,
-            tree.block_size, scale, tree.causal, *inherit, out, lse,
+            tree.block_size, scale, tree.causal, *inherit, _config.FMA_CHUNKS_PER_THREAD * numba.get_num_threads(),
+            out, lse,
         )
     return out, lse, (seg_lo, seg_hi, segments)

@@ -133,7 +133,7 @@ def softmax_row(row, bias, positions, query_position, causal, floor_max):
     Adds ``bias`` (``-inf`` masks a key; masked keys' scores are finite because the kernels
     zero their keys), masks keys with ``positions > query_position`` when ``causal``,
     subtracts the row maximum (at least ``floor_max``, the maximum of an already
-    accumulated partial) and exponentiates. Each step is a branch-free loop LLVM
+    accumulated partial) and exponentiates: two branch-free passes LLVM
     vectorises (``nnan`` lets it vectorise the max; ``-inf`` keeps IEEE semantics).
 
     Returns
@@ -142,16 +142,18 @@ def softmax_row(row, bias, positions, query_position, causal, floor_max):
     ``-inf``; the row is then all zeros) and the sum of the weights.
     """
     nk = row.size
+    mx = floor_max
     if causal:
         for j in range(nk):
             x = row[j] + bias[j]
-            row[j] = x if positions[j] <= query_position else -np.inf
+            x = x if positions[j] <= query_position else -np.inf
+            row[j] = x
+            mx = max(mx, x)
     else:
         for j in range(nk):
-            row[j] += bias[j]
-    mx = floor_max
-    for j in range(nk):
-        mx = max(mx, row[j])
+            x = row[j] + bias[j]
+            row[j] = x
+            mx = max(mx, x)
     if mx == -np.inf:
         row[:] = 0
         return mx, row.dtype.type(0)

@@ -10,6 +10,7 @@ import numpy as np
 from numba import prange
 
 from ..tree import COARSE, TOKEN
+from ._blas import gemm_nn, gemm_nt
 from ._blocks import jit, softmax_row
 
 
@@ -23,6 +24,7 @@ def mean_upward(k, v, valid, has_mask, sub_sizes, offsets, n_rows, count_scaling
     Rows with no valid token get zero keys/values and bias ``-inf``.
     """
     n_batch, n, d = k.shape
+    dv = v.shape[2]
     for level in range(sub_sizes.size):
         size = sub_sizes[level]
         start = offsets[level]
@@ -30,6 +32,8 @@ def mean_upward(k, v, valid, has_mask, sub_sizes, offsets, n_rows, count_scaling
             b = job // n_rows[level]
             g = job % n_rows[level]
             row = start + g
+            # explicit loops over channels: row expressions like kc[b, row] += k[b, t]
+            # allocate a temporary per token in compiled code
             if level == 0:
                 kc[b, row] = 0
                 vc[b, row] = 0
@@ -38,11 +42,16 @@ def mean_upward(k, v, valid, has_mask, sub_sizes, offsets, n_rows, count_scaling
                     if has_mask and not valid[b, t]:
                         continue
                     count += 1
-                    kc[b, row] += k[b, t]
-                    vc[b, row] += v[b, t]
+                    for e in range(d):
+                        kc[b, row, e] += k[b, t, e]
+                    for e in range(dv):
+                        vc[b, row, e] += v[b, t, e]
                 if count > 0:
-                    kc[b, row] /= count
-                    vc[b, row] /= count
+                    inv = 1.0 / count
+                    for e in range(d):
+                        kc[b, row, e] *= inv
+                    for e in range(dv):
+                        vc[b, row, e] *= inv
             elif sub_sizes[level - 1] == size:
                 prev = offsets[level - 1] + g
                 kc[b, row] = kc[b, prev]
@@ -56,8 +65,10 @@ def mean_upward(k, v, valid, has_mask, sub_sizes, offsets, n_rows, count_scaling
                 if count > 0:
                     w0 = c0 / count
                     w1 = c1 / count
-                    kc[b, row] = w0 * kc[b, left] + w1 * kc[b, left + 1]
-                    vc[b, row] = w0 * vc[b, left] + w1 * vc[b, left + 1]
+                    for e in range(d):
+                        kc[b, row, e] = w0 * kc[b, left, e] + w1 * kc[b, left + 1, e]
+                    for e in range(dv):
+                        vc[b, row, e] = w0 * vc[b, left, e] + w1 * vc[b, left + 1, e]
                 else:
                     kc[b, row] = 0
                     vc[b, row] = 0
@@ -126,76 +137,146 @@ def box_counts_bias(valid, has_mask, n, box_size, rank, offset, count_scaling, k
 @jit(parallel=True)
 def block_attention(
     q, k, v, key_bias, has_mask, kc, vc, cbias, seg_lo, seg_hi, segments, max_keys, block_size,
-    scale, causal, inherit, inh_max, inh_sum, inh_num, out, lse,
+    scale, causal, inherit, inh_max, inh_sum, inh_num, n_chunks, out, lse,
 ):
     """Joint softmax of every query block over its planned keys.
 
     For block ``I`` of batch entry ``b`` the plan rows ``segments[p, seg_lo[p, I]:seg_hi[p, I]]``
     (``p = b`` for per-entry plans, ``p = 0`` for a shared plan) name token rows of
-    ``k``/``v`` and coarse rows of ``kc``/``vc``; they are gathered into one buffer, scored
-    with one BLAS product and normalised together. With ``inherit`` (coarse queries) the
-    block's far field arrives as a ready partial ``(inh_max, inh_sum, inh_num)`` and is
-    merged into the same softmax.
+    ``k``/``v`` and coarse rows of ``kc``/``vc``. Token runs are scored and applied straight
+    from ``k`` and ``v`` (BLAS on the slices, no copy); coarse rows, and tokens when a key
+    mask is present (masked keys may hold NaN, so they are copied and zeroed), are gathered
+    into one small buffer. All columns share one score row per query and one joint softmax,
+    and the weighted values accumulate straight into ``out``. With ``inherit`` (coarse
+    queries) the block's far field arrives as a ready partial ``(inh_max, inh_sum, inh_num)``
+    and is merged into the same softmax. Work buffers are allocated once per chunk of blocks
+    (``n_chunks`` chunks, a few per thread).
     """
     n_batch, n, d = q.shape
     dv = v.shape[2]
     n_blocks = seg_lo.shape[1]
     shared = seg_lo.shape[0] == 1
-    for job in prange(n_batch * n_blocks):
-        b = job // n_blocks
-        blk = job % n_blocks
-        p = 0 if shared else b
-        i0 = blk * block_size
-        i1 = min(n, i0 + block_size)
-        rows = i1 - i0
-        keys = np.empty((max_keys, d), dtype=q.dtype)
-        vals = np.empty((max_keys, dv), dtype=q.dtype)
+    n_jobs = n_batch * n_blocks
+    max_segments = np.max(seg_hi - seg_lo)
+    n_chunks = max(1, min(n_jobs, n_chunks))
+    for chunk in prange(n_chunks):
+        gathered_keys = np.empty((max_keys, d), dtype=q.dtype)
+        gathered_vals = np.empty((max_keys, dv), dtype=q.dtype)
         bias = np.empty(max_keys, dtype=q.dtype)
         positions = np.empty(max_keys, dtype=np.int64)
-        nk = 0
-        for s in range(seg_lo[p, blk], seg_hi[p, blk]):
-            kind = segments[p, s, 0]
-            start = segments[p, s, 1]
-            count = segments[p, s, 2]
-            if kind == TOKEN:
-                keys[nk : nk + count] = k[b, start : start + count]
-                vals[nk : nk + count] = v[b, start : start + count]
-                for t in range(count):
-                    positions[nk + t] = start + t
-                    bias[nk + t] = key_bias[b, start + t] if has_mask else 0
-                    if bias[nk + t] == -np.inf:  # masked tokens may hold anything: zero them
-                        keys[nk + t] = 0
-                        vals[nk + t] = 0
-            else:
-                keys[nk : nk + count] = kc[b, start : start + count]
-                vals[nk : nk + count] = vc[b, start : start + count]
-                for t in range(count):
-                    positions[nk + t] = -1
-                    bias[nk + t] = cbias[b, start + t]
-            nk += count
-        scores = np.dot(q[b, i0:i1] * scale, keys[:nk].T)
-        row_max = np.empty(rows, dtype=q.dtype)
-        row_sum = np.empty(rows, dtype=q.dtype)
-        for i in range(rows):
+        scores = np.empty((block_size, max_keys), dtype=q.dtype)
+        runs = np.empty((max(max_segments, 1), 2), dtype=np.int64)  # direct token runs: start, count
+        row_max = np.empty(block_size, dtype=q.dtype)
+        row_sum = np.empty(block_size, dtype=q.dtype)
+        prev = np.empty((max(max_segments, 1), 4), dtype=np.int64)  # last job's gathered segments
+        n_prev = 0
+        for job in range(chunk * n_jobs // n_chunks, (chunk + 1) * n_jobs // n_chunks):
+            b = job // n_blocks
+            blk = job % n_blocks
+            p = 0 if shared else b
+            i0 = blk * block_size
+            i1 = min(n, i0 + block_size)
+            rows = i1 - i0
+            # Columns: the gathered rows first, then the direct token runs. Segments are
+            # gathered last to first (coarsest level first), so consecutive blocks of a
+            # chunk share a prefix (blocks of one level-l box share levels >= l) that is
+            # already in place and is not copied again.
+            n_gathered = 0
+            n_slots = 0
+            same_prefix = True
+            for s in range(seg_hi[p, blk] - 1, seg_lo[p, blk] - 1, -1):
+                kind = segments[p, s, 0]
+                start = segments[p, s, 1]
+                count = segments[p, s, 2]
+                if kind == TOKEN and not has_mask:
+                    continue
+                same_prefix = (
+                    same_prefix and n_slots < n_prev and prev[n_slots, 0] == b and prev[n_slots, 1] == kind
+                    and prev[n_slots, 2] == start and prev[n_slots, 3] == count
+                )
+                prev[n_slots, 0] = b
+                prev[n_slots, 1] = kind
+                prev[n_slots, 2] = start
+                prev[n_slots, 3] = count
+                n_slots += 1
+                if same_prefix:
+                    n_gathered += count
+                    continue
+                if kind == TOKEN:
+                    gathered_keys[n_gathered : n_gathered + count] = k[b, start : start + count]
+                    gathered_vals[n_gathered : n_gathered + count] = v[b, start : start + count]
+                    for t in range(count):
+                        col = n_gathered + t
+                        positions[col] = start + t
+                        bias[col] = key_bias[b, start + t]
+                        if bias[col] == -np.inf:  # masked tokens may hold anything: zero them
+                            gathered_keys[col] = 0
+                            gathered_vals[col] = 0
+                else:
+                    gathered_keys[n_gathered : n_gathered + count] = kc[b, start : start + count]
+                    gathered_vals[n_gathered : n_gathered + count] = vc[b, start : start + count]
+                    for t in range(count):
+                        positions[n_gathered + t] = -1
+                        bias[n_gathered + t] = cbias[b, start + t]
+                n_gathered += count
+            n_prev = n_slots
+            nk = n_gathered
+            n_runs = 0
+            if not has_mask:
+                for s in range(seg_lo[p, blk], seg_hi[p, blk]):
+                    if segments[p, s, 0] == TOKEN:
+                        start = segments[p, s, 1]
+                        count = segments[p, s, 2]
+                        runs[n_runs, 0] = start
+                        runs[n_runs, 1] = count
+                        n_runs += 1
+                        for t in range(count):
+                            positions[nk + t] = start + t
+                            bias[nk + t] = 0
+                        nk += count
+            queries = q[b, i0:i1]
+            if n_gathered > 0:
+                gemm_nt(scale, queries, gathered_keys[:n_gathered], 0.0, scores[:rows, :n_gathered])
+            col = n_gathered
+            for r in range(n_runs):
+                start = runs[r, 0]
+                count = runs[r, 1]
+                gemm_nt(scale, queries, k[b, start : start + count], 0.0, scores[:rows, col : col + count])
+                col += count
             floor_max = inh_max[b, blk] if inherit else -np.inf
-            row_max[i], row_sum[i] = softmax_row(scores[i], bias[:nk], positions[:nk], i0 + i, causal, floor_max)
-        weighted = np.dot(scores, vals[:nk])
-        # explicit loops: a row expression like weighted[i] / total allocates a temporary
-        for i in range(rows):
-            total = row_sum[i]
-            carry = 0.0
-            if inherit and inh_max[b, blk] > -np.inf:
-                carry = np.exp(inh_max[b, blk] - row_max[i])
-                total += carry * inh_sum[b, blk]
-            if total > 0:
-                inv = 1.0 / total
-                for e in range(dv):
-                    extra = carry * inh_num[b, blk, e] if inherit else 0.0
-                    out[b, i0 + i, e] = (weighted[i, e] + extra) * inv
-                lse[b, i0 + i] = row_max[i] + np.log(total)
-            else:
-                out[b, i0 + i] = 0
-                lse[b, i0 + i] = -np.inf
+            for i in range(rows):
+                row_max[i], row_sum[i] = softmax_row(
+                    scores[i, :nk], bias[:nk], positions[:nk], i0 + i, causal, floor_max
+                )
+            target = out[b, i0:i1]
+            beta = 0.0
+            if n_gathered > 0:
+                gemm_nn(1.0, scores[:rows, :n_gathered], gathered_vals[:n_gathered], beta, target)
+                beta = 1.0
+            col = n_gathered
+            for r in range(n_runs):
+                start = runs[r, 0]
+                count = runs[r, 1]
+                gemm_nn(1.0, scores[:rows, col : col + count], v[b, start : start + count], beta, target)
+                beta = 1.0
+                col += count
+            if beta == 0.0:
+                target[:] = 0
+            for i in range(rows):
+                total = row_sum[i]
+                carry = 0.0
+                if inherit and inh_max[b, blk] > -np.inf:
+                    carry = np.exp(inh_max[b, blk] - row_max[i])
+                    total += carry * inh_sum[b, blk]
+                if total > 0:
+                    inv = 1.0 / total
+                    for e in range(dv):
+                        extra = carry * inh_num[b, blk, e] if inherit else 0.0
+                        target[i, e] = (target[i, e] + extra) * inv
+                    lse[b, i0 + i] = row_max[i] + np.log(total)
+                else:
+                    target[i] = 0
+                    lse[b, i0 + i] = -np.inf
 
 
 # ---------------------------------------------------------------- coarse queries (O(n))
@@ -323,37 +404,57 @@ def refine_plans(
         s1 = i0 if causal else i1
         rows = s1 - s0
         queries = q[b, s0:s1] * scale
-        # ---- base plan: per-query max and normaliser of its logits
+        # ---- base plan: per-query max, normaliser and output, from its logits scored once
         lo = ptr[blk]
         hi = ptr[blk + 1]
+        n_plan = 0
+        for s in range(lo, hi):
+            n_plan += segments[s, 2]
+        logits = np.full((rows, n_plan), -np.inf)
+        col = 0
+        for s in range(lo, hi):
+            kind = segments[s, 0]
+            start = segments[s, 1]
+            for t in range(segments[s, 2]):
+                for i in range(rows):
+                    if kind == TOKEN:
+                        if token_bias[b, start + t] == -np.inf or (causal and start + t > s0 + i):
+                            continue
+                        logits[i, col] = _dot(queries[i], k[b, start + t])
+                    elif cbias[b, start + t] > -np.inf:
+                        logits[i, col] = _dot(queries[i], kc[b, start + t]) + cbias[b, start + t]
+                col += 1
         row_max = np.full(rows, -np.inf)
         row_sum = np.zeros(rows)
         base_out = np.zeros((rows, v.shape[2]))
-        for pass_ in range(3):
-            for s in range(lo, hi):
-                kind = segments[s, 0]
-                start = segments[s, 1]
-                for t in range(segments[s, 2]):
-                    for i in range(rows):
-                        if kind == TOKEN:
-                            if token_bias[b, start + t] == -np.inf or (causal and start + t > s0 + i):
-                                continue
-                            x = _dot(queries[i], k[b, start + t])
-                        else:
-                            if cbias[b, start + t] == -np.inf:
-                                continue
-                            x = _dot(queries[i], kc[b, start + t]) + cbias[b, start + t]
-                        if pass_ == 0:
-                            row_max[i] = max(row_max[i], x)
-                        elif pass_ == 1:
-                            row_sum[i] += np.exp(x - row_max[i])
-                        else:
-                            w = np.exp(x - row_max[i]) / row_sum[i]
-                            if kind == TOKEN:
-                                base_out[i] += w * v[b, start + t]
-                            else:
-                                base_out[i] += w * vc[b, start + t]
+        for i in range(rows):
+            for c in range(n_plan):
+                row_max[i] = max(row_max[i], logits[i, c])
+            if row_max[i] == -np.inf:
+                continue
+            for c in range(n_plan):
+                logits[i, c] = np.exp(logits[i, c] - row_max[i])
+                row_sum[i] += logits[i, c]
+        col = 0
+        for s in range(lo, hi):
+            kind = segments[s, 0]
+            start = segments[s, 1]
+            for t in range(segments[s, 2]):
+                for i in range(rows):
+                    if row_sum[i] == 0:
+                        continue
+                    w = logits[i, col] / row_sum[i]
+                    if kind == TOKEN:
+                        for e in range(v.shape[2]):
+                            base_out[i, e] += w * v[b, start + t, e]
+                    else:
+                        for e in range(v.shape[2]):
+                            base_out[i, e] += w * vc[b, start + t, e]
+                col += 1
         # ---- candidates: (kind, start, count, level, alive, mass)
+        num = np.empty((rows, v.shape[2]))
+        den = np.empty(rows)
+        no_skip = np.zeros(1, dtype=np.bool_)
         cand = np.zeros((capacity, 4), dtype=np.int64)
         alive = np.zeros(capacity, dtype=np.bool_)
         mass = np.zeros(capacity)
@@ -370,7 +471,7 @@ def refine_plans(
                 cand[nc, 3] = level + 1
                 mass[nc] = _split_benefit(
                     queries, row_max, row_sum, base_out, k, v, token_bias, kc, vc, cbias, is_global, b,
-                    level, segments[s, 1], segments[s, 2], level_offset, level_rank, level_box,
+                    level, segments[s, 1], segments[s, 2], level_offset, level_rank, level_box, num, den, no_skip,
                 )
             alive[nc] = True
             nc += 1
@@ -435,7 +536,7 @@ def refine_plans(
                     cand[nc, 3] = level
                     mass[nc] = _split_benefit(
                         queries, row_max, row_sum, base_out, k, v, token_bias, kc, vc, cbias, is_global, b,
-                        level - 1, start, level_rank[level - 1], level_offset, level_rank, level_box,
+                        level - 1, start, level_rank[level - 1], level_offset, level_rank, level_box, num, den, no_skip,
                     )
                     alive[nc] = True
                     nc += 1
@@ -462,17 +563,20 @@ def _add_softmax_terms(queries, row_max, keys, vals, bias, b, start, count, skip
                 continue
             w = sign * np.exp(_dot(queries[i], keys[b, t]) + bias[b, t] - row_max[i])
             den[i] += w
-            num[i] += w * vals[b, t]
+            for e in range(vals.shape[2]):  # a row expression would allocate per term
+                num[i, e] += w * vals[b, t, e]
 
 
 @jit()
 def _split_benefit(queries, row_max, row_sum, base_out, k, v, token_bias, kc, vc, cbias, is_global, b,
-                   level, start, count, level_offset, level_rank, level_box):
-    """First-order change of the block's outputs if far box ``(level, start)`` were split."""
+                   level, start, count, level_offset, level_rank, level_box, num, den, no_skip):
+    """First-order change of the block's outputs if far box ``(level, start)`` were split.
+
+    ``num`` (rows, dv) and ``den`` (rows,) are work buffers, ``no_skip`` a length-1 array.
+    """
     rows = queries.shape[0]
-    num = np.zeros((rows, v.shape[2]))
-    den = np.zeros(rows)
-    no_skip = np.zeros(1, dtype=np.bool_)
+    num[:] = 0
+    den[:] = 0
     _add_softmax_terms(queries, row_max, kc, vc, cbias, b, start, count, no_skip, -1.0, num, den)
     box = (start - level_offset[level]) // level_rank[level]
     if level == 0:
