@@ -9,6 +9,7 @@ so near and far field share a single max and denominator as the spec requires.
 import numpy as np
 from numba import prange
 
+from .._config import FMA_ROW_MULTIPLE as ROW_MULTIPLE
 from ..tree import COARSE, TOKEN
 from ._blas import gemm_nn, gemm_nt
 from ._blocks import jit, softmax_row
@@ -162,9 +163,12 @@ def block_attention(
     for chunk in prange(n_chunks):
         gathered_keys = np.empty((max_keys, d), dtype=q.dtype)
         gathered_vals = np.empty((max_keys, dv), dtype=q.dtype)
-        bias = np.empty(max_keys, dtype=q.dtype)
-        positions = np.empty(max_keys, dtype=np.int64)
-        scores = np.empty((block_size, max_keys), dtype=q.dtype)
+        # score rows are padded to a multiple of ROW_MULTIPLE columns of weight 0: the
+        # vectorised softmax passes then never fall back to their scalar remainder loops
+        width = -(-max_keys // ROW_MULTIPLE) * ROW_MULTIPLE
+        bias = np.empty(width, dtype=q.dtype)
+        positions = np.empty(width, dtype=np.int64)
+        scores = np.empty((block_size, width), dtype=q.dtype)
         runs = np.empty((max(max_segments, 1), 2), dtype=np.int64)  # direct token runs: start, count
         row_max = np.empty(block_size, dtype=q.dtype)
         row_sum = np.empty(block_size, dtype=q.dtype)
@@ -243,10 +247,15 @@ def block_attention(
                 count = runs[r, 1]
                 gemm_nt(scale, queries, k[b, start : start + count], 0.0, scores[:rows, col : col + count])
                 col += count
+            padded = min(width, -(-nk // ROW_MULTIPLE) * ROW_MULTIPLE)
+            for c in range(nk, padded):
+                bias[c] = -np.inf
+                positions[c] = -1
             floor_max = inh_max[b, blk] if inherit else -np.inf
             for i in range(rows):
+                scores[i, nk:padded] = 0
                 row_max[i], row_sum[i] = softmax_row(
-                    scores[i, :nk], bias[:nk], positions[:nk], i0 + i, causal, floor_max
+                    scores[i, :padded], bias[:padded], positions[:padded], i0 + i, causal, floor_max
                 )
             target = out[b, i0:i1]
             beta = 0.0
