@@ -11,8 +11,10 @@ below the smallest normal exponent (and ``-inf``, a masked key) give exactly 0.
 """
 
 import numpy as np
+from llvmlite import ir
 from numba import njit, types
-from numba.extending import overload
+from numba.core import cgutils
+from numba.extending import intrinsic, overload
 
 from .. import _config
 
@@ -126,6 +128,35 @@ def jit(**options):
     return njit(cache=_config.CACHE, fastmath=_config.FASTMATH, **options)
 
 
+@intrinsic
+def _maxnum(typingctx, a, b):
+    """``max(a, b)`` as LLVM's ``maxnum`` on floats, ``b`` cast to the type of ``a``.
+
+    Numba's builtin ``max`` compiles to compares LLVM does not turn into vector maxima;
+    ``maxnum`` with the ``nnan`` flag becomes ``vmaxps`` in a vectorised loop.
+    """
+    if not (isinstance(a, types.Float) and isinstance(b, types.Float)):
+        return None
+
+    def codegen(context, builder, signature, args):
+        x = args[0]
+        y = context.cast(builder, args[1], b, a)
+        name = "llvm.maxnum.f32" if a == types.float32 else "llvm.maxnum.f64"
+        fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(x.type, [x.type, x.type]), name)
+        return builder.call(fn, [x, y])
+
+    return a(a, b), codegen
+
+
+@njit(cache=_config.CACHE, fastmath=_config.FASTMATH | {"nnan"})
+def row_max(row):
+    """Maximum of a 1-D float array with no NaN (``-inf`` for an empty or all ``-inf`` row)."""
+    mx = _maxnum(row.dtype.type(-np.inf), row.dtype.type(-np.inf))
+    for j in range(row.size):
+        mx = _maxnum(mx, row[j])
+    return mx
+
+
 @njit(cache=_config.CACHE, fastmath=_config.FASTMATH | {"nnan"})
 def softmax_row(row, bias, positions, query_position, causal, floor_max):
     """Turn one row of raw scores into unnormalised weights, in place.
@@ -134,7 +165,8 @@ def softmax_row(row, bias, positions, query_position, causal, floor_max):
     zero their keys), masks keys with ``positions > query_position`` when ``causal``,
     subtracts the row maximum (at least ``floor_max``, the maximum of an already
     accumulated partial) and exponentiates: two branch-free passes LLVM
-    vectorises (``nnan`` lets it vectorise the max; ``-inf`` keeps IEEE semantics).
+    vectorises (the max is LLVM's ``maxnum``, which ``nnan`` lets it vectorise: builtin
+    ``max`` does not, 3x slower here; ``-inf`` keeps IEEE semantics).
 
     Returns
     -------
@@ -142,18 +174,20 @@ def softmax_row(row, bias, positions, query_position, causal, floor_max):
     ``-inf``; the row is then all zeros) and the sum of the weights.
     """
     nk = row.size
-    mx = floor_max
+    if nk == 0:
+        return floor_max, row.dtype.type(0)
+    mx = _maxnum(row[0] + bias[0], floor_max)  # typed as the row: no mixed-precision max
     if causal:
         for j in range(nk):
             x = row[j] + bias[j]
             x = x if positions[j] <= query_position else -np.inf
             row[j] = x
-            mx = max(mx, x)
+            mx = _maxnum(mx, x)
     else:
         for j in range(nk):
             x = row[j] + bias[j]
             row[j] = x
-            mx = max(mx, x)
+            mx = _maxnum(mx, x)
     if mx == -np.inf:
         row[:] = 0
         return mx, row.dtype.type(0)

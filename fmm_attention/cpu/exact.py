@@ -1,7 +1,7 @@
 """Exact softmax attention on the CPU, streamed in tiles (flash-style), O(n d) memory.
 
 Each parallel job owns a tile of query rows and walks the key tiles with an online
-softmax: scores by BLAS (``np.dot``), then max, exp and sums fused per row, then the
+softmax: scores by BLAS (``np.dot``), then a vectorised max and a fused exp-and-sum per row, then the
 weighted values by BLAS. No ``(n, n)`` array exists at any time.
 """
 
@@ -9,7 +9,7 @@ import numpy as np
 from numba import prange
 
 from .. import _config
-from ._blocks import exp_shift_sum, jit
+from ._blocks import exp_shift_sum, jit, row_max
 
 QUERY_TILE = _config.EXACT_QUERY_TILE
 KEY_TILE = _config.EXACT_KEY_TILE
@@ -37,16 +37,12 @@ def exact_kernel(q, k, v, key_bias, has_mask, scale, causal, out, lse):
             diagonal = causal and j1 - 1 > i0
             for i in range(rows):
                 row = scores[i]
-                tile_max = -np.inf
-                for j in range(j1 - j0):
-                    x = row[j]
-                    if has_mask:
-                        x += key_bias[b, j0 + j]
-                    if diagonal and j0 + j > i0 + i:
-                        x = -np.inf
-                    row[j] = x
-                    tile_max = max(tile_max, x)
-                new_max = max(run_max[i], tile_max)
+                if has_mask:
+                    for j in range(j1 - j0):
+                        row[j] += key_bias[b, j0 + j]
+                if diagonal:  # keys after query i0 + i
+                    row[max(0, i0 + i + 1 - j0) :] = -np.inf
+                new_max = max(run_max[i], row_max(row))
                 if new_max == -np.inf:
                     row[:] = 0
                     continue
