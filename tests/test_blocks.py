@@ -1,0 +1,79 @@
+"""The online-softmax building blocks of the CPU kernels (cpu/_blocks.py) against NumPy."""
+
+import numpy as np
+import pytest
+from numba import njit
+
+from fmm_attention.cpu._blocks import exp_shift_sum, row_max, softmax_row
+
+
+@njit(cache=False)
+def compiled_exp_shift_sum(x, shift):
+    # exp_shift_sum is a NumPy function in Python; compiled callers get the polynomial
+    return exp_shift_sum(x, shift)
+
+
+@pytest.mark.parametrize("dtype, rtol", [(np.float32, 2e-7), (np.float64, 2.5e-15)])
+@pytest.mark.parametrize("size", [1, 7, 31, 32, 33, 152, 160, 1000])
+def test_exp_shift_sum_matches_numpy(dtype, rtol, size):
+    rng = np.random.default_rng(size)
+    x = (rng.standard_normal(size) * 20).astype(dtype)
+    x[:: max(1, size // 5)] = -np.inf  # masked logits
+    shift = dtype(np.max(x[np.isfinite(x)], initial=0.0))
+    # the argument is rounded to the dtype first, as in any float32 kernel: compare the
+    # polynomial on that argument
+    argument = (x - shift).astype(np.float64)
+    expected = np.exp(argument)
+    # the kernel flushes to 0 below exp(-87) (float32) or exp(-708) (float64), just above
+    # the subnormal range, so its bit trick never leaves the normal exponents
+    expected[argument <= (-87.0 if dtype == np.float32 else -708.0)] = 0
+    work = x.copy()
+    total = compiled_exp_shift_sum(work, shift)
+    np.testing.assert_allclose(work, expected, rtol=4 * rtol, atol=0)
+    assert total == pytest.approx(expected.sum(), rel=size * rtol + 1e-12)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_row_max(dtype):
+    rng = np.random.default_rng(0)
+    for size in (1, 5, 32, 33, 200):
+        x = rng.standard_normal(size).astype(dtype)
+        x[0] = -np.inf
+        assert row_max(x) == (x.max() if size > 1 else -np.inf)
+    assert row_max(np.zeros(0, dtype)) == -np.inf
+    assert row_max(np.full(40, -np.inf, dtype)) == -np.inf
+    spike = np.zeros(97, dtype)
+    spike[96] = 3.5  # the last element, in the loop's remainder
+    assert row_max(spike) == 3.5
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("floor_max", [-np.inf, 0.5, 50.0])
+def test_softmax_row_against_numpy(dtype, causal, floor_max):
+    rng = np.random.default_rng(1)
+    size = 45
+    scores = (rng.standard_normal(size) * 4).astype(dtype)
+    bias = rng.standard_normal(size).astype(dtype)
+    bias[[3, 17]] = -np.inf
+    positions = rng.integers(-1, 60, size)
+    query = 30
+    logits = scores + bias  # rounded to the dtype, as in the kernel
+    if causal:
+        logits[positions > query] = -np.inf
+    shift = max(dtype(floor_max), logits.max())
+    weights = np.exp((logits - shift).astype(np.float64))
+    row = scores.copy()
+    got_max, got_sum = softmax_row(row, bias, positions, query, causal, floor_max)
+    tol = 1e-6 if dtype == np.float32 else 1e-14
+    assert got_max == pytest.approx(shift, rel=tol)
+    np.testing.assert_allclose(row, weights, rtol=tol, atol=1e-30)
+    assert got_sum == pytest.approx(weights.sum(), rel=tol)
+
+
+def test_softmax_row_all_masked_gives_zeros_not_nan():
+    row = np.array([1.0, 2.0, 3.0], dtype=np.float32)
+    bias = np.full(3, -np.inf, dtype=np.float32)
+    got_max, got_sum = softmax_row(row, bias, np.arange(3), 5, False, -np.inf)
+    assert got_max == -np.inf and got_sum == 0
+    assert not row.any()
