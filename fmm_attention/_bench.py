@@ -18,7 +18,7 @@ def add_arguments(parser):
     parser.add_argument("--block-size", type=int, default=32)
     parser.add_argument("--rank", type=int, default=2)
     parser.add_argument("--backend", choices=["cpu", "cuda"], default="cpu")
-    parser.add_argument("--repeat", type=int, default=3, help="timed runs per figure (best is kept)")
+    parser.add_argument("--repeat", type=int, default=3, help="timed runs per figure, the best kept (NumPy and exact: fewer from n = 16384 on; FMA: more, until 0.5 s)")
     parser.add_argument("--numpy-max-n", type=int, default=65536, help="skip the NumPy baseline above this n")
     parser.add_argument("--scaling", action="store_true", help="fit the log-log slope of FMA time from n=16384 to 1,048,576")
 
@@ -86,10 +86,13 @@ def run(args):
     timings = []
     for n in args.n:
         q, k, v = random_qkv(n, args.d)
-        t_np = best_time(lambda: numpy_attention(q, k, v), repeat=1 if n >= 16384 else args.repeat) if n <= args.numpy_max_n else float("nan")
+        # best of several runs each; the O(n^2) methods get fewer at large n (a NumPy run at
+        # n = 65536 takes about 30 s), FMA as many as fit in half a second
+        slow_repeat = args.repeat if n <= 4096 else 2 if n <= 16384 else 1
+        t_np = best_time(lambda: numpy_attention(q, k, v), repeat=slow_repeat) if n <= args.numpy_max_n else float("nan")
         dq, dk, dv = _on_backend(args, q, k, v)
-        t_ex = timer(lambda: api.exact_attention(dq, dk, dv, backend=args.backend, check_finite=False), repeat=1 if n >= 32768 else args.repeat)
-        t_fm = timer(lambda: _fmm(dq, dk, dv, args), repeat=args.repeat)
+        t_ex = timer(lambda: api.exact_attention(dq, dk, dv, backend=args.backend, check_finite=False), repeat=slow_repeat)
+        t_fm = timer(lambda: _fmm(dq, dk, dv, args), repeat=args.repeat, min_time=0.5)
         if args.backend == "cuda":
             t_sdpa = _torch_sdpa_time(q[0], k[0], v[0], timer)
             if t_sdpa is not None:
