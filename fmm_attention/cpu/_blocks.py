@@ -128,13 +128,18 @@ def jit(**options):
     return njit(cache=_config.CACHE, fastmath=_config.FASTMATH, **options)
 
 
-@intrinsic
-def _maxnum(typingctx, a, b):
-    """``max(a, b)`` as LLVM's ``maxnum`` on floats, ``b`` cast to the type of ``a``.
+def _maxnum(a, b):
+    """``max(a, b)`` for floats, in the type of ``a``; compiled, LLVM's ``maxnum``.
 
     Numba's builtin ``max`` compiles to compares LLVM does not turn into vector maxima;
-    ``maxnum`` with the ``nnan`` flag becomes ``vmaxps`` in a vectorised loop.
+    ``maxnum`` with the ``nnan`` flag becomes ``vmaxps`` in a vectorised loop. This Python
+    version serves ``NUMBA_DISABLE_JIT=1``.
     """
+    return type(a)(max(a, b))
+
+
+@intrinsic
+def _maxnum_intrinsic(typingctx, a, b):
     if not (isinstance(a, types.Float) and isinstance(b, types.Float)):
         return None
 
@@ -146,6 +151,13 @@ def _maxnum(typingctx, a, b):
         return builder.call(fn, [x, y])
 
     return a(a, b), codegen
+
+
+@overload(_maxnum)
+def _maxnum_overload(a, b):
+    if isinstance(a, types.Float) and isinstance(b, types.Float):
+        return lambda a, b: _maxnum_intrinsic(a, b)
+    return None
 
 
 @njit(cache=_config.CACHE, fastmath=_config.FASTMATH | {"nnan"})
