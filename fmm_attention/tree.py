@@ -32,20 +32,14 @@ def padded_length(n, block_size):
     return length
 
 
-def far_boxes(b, causal):
-    """The far-field interaction list of box ``b`` at any level, before clipping to range.
+def _interactions(n_boxes, causal):
+    """The far-field interaction list of every box ``0 .. n_boxes-1`` at one level.
 
     Bidirectional: even ``b`` sees ``b-2, b+2, b+3``; odd ``b`` sees ``b-3, b-2, b+2``.
-    Causal: even ``b`` sees ``b-2``; odd ``b`` sees ``b-3, b-2``.
+    Causal: even ``b`` sees ``b-2``; odd ``b`` sees ``b-3, b-2``. Boxes outside the level
+    are dropped and each list is left-packed in this order, ``-1`` filling the rest:
+    shape ``(n_boxes, 3)``.
     """
-    if causal:
-        return (b - 2,) if b % 2 == 0 else (b - 3, b - 2)
-    return (b - 2, b + 2, b + 3) if b % 2 == 0 else (b - 3, b - 2, b + 2)
-
-
-def _interactions(n_boxes, causal):
-    """:func:`far_boxes` of every box ``0 .. n_boxes-1``, clipped to range and left-packed,
-    ``-1`` filling the rest: shape ``(n_boxes, 3)``."""
     b = np.arange(n_boxes, dtype=np.int64)
     even = b % 2 == 0
     if causal:

@@ -5,6 +5,8 @@ Coverage is counted here from the tree's own pieces (``near_range``, ``levels[*]
 re-derived in this file and in ``reference.level_map_reference``.
 """
 
+import itertools
+
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -297,7 +299,7 @@ def loop_plan(tree, with_far, global_tokens):
                         block_rows.append((COARSE, level.offset + c * level.rank, level.rank))
         rows += block_rows
         ptr.append(len(rows))
-    max_keys = max(sum(r[2] for r in rows[a:b]) for a, b in zip(ptr, ptr[1:]))
+    max_keys = max(sum(r[2] for r in rows[a:b]) for a, b in itertools.pairwise(ptr))
     return np.array(ptr), np.array(rows, dtype=np.int64).reshape(-1, 3), max_keys
 
 
@@ -324,3 +326,17 @@ def test_interaction_lists_keep_the_spec_order(causal):
                 listed = [b - 2, b + 2, b + 3] if b % 2 == 0 else [b - 3, b - 2, b + 2]
             listed = [c for c in listed if 0 <= c < level.n_boxes]
             assert list(level.interactions[b]) == listed + [-1] * (3 - len(listed))
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("n, m, p", [(100, 4, 2), (1000, 32, 4), (129, 8, 8)])
+def test_far_segments_are_the_key_plans_coarse_segments(n, m, p, causal):
+    tree = build_tree(n, block_size=m, rank=p, causal=causal)
+    ptr, segments, _ = tree.key_plan
+    for block in range(tree.n_blocks):
+        planned = [(int(s), int(c)) for kind, s, c in segments[ptr[block]:ptr[block + 1]] if kind == COARSE]
+        listed = tree.far_segments(block)
+        assert [(start, count) for start, count, _ in listed] == planned
+        for start, count, level in listed:  # each segment is one box of its level
+            lv = tree.levels[level - 1]
+            assert count == lv.rank and lv.offset <= start < lv.offset + lv.n_boxes * lv.rank

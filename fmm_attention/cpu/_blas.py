@@ -6,6 +6,9 @@ the product again to place it. These two functions call the same BLAS ``?gemm`` 
 ``np.dot`` uses (SciPy's, through Numba's ``numba_xxgemm`` helper) with explicit leading
 dimensions, ``alpha`` and ``beta``: they read any view whose rows are contiguous and
 write into (or accumulate onto) a slice of a preallocated buffer.
+
+``numba.np.linalg._BLAS`` is private to Numba (stable since long before the oldest Numba
+this package supports); ``tests/test_blas.py`` fails first if it ever changes.
 """
 
 from numba import types

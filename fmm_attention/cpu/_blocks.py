@@ -163,7 +163,7 @@ def _maxnum_overload(a, b):
 @njit(cache=_config.CACHE, fastmath=_config.FASTMATH | {"nnan"})
 def row_max(row):
     """Maximum of a 1-D float array with no NaN (``-inf`` for an empty or all ``-inf`` row)."""
-    mx = _maxnum(row.dtype.type(-np.inf), row.dtype.type(-np.inf))
+    mx = row.dtype.type(-np.inf)
     for j in range(row.size):
         mx = _maxnum(mx, row[j])
     return mx
@@ -186,9 +186,7 @@ def softmax_row(row, bias, positions, query_position, causal, floor_max):
     ``-inf``; the row is then all zeros) and the sum of the weights.
     """
     nk = row.size
-    if nk == 0:
-        return floor_max, row.dtype.type(0)
-    mx = _maxnum(row[0] + bias[0], floor_max)  # typed as the row: no mixed-precision max
+    mx = row.dtype.type(floor_max)  # typed as the row: no mixed-precision max
     if causal:
         for j in range(nk):
             x = row[j] + bias[j]

@@ -400,7 +400,7 @@ def refine_plans(
     previous block's queries, so no choice depends on a position after any of the block's
     own queries. Global tokens (``is_global``) are never emitted again by a split.
     """
-    n_batch, n, d = q.shape
+    n_batch, n, _ = q.shape
     n_blocks = ptr.size - 1
     n_levels = level_offset.size
     for job in prange(n_batch * n_blocks):
@@ -420,19 +420,23 @@ def refine_plans(
         for s in range(lo, hi):
             n_plan += segments[s, 2]
         logits = np.full((rows, n_plan), -np.inf)
+        column_is_token = np.empty(n_plan, dtype=np.bool_)
+        column_row = np.empty(n_plan, dtype=np.int64)  # row of k/v (token) or kc/vc (coarse)
         col = 0
         for s in range(lo, hi):
-            kind = segments[s, 0]
-            start = segments[s, 1]
             for t in range(segments[s, 2]):
-                for i in range(rows):
-                    if kind == TOKEN:
-                        if token_bias[b, start + t] == -np.inf or (causal and start + t > s0 + i):
-                            continue
-                        logits[i, col] = _dot(queries[i], k[b, start + t])
-                    elif cbias[b, start + t] > -np.inf:
-                        logits[i, col] = _dot(queries[i], kc[b, start + t]) + cbias[b, start + t]
+                column_is_token[col] = segments[s, 0] == TOKEN
+                column_row[col] = segments[s, 1] + t
                 col += 1
+        for col in range(n_plan):
+            row = column_row[col]
+            for i in range(rows):
+                if column_is_token[col]:
+                    if token_bias[b, row] == -np.inf or (causal and row > s0 + i):
+                        continue
+                    logits[i, col] = _dot(queries[i], k[b, row])
+                elif cbias[b, row] > -np.inf:
+                    logits[i, col] = _dot(queries[i], kc[b, row]) + cbias[b, row]
         row_max = np.full(rows, -np.inf)
         row_sum = np.zeros(rows)
         base_out = np.zeros((rows, v.shape[2]))
@@ -444,22 +448,14 @@ def refine_plans(
             for c in range(n_plan):
                 logits[i, c] = np.exp(logits[i, c] - row_max[i])
                 row_sum[i] += logits[i, c]
-        col = 0
-        for s in range(lo, hi):
-            kind = segments[s, 0]
-            start = segments[s, 1]
-            for t in range(segments[s, 2]):
-                for i in range(rows):
-                    if row_sum[i] == 0:
-                        continue
-                    w = logits[i, col] / row_sum[i]
-                    if kind == TOKEN:
-                        for e in range(v.shape[2]):
-                            base_out[i, e] += w * v[b, start + t, e]
-                    else:
-                        for e in range(v.shape[2]):
-                            base_out[i, e] += w * vc[b, start + t, e]
-                col += 1
+        for col in range(n_plan):
+            values = v[b, column_row[col]] if column_is_token[col] else vc[b, column_row[col]]
+            for i in range(rows):
+                if row_sum[i] == 0:
+                    continue
+                w = logits[i, col] / row_sum[i]
+                for e in range(values.size):
+                    base_out[i, e] += w * values[e]
         # ---- candidates: (kind, start, count, level, alive, mass)
         num = np.empty((rows, v.shape[2]))
         den = np.empty(rows)
