@@ -23,9 +23,9 @@ EXACT_KEY_TILE = 512
 #: buffers once (more chunks balance uneven threads, fewer allocate less).
 FMA_CHUNKS_PER_THREAD = 4
 
-#: FMA block attention: score rows are padded to a multiple of this many columns (of
-#: weight 0), the width LLVM's vectorised softmax loops take per iteration (8 lanes x 4).
-FMA_ROW_MULTIPLE = 32
+#: Rows of a tile of the register-blocked micro-kernel (``cpu/_tiles.py``): its result
+#: tile of ``MICROKERNEL_ROWS`` x (2 vectors) takes 12 of the 16 AVX2 vector registers.
+MICROKERNEL_ROWS = 6
 
 #: Fastformer: sequence chunk length of the parallel bidirectional reductions.
 FASTFORMER_CHUNK = 4096

@@ -14,7 +14,7 @@ import numpy as np
 from llvmlite import ir
 from numba import njit, types
 from numba.core import cgutils
-from numba.extending import intrinsic, overload
+from numba.extending import intrinsic, overload, register_jitable
 
 from .. import _config
 
@@ -45,63 +45,100 @@ def exp_shift_sum(x, shift):
     return x.sum()
 
 
+def exp_columns(x, rows, shift, sums):
+    """``x[:rows] = exp(x[:rows] - shift)`` in place, one ``shift`` per column, for a 2-D
+    C-contiguous float array with ``x <= shift`` (``-inf`` allowed); adds each column's
+    sum of the results to ``sums``. Vectorised along the rows' contiguous columns."""
+    x[:rows] = np.exp(x[:rows] - shift)
+    sums += x[:rows].sum(axis=0)
+
+
 def exp_inplace(x):
     """``x[:] = exp(x)`` for a 1-D contiguous float array with ``x <= 0`` (``-inf`` allowed)."""
     exp_shift_sum(x, 0.0)
 
 
+@register_jitable(inline="always")
+def _exp32_parts(xi):
+    """``exp(xi)`` for ``xi <= 0`` as ``(mantissa part, exponent bits to add)``; 0 below
+    the floor (``-inf`` included)."""
+    c0, c1, c2, c3, c4, c5 = _F32_C
+    keep = xi > _F32_FLOOR
+    xc = xi if keep else _F32_FLOOR
+    kf = np.floor(xc * _F32_LOG2E + _F32_HALF)
+    r = xc - kf * _F32_LN2_HI - kf * _F32_LN2_LO
+    p = c0
+    p = p * r + c1
+    p = p * r + c2
+    p = p * r + c3
+    p = p * r + c4
+    p = p * r + c5
+    p = p * r + _F32_ONE
+    p = p * r + _F32_ONE
+    return (p if keep else _F32_ZERO), ((np.int32(kf) << np.int32(23)) if keep else np.int32(0))
+
+
+@register_jitable(inline="always")
+def _exp64_parts(xi):
+    """float64 form of :func:`_exp32_parts`."""
+    c0, c1, c2, c3, c4, c5, c6, c7, c8, c9, c10 = _F64_C
+    keep = xi > _F64_FLOOR
+    xc = xi if keep else _F64_FLOOR
+    kf = np.floor(xc * _F64_LOG2E + 0.5)
+    r = xc - kf * _F64_LN2_HI - kf * _F64_LN2_LO
+    p = c0
+    p = p * r + c1
+    p = p * r + c2
+    p = p * r + c3
+    p = p * r + c4
+    p = p * r + c5
+    p = p * r + c6
+    p = p * r + c7
+    p = p * r + c8
+    p = p * r + c9
+    p = p * r + c10
+    p = p * r + 1.0
+    p = p * r + 1.0
+    return (p if keep else 0.0), ((np.int64(kf) << np.int64(52)) if keep else np.int64(0))
+
+
 def _exp32(x, shift):
     bits = x.view(np.int32)
-    c0, c1, c2, c3, c4, c5 = _F32_C
     shift = np.float32(shift)
     total = _F32_ZERO
     for i in range(x.size):
-        xi = x[i] - shift
-        keep = xi > _F32_FLOOR
-        xc = xi if keep else _F32_FLOOR
-        kf = np.floor(xc * _F32_LOG2E + _F32_HALF)
-        r = xc - kf * _F32_LN2_HI - kf * _F32_LN2_LO
-        p = c0
-        p = p * r + c1
-        p = p * r + c2
-        p = p * r + c3
-        p = p * r + c4
-        p = p * r + c5
-        p = p * r + _F32_ONE
-        p = p * r + _F32_ONE
-        x[i] = p if keep else _F32_ZERO
-        bits[i] += (np.int32(kf) << np.int32(23)) if keep else np.int32(0)
+        x[i], exponent = _exp32_parts(x[i] - shift)
+        bits[i] += exponent
         total += x[i]
     return total
 
 
 def _exp64(x, shift):
     bits = x.view(np.int64)
-    c0, c1, c2, c3, c4, c5, c6, c7, c8, c9, c10 = _F64_C
     total = 0.0
     for i in range(x.size):
-        xi = x[i] - shift
-        keep = xi > _F64_FLOOR
-        xc = xi if keep else _F64_FLOOR
-        kf = np.floor(xc * _F64_LOG2E + 0.5)
-        r = xc - kf * _F64_LN2_HI - kf * _F64_LN2_LO
-        p = c0
-        p = p * r + c1
-        p = p * r + c2
-        p = p * r + c3
-        p = p * r + c4
-        p = p * r + c5
-        p = p * r + c6
-        p = p * r + c7
-        p = p * r + c8
-        p = p * r + c9
-        p = p * r + c10
-        p = p * r + 1.0
-        p = p * r + 1.0
-        x[i] = p if keep else 0.0
-        bits[i] += (np.int64(kf) << np.int64(52)) if keep else np.int64(0)
+        x[i], exponent = _exp64_parts(x[i] - shift)
+        bits[i] += exponent
         total += x[i]
     return total
+
+
+def _exp32_columns(x, rows, shift, sums):
+    bits = x.view(np.int32)
+    for j in range(rows):
+        for i in range(x.shape[1]):
+            x[j, i], exponent = _exp32_parts(x[j, i] - shift[i])
+            bits[j, i] += exponent
+            sums[i] += x[j, i]
+
+
+def _exp64_columns(x, rows, shift, sums):
+    bits = x.view(np.int64)
+    for j in range(rows):
+        for i in range(x.shape[1]):
+            x[j, i], exponent = _exp64_parts(x[j, i] - shift[i])
+            bits[j, i] += exponent
+            sums[i] += x[j, i]
 
 
 @overload(exp_shift_sum, jit_options={"fastmath": _config.FASTMATH})
@@ -110,6 +147,15 @@ def _exp_shift_sum_overload(x, shift):
         return _exp32
     if isinstance(x, types.Array) and x.dtype == types.float64:
         return _exp64
+    return None
+
+
+@overload(exp_columns, jit_options={"fastmath": _config.FASTMATH})
+def _exp_columns_overload(x, rows, shift, sums):
+    if isinstance(x, types.Array) and x.ndim == 2 and x.dtype == types.float32:
+        return _exp32_columns
+    if isinstance(x, types.Array) and x.ndim == 2 and x.dtype == types.float64:
+        return _exp64_columns
     return None
 
 
@@ -202,3 +248,40 @@ def softmax_row(row, bias, positions, query_position, causal, floor_max):
         row[:] = 0
         return mx, row.dtype.type(0)
     return mx, exp_shift_sum(row, mx)
+
+
+@njit(cache=_config.CACHE, fastmath=_config.FASTMATH | {"nnan"})
+def softmax_columns(scores, n_keys, bias, positions, first_query, causal, floor_max, col_max, shift, col_sum):
+    """Key-major softmax: turn ``scores[:n_keys]`` (one row per key, one column per query)
+    into unnormalised weights, in place.
+
+    The column-wise form of :func:`softmax_row` for a whole block of queries: adds
+    ``bias[key]``, masks keys with ``positions[key] > first_query + column`` when
+    ``causal``, shifts each column by its maximum (at least ``floor_max``) and
+    exponentiates. Every pass runs along contiguous rows, so it vectorises across queries
+    with no remainder loop (the width is a multiple of the vector length).
+
+    Writes ``col_max`` (the shift: ``-inf`` for a column whose logits and ``floor_max`` are
+    all ``-inf``, its weights then all 0), ``col_sum`` (the sum of each column's weights)
+    and uses ``shift`` as scratch; all three have one entry per column.
+    """
+    width = scores.shape[1]
+    col_max[:] = floor_max
+    for j in range(n_keys):
+        key_bias = bias[j]
+        if causal:
+            position = positions[j]
+            for i in range(width):
+                x = scores[j, i] + key_bias
+                x = x if position <= first_query + i else -np.inf
+                scores[j, i] = x
+                col_max[i] = _maxnum(col_max[i], x)
+        else:
+            for i in range(width):
+                x = scores[j, i] + key_bias
+                scores[j, i] = x
+                col_max[i] = _maxnum(col_max[i], x)
+    for i in range(width):
+        shift[i] = col_max[i] if col_max[i] > -np.inf else 0  # all masked: exp(-inf) = 0
+        col_sum[i] = 0
+    exp_columns(scores, n_keys, shift, col_sum)

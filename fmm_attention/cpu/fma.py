@@ -9,10 +9,9 @@ so near and far field share a single max and denominator as the spec requires.
 import numpy as np
 from numba import prange
 
-from .._config import FMA_ROW_MULTIPLE as ROW_MULTIPLE
 from ..tree import COARSE, TOKEN
-from ._blas import gemm_nn, gemm_nt
-from ._blocks import jit, softmax_row
+from ._blocks import jit, softmax_columns
+from ._tiles import gemm_tiles, panel_width
 
 
 # ---------------------------------------------------------------- upward pass (coarsening)
@@ -145,13 +144,18 @@ def block_attention(
     For block ``I`` of batch entry ``b`` the plan rows ``segments[p, seg_lo[p, I]:seg_hi[p, I]]``
     (``p = b`` for per-entry plans, ``p = 0`` for a shared plan) name token rows of
     ``k``/``v`` and coarse rows of ``kc``/``vc``. Token runs are scored and applied straight
-    from ``k`` and ``v`` (BLAS on the slices, no copy); coarse rows, and tokens when a key
-    mask is present (masked keys may hold NaN, so they are copied and zeroed), are gathered
-    into one small buffer. All columns share one score row per query and one joint softmax,
-    and the weighted values accumulate straight into ``out``. With ``inherit`` (coarse
-    queries) the block's far field arrives as a ready partial ``(inh_max, inh_sum, inh_num)``
-    and is merged into the same softmax. Work buffers are allocated once per chunk of blocks
-    (``n_chunks`` chunks, a few per thread).
+    from ``k`` and ``v`` (no copy); coarse rows, and tokens when a key mask is present
+    (masked keys may hold NaN, so they are copied and zeroed), are gathered into one small
+    buffer. All columns share one joint softmax per query.
+
+    Scores are laid out key-major, ``scores[key, query]``, with the block's queries padded
+    to a multiple of the micro-kernel's panel width (:mod:`._tiles`): both products then
+    read keys and values a row at a time straight from their source, the softmax runs
+    along contiguous rows for a whole block of queries at once, and the weighted values
+    come out as ``out_t[feature, query]``, normalised on the way into ``out``. With
+    ``inherit`` (coarse queries) the block's far field arrives as a ready partial
+    ``(inh_max, inh_sum, inh_num)`` and is merged into the same softmax. Work buffers are
+    allocated once per chunk of blocks (``n_chunks`` chunks, a few per thread).
     """
     n_batch, n, d = q.shape
     dv = v.shape[2]
@@ -160,18 +164,20 @@ def block_attention(
     n_jobs = n_batch * n_blocks
     max_segments = np.max(seg_hi - seg_lo)
     n_chunks = max(1, min(n_jobs, n_chunks))
+    panel = panel_width(q)
+    width = -(-block_size // panel) * panel  # queries per block, padded
     for chunk in prange(n_chunks):
         gathered_keys = np.empty((max_keys, d), dtype=q.dtype)
         gathered_vals = np.empty((max_keys, dv), dtype=q.dtype)
-        # score rows are padded to a multiple of ROW_MULTIPLE columns of weight 0: the
-        # vectorised softmax passes then never fall back to their scalar remainder loops
-        width = -(-max_keys // ROW_MULTIPLE) * ROW_MULTIPLE
-        bias = np.empty(width, dtype=q.dtype)
-        positions = np.empty(width, dtype=np.int64)
-        scores = np.empty((block_size, width), dtype=q.dtype)
+        bias = np.empty(max_keys, dtype=q.dtype)
+        positions = np.empty(max_keys, dtype=np.int64)
+        queries_t = np.zeros((d, width), dtype=q.dtype)  # scaled queries, transposed
+        scores = np.empty((max_keys, width), dtype=q.dtype)
+        out_t = np.empty((dv, width), dtype=q.dtype)
+        col_max = np.empty(width, dtype=q.dtype)
+        col_sum = np.empty(width, dtype=q.dtype)
+        shift = np.empty(width, dtype=q.dtype)
         runs = np.empty((max(max_segments, 1), 2), dtype=np.int64)  # direct token runs: start, count
-        row_max = np.empty(block_size, dtype=q.dtype)
-        row_sum = np.empty(block_size, dtype=q.dtype)
         prev = np.empty((max(max_segments, 1), 4), dtype=np.int64)  # last job's gathered segments
         n_prev = 0
         for job in range(chunk * n_jobs // n_chunks, (chunk + 1) * n_jobs // n_chunks):
@@ -181,7 +187,7 @@ def block_attention(
             i0 = blk * block_size
             i1 = min(n, i0 + block_size)
             rows = i1 - i0
-            # Columns: the gathered rows first, then the direct token runs. Segments are
+            # Keys: the gathered rows first, then the direct token runs. Segments are
             # gathered last to first (coarsest level first), so consecutive blocks of a
             # chunk share a prefix (blocks of one level-l box share levels >= l) that is
             # already in place and is not copied again.
@@ -238,53 +244,45 @@ def block_attention(
                             positions[nk + t] = start + t
                             bias[nk + t] = 0
                         nk += count
-            queries = q[b, i0:i1]
-            if n_gathered > 0:
-                gemm_nt(scale, queries, gathered_keys[:n_gathered], 0.0, scores[:rows, :n_gathered])
-            col = n_gathered
+            for i in range(rows):
+                for e in range(d):
+                    queries_t[e, i] = q[b, i0 + i, e] * scale
+            if rows < width:  # the last block: padding queries score 0 and are never written
+                queries_t[:, rows:] = 0
+            # scores[key, query], gathered keys then token runs (row offsets into k)
+            gemm_tiles(n_gathered, width, d, gathered_keys, 0, d, 1, queries_t, 0, width, scores, 0, width, False)
+            key = n_gathered
             for r in range(n_runs):
                 start = runs[r, 0]
                 count = runs[r, 1]
-                gemm_nt(scale, queries, k[b, start : start + count], 0.0, scores[:rows, col : col + count])
-                col += count
-            padded = min(width, -(-nk // ROW_MULTIPLE) * ROW_MULTIPLE)
-            for c in range(nk, padded):
-                bias[c] = -np.inf
-                positions[c] = -1
+                gemm_tiles(count, width, d, k, (b * n + start) * d, d, 1, queries_t, 0, width,
+                           scores, key * width, width, False)
+                key += count
             floor_max = inh_max[b, blk] if inherit else -np.inf
-            for i in range(rows):
-                scores[i, nk:padded] = 0
-                row_max[i], row_sum[i] = softmax_row(
-                    scores[i, :padded], bias[:padded], positions[:padded], i0 + i, causal, floor_max
-                )
-            target = out[b, i0:i1]
-            beta = 0.0
-            if n_gathered > 0:
-                gemm_nn(1.0, scores[:rows, :n_gathered], gathered_vals[:n_gathered], beta, target)
-                beta = 1.0
-            col = n_gathered
+            softmax_columns(scores, nk, bias, positions, i0, causal, floor_max, col_max, shift, col_sum)
+            # out_t[feature, query] = sum over keys of value[key, feature] * weight[key, query]
+            gemm_tiles(dv, width, n_gathered, gathered_vals, 0, 1, dv, scores, 0, width, out_t, 0, width, False)
+            key = n_gathered
             for r in range(n_runs):
                 start = runs[r, 0]
                 count = runs[r, 1]
-                gemm_nn(1.0, scores[:rows, col : col + count], v[b, start : start + count], beta, target)
-                beta = 1.0
-                col += count
-            if beta == 0.0:
-                target[:] = 0
+                gemm_tiles(dv, width, count, v, (b * n + start) * dv, 1, dv, scores, key * width, width,
+                           out_t, 0, width, True)
+                key += count
             for i in range(rows):
-                total = row_sum[i]
+                total = col_sum[i]
                 carry = 0.0
                 if inherit and inh_max[b, blk] > -np.inf:
-                    carry = np.exp(inh_max[b, blk] - row_max[i])
+                    carry = np.exp(inh_max[b, blk] - col_max[i])
                     total += carry * inh_sum[b, blk]
                 if total > 0:
                     inv = 1.0 / total
                     for e in range(dv):
                         extra = carry * inh_num[b, blk, e] if inherit else 0.0
-                        target[i, e] = (target[i, e] + extra) * inv
-                    lse[b, i0 + i] = row_max[i] + np.log(total)
+                        out[b, i0 + i, e] = (out_t[e, i] + extra) * inv
+                    lse[b, i0 + i] = col_max[i] + np.log(total)
                 else:
-                    target[i] = 0
+                    out[b, i0 + i] = 0
                     lse[b, i0 + i] = -np.inf
 
 
