@@ -42,7 +42,7 @@ def exact(batch, *, causal):
     """Exact softmax attention of a validated batch."""
     out, lse = _outputs(batch)
     key_bias, _, has_mask = _key_bias(batch)
-    with _launch_guard():
+    with _launch_guard(calls_blas=True):
         exact_kernel(batch.q, batch.k, batch.v, key_bias, has_mask, batch.dtype.type(batch.scale), causal, out, lse)
     return out, lse
 

@@ -24,7 +24,7 @@ def _blas_controller():
 def _single_threaded_blas():
     """Pin BLAS to one thread while kernels run; restore it when the last caller leaves.
 
-    The kernels call BLAS (``np.dot`` compiles to SciPy's BLAS) from inside their parallel
+    The exact kernel calls BLAS (``np.dot`` compiles to SciPy's BLAS) from inside its parallel
     loops. A multithreaded OpenBLAS then starts its own threads in every worker and the two
     pools fight for the cores: measured 70x slower for exact attention at n = 4096 on two
     cores. The limit is reference-counted so that concurrent callers from several Python
@@ -45,10 +45,12 @@ def _single_threaded_blas():
 
 
 @contextlib.contextmanager
-def launch_guard():
+def launch_guard(*, calls_blas=False):
     """Prepare the process for a parallel kernel launch.
 
-    BLAS goes single-threaded (see :func:`_single_threaded_blas`). Launches are serialised
+    With ``calls_blas`` (kernels that call ``np.dot``: exact attention), BLAS goes
+    single-threaded (see :func:`_single_threaded_blas`); the other kernels do their own
+    products and skip that (about 50 us per launch in threadpoolctl). Launches are serialised
     when the threading layer cannot take concurrent calls: the OpenMP and TBB layers accept
     launches from several Python threads at once, numba's fallback ``workqueue`` layer
     aborts the process instead. Until the layer is known (first launch) and whenever it is
@@ -58,7 +60,7 @@ def launch_guard():
         safe = numba.threading_layer() != "workqueue"
     except ValueError:  # no parallel region has run yet
         safe = False
-    with _single_threaded_blas():
+    with _single_threaded_blas() if calls_blas else contextlib.nullcontext():
         if safe:
             yield
         else:

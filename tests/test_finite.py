@@ -1,0 +1,35 @@
+"""The parallel finiteness check behind ``check_finite=True`` (cpu/finite.py)."""
+
+import numpy as np
+import pytest
+
+from fmm_attention.cpu.finite import _CHUNK, all_finite
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_every_position_of_a_bad_value_is_found(dtype, bad):
+    size = 2 * _CHUNK + 7  # three chunks, the last one short
+    x = np.ones(size, dtype)
+    assert all_finite(x)
+    for where in (0, _CHUNK - 1, _CHUNK, size - 1):
+        y = x.copy()
+        y[where] = bad
+        assert not all_finite(y)
+        assert not all_finite(y.reshape(-1, 1))  # any shape, same memory
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_extreme_finite_values_pass(dtype):
+    info = np.finfo(dtype)
+    x = np.array([info.max, -info.max, info.tiny, info.smallest_subnormal, -0.0, 0.0], dtype=dtype)
+    assert all_finite(x)
+
+
+def test_empty_and_non_contiguous_arrays():
+    assert all_finite(np.zeros(0, np.float32))
+    x = np.ones((4, 6))
+    x[1, 1] = np.nan
+    assert not all_finite(x[:, 1::2])  # a strided view falls back to np.isfinite
+    assert all_finite(x[:, ::2])
+    assert not all_finite(np.array([np.inf], np.float16))
