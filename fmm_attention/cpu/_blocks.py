@@ -102,43 +102,34 @@ def _exp64_parts(xi):
     return (p if keep else 0.0), ((np.int64(kf) << np.int64(52)) if keep else np.int64(0))
 
 
-def _exp32(x, shift):
-    bits = x.view(np.int32)
-    shift = np.float32(shift)
-    total = _F32_ZERO
-    for i in range(x.size):
-        x[i], exponent = _exp32_parts(x[i] - shift)
-        bits[i] += exponent
-        total += x[i]
-    return total
+def _exp_loops(parts, bits_type):
+    """The 1-D (shift, total) and 2-D (per-column shift, column sums) exponential loops on
+    one dtype's ``parts`` (see :func:`_exp32_parts`); ``bits_type`` is the integer type of
+    the same width, through which the exponent bits are added."""
+
+    def shift_sum(x, shift):
+        bits = x.view(bits_type)
+        shift = x.dtype.type(shift)
+        total = x.dtype.type(0)
+        for i in range(x.size):
+            x[i], exponent = parts(x[i] - shift)
+            bits[i] += exponent
+            total += x[i]
+        return total
+
+    def columns(x, rows, shift, sums):
+        bits = x.view(bits_type)
+        for j in range(rows):
+            for i in range(x.shape[1]):
+                x[j, i], exponent = parts(x[j, i] - shift[i])
+                bits[j, i] += exponent
+                sums[i] += x[j, i]
+
+    return shift_sum, columns
 
 
-def _exp64(x, shift):
-    bits = x.view(np.int64)
-    total = 0.0
-    for i in range(x.size):
-        x[i], exponent = _exp64_parts(x[i] - shift)
-        bits[i] += exponent
-        total += x[i]
-    return total
-
-
-def _exp32_columns(x, rows, shift, sums):
-    bits = x.view(np.int32)
-    for j in range(rows):
-        for i in range(x.shape[1]):
-            x[j, i], exponent = _exp32_parts(x[j, i] - shift[i])
-            bits[j, i] += exponent
-            sums[i] += x[j, i]
-
-
-def _exp64_columns(x, rows, shift, sums):
-    bits = x.view(np.int64)
-    for j in range(rows):
-        for i in range(x.shape[1]):
-            x[j, i], exponent = _exp64_parts(x[j, i] - shift[i])
-            bits[j, i] += exponent
-            sums[i] += x[j, i]
+_exp32, _exp32_columns = _exp_loops(_exp32_parts, np.int32)
+_exp64, _exp64_columns = _exp_loops(_exp64_parts, np.int64)
 
 
 @overload(exp_shift_sum, jit_options={"fastmath": _config.FASTMATH})
