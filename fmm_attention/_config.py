@@ -23,10 +23,6 @@ EXACT_KEY_TILE = 512
 #: buffers once (more chunks balance uneven threads, fewer allocate less).
 FMA_CHUNKS_PER_THREAD = 4
 
-#: Rows of a tile of the register-blocked micro-kernel (``cpu/_tiles.py``): its result
-#: tile of ``MICROKERNEL_ROWS`` x (2 vectors) takes 12 of the 16 AVX2 vector registers.
-MICROKERNEL_ROWS = 6
-
 #: Fastformer: sequence chunk length of the parallel bidirectional reductions.
 FASTFORMER_CHUNK = 4096
 

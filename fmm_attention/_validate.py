@@ -60,7 +60,7 @@ def check_finite_array(arr, name):
     """Raise ``ValueError`` if ``arr`` holds NaN or infinity.
 
     A parallel compiled pass over the exponent bits (:func:`fmm_attention.cpu.finite.all_finite`):
-    no boolean temporary, both cores at memory bandwidth.
+    no boolean temporary, every thread at memory bandwidth.
     """
     from .cpu.finite import all_finite  # compiled: imported on first use, like the backends
 

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from numba import njit
 
-from fmm_attention.cpu._blocks import exp_shift_sum, row_max, softmax_columns, softmax_row
+from fmm_attention.cpu._blocks import exp_shift_sum, row_max, softmax_columns
 
 
 @njit(cache=False)
@@ -50,56 +50,27 @@ def test_row_max(dtype):
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("floor_max", [-np.inf, 0.5, 50.0])
-def test_softmax_row_against_numpy(dtype, causal, floor_max):
+def test_softmax_columns_against_numpy(dtype, causal, floor_max):
     rng = np.random.default_rng(1)
-    size = 45
-    scores = (rng.standard_normal(size) * 4).astype(dtype)
-    bias = rng.standard_normal(size).astype(dtype)
-    bias[[3, 17]] = -np.inf
-    positions = rng.integers(-1, 60, size)
-    query = 30
-    logits = scores + bias  # rounded to the dtype, as in the kernel
-    if causal:
-        logits[positions > query] = -np.inf
-    shift = max(dtype(floor_max), logits.max())
-    weights = np.exp((logits - shift).astype(np.float64))
-    row = scores.copy()
-    got_max, got_sum = softmax_row(row, bias, positions, query, causal, floor_max)
-    tol = 1e-6 if dtype == np.float32 else 1e-14
-    assert got_max == pytest.approx(shift, rel=tol)
-    np.testing.assert_allclose(row, weights, rtol=tol, atol=1e-30)
-    assert got_sum == pytest.approx(weights.sum(), rel=tol)
-
-
-def test_softmax_row_all_masked_gives_zeros_not_nan():
-    row = np.array([1.0, 2.0, 3.0], dtype=np.float32)
-    bias = np.full(3, -np.inf, dtype=np.float32)
-    got_max, got_sum = softmax_row(row, bias, np.arange(3), 5, False, -np.inf)
-    assert got_max == -np.inf and got_sum == 0
-    assert not row.any()
-
-
-@pytest.mark.parametrize("dtype", [np.float32, np.float64])
-@pytest.mark.parametrize("causal", [False, True])
-@pytest.mark.parametrize("floor_max", [-np.inf, 0.5, 50.0])
-def test_softmax_columns_matches_softmax_row_per_query(dtype, causal, floor_max):
-    rng = np.random.default_rng(2)
-    n_keys, width, used = 45, 16, 40  # rows past n_keys are left alone
-    scores = (rng.standard_normal((n_keys + 3, width)) * 4).astype(dtype)
+    n_keys, width = 45, 16
+    scores = (rng.standard_normal((n_keys + 3, width)) * 4).astype(dtype)  # rows past n_keys are left alone
     bias = rng.standard_normal(n_keys + 3).astype(dtype)
     bias[[3, 17]] = -np.inf
     positions = rng.integers(-1, 60, n_keys + 3)
     first_query = 20
     work = scores.copy()
     col_max, shift, col_sum = (np.full(width, np.nan, dtype) for _ in range(3))
-    softmax_columns(work[:used + 5], n_keys, bias, positions, first_query, causal, floor_max, col_max, shift, col_sum)
+    softmax_columns(work, n_keys, bias, positions, first_query, causal, floor_max, col_max, shift, col_sum)
     tol = 1e-6 if dtype == np.float32 else 1e-14
     for i in range(width):
-        row = scores[:n_keys, i].copy()
-        got_max, got_sum = softmax_row(row, bias[:n_keys], positions[:n_keys], first_query + i, causal, floor_max)
-        assert col_max[i] == pytest.approx(got_max, rel=tol)
-        assert col_sum[i] == pytest.approx(got_sum, rel=tol)
-        np.testing.assert_allclose(work[:n_keys, i], row, rtol=tol, atol=1e-30)
+        logits = scores[:n_keys, i] + bias[:n_keys]  # rounded to the dtype, as in the kernel
+        if causal:
+            logits[positions[:n_keys] > first_query + i] = -np.inf
+        expected_shift = max(dtype(floor_max), logits.max())
+        weights = np.exp((logits - expected_shift).astype(np.float64))
+        assert col_max[i] == pytest.approx(expected_shift, rel=tol)
+        np.testing.assert_allclose(work[:n_keys, i], weights, rtol=tol, atol=1e-30)
+        assert col_sum[i] == pytest.approx(weights.sum(), rel=tol)
     np.testing.assert_array_equal(work[n_keys:], scores[n_keys:])
 
 
@@ -111,3 +82,7 @@ def test_softmax_columns_all_masked_column_gives_zeros_not_nan():
     softmax_columns(scores, 3, np.zeros(3, np.float32), positions, 0, True, -np.inf, col_max, shift, col_sum)
     assert np.all(col_max[:5] == -np.inf) and not col_sum[:5].any() and not scores[:, :5].any()
     assert np.all(np.isfinite(scores)) and col_sum[5] == pytest.approx(1.0) and col_sum[7] == pytest.approx(3.0)
+    # every key masked by its bias: all columns zero, no NaN
+    scores = np.array([[1.0] * 16, [2.0] * 16, [3.0] * 16], np.float32)
+    softmax_columns(scores, 3, np.full(3, -np.inf, np.float32), positions, 0, False, -np.inf, col_max, shift, col_sum)
+    assert np.all(col_max == -np.inf) and not col_sum.any() and not scores.any()

@@ -207,50 +207,18 @@ def row_max(row):
 
 
 @njit(cache=_config.CACHE, fastmath=_config.FASTMATH | {"nnan"})
-def softmax_row(row, bias, positions, query_position, causal, floor_max):
-    """Turn one row of raw scores into unnormalised weights, in place.
-
-    Adds ``bias`` (``-inf`` masks a key; masked keys' scores are finite because the kernels
-    zero their keys), masks keys with ``positions > query_position`` when ``causal``,
-    subtracts the row maximum (at least ``floor_max``, the maximum of an already
-    accumulated partial) and exponentiates: two branch-free passes LLVM
-    vectorises (the max is LLVM's ``maxnum``, which ``nnan`` lets it vectorise: builtin
-    ``max`` does not, 3x slower here; ``-inf`` keeps IEEE semantics).
-
-    Returns
-    -------
-    (row_max, row_sum) : the shift used (``-inf`` if every logit and ``floor_max`` are
-    ``-inf``; the row is then all zeros) and the sum of the weights.
-    """
-    nk = row.size
-    mx = row.dtype.type(floor_max)  # typed as the row: no mixed-precision max
-    if causal:
-        for j in range(nk):
-            x = row[j] + bias[j]
-            x = x if positions[j] <= query_position else -np.inf
-            row[j] = x
-            mx = _maxnum(mx, x)
-    else:
-        for j in range(nk):
-            x = row[j] + bias[j]
-            row[j] = x
-            mx = _maxnum(mx, x)
-    if mx == -np.inf:
-        row[:] = 0
-        return mx, row.dtype.type(0)
-    return mx, exp_shift_sum(row, mx)
-
-
-@njit(cache=_config.CACHE, fastmath=_config.FASTMATH | {"nnan"})
 def softmax_columns(scores, n_keys, bias, positions, first_query, causal, floor_max, col_max, shift, col_sum):
     """Key-major softmax: turn ``scores[:n_keys]`` (one row per key, one column per query)
     into unnormalised weights, in place.
 
-    The column-wise form of :func:`softmax_row` for a whole block of queries: adds
-    ``bias[key]``, masks keys with ``positions[key] > first_query + column`` when
-    ``causal``, shifts each column by its maximum (at least ``floor_max``) and
+    For a whole block of queries at once: adds ``bias[key]`` (``-inf`` masks a key; masked
+    keys' scores are finite because the kernels zero their keys), masks keys with
+    ``positions[key] > first_query + column`` when ``causal``, shifts each column by its
+    maximum (at least ``floor_max``, the maximum of an already accumulated partial) and
     exponentiates. Every pass runs along contiguous rows, so it vectorises across queries
-    with no remainder loop (the width is a multiple of the vector length).
+    with no remainder loop (the width is a multiple of the vector length); the maximum is
+    LLVM's ``maxnum``, which ``nnan`` lets it vectorise (builtin ``max`` does not, 3x slower
+    here), and ``-inf`` keeps IEEE semantics.
 
     Writes ``col_max`` (the shift: ``-inf`` for a column whose logits and ``floor_max`` are
     all ``-inf``, its weights then all 0), ``col_sum`` (the sum of each column's weights)

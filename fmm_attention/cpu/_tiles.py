@@ -13,9 +13,8 @@ registers runs them at 70-83 GFLOP/s on the same core (float32).
 read at any row and column stride (entries are broadcast one at a time), ``B`` and ``C``
 row-major with ``n`` a multiple of :func:`panel_width`. The micro-kernel is LLVM IR built
 through a Numba intrinsic: ``2 * MR`` accumulator vectors, per step two vector loads of
-``B``, ``MR`` broadcasts of ``A`` and ``2 * MR`` fused multiply-adds; ``MR`` is
-``_config.MICROKERNEL_ROWS``. Under ``NUMBA_DISABLE_JIT=1`` the same call runs as a NumPy
-product.
+``B``, ``MR`` broadcasts of ``A`` and ``2 * MR`` fused multiply-adds, ``MR = 6``. Under
+``NUMBA_DISABLE_JIT=1`` the same call runs as a NumPy product.
 """
 
 import numpy as np
@@ -24,13 +23,15 @@ from numba import types
 from numba.core import cgutils
 from numba.extending import intrinsic, overload, register_jitable
 
-from .._config import MICROKERNEL_ROWS
-
 #: Vector registers per row of a tile (``NR = 2 * lanes``): two keep the loads per step
 #: below the two fused multiply-adds per cycle even at the largest ``MR``.
 _VECTORS_PER_ROW = 2
 #: Bytes of one vector register (AVX2). LLVM splits wider vectors, so narrower hosts work.
 _VECTOR_BYTES = 32
+#: Rows of a full tile (``MR``): its ``2 * MR`` accumulators plus two loads and a broadcast
+#: fill 15 of the 16 AVX2 vector registers. Edges use tiles of 1 to ``MR - 1`` rows; the
+#: dispatch in :func:`_tile` names each height.
+_TILE_ROWS = 6
 
 
 @register_jitable
@@ -161,9 +162,7 @@ def _micro_kernel(rows):
     return tile
 
 
-if MICROKERNEL_ROWS != 6:
-    raise ImportError("cpu/_tiles.py dispatches on tile heights 1..6: update _tile with MICROKERNEL_ROWS")
-_TILE1, _TILE2, _TILE3, _TILE4, _TILE5, _TILE6 = (_micro_kernel(rows) for rows in range(1, 7))
+_TILE1, _TILE2, _TILE3, _TILE4, _TILE5, _TILE6 = (_micro_kernel(rows) for rows in range(1, _TILE_ROWS + 1))
 
 
 @register_jitable(inline="always")
@@ -188,16 +187,15 @@ def _gemm_tiles_overload(m, n, depth, a, a_off, a_rs, a_cs, b, b_off, ldb, c, c_
         return None
     if not (a.dtype == b.dtype == c.dtype) or a.dtype not in (types.float32, types.float64):
         return None
-    width = _VECTORS_PER_ROW * _VECTOR_BYTES // (a.dtype.bitwidth // 8)
-    tile_rows = MICROKERNEL_ROWS
 
     def impl(m, n, depth, a, a_off, a_rs, a_cs, b, b_off, ldb, c, c_off, ldc, accumulate):
+        width = panel_width(a)
         if n % width:
             raise ValueError("gemm_tiles: n must be a multiple of the panel width")
         # one panel of B (depth x NR) stays in L1 while every row tile of A passes over it
         for j0 in range(0, n, width):
-            for i0 in range(0, m, tile_rows):
-                _tile(min(tile_rows, m - i0), a, a_off + i0 * a_rs, a_rs, a_cs, b, b_off + j0, ldb,
+            for i0 in range(0, m, _TILE_ROWS):
+                _tile(min(_TILE_ROWS, m - i0), a, a_off + i0 * a_rs, a_rs, a_cs, b, b_off + j0, ldb,
                       c, c_off + i0 * ldc + j0, ldc, depth, accumulate)
 
     return impl

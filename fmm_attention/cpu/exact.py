@@ -1,8 +1,8 @@
 """Exact softmax attention on the CPU, streamed in tiles (flash-style), O(n d) memory.
 
 Each parallel job owns a tile of query rows and walks the key tiles with an online
-softmax: scores by BLAS (``np.dot``), then a vectorised max and a fused exp-and-sum per row, then the
-weighted values by BLAS. No ``(n, n)`` array exists at any time.
+softmax: scores by BLAS (``np.dot``), then a vectorised max and a fused exp-and-sum per
+row, then the weighted values by BLAS. No ``(n, n)`` array exists at any time.
 """
 
 import numpy as np

@@ -1,9 +1,10 @@
 """Fast Multipole Attention on the CPU: upward pass, block attention, coarse-query pass.
 
 The tree (:mod:`fmm_attention.tree`) hands every query block a *key plan*: segments of
-exact tokens and of coarse-buffer rows. The block kernel gathers them, scores the whole
-block against all of them with one BLAS product, and takes one joint softmax per query,
-so near and far field share a single max and denominator as the spec requires.
+exact tokens and of coarse-buffer rows. The block kernel scores the whole block against
+all of them (token runs in place, coarse rows gathered; products on the micro-kernel of
+:mod:`._tiles`) and takes one joint softmax per query, so near and far field share a
+single max and denominator as the spec requires.
 """
 
 import numpy as np
