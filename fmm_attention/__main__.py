@@ -1,5 +1,7 @@
+"""``python -m fmm_attention``: the command line (see :mod:`fmm_attention.cli`)."""
+
 import sys
 
 from .cli import main
 
-sys.exit(main())
+sys.exit(main(prog="python -m fmm_attention"))

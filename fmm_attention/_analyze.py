@@ -2,25 +2,31 @@
 
 Loads arrays ``q``, ``k``, ``v`` of shape ``(..., n, d)`` (optionally ``key_padding_mask``
 of shape ``(..., n)``, bool) from an ``.npz``, runs :func:`fmm_attention.analysis.compare`
-head by head with a progress bar, prints a table per head and a summary, and optionally
+head by head with a progress line, prints a table per head and a summary, and optionally
 writes the report as JSON (``--json``) and PNG figures (``--plot DIR``, needs matplotlib:
 extra ``plot``). For 4-D arrays ``(layer, head, n, d)`` ``--layers``/``--heads`` pick a
 subset; in general ``--layers`` selects along axis ``-4`` and ``--heads`` along axis ``-3``.
+
+Everything the command can check is checked before the analysis starts: the file, its
+arrays (with the library's own validators), the options, and that the ``--json`` and
+``--plot`` destinations can be written.
 """
 
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import math
-import sys
+import os
 import time
+import zipfile
+import zlib
 from pathlib import Path
 
 import numpy as np
 
 from . import _config
+from ._workloads import Progress, UsageError, check_fma_options, user_input
 
 #: Figures written by ``--plot`` (file name -> what it shows).
 FIGURES = {
@@ -32,12 +38,23 @@ FIGURES = {
 }
 
 
-class _UsageError(Exception):
-    """A problem with the command line or the input file (exit status 2)."""
+class Selection(tuple):
+    """Indices and ranges such as ``0,2-4``, kept as ``(first, last)`` pairs.
+
+    Never expanded before it is checked against the axis it selects from, so that
+    ``0-1000000000`` costs nothing and is rejected by the file's shape.
+    """
+
+    def indices(self, size, option):
+        """The selected indices along an axis of ``size`` (``UsageError`` when out of range)."""
+        last = max(hi for _, hi in self)
+        if last >= size:
+            raise UsageError(f"{option}: index {last} is out of range for an axis of size {size}")
+        return [i for lo, hi in self for i in range(lo, hi + 1)]
 
 
 def _selection(text):
-    """Parse ``"0,2-4"`` into ``[0, 2, 3, 4]`` (an argparse ``type``)."""
+    """Parse ``"0,2-4"`` into a :class:`Selection` (an argparse ``type``)."""
     out = []
     try:
         for part in text.split(","):
@@ -45,12 +62,12 @@ def _selection(text):
             first, last = int(lo), int(hi) if dash else int(lo)
             if first < 0 or last < first:
                 raise ValueError
-            out.extend(range(first, last + 1))
+            out.append((first, last))
     except ValueError:
         raise argparse.ArgumentTypeError(
             f"expected comma-separated indices and ranges such as 0,2-4; got {text!r}"
         ) from None
-    return out
+    return Selection(out)
 
 
 def add_arguments(parser):
@@ -59,18 +76,18 @@ def add_arguments(parser):
                         help="an .npz with arrays q, k, v of shape (..., n, d) and optionally "
                              "key_padding_mask (..., n), bool, True = valid key")
     parser.add_argument("--block-size", type=int, default=_config.DEFAULT_BLOCK_SIZE, metavar="M",
-                        help=f"finest box size m, a power of two (default {_config.DEFAULT_BLOCK_SIZE})")
+                        help="finest box size m, a power of two")
     parser.add_argument("--rank", type=int, default=_config.DEFAULT_RANK, metavar="P",
-                        help=f"coarse keys per far box p, a power of two (default {_config.DEFAULT_RANK})")
+                        help="coarse keys per far box p, a power of two")
     parser.add_argument("--causal", action="store_true", help="causal attention (keys j <= i only)")
     parser.add_argument("--coarsening", choices=["mean"], default="mean",
-                        help="far-field coarsening (default mean); learned coarsening has no "
+                        help="far-field coarsening (default: mean); learned coarsening has no "
                              "token-level attention matrix, so it cannot be analysed this way")
     parser.add_argument("--no-count-scaling", dest="count_scaling", action="store_false",
                         help="leave out the log(count) bias of coarse keys")
     parser.add_argument("--query-coarsening", action="store_true",
                         help="the O(n) variant with coarse queries (bidirectional only)")
-    parser.add_argument("--scale", type=float, default=None, help="logit scale (default 1/sqrt(d))")
+    parser.add_argument("--scale", type=float, default=None, help="logit scale (default: 1/sqrt(d))")
     parser.add_argument("--layers", type=_selection, metavar="LIST",
                         help="layers to analyse (axis -4, e.g. of (layer, head, n, d)): indices and "
                              "ranges such as 0,2-4 (default all)")
@@ -83,24 +100,54 @@ def add_arguments(parser):
                         help="also print the accuracy-versus-cost table of the training-free options "
                              "(mean, cluster, refine, sinks) beside the top-k oracle (docs: accuracy)")
     parser.add_argument("--no-progress", dest="progress", action="store_false",
-                        help="no progress bar on stderr")
+                        help="no progress on stderr")
 
 
 # --------------------------------------------------------------------------- input
-def _load(path, layers, heads):
-    """Arrays and per-head labels after the selection."""
+#: How a file that numpy.savez did not write is described (never as "pickled data").
+_NOT_NPZ = "is not an .npz file (a zip archive of .npy arrays, as numpy.savez writes)"
+
+
+def _read(path):
+    """``q, k, v`` and the optional mask from ``path``, never unpickling anything."""
     if not path.is_file():
-        raise _UsageError(f"no such file: {path}")
+        raise UsageError(f"no such file: {path}" if not path.exists() else f"{path} is not a file")
+    # numpy.load guesses the format from the first bytes and takes anything else for a
+    # pickle: check for a zip archive first so that a text file is called what it is.
+    if not zipfile.is_zipfile(path):
+        with open(path, "rb") as fh:
+            npy = fh.read(6) == b"\x93NUMPY"
+        raise UsageError(f"{path} {_NOT_NPZ}; " + ("it is a .npy file of one array: save q, k and v together "
+                                                   "with numpy.savez" if npy else "it may be truncated or another format"))
+    arrays = {}
     try:
         with np.load(path, allow_pickle=False) as data:
-            arrays = {name: np.asarray(data[name]) for name in data.files}
-    except (OSError, ValueError) as exc:
-        raise _UsageError(f"cannot read {path} as an .npz: {exc}") from exc
-    missing = [name for name in ("q", "k", "v") if name not in arrays]
-    if missing:
-        raise _UsageError(f"{path} lacks array(s) {', '.join(missing)} (has: {', '.join(sorted(arrays)) or 'none'})")
+            if not hasattr(data, "files"):  # pragma: no cover (is_zipfile excludes .npy)
+                raise UsageError(f"{path} {_NOT_NPZ}")
+            missing = [name for name in ("q", "k", "v") if name not in data.files]
+            if missing:
+                raise UsageError(f"{path} lacks array(s) {', '.join(missing)} "
+                                 f"(has: {', '.join(sorted(data.files)) or 'none'})")
+            for name in ("q", "k", "v", "key_padding_mask"):
+                if name in data.files:
+                    arrays[name] = np.asarray(data[name])
+    except ValueError as exc:
+        if "allow_pickle" in str(exc):  # object arrays: numeric data only, never unpickled
+            raise UsageError(f"{path}: an array holds Python objects; analyze reads numeric arrays only") from None
+        raise UsageError(f"cannot read {path}: {exc}") from None
+    except (OSError, EOFError, zipfile.BadZipFile, zlib.error) as exc:
+        raise UsageError(f"cannot read {path} (damaged or truncated .npz?): {exc}") from None
+    return arrays
+
+
+def _load(path, layers, heads):
+    """Arrays and per-head labels after the selection."""
+    arrays = _read(path)
     q, k, v = arrays["q"], arrays["k"], arrays["v"]
     mask = arrays.get("key_padding_mask")
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        if x.ndim < 2:
+            raise UsageError(f"{path}: {name} must have at least 2 dims (..., n, d), got shape {x.shape}")
     lead = q.shape[:-2]
     indices = [np.arange(size) for size in lead]
     for name, axis_from_end, chosen in (("--layers", 4, layers), ("--heads", 3, heads)):
@@ -108,36 +155,59 @@ def _load(path, layers, heads):
             continue
         axis = q.ndim - axis_from_end
         if axis < 0:
-            raise _UsageError(f"{name} needs arrays with at least {axis_from_end} dims; q has shape {q.shape}")
-        bad = [i for i in chosen if not 0 <= i < q.shape[axis]]
-        if bad:
-            raise _UsageError(f"{name}: index {bad[0]} is out of range for axis {axis} of size {q.shape[axis]}")
+            raise UsageError(f"{name} needs arrays with at least {axis_from_end} dims; q has shape {q.shape}")
+        chosen = chosen.indices(q.shape[axis], name)
         q, k, v = (x.take(chosen, axis=axis) if x.ndim == q.ndim else x for x in (q, k, v))
         if mask is not None and mask.ndim == q.ndim - 1:
             mask = mask.take(chosen, axis=axis)
         indices[axis] = np.asarray(chosen)
+    if 0 in q.shape[:-2]:
+        raise UsageError(f"{path}: q of shape {q.shape} holds no heads (a leading dim is 0)")
     grid = np.meshgrid(*indices, indexing="ij") if indices else []
     labels = [",".join(str(int(g.flat[i])) for g in grid) or "-" for i in range(int(np.prod(q.shape[:-2])))]
     return q, k, v, mask, labels, indices
 
 
-def _progress(enabled):
-    """A wrapper of the head iterable: tqdm when installed, else a plain stderr counter."""
-    if not enabled:
-        return None
-    try:
-        from tqdm.auto import tqdm
-    except ImportError:
-        return _counter
-    return functools.partial(tqdm, desc="analyze", unit="head", file=sys.stderr, leave=False)
+def _check_inputs(path, q, k, v, mask, args):
+    """The library's own checks of the arrays and options, made before any work."""
+    from ._validate import attention_inputs, check_fmm_options
+
+    with user_input(f"{path}: "):
+        batch = attention_inputs(q, k, v, scale=args.scale, key_padding_mask=mask, check_finite=True)
+    if batch.n > _config.DENSE_MAX_N:
+        raise UsageError(f"{path}: n={batch.n} is too long for the dense analysis (at most "
+                         f"{_config.DENSE_MAX_N}); analyse a shorter window")
+    with user_input():
+        check_fmm_options(coarsening=args.coarsening, count_scaling=args.count_scaling,
+                          query_coarsening=args.query_coarsening, causal=args.causal)
+    check_fma_options(batch.n, block_size=args.block_size, rank=args.rank, causal=args.causal)
 
 
-def _counter(iterable):
-    total = len(iterable)
-    for i, item in enumerate(iterable):
-        print(f"\ranalyze: head {i + 1}/{total}", end="", file=sys.stderr, flush=True)
-        yield item
-    print("\r" + " " * 40 + "\r", end="", file=sys.stderr, flush=True)
+def _writable_dir(path):
+    """True if files can be created in ``path``, or in the directory that would hold it."""
+    while not path.exists():
+        if path.parent == path:
+            return False
+        path = path.parent
+    return path.is_dir() and os.access(path, os.W_OK | os.X_OK)
+
+
+def check_destinations(args):
+    """``--json`` and ``--plot`` must be writable: checked before the analysis runs."""
+    if args.json is not None:
+        if args.json.is_dir():
+            raise UsageError(f"--json: {args.json} is a directory; give a file name")
+        if not _writable_dir(args.json.parent):
+            raise UsageError(f"--json: cannot create {args.json}: its directory is not writable")
+    if args.plot is not None:
+        if args.plot.exists() and not args.plot.is_dir():
+            raise UsageError(f"--plot: {args.plot} exists and is not a directory")
+        if not _writable_dir(args.plot):
+            raise UsageError(f"--plot: cannot write figures to {args.plot}: not a writable directory")
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            raise UsageError("--plot needs matplotlib: pip install 'fmm_attention[plot]'") from None
 
 
 def _clean(obj):
@@ -326,23 +396,16 @@ def run(args):
     from .analysis import compare
 
     start = time.perf_counter()
-    try:
-        if args.plot is not None:
-            try:
-                import matplotlib  # noqa: F401
-            except ImportError:
-                raise _UsageError("--plot needs matplotlib: pip install 'fmm_attention[plot]'") from None
-        q, k, v, mask, labels, indices = _load(args.file, args.layers, args.heads)
-        options = dict(causal=args.causal, block_size=args.block_size, rank=args.rank, coarsening=args.coarsening,
-                       count_scaling=args.count_scaling, query_coarsening=args.query_coarsening, scale=args.scale)
-        print(f"analyze: {args.file}: q {q.shape} {q.dtype}, {len(labels)} head(s) of n={q.shape[-2]}", flush=True)
-        report = compare(q, k, v, key_padding_mask=mask, progress=_progress(args.progress), **options)
-    except _UsageError as exc:
-        print(f"analyze: error: {exc}", file=sys.stderr)
-        return 2
-    except (ValueError, TypeError) as exc:
-        print(f"analyze: error: {exc}", file=sys.stderr)
-        return 2
+    check_destinations(args)
+    q, k, v, mask, labels, indices = _load(args.file, args.layers, args.heads)
+    _check_inputs(args.file, q, k, v, mask, args)
+    options = dict(causal=args.causal, block_size=args.block_size, rank=args.rank, coarsening=args.coarsening,
+                   count_scaling=args.count_scaling, query_coarsening=args.query_coarsening, scale=args.scale)
+    print(f"analyze: {args.file}: q {q.shape} {q.dtype}, {len(labels)} head(s) of n={q.shape[-2]}"
+          + ("" if mask is None else ", with key_padding_mask"), flush=True)
+    progress = Progress(len(labels), "analyze", unit="head", enabled=args.progress)
+    report = compare(q, k, v, key_padding_mask=mask, progress=progress.wrap, **options)
+    progress.close()
     print(report.format(labels=labels))
     if args.json is not None:
         args.json.parent.mkdir(parents=True, exist_ok=True)
@@ -354,9 +417,12 @@ def run(args):
         for path in _plot(args.plot, q, k, mask, report, labels, indices, options):
             print(f"wrote {path}")
     if args.accuracy:
-        from .accuracy import accuracy_vs_cost, format_rows
+        from .accuracy import accuracy_vs_cost, default_settings, format_rows
 
-        rows = accuracy_vs_cost(q, k, v, causal=args.causal)
+        progress = Progress(len(default_settings(q.shape[-2])), "analyze", unit="setting", enabled=args.progress)
+        rows = accuracy_vs_cost(q, k, v, causal=args.causal, scale=args.scale, key_padding_mask=mask,
+                                progress=progress.update)
+        progress.close()
         print(f"\naccuracy versus cost over {len(labels)} head(s), n={q.shape[-2]} "
               "(errors: median/p90 over heads; oracle: each query's top keys at the same keys per query)")
         print(format_rows(rows))

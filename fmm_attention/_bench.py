@@ -8,23 +8,85 @@ from __future__ import annotations
 
 import numpy as np
 
-from . import api
-from ._workloads import Progress, best_time, fma_logits, matmul_rate, numpy_attention, random_qkv, table
+from . import _config, api
+from ._workloads import (
+    Progress,
+    UsageError,
+    best_time,
+    check_fma_options,
+    fma_logits,
+    matmul_rate,
+    numpy_attention,
+    positive_int,
+    random_qkv,
+    table,
+)
+
+#: The FMA configurations timed by default, each labelled in the output: the library's
+#: default and the 32/2 of the performance targets (docs: performance), which the
+#: published figures use.
+TRACKED = ((f"default {_config.DEFAULT_BLOCK_SIZE}/{_config.DEFAULT_RANK}", _config.DEFAULT_BLOCK_SIZE,
+            _config.DEFAULT_RANK), ("32/2", 32, 2))
 
 
 def add_arguments(parser):
-    parser.add_argument("--n", type=int, nargs="+", default=[1024, 4096, 16384, 65536], help="sequence lengths")
-    parser.add_argument("--d", type=int, default=64, help="head dim (default 64)")
-    parser.add_argument("--block-size", type=int, default=32)
-    parser.add_argument("--rank", type=int, default=2)
-    parser.add_argument("--backend", choices=["cpu", "cuda"], default="cpu")
-    parser.add_argument("--repeat", type=int, default=3, help="timed runs per figure, the best kept (NumPy and exact: fewer from n = 16384 on; FMA: more, 0.25 s per round)")
+    """Add the ``bench`` options to ``parser``."""
+    parser.add_argument("--n", type=positive_int, nargs="+", default=[1024, 4096, 16384, 65536], help="sequence lengths")
+    parser.add_argument("--d", type=positive_int, default=64, help="head dim")
+    parser.add_argument("--block-size", type=int, metavar="M",
+                        help="time FMA at this block size only (with --rank, or the default rank); by "
+                             f"default both {' and '.join(label for label, _, _ in TRACKED)} are timed")
+    parser.add_argument("--rank", type=int, metavar="P",
+                        help="time FMA at this rank only (with --block-size, or the default block size)")
+    parser.add_argument("--backend", choices=["cpu", "cuda"], default="cpu", help="where the kernels run")
+    parser.add_argument("--repeat", type=positive_int, default=3,
+                        help="timed runs per figure, the best kept (NumPy and exact: fewer from n = 16384 on; "
+                             "FMA: more, 0.25 s per round)")
     parser.add_argument("--numpy-max-n", type=int, default=65536, help="skip the NumPy baseline above this n")
-    parser.add_argument("--scaling", action="store_true", help="fit the log-log slope of FMA time from n=16384 to 1,048,576")
+    parser.add_argument("--scaling", action="store_true",
+                        help="instead: fit the log-log slope of FMA time from n=16384 to 1,048,576 "
+                             "(honours --d, --backend, --repeat and the configurations)")
+    parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress on stderr")
 
 
-def _fmm(q, k, v, args, **kw):
-    return api.fmm_attention(q, k, v, block_size=args.block_size, rank=args.rank, backend=args.backend,
+def configs(args):
+    """``(label, block_size, rank)`` of each FMA configuration to time."""
+    if args.block_size is None and args.rank is None:
+        return list(TRACKED)
+    m = _config.DEFAULT_BLOCK_SIZE if args.block_size is None else args.block_size
+    p = _config.DEFAULT_RANK if args.rank is None else args.rank
+    return [(f"{m}/{p}", m, p)]
+
+
+def _require_backend(backend):
+    """A usage error unless ``backend`` can run here (checked before any work)."""
+    if backend != "cuda":
+        return
+    from numba.core import config
+
+    if config.ENABLE_CUDASIM:
+        raise UsageError("--backend cuda with NUMBA_ENABLE_CUDASIM=1 would time numba's CUDA simulator, "
+                         "not a GPU; unset it to benchmark a GPU")
+    from . import cuda
+
+    try:
+        cuda.require()
+    except (RuntimeError, ImportError) as exc:
+        raise UsageError(f"--backend cuda: {exc}") from None
+
+
+def check(args):
+    """Reject bad options before any work (:class:`~fmm_attention._workloads.UsageError`)."""
+    from ._perf import DEFAULT_SCALING_NS
+
+    for _, m, p in configs(args):
+        for n in DEFAULT_SCALING_NS[-1:] if args.scaling else args.n:
+            check_fma_options(n, block_size=m, rank=p)
+    _require_backend(args.backend)
+
+
+def _fmm(q, k, v, args, block_size, rank, **kw):
+    return api.fmm_attention(q, k, v, block_size=block_size, rank=rank, backend=args.backend,
                              check_finite=False, **kw)
 
 
@@ -63,38 +125,55 @@ def _torch_sdpa_time(q, k, v, timer):
     return timer(fn, repeat=1)
 
 
-def run(args):
-    if args.scaling:
-        from ._perf import scaling_study
+def _scaling(args):
+    from ._perf import DEFAULT_SCALING_NS, scaling_study
 
-        for coarse in (False, True):
-            ns, times, slope = scaling_study(query_coarsening=coarse, block_size=args.block_size, rank=args.rank, d=args.d)
-            label = "coarse queries" if coarse else "fine queries"
-            print(f"FMA {label}: " + ", ".join(f"n={n}: {t * 1e3:.1f} ms" for n, t in zip(ns, times)))
-            print(f"  fitted log-log slope: {slope:.3f}")
-        return 0
+    runs = [(label, m, p, coarse) for label, m, p in configs(args) for coarse in (False, True)]
+    progress = Progress(len(runs) * len(DEFAULT_SCALING_NS), "bench", unit="size", enabled=args.progress)
+    print(f"float32, d={args.d}, one head, backend={args.backend}, best of at least {args.repeat} runs (1 s per n)")
+    for label, m, p, coarse in runs:
+        kind = "coarse queries" if coarse else "fine queries"
+        ns, times, slope = scaling_study(
+            query_coarsening=coarse, block_size=m, rank=p, d=args.d, backend=args.backend, repeat=args.repeat,
+            progress=lambda n, t, kind=kind, label=label: progress.update(f"fma {label} {kind} n={n}"))
+        progress.close()
+        print(f"FMA {label}, {kind}: " + ", ".join(f"n={n}: {t * 1e3:.1f} ms" for n, t in zip(ns, times)))
+        print(f"  fitted log-log slope: {slope:.3f}")
+    return 0
+
+
+def run(args):
+    """Run the ``bench`` command; returns the exit status."""
+    check(args)
+    if args.scaling:
+        return _scaling(args)
+    tracked = configs(args)
     rate_before = matmul_rate()
-    print(f"float32, d={args.d}, one head, block_size={args.block_size}, rank={args.rank}, backend={args.backend}\n")
+    print(f"float32, d={args.d}, one head, backend={args.backend}, FMA block_size/rank: "
+          f"{', '.join(label for label, _, _ in tracked)}\n")
     # warm the JIT on a tiny input so compile time stays out of the figures
     wq, wk, wv = random_qkv(256, args.d)
     api.exact_attention(wq, wk, wv, backend=args.backend)
-    _fmm(wq, wk, wv, args)
-    rows = []
+    for _, m, p in tracked:
+        _fmm(wq, wk, wv, args, m, p)
     timer = _timer(args)
     sdpa = []
-    progress = Progress(len(args.n), "bench")
+    progress = Progress(len(args.n), "bench", unit="size", enabled=args.progress)
     timings = []
     for n in args.n:
         q, k, v = random_qkv(n, args.d)
         dq, dk, dv = _on_backend(args, q, k, v)
-        t_np, t_ex, t_fm = _three_methods(args, timer, n, lambda: numpy_attention(q, k, v),
-                                          lambda: api.exact_attention(dq, dk, dv, backend=args.backend, check_finite=False),
-                                          lambda: _fmm(dq, dk, dv, args))
+        calls = {"numpy": lambda: numpy_attention(q, k, v),
+                 "exact": lambda: api.exact_attention(dq, dk, dv, backend=args.backend, check_finite=False)}
+        for label, m, p in tracked:
+            calls[f"fma {label}"] = lambda m=m, p=p: _fmm(dq, dk, dv, args, m, p)
+        best = _time_methods(args, timer, n, calls)
         if args.backend == "cuda":
+            t_fm = best[f"fma {tracked[0][0]}"]
             t_sdpa = _torch_sdpa_time(q[0], k[0], v[0], timer)
             if t_sdpa is not None:
                 sdpa.append([n, f"{t_sdpa * 1e3:.1f}", f"{t_fm * 1e3:.2f}", f"{t_sdpa / t_fm:.0f}"])
-        timings.append((n, t_np, t_ex, t_fm))
+        timings.append((n, best))
         progress.update(f"n={n}")
     progress.close()
     # The matmul rate is taken before and after the timings and the higher one is used:
@@ -103,19 +182,24 @@ def run(args):
     rate = max(rate_before, rate_after)
     print(f"NumPy float32 matmul (2048 x 2048): {rate / 1e9:.1f} GFLOP/s "
           f"(before {rate_before / 1e9:.1f}, after {rate_after / 1e9:.1f}; the higher is used)")
-    for n, t_np, t_ex, t_fm in timings:
+    rows = []
+    for n, best in timings:
+        t_np, t_ex = best["numpy"], best["exact"]
         exact_flops = 4.0 * args.d * n * n
-        fma_flops = 4.0 * args.d * fma_logits(n, block_size=args.block_size, rank=args.rank)
-        rows.append([
-            n, f"{t_np * 1e3:.1f}", f"{t_ex * 1e3:.1f}", f"{t_fm * 1e3:.2f}",
-            f"{t_np / t_ex:.2f}", f"{t_np / t_fm:.0f}",
-            f"{exact_flops / t_ex / 1e9:.1f}", f"{fma_flops / t_fm / 1e9:.1f}", f"{100 * fma_flops / t_fm / rate:.0f}%",
-        ])
-    print(table(rows, ["n", "numpy ms", "exact ms", "fma ms", "numpy/exact", "numpy/fma",
+        for label, m, p in tracked:
+            t_fm = best[f"fma {label}"]
+            fma_flops = 4.0 * args.d * fma_logits(n, block_size=m, rank=p)
+            rows.append([
+                n, label, f"{t_np * 1e3:.1f}", f"{t_ex * 1e3:.1f}", f"{t_fm * 1e3:.2f}",
+                f"{t_np / t_ex:.2f}", f"{t_np / t_fm:.0f}",
+                f"{exact_flops / t_ex / 1e9:.1f}", f"{fma_flops / t_fm / 1e9:.1f}", f"{100 * fma_flops / t_fm / rate:.0f}%",
+            ])
+    print(table(rows, ["n", "fma m/p", "numpy ms", "exact ms", "fma ms", "numpy/exact", "numpy/fma",
                        "exact GF/s", "fma GF/s", "fma/matmul"]))
-    print("\nFLOPs: 4 d per logit (q.k and p.v); FMA's logits counted from its tree.")
+    print("\nFLOPs: 4 d per logit (q.k and p.v); FMA's logits counted from its tree. NumPy and exact "
+          "attention do not depend on m/p: their figures repeat on each row of an n.")
     if sdpa:
-        print("\nPyTorch scaled_dot_product_attention on the same GPU, float32:")
+        print(f"\nPyTorch scaled_dot_product_attention on the same GPU, float32 (fma {tracked[0][0]}):")
         print(table(sdpa, ["n", "sdpa ms", "fma ms", "sdpa/fma"]))
     elif args.backend == "cuda":
         print("\n(PyTorch with CUDA is not installed here: no SDPA comparison)")
@@ -125,32 +209,33 @@ def run(args):
     return 0
 
 
-def _three_methods(args, timer, n, numpy_call, exact_call, fma_call):
-    """Best times of NumPy, exact attention and FMA at one ``n``, in two rounds.
+def _time_methods(args, timer, n, calls):
+    """Best times of each method at one ``n`` (a dict like ``calls``), in two rounds.
 
-    The second round runs the methods in the opposite order, so none is always timed
-    right after another's heavy work. The O(n^2) methods get fewer runs at large n (a
-    NumPy run at n = 65536 takes about 30 s): their runs are split between the rounds,
-    and a method with a single run is timed in the first round only. FMA runs as often as
-    fits in a quarter second per round.
+    ``calls`` maps names to no-argument callables: ``"numpy"``, ``"exact"`` and one or more
+    FMA configurations (names starting with ``"fma"``). The second round runs the methods
+    in the opposite order, so none is always timed right after another's heavy work. The
+    O(n^2) methods get fewer runs at large n (a NumPy run at n = 65536 takes about 30 s):
+    their runs are split between the rounds, and a method with a single run is timed in the
+    first round only. FMA runs as often as fits in a quarter second per round.
     """
     slow_runs = args.repeat if n <= 4096 else 2 if n <= 16384 else 1
-    best = {"numpy": float("inf"), "exact": float("inf"), "fma": float("inf")}
+    best = {name: float("inf") for name in calls}
     if n > args.numpy_max_n:
         best["numpy"] = float("nan")
-    calls = {"numpy": (best_time, numpy_call), "exact": (timer, exact_call), "fma": (timer, fma_call)}
+    order = list(calls)
     for round_ in range(2):
-        for name in ("numpy", "exact", "fma") if round_ == 0 else ("fma", "exact", "numpy"):
-            clock, call = calls[name]
-            if name == "fma":
-                t = clock(call, repeat=args.repeat, min_time=0.25)
+        for name in order if round_ == 0 else order[::-1]:
+            clock = best_time if name == "numpy" else timer
+            if name.startswith("fma"):
+                t = clock(calls[name], repeat=args.repeat, min_time=0.25)
             else:
                 runs = (slow_runs + 1) // 2 if round_ == 0 else slow_runs // 2
                 if runs == 0 or (name == "numpy" and n > args.numpy_max_n):
                     continue
-                t = clock(call, repeat=runs)
+                t = clock(calls[name], repeat=runs)
             best[name] = min(best[name], t)
-    return best["numpy"], best["exact"], best["fma"]
+    return best
 
 
 def _bench_cluster_upward(args):
@@ -165,11 +250,12 @@ def _bench_cluster_upward(args):
     from .tree import build_tree
 
     n = max(args.n)
+    label, m, p = configs(args)[0]
     q, k, v = random_qkv(n, args.d)
-    options = dict(block_size=args.block_size, rank=args.rank, check_finite=False)
+    options = dict(block_size=m, rank=p, check_finite=False)
     api.fmm_attention(q[:, :512], k[:, :512], v[:, :512], coarsening="cluster", **options)
     batch = attention_inputs(q, k, v, scale=None, key_padding_mask=None, check_finite=False)
-    tree = build_tree(n, block_size=args.block_size, rank=args.rank)
+    tree = build_tree(n, block_size=m, rank=p)
     t_plain = best_time(lambda: api.fmm_attention(q, k, v, **options), repeat=args.repeat)
     rows = []
     for iters in (1, 3, 8):
@@ -178,7 +264,7 @@ def _bench_cluster_upward(args):
                           repeat=args.repeat)
         rows.append([n, iters, f"{t_up * 1e3:.1f}", f"{(t_all - t_up) * 1e3:.1f}", f"{t_up / (t_all - t_up):.2f}",
                      f"{t_plain * 1e3:.1f}", f"{t_up / t_plain:.2f}"])
-    print("\nCluster coarsening (float32, one head): upward pass against the rest of the call and plain FMA")
+    print(f"\nCluster coarsening (float32, one head, m/p {label}): upward pass against the rest of the call and plain FMA")
     print(table(rows, ["n", "cluster_iters", "upward ms", "attention ms", "upward / attention", "plain FMA ms",
                        "upward / plain FMA"]))
 

@@ -1,8 +1,8 @@
 """``python -m fmm_attention demo``: the library's main job on a built-in workload.
 
 Random inputs up to n = 65536 and a real sample (three MiniLM heads shipped with the
-package): for each method, time, peak memory of its NumPy allocations and relative error
-against exact attention.
+package): for each method, its best time over a few runs, peak memory of its NumPy
+allocations and relative error against exact attention.
 """
 
 from __future__ import annotations
@@ -11,15 +11,38 @@ import numpy as np
 
 from . import _config, api
 from .accuracy import ACCURATE
-from ._workloads import Progress, best_time, peak_memory, random_qkv, real_sample, table
+from ._workloads import (
+    Progress,
+    best_time,
+    check_fma_options,
+    peak_memory,
+    positive_float,
+    positive_int,
+    random_qkv,
+    real_sample,
+    table,
+)
+
+#: Length of the real sample shipped with the package.
+REAL_N = 512
+HEADERS = ["method", "n", "time ms", "runs", "peak MiB", "rel. error"]
 
 
 def add_arguments(parser):
-    parser.add_argument("--n", type=int, nargs="+", default=[1024, 4096, 16384, 65536], help="random sequence lengths")
-    parser.add_argument("--d", type=int, default=64, help="head dim of the random inputs")
-    parser.add_argument("--block-size", type=int, default=_config.DEFAULT_BLOCK_SIZE)
-    parser.add_argument("--rank", type=int, default=_config.DEFAULT_RANK)
+    """Add the ``demo`` options to ``parser``."""
+    parser.add_argument("--n", type=positive_int, nargs="+", default=[1024, 4096, 16384, 65536],
+                        help="random sequence lengths")
+    parser.add_argument("--d", type=positive_int, default=64, help="head dim of the random inputs")
+    parser.add_argument("--block-size", type=int, default=_config.DEFAULT_BLOCK_SIZE,
+                        help="FMA's finest box size m, a power of two")
+    parser.add_argument("--rank", type=int, default=_config.DEFAULT_RANK,
+                        help="FMA's coarse keys per far box p, a power of two")
     parser.add_argument("--causal", action="store_true", help="causal attention")
+    parser.add_argument("--repeat", type=positive_int, default=3,
+                        help="timed runs per row, the best kept (fewer for a row once --max-time is spent)")
+    parser.add_argument("--max-time", type=positive_float, default=2.0, metavar="SECONDS",
+                        help="start no further timed run of a row after this many seconds")
+    parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress on stderr")
 
 
 def _rel_error(out, ref):
@@ -48,10 +71,16 @@ def _methods(args, *, real=False):
     return methods
 
 
-
-def _measure(name, fn, q, k, v, ref):
+def _measure(args, name, fn, q, k, v, ref):
+    """One table row: the best of up to ``args.repeat`` runs (within ``args.max_time``)."""
     result = {}
-    seconds = best_time(lambda: result.setdefault("out", fn(q, k, v)), repeat=1)
+    runs = [0]
+
+    def call():
+        runs[0] += 1
+        result["out"] = fn(q, k, v)
+
+    seconds = best_time(call, repeat=args.repeat, max_time=args.max_time)
     out = result["out"]
     peak = peak_memory(lambda: fn(q, k, v))
     if ref is None:
@@ -60,38 +89,52 @@ def _measure(name, fn, q, k, v, ref):
         err = "n/a (another model)"
     else:
         err = f"{_rel_error(out, ref):.2e}"
-    return out, [name, q.shape[-2], f"{seconds * 1e3:.1f}", f"{peak / 2**20:.1f}", err]
+    return out, [name, q.shape[-2], f"{seconds * 1e3:.2f}", runs[0], f"{peak / 2**20:.1f}", err]
+
+
+def check(args):
+    """Reject bad options before any work (:class:`~fmm_attention._workloads.UsageError`)."""
+    for n in sorted(set(args.n) | {REAL_N}):
+        check_fma_options(n, block_size=args.block_size, rank=args.rank, causal=args.causal)
 
 
 def run(args):
+    """Run the ``demo`` command; returns the exit status."""
+    check(args)
     methods = _methods(args)
-    print("fmm_attention demo: relative error = ||out - exact|| / ||exact|| (Frobenius)")
-    print("warming up the JIT (compiles once, then cached on disk)...", flush=True)
+    real_methods = _methods(args, real=True)
+    print("fmm_attention demo: relative error = ||out - exact|| / ||exact|| (Frobenius); "
+          f"time = best of up to {args.repeat} runs (the runs column; no run starts after "
+          f"{args.max_time:g} s on a row); peak = NumPy allocations (tracemalloc)")
+    progress = Progress(len(real_methods) + len(args.n) * len(methods) + len(real_methods), "demo",
+                        enabled=args.progress)
+    # compiles once, then Numba's on-disk cache makes this fast (python -m fmm_attention compile)
     wq, wk, wv = random_qkv(128, args.d)
-    for _, fn in _methods(args, real=True):
+    for name, fn in real_methods:
         fn(wq, wk, wv)
+        progress.update(f"warm-up {name}")
 
     rows = []
-    progress = Progress(len(args.n) * len(methods), "demo")
     for n in args.n:
         q, k, v = random_qkv(n, args.d)
         ref = None
         for name, fn in methods:
-            out, row = _measure(name, fn, q, k, v, ref)
+            out, row = _measure(args, name, fn, q, k, v, ref)
             ref = out if ref is None else ref
             rows.append(row)
             progress.update(f"{name} n={n}")
-    progress.close()
-    print(f"\nRandom Gaussian inputs, one head, d={args.d}, float32 (attention is nearly uniform):")
-    print(table(rows, ["method", "n", "time ms", "peak MiB", "rel. error"]))
 
     q, k, v, provenance = real_sample()
-    rows = []
+    real_rows = []
     ref = None
-    for name, fn in _methods(args, real=True):
-        out, row = _measure(name, fn, q, k, v, ref)
+    for name, fn in real_methods:
+        out, row = _measure(args, name, fn, q, k, v, ref)
         ref = out if ref is None else ref
-        rows.append(row)
-    print(f"\nReal attention inputs: {provenance}, n=512, d=32, float32:")
-    print(table(rows, ["method", "n", "time ms", "peak MiB", "rel. error"]))
+        real_rows.append(row)
+        progress.update(f"{name} real sample")
+    progress.close()
+    print(f"\nRandom Gaussian inputs, one head, d={args.d}, float32 (attention is nearly uniform):")
+    print(table(rows, HEADERS))
+    print(f"\nReal attention inputs: {provenance}, n={q.shape[-2]}, d={q.shape[-1]}, float32:")
+    print(table(real_rows, HEADERS))
     return 0

@@ -19,7 +19,7 @@ from ._validate import attention_inputs
 from .api import exact_attention, fmm_attention
 
 
-def topk_attention(q, k, v, *, keys, causal=False, scale=None):
+def topk_attention(q, k, v, *, keys, causal=False, scale=None, key_padding_mask=None):
     """Oracle attention that keeps each query's ``keys`` largest logits exactly.
 
     Parameters
@@ -31,6 +31,9 @@ def topk_attention(q, k, v, *, keys, causal=False, scale=None):
     causal : bool, optional
     scale : float, optional
         Logit scale, ``1/sqrt(d)`` by default.
+    key_padding_mask : array_like of bool, shape (..., n), optional
+        ``True`` marks a valid key; only valid keys are kept. A query with no valid key
+        gets a zero output.
 
     Returns
     -------
@@ -50,7 +53,7 @@ def topk_attention(q, k, v, *, keys, causal=False, scale=None):
     >>> bool(np.allclose(topk_attention(x, x, x, keys=64), exact_attention(x, x, x)))
     True
     """
-    batch = attention_inputs(q, k, v, scale=scale, key_padding_mask=None, check_finite=True)
+    batch = attention_inputs(q, k, v, scale=scale, key_padding_mask=key_padding_mask, check_finite=True)
     n = batch.n
     if n > _config.DENSE_MAX_N:
         raise ValueError(f"topk_attention builds (n, n) logits; n={n} exceeds {_config.DENSE_MAX_N}")
@@ -61,11 +64,14 @@ def topk_attention(q, k, v, *, keys, causal=False, scale=None):
     allowed = np.tril(np.ones((n, n), bool)) if causal else np.ones((n, n), bool)
     for b in range(batch.q.shape[0]):
         logits = batch.scale * batch.q[b].astype(np.float64) @ batch.k[b].astype(np.float64).T
-        logits = np.where(allowed, logits, -np.inf)
+        row_allowed = allowed if batch.valid is None else allowed & batch.valid[b][None, :]
+        logits = np.where(row_allowed, logits, -np.inf)
         threshold = -np.sort(-logits, axis=1)[:, keys - 1 : keys]
         logits = np.where(logits >= threshold, logits, -np.inf)
-        w = np.exp(logits - logits.max(axis=1, keepdims=True))
-        out[b] = (w / w.sum(axis=1, keepdims=True)) @ batch.v[b]
+        row_max = logits.max(axis=1, keepdims=True)
+        w = np.exp(logits - np.where(np.isfinite(row_max), row_max, 0.0))  # no valid key: all zero
+        total = w.sum(axis=1, keepdims=True)
+        out[b] = (w / np.where(total > 0, total, 1.0)) @ batch.v[b]
     return batch.restore(out)
 
 
@@ -136,7 +142,7 @@ def default_settings(n):
 ACCURATE = dict(block_size=4, rank=2, coarsening="cluster", cluster_iters=8, refine=80)
 
 
-def accuracy_vs_cost(q, k, v, settings=None, *, causal=False, progress=None):
+def accuracy_vs_cost(q, k, v, settings=None, *, causal=False, scale=None, key_padding_mask=None, progress=None):
     """Error and keys per query of several FMA settings, beside the top-k oracle.
 
     Parameters
@@ -148,6 +154,10 @@ def accuracy_vs_cost(q, k, v, settings=None, *, causal=False, progress=None):
         Labels and :func:`~fmm_attention.fmm_attention` options; :func:`default_settings`
         when omitted.
     causal : bool, optional
+    scale : float, optional
+        Logit scale, ``1/sqrt(d)`` by default; the same for FMA, the reference and the oracle.
+    key_padding_mask : array_like of bool, shape (..., n), optional
+        ``True`` marks a valid key; given to FMA, the reference and the oracle alike.
     progress : callable, optional
         Called with each label after its setting is measured.
 
@@ -167,14 +177,15 @@ def accuracy_vs_cost(q, k, v, settings=None, *, causal=False, progress=None):
     q, k, v = (np.asarray(x, dtype=np.float64) for x in (q, k, v))
     n = q.shape[-2]
     settings = default_settings(n) if settings is None else settings
-    ref = exact_attention(q, k, v, causal=causal)
+    common = dict(causal=causal, scale=scale, key_padding_mask=key_padding_mask)
+    ref = exact_attention(q, k, v, **common)
     oracle_cache = {}
     rows = []
     for label, options in settings:
-        out, stats = fmm_attention(q, k, v, causal=causal, return_stats=True, **options)
+        out, stats = fmm_attention(q, k, v, return_stats=True, **common, **options)
         keys = max(1, int(round(stats.keys_per_query_mean)))
         if keys not in oracle_cache:
-            oracle_cache[keys] = relative_errors(topk_attention(q, k, v, keys=keys, causal=causal), ref)
+            oracle_cache[keys] = relative_errors(topk_attention(q, k, v, keys=keys, **common), ref)
         rows.append(CostErrorRow(label, dict(options), stats.keys_fraction, relative_errors(out, ref), oracle_cache[keys]))
         if progress is not None:
             progress(label)

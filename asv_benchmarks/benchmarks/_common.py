@@ -25,6 +25,7 @@ except ImportError:  # not installed: benchmark the checkout this suite belongs 
     sys.path.insert(0, str(REPO_ROOT))
     import fmm_attention  # noqa: F401
 
+import fmm_attention._config  # noqa: E402
 from fmm_attention import _perf  # noqa: E402
 
 FULL = os.environ.get("FMM_ATTENTION_BENCH_FULL", "").strip().lower() in ("1", "true", "yes", "on")
@@ -37,10 +38,20 @@ DTYPES = ["float32", "float64"]
 #: "cuda" runs only where a GPU is present; otherwise setup skips it.
 BACKENDS = ["cpu", "cuda"]
 
-#: Head dim and the FMA configuration of the issue's targets.
+#: Head dim of every benchmark.
 D = 64
-BLOCK_SIZE = 32
-RANK = 2
+#: FMA configurations tracked, by label: the performance targets' 32/2 (the classes without
+#: a suffix, whose history predates the label) and the library's default (``...Default``).
+CONFIGS = {
+    "32/2": (32, 2),
+    f"default {fmm_attention._config.DEFAULT_BLOCK_SIZE}/{fmm_attention._config.DEFAULT_RANK}":
+        (fmm_attention._config.DEFAULT_BLOCK_SIZE, fmm_attention._config.DEFAULT_RANK),
+}
+#: The targets' configuration (block size, rank), used by the classes without a suffix.
+BLOCK_SIZE, RANK = CONFIGS["32/2"]
+#: The library's default configuration, used by the ``...Default`` classes.
+DEFAULT_LABEL = next(label for label in CONFIGS if label.startswith("default"))
+DEFAULT_BLOCK_SIZE, DEFAULT_RANK = CONFIGS[DEFAULT_LABEL]
 
 _inputs = {}
 _warmed = set()

@@ -30,7 +30,11 @@ class RealDataAccuracy:
 
     ``track_relative_error``: ``||fma - exact||_F / ||exact||_F`` over every head together;
     ``track_worst_head_error``: the largest per-head relative error.
+    ``RealDataAccuracyDefault`` tracks the same at the library's default block size (64;
+    rank 4 is the default rank).
     """
+
+    block_size = c.BLOCK_SIZE
 
     params = [TEXTS, [False, True], [False, True], [1, 2, 4, 8]]
     param_names = ["text", "causal", "query_coarsening", "rank"]
@@ -44,7 +48,7 @@ class RealDataAccuracy:
         if key not in _references:
             _references[key] = fmm_attention.exact_attention(q, k, v, causal=causal)
         reference = _references[key]
-        out = fmm_attention.fmm_attention(q, k, v, causal=causal, block_size=32, rank=rank,
+        out = fmm_attention.fmm_attention(q, k, v, causal=causal, block_size=self.block_size, rank=rank,
                                           query_coarsening=query_coarsening)
         diff = (out - reference).astype(np.float64)
         ref = reference.astype(np.float64)
@@ -57,3 +61,9 @@ class RealDataAccuracy:
 
     def track_worst_head_error(self, text, causal, query_coarsening, rank):
         return self.worst
+
+
+class RealDataAccuracyDefault(RealDataAccuracy):
+    """As :class:`RealDataAccuracy`, at the library's default block size (64)."""
+
+    block_size = c.DEFAULT_BLOCK_SIZE

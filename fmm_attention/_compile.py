@@ -1,0 +1,168 @@
+"""``python -m fmm_attention compile``: compile every CPU kernel variant ahead of use.
+
+Each variant is a few calls of the public functions on tiny inputs, one per code path
+(exact attention, FMA with fine and coarse queries, causal or not, masks, mean, cluster
+and learned coarsening, refinement, global tokens, Fastformer, the analysis), in float32
+and float64. Calling the public functions compiles exactly the signatures that later
+calls dispatch to. Numba writes the machine code to its on-disk cache, so later processes
+load it in a fraction of the time; ``NUMBA_CACHE_DIR`` sets where that cache lives.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+import numpy as np
+
+from . import _config
+from ._workloads import Progress, UsageError, table
+
+DTYPES = ("float32", "float64")
+
+# Tiny sizes that still reach every branch: n = 64 with m = 8 gives three far levels, so
+# the coarse-query, refinement and multi-level paths all run.
+_N, _D, _M, _P = 64, 8, 8, 2
+
+
+def _inputs(dtype):
+    # One generator for every command (perf.random_inputs): here a leading dim of 2 heads.
+    from ._perf import random_inputs
+
+    return random_inputs(_N, _D, heads=2, dtype=dtype, seed=0)
+
+
+def _mask():
+    mask = np.ones((2, _N), dtype=bool)
+    mask[1, _N // 2 :] = False  # one padded head, one full
+    return mask
+
+
+def _exact(dtype):
+    from .api import exact_attention
+
+    q, k, v = _inputs(dtype)
+    exact_attention(q, k, v)
+    exact_attention(q, k, v, causal=True, return_lse=True)
+    exact_attention(q, k, v, key_padding_mask=_mask(), check_finite=False)
+
+
+def _fma_calls(**options):
+    def run(dtype):
+        from .api import fmm_attention
+
+        q, k, v = _inputs(dtype)
+        for causal in (False, True) if not options.get("query_coarsening") else (False,):
+            for mask in (None, _mask()):
+                fmm_attention(q, k, v, causal=causal, block_size=_M, rank=_P, key_padding_mask=mask, **options)
+
+    return run
+
+
+def _learned(dtype):
+    from .api import fmm_attention
+    from .coarsening import LearnedCoarsening
+    from .tree import build_tree
+
+    q, k, v = _inputs(dtype)
+    tree = build_tree(_N, block_size=_M, rank=_P)
+    weights = [np.full((lv.rank * _D, 1, lv.box_size), 1.0 / lv.box_size) for lv in tree.levels]
+    coarse = LearnedCoarsening(weights, weights)
+    for causal in (False, True):
+        fmm_attention(q, k, v, causal=causal, block_size=_M, rank=_P, coarsening=coarse, key_padding_mask=_mask())
+
+
+def _fastformer(dtype):
+    from .api import fastformer_attention
+
+    q, k, v = _inputs(dtype)
+    w_q, w_k = np.random.default_rng(1).standard_normal((2, _D)).astype(dtype)
+    for causal in (False, True):
+        fastformer_attention(q, k, v, w_q, w_k, causal=causal)
+        fastformer_attention(q, k, v, w_q, w_k, causal=causal, key_padding_mask=_mask(), return_pools=True)
+
+
+def _analysis(dtype):
+    # The analysis computes in float64 whatever the input dtype: one variant covers both.
+    from .analysis import compare
+
+    q, k, v = _inputs(dtype)
+    compare(q, k, v, block_size=_M, rank=_P, key_padding_mask=_mask())
+
+
+#: Variant name -> (function of the dtype, dtypes it is compiled for).
+VARIANTS = {
+    "exact": (_exact, DTYPES),
+    "fma": (_fma_calls(), DTYPES),
+    "fma-coarse-queries": (_fma_calls(query_coarsening=True), DTYPES),
+    "fma-cluster": (_fma_calls(coarsening="cluster", cluster_iters=2), DTYPES),
+    "fma-learned": (_learned, DTYPES),
+    "fma-refine": (_fma_calls(refine=8), DTYPES),
+    "fma-global-tokens": (_fma_calls(global_tokens=[0, _N - 1]), DTYPES),
+    "fastformer": (_fastformer, DTYPES),
+    "analysis": (_analysis, ("float64",)),
+}
+
+_DESCRIPTIONS = {
+    "exact": "exact attention: causal or not, masked, with lse",
+    "fma": "FMA, fine queries, mean coarsening: causal or not, masked",
+    "fma-coarse-queries": "FMA, coarse queries (the O(n) variant), masked",
+    "fma-cluster": "FMA, cluster coarsening: causal or not, masked",
+    "fma-learned": "FMA, learned coarsening: causal or not",
+    "fma-refine": "FMA, adaptive refinement: causal or not, masked",
+    "fma-global-tokens": "FMA with global tokens: causal or not, masked",
+    "fastformer": "Fastformer: causal or not, masked, with pools",
+    "analysis": "the analysis of the analyze command (float64 only)",
+}
+
+
+def add_arguments(parser):
+    """Add the ``compile`` options to ``parser``."""
+    parser.add_argument("--dtype", nargs="+", choices=DTYPES, default=list(DTYPES),
+                        help="dtypes to compile for")
+    parser.add_argument("--only", nargs="+", choices=list(VARIANTS), metavar="VARIANT",
+                        help="compile only these variants (default: all): " + ", ".join(VARIANTS))
+    parser.add_argument("--list", action="store_true", help="list the variants and exit, compiling nothing")
+    parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress on stderr")
+
+
+def _cache_location():
+    from numba.core import config
+
+    if not _config.CACHE:
+        return "none: on-disk caching is off (fmm_attention._config.CACHE), compiled code lasts this process only"
+    if os.environ.get("NUMBA_CACHE_DIR") or getattr(config, "CACHE_DIR", ""):
+        return f"NUMBA_CACHE_DIR={config.CACHE_DIR or os.environ['NUMBA_CACHE_DIR']}"
+    return "__pycache__ beside the package's modules (or numba's per-user cache if not writable); set NUMBA_CACHE_DIR to move it"
+
+
+def jobs(names, dtypes):
+    """``(variant, dtype)`` pairs to compile, in order."""
+    return [(name, dtype) for name in names for dtype in dtypes if dtype in VARIANTS[name][1]]
+
+
+def run(args):
+    """Run the ``compile`` command; returns the exit status."""
+    names = list(VARIANTS) if args.only is None else list(dict.fromkeys(args.only))
+    todo = jobs(names, list(dict.fromkeys(args.dtype)))
+    if args.list:
+        print(table([[name, _DESCRIPTIONS[name], ", ".join(VARIANTS[name][1])] for name in VARIANTS],
+                    ["variant", "what it compiles", "dtypes"]))
+        return 0
+    if not todo:
+        raise UsageError(f"nothing to compile: variant(s) {', '.join(names)} have no {'/'.join(args.dtype)} variant")
+    print(f"compiling {len(todo)} variant(s); cache: {_cache_location()}", flush=True)
+    progress = Progress(len(todo), "compile", unit="variant", enabled=args.progress)
+    rows = []
+    start = time.perf_counter()
+    for name, dtype in todo:
+        t0 = time.perf_counter()
+        VARIANTS[name][0](np.dtype(dtype))
+        seconds = time.perf_counter() - t0
+        rows.append([name, dtype, f"{seconds:.1f}"])
+        progress.update(f"{name} {dtype}: {seconds:.1f} s")
+    progress.close()
+    print(table(rows, ["variant", "dtype", "seconds"]))
+    print(f"done in {time.perf_counter() - start:.1f} s. A variant's seconds count what the variants above it had "
+          "not compiled yet (kernels are shared), or the time to load it when it was cached already.")
+    return 0
