@@ -276,7 +276,6 @@ def _bench_fastformer(args):
     api.fastformer_attention(*random_qkv(256, args.d), w[0], w[1], backend=args.backend)
     api.fastformer_attention(*random_qkv(256, args.d), w[0], w[1], causal=True, backend=args.backend)
     timer = _timer(args)
-    timings = []
     for n in args.n:
         q, k, v = random_qkv(n, args.d)
         moved = 4.0 * q.nbytes  # q, k, v read once, u written once

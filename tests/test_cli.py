@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 import fmm_attention
-from fmm_attention import _analyze, _bench, _compile, _config, _demo, _perf, _workloads, api, cli
+from fmm_attention import _analyze, _bench, _compile, _config, _perf, _workloads, api, cli
 
 
 def run_cli(argv, capsys):
@@ -435,23 +435,24 @@ def test_compile_variants_cover_the_api(capsys, monkeypatch):
     assert code == 0, err
     assert len([line for line in err.splitlines() if line.startswith("compile: variant ")]) == len(
         _compile.jobs(list(_compile.VARIANTS), _compile.DTYPES))
-    for dtype in ("float32", "float64"):
-        def has(name, **want):
-            return any(n == name and dt == dtype and all(
-                (kw.get(key) is not None) if value is ... else
-                isinstance(kw.get(key), value) if isinstance(value, type) else kw.get(key, False) == value
-                for key, value in want.items()) for n, dt, kw in seen)
 
+    def has(name, dtype, **want):
+        return any(n == name and dt == dtype and all(
+            (kw.get(key) is not None) if value is ... else
+            isinstance(kw.get(key), value) if isinstance(value, type) else kw.get(key, False) == value
+            for key, value in want.items()) for n, dt, kw in seen)
+
+    for dtype in ("float32", "float64"):
         for causal in (False, True):
-            assert has("exact_attention", causal=causal)
-            assert has("fmm_attention", causal=causal, key_padding_mask=...)
-            assert has("fmm_attention", causal=causal, coarsening="cluster")
-            assert has("fmm_attention", causal=causal, coarsening=LearnedCoarsening)
-            assert has("fmm_attention", causal=causal, refine=8)
-            assert has("fmm_attention", causal=causal, global_tokens=...)
-            assert has("fastformer_attention", causal=causal, key_padding_mask=...)
-        assert has("exact_attention", key_padding_mask=...)
-        assert has("fmm_attention", query_coarsening=True, key_padding_mask=...)
+            assert has("exact_attention", dtype, causal=causal)
+            assert has("fmm_attention", dtype, causal=causal, key_padding_mask=...)
+            assert has("fmm_attention", dtype, causal=causal, coarsening="cluster")
+            assert has("fmm_attention", dtype, causal=causal, coarsening=LearnedCoarsening)
+            assert has("fmm_attention", dtype, causal=causal, refine=8)
+            assert has("fmm_attention", dtype, causal=causal, global_tokens=...)
+            assert has("fastformer_attention", dtype, causal=causal, key_padding_mask=...)
+        assert has("exact_attention", dtype, key_padding_mask=...)
+        assert has("fmm_attention", dtype, query_coarsening=True, key_padding_mask=...)
     assert any(name == "compare" for name, _, _ in seen)
     assert "seconds" in out and "fma-learned" in out
 
@@ -477,9 +478,8 @@ def test_user_input_turns_only_validation_errors_into_usage_errors():
     with pytest.raises(_workloads.UsageError, match="x: boom"):
         with _workloads.user_input("x: "):
             raise ValueError("boom")
-    with pytest.raises(KeyError):
-        with _workloads.user_input():
-            raise KeyError("a bug keeps its traceback")
+    with pytest.raises(KeyError), _workloads.user_input():
+        raise KeyError("a bug keeps its traceback")
 
 
 def test_zip_without_arrays_is_reported(tmp_path, capsys, no_work):

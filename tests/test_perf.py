@@ -20,3 +20,42 @@ def test_fma_logits_equal_the_stats_of_a_call(n, m, p, causal, coarse):
 def test_loglog_slope_recovers_a_power_law():
     ns = np.array([1e3, 1e4, 1e5])
     assert loglog_slope(ns, 3.0 * ns**1.25) == pytest.approx(1.25)
+
+
+def test_perf_helpers_default_to_the_library_configuration():
+    import inspect
+
+    from fmm_attention import _config, _perf
+
+    for fn in (_perf.method_call, _perf.fma_logits, _perf.attention_flops, _perf.scaling_study, _perf.peak_memory,
+               _perf.profile_phases):
+        params = inspect.signature(fn).parameters
+        assert (params["block_size"].default, params["rank"].default) == (
+            _config.DEFAULT_BLOCK_SIZE, _config.DEFAULT_RANK), fn.__name__
+    assert (inspect.signature(fmm_attention).parameters["block_size"].default,
+            inspect.signature(fmm_attention).parameters["rank"].default) == (
+        _config.DEFAULT_BLOCK_SIZE, _config.DEFAULT_RANK)
+
+
+def test_asv_tracks_the_default_and_the_targets_configuration(monkeypatch):
+    import sys
+    from pathlib import Path
+
+    from fmm_attention import _config
+
+    root = Path(__file__).resolve().parents[1] / "asv_benchmarks"
+    monkeypatch.syspath_prepend(str(root))
+    for name in [m for m in sys.modules if m == "benchmarks" or m.startswith("benchmarks.")]:
+        monkeypatch.delitem(sys.modules, name)
+    from benchmarks import bench_accuracy, bench_fma
+
+    default = (_config.DEFAULT_BLOCK_SIZE, _config.DEFAULT_RANK)
+    for base, tracked in [(bench_fma.FMMAttention, bench_fma.FMMAttentionDefault),
+                          (bench_fma.FMMAttentionMemory, bench_fma.FMMAttentionMemoryDefault),
+                          (bench_fma.BuildTree, bench_fma.BuildTreeDefault)]:
+        assert (base.block_size, base.rank) == (32, 2)
+        assert (tracked.block_size, tracked.rank) == default
+        assert tracked.params == base.params  # same grid, another configuration
+    assert bench_accuracy.RealDataAccuracy.block_size == 32
+    assert bench_accuracy.RealDataAccuracyDefault.block_size == _config.DEFAULT_BLOCK_SIZE
+    assert _config.DEFAULT_RANK in bench_accuracy.RealDataAccuracy.params[-1]
