@@ -464,7 +464,9 @@ def test_compile_list_names_every_variant(capsys):
 
 
 def test_compile_really_compiles_a_subset(capsys):
-    from fmm_attention.cpu import fastformer as kernels
+    import importlib
+
+    kernels = importlib.import_module("fmm_attention.cpu.fastformer")  # the module, not the function
 
     code, out, err = run_cli(["compile", "--only", "fastformer", "--dtype", "float64", "--no-progress"], capsys)
     assert code == 0, err
@@ -493,3 +495,47 @@ def test_zip_without_arrays_is_reported(tmp_path, capsys, no_work):
 def test_analyze_defaults_match_the_library():
     args = cli.build_parser("x").parse_args(["analyze", "f.npz"])
     assert (args.block_size, args.rank) == (_config.DEFAULT_BLOCK_SIZE, _config.DEFAULT_RANK)
+
+
+_KERNEL_COVERAGE = r'''
+import importlib, json, pkgutil, sys
+import numpy as np
+from numba.core.registry import CPUDispatcher
+import fmm_attention.cpu as cpu
+from fmm_attention import analysis, cli
+
+assert cli.main(["compile", "--no-progress"]) == 0
+kernels = {}
+for info in pkgutil.iter_modules(cpu.__path__):
+    module = importlib.import_module(f"fmm_attention.cpu.{info.name}")
+    for name, obj in vars(module).items():
+        if isinstance(obj, CPUDispatcher) and obj.targetoptions.get("parallel") and obj.__module__ == module.__name__:
+            kernels[f"{info.name}.{name}"] = obj
+kernels["analysis._bound_kernel"] = analysis._bound_kernel
+report = {}
+for name, kernel in kernels.items():
+    report[name] = sorted({str(getattr(t, "dtype", "")) for sig in kernel.signatures for t in sig} - {""})
+print(json.dumps(report))
+'''
+
+
+@pytest.mark.slow
+def test_compile_reaches_every_parallel_kernel_in_both_dtypes():
+    """In a fresh process: after ``compile`` every parallel CPU kernel has its variants."""
+    import json
+
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(Path(fmm_attention.__file__).parents[1]),
+                                                                    os.environ.get("PYTHONPATH")])))
+    proc = subprocess.run([sys.executable, "-c", _KERNEL_COVERAGE], capture_output=True, text=True, env=env,
+                          timeout=1800)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert len(report) > 10
+    for name, dtypes in report.items():
+        assert dtypes, f"{name} was never compiled"
+        if name.startswith("analysis."):
+            assert "float64" in dtypes, name
+        elif "float32" in dtypes or "float64" in dtypes:
+            assert {"float32", "float64"} <= set(dtypes), (name, dtypes)
+        else:  # the finite check works on the bits: one unsigned type per float width
+            assert {"uint32", "uint64"} <= set(dtypes), (name, dtypes)
