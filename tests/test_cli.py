@@ -539,3 +539,22 @@ def test_compile_reaches_every_parallel_kernel_in_both_dtypes():
             assert {"float32", "float64"} <= set(dtypes), (name, dtypes)
         else:  # the finite check works on the bits: one unsigned type per float width
             assert {"uint32", "uint64"} <= set(dtypes), (name, dtypes)
+
+
+def test_errors_during_the_work_keep_their_traceback(capsys, monkeypatch):
+    # A ValueError once the checks have passed is a bug: cli.main must not turn it into a usage error.
+    def broken(*args, **kwargs):
+        raise ValueError("an internal inconsistency")
+
+    monkeypatch.setattr(api, "exact_attention", broken)
+    with pytest.raises(ValueError, match="internal inconsistency"):
+        cli.main(["demo", "--n", "64", "--no-progress"])
+
+
+def test_interrupt_is_one_line(capsys, monkeypatch):
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(_compile, "run", interrupted)
+    code, _, err = run_cli(["compile"], capsys)
+    assert code == 130 and err.strip() == "fmm-attention compile: interrupted"
