@@ -35,7 +35,7 @@ def add_arguments(parser):
     parser.add_argument("--d", type=positive_int, default=64, help="head dim")
     parser.add_argument("--block-size", type=int, metavar="M",
                         help="time FMA at this block size only (with --rank, or the default rank); by "
-                             f"default both {' and '.join(label for label, _, _ in TRACKED)} are timed")
+                             f"default both configurations, {' and '.join(label for label, _, _ in TRACKED)}, are timed")
     parser.add_argument("--rank", type=int, metavar="P",
                         help="time FMA at this rank only (with --block-size, or the default block size)")
     parser.add_argument("--backend", choices=["cpu", "cuda"], default="cpu", help="where the kernels run")
