@@ -92,13 +92,23 @@ class LearnedCoarsening:
     --------
     >>> import numpy as np
     >>> from fmm_attention import LearnedCoarsening, fmm_attention
+    >>> from fmm_attention import build_tree
     >>> d, m, p = 4, 4, 2
-    >>> widths = [m, 2 * m]                                   # n = 16: two far levels
-    >>> kw = [np.full((p * d, 1, w), 1.0 / w) for w in widths]  # box means, p slots each
-    >>> coarse = LearnedCoarsening(kw, kw)
-    >>> x = np.random.default_rng(0).standard_normal((16, d))
-    >>> fmm_attention(x, x, x, block_size=m, rank=p, coarsening=coarse).shape
-    (16, 4)
+    >>> tree = build_tree(32, block_size=m, rank=p)  # n = 32, block 4: two far levels
+    >>> [level.box_size for level in tree.levels]
+    [4, 8]
+    >>> kw = [np.full((lv.rank * d, 1, lv.box_size), 1.0 / lv.box_size) for lv in tree.levels]
+    >>> coarse = LearnedCoarsening(kw, kw)  # every slot holds its box's mean
+    >>> x = np.random.default_rng(0).standard_normal((32, d))
+    >>> out = fmm_attention(x, x, x, block_size=m, rank=p, coarsening=coarse)
+    >>> out.shape
+    (32, 4)
+
+    Two slots that both hold the box mean, each with count bias ``log(w_l / 2)``, weigh
+    exactly as one box mean with bias ``log(w_l)``, that is mean coarsening at rank 1:
+
+    >>> bool(np.allclose(out, fmm_attention(x, x, x, block_size=m, rank=1)))
+    True
     """
 
     def __init__(self, key_weights, value_weights, key_bias=None, value_bias=None):
