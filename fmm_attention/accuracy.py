@@ -18,6 +18,8 @@ from . import _config
 from ._validate import attention_inputs
 from .api import exact_attention, fmm_attention
 
+__all__ = ["ACCURATE", "topk_attention", "accuracy_vs_cost", "default_settings", "relative_errors", "CostErrorRow"]
+
 
 def topk_attention(q, k, v, *, keys, causal=False, scale=None):
     """Oracle attention that keeps each query's ``keys`` largest logits exactly.
@@ -94,19 +96,41 @@ class CostErrorRow:
 
     @property
     def median(self):
+        """Median of :attr:`errors` over the heads."""
         return float(np.median(self.errors))
 
     @property
     def p90(self):
+        """90th percentile of :attr:`errors` over the heads."""
         return float(np.percentile(self.errors, 90))
 
     @property
     def oracle_median(self):
+        """Median of :attr:`oracle_errors` over the heads."""
         return float(np.median(self.oracle_errors))
 
 
 def relative_errors(out, ref):
-    """Relative Frobenius error of each leading index: ``||out - ref|| / ||ref||`` over (n, dv)."""
+    """Relative Frobenius error of each leading index: ``||out - ref|| / ||ref||`` over (n, dv).
+
+    Parameters
+    ----------
+    out, ref : array_like, shape (..., n, dv)
+        An approximation and the reference, e.g. FMA's and exact attention's outputs.
+
+    Returns
+    -------
+    ndarray, shape (prod(...),), float64
+        One error per leading index (flattened); 0 where ``ref`` is 0 and ``out`` equals it.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from fmm_attention.accuracy import relative_errors
+    >>> ref = np.ones((2, 4, 3))
+    >>> relative_errors(ref * [[[1.0]], [[1.5]]], ref).tolist()
+    [0.0, 0.5]
+    """
     out, ref = np.asarray(out, dtype=np.float64), np.asarray(ref, dtype=np.float64)
     num = np.linalg.norm((out - ref).reshape(-1, ref.shape[-2] * ref.shape[-1]), axis=1)
     den = np.linalg.norm(ref.reshape(-1, ref.shape[-2] * ref.shape[-1]), axis=1)
@@ -114,7 +138,26 @@ def relative_errors(out, ref):
 
 
 def default_settings(n):
-    """The settings of the accuracy-versus-cost table in the docs, for sequences of length ``n``."""
+    """The settings of the accuracy-versus-cost table of :doc:`/accuracy`.
+
+    Parameters
+    ----------
+    n : int
+        Sequence length; the settings with sinks use tokens ``0`` and ``n - 1``.
+
+    Returns
+    -------
+    list of (str, dict)
+        Labels and :func:`~fmm_attention.fmm_attention` options, the input of
+        :func:`accuracy_vs_cost`.
+
+    Examples
+    --------
+    >>> from fmm_attention.accuracy import default_settings
+    >>> label, options = default_settings(512)[-1]
+    >>> label, options["global_tokens"]
+    ('cluster m=4 p=2 refine 80 + sinks', [0, 511])
+    """
     sinks = [0, n - 1]
     return [
         ("mean m=16 p=1", dict(block_size=16, rank=1)),
@@ -132,7 +175,9 @@ def default_settings(n):
     ]
 
 
-#: The accuracy-oriented setting of docs/accuracy.rst (add ``global_tokens`` for sinks).
+#: The accuracy-oriented setting of :doc:`/accuracy`: block 4, rank 2, cluster coarsening
+#: with 8 Lloyd steps, refinement with 80 extra keys per query block. Pass it as
+#: ``fmm_attention(q, k, v, **ACCURATE)``; add ``global_tokens`` for attention sinks.
 ACCURATE = dict(block_size=4, rank=2, coarsening="cluster", cluster_iters=8, refine=80)
 
 

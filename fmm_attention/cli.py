@@ -11,6 +11,8 @@ import argparse
 import importlib
 import sys
 
+__all__ = ["main", "build_parser"]
+
 COMMANDS = {
     "demo": ("fmm_attention._demo", "run the built-in workload: time, memory and error of each method"),
     "bench": ("fmm_attention._bench", "benchmark exact attention and FMA against a NumPy baseline"),
@@ -19,7 +21,12 @@ COMMANDS = {
 
 
 def build_parser():
-    """The argparse parser of all commands (their modules are imported to add arguments)."""
+    """The argparse parser of all commands (their modules are imported to add arguments).
+
+    Returns
+    -------
+    argparse.ArgumentParser
+    """
     parser = argparse.ArgumentParser(prog="python -m fmm_attention", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, (module, help_text) in COMMANDS.items():
@@ -29,7 +36,19 @@ def build_parser():
 
 
 def main(argv=None):
-    """Entry point of ``python -m fmm_attention`` and the ``fmm-attention`` script."""
+    """Entry point of ``python -m fmm_attention`` and the ``fmm-attention`` script.
+
+    Parameters
+    ----------
+    argv : list of str, optional
+        The command line without the program name; ``sys.argv[1:]`` by default.
+
+    Returns
+    -------
+    int
+        The command's exit status (0 on success). Command-line errors found by argparse
+        exit through ``SystemExit`` instead.
+    """
     args = build_parser().parse_args(argv)
     module = importlib.import_module(COMMANDS[args.command][0])
     return module.run(args)

@@ -13,6 +13,8 @@ import numpy as np
 
 from ._validate import as_array
 
+__all__ = ["LearnedCoarsening"]
+
 
 def _weight_list(weights, name):
     if isinstance(weights, np.ndarray) or not hasattr(weights, "__len__"):
@@ -134,7 +136,21 @@ class LearnedCoarsening:
         return len(self.key_weights)
 
     def check_tree(self, tree, d, dv):
-        """Raise ``ValueError`` unless the weights fit ``tree`` and feature dims ``d``, ``dv``."""
+        """Raise ``ValueError`` unless the weights fit ``tree`` and feature dims ``d``, ``dv``.
+
+        Parameters
+        ----------
+        tree : FMMTree
+            The tree of a call (:func:`~fmm_attention.build_tree`).
+        d, dv : int
+            Feature dims of the keys and of the values.
+
+        Raises
+        ------
+        ValueError
+            Another number of levels, or weights whose shape is not ``(r_l*d, 1, w_l)``
+            (values: ``(r_l*dv, 1, w_l)``) at some level.
+        """
         if tree.n_levels != self.n_levels:
             raise ValueError(
                 f"coarsening: LearnedCoarsening has {self.n_levels} levels but n={tree.n} with "
@@ -150,7 +166,20 @@ class LearnedCoarsening:
                 )
 
     def level_arrays(self, dtype):
-        """Weights and biases per level as 2-D arrays ``(r*d, w)`` in ``dtype``."""
+        """Weights and biases per level as 2-D arrays ``(r*d, w)`` in ``dtype``.
+
+        Parameters
+        ----------
+        dtype : numpy.dtype
+            The dtype of the computation (float32 or float64).
+
+        Returns
+        -------
+        key_weights, value_weights : tuple of ndarray
+            One C-contiguous ``(r_l*d, w_l)`` (values: ``(r_l*dv, w_l)``) array per level.
+        key_bias, value_bias : tuple of ndarray
+            One ``(r_l*d,)`` (values: ``(r_l*dv,)``) array per level.
+        """
         return (
             tuple(np.ascontiguousarray(w[:, 0, :], dtype=dtype) for w in self.key_weights),
             tuple(np.ascontiguousarray(w[:, 0, :], dtype=dtype) for w in self.value_weights),
