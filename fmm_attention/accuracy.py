@@ -27,10 +27,13 @@ def topk_attention(q, k, v, *, keys, causal=False, scale=None):
     Parameters
     ----------
     q, k : array_like, shape (..., n, d)
+        Queries and keys, leading dims as in :func:`~fmm_attention.exact_attention`.
     v : array_like, shape (..., n, dv)
+        Values.
     keys : int
         Keys kept per query (``1 <= keys``); causal rows with fewer allowed keys keep all.
     causal : bool, optional
+        Query ``i`` chooses among the keys ``j <= i`` only.
     scale : float, optional
         Logit scale, ``1/sqrt(d)`` by default.
 
@@ -41,7 +44,7 @@ def topk_attention(q, k, v, *, keys, causal=False, scale=None):
     Notes
     -----
     Dense: builds each head's ``(n, n)`` logits, so ``n`` is limited to
-    ``_config.DENSE_MAX_N``. Ties at the threshold keep every tied key.
+    8192. Ties at the threshold keep every tied key.
 
     Examples
     --------
@@ -187,12 +190,15 @@ def accuracy_vs_cost(q, k, v, settings=None, *, causal=False, progress=None):
     Parameters
     ----------
     q, k : array_like, shape (..., n, d)
+        Queries and keys, computed in float64.
     v : array_like, shape (..., n, dv)
-        Every leading index (layer, head, ...) is one sample of the error distribution.
+        Values. Every leading index (layer, head, ...) is one sample of the error
+        distribution.
     settings : list of (str, dict), optional
         Labels and :func:`~fmm_attention.fmm_attention` options; :func:`default_settings`
         when omitted.
     causal : bool, optional
+        Causal attention for every setting, the reference and the oracle.
     progress : callable, optional
         Called with each label after its setting is measured.
 

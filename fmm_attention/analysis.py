@@ -15,7 +15,7 @@ question about FMA's error into a question about two row-stochastic matrices:
   (Eckart-Young) approximation of the same rank.
 
 All three build ``(n, n)`` matrices, so ``n`` is limited to
-``fmm_attention._config.DENSE_MAX_N``; everything is computed in float64.
+8192; everything is computed in float64.
 """
 
 from __future__ import annotations
@@ -236,7 +236,7 @@ def attention_matrix(q, k, *, method="exact", causal=False, block_size=_config.D
     Raises
     ------
     ValueError
-        ``n`` above ``fmm_attention._config.DENSE_MAX_N``, learned coarsening, an unknown
+        ``n`` above 8192, learned coarsening, an unknown
         ``method``, ``query_coarsening`` with ``causal``, or invalid inputs.
     TypeError
         Non-float inputs or non-bool flags.
@@ -710,7 +710,7 @@ def compare(q, k, v, *, causal=False, block_size=_config.DEFAULT_BLOCK_SIZE, ran
     Raises
     ------
     ValueError
-        ``n`` above ``fmm_attention._config.DENSE_MAX_N``, learned coarsening, invalid
+        ``n`` above 8192, learned coarsening, invalid
         options or inputs (see :func:`fmm_attention.fmm_attention`).
     TypeError
         Non-float inputs or non-bool flags.
