@@ -18,7 +18,7 @@ from . import _config
 from ._validate import attention_inputs
 from .api import exact_attention, fmm_attention
 
-__all__ = ["ACCURATE", "topk_attention", "accuracy_vs_cost", "default_settings", "relative_errors", "CostErrorRow"]
+__all__ = ["ACCURATE", "CostErrorRow", "accuracy_vs_cost", "default_settings", "relative_errors", "topk_attention"]
 
 
 def topk_attention(q, k, v, *, keys, causal=False, scale=None):
@@ -52,7 +52,8 @@ def topk_attention(q, k, v, *, keys, causal=False, scale=None):
     >>> from fmm_attention.accuracy import topk_attention
     >>> from fmm_attention import exact_attention
     >>> x = np.random.default_rng(0).standard_normal((64, 8))
-    >>> bool(np.allclose(topk_attention(x, x, x, keys=64), exact_attention(x, x, x)))
+    >>> all_keys = topk_attention(x, x, x, keys=64)  # every key: exact
+    >>> bool(np.allclose(all_keys, exact_attention(x, x, x)))
     True
     """
     batch = attention_inputs(q, k, v, scale=scale, key_padding_mask=None, check_finite=True)
@@ -211,7 +212,8 @@ def accuracy_vs_cost(q, k, v, settings=None, *, causal=False, progress=None):
     >>> import numpy as np
     >>> from fmm_attention.accuracy import accuracy_vs_cost
     >>> q, k, v = np.random.default_rng(0).standard_normal((3, 2, 128, 16))
-    >>> rows = accuracy_vs_cost(q, k, v, [("exact limit", dict(block_size=8, rank=32))])
+    >>> settings = [("exact limit", dict(block_size=8, rank=32))]
+    >>> rows = accuracy_vs_cost(q, k, v, settings)
     >>> rows[0].keys_fraction, rows[0].median < 1e-12
     (1.0, True)
     """

@@ -19,7 +19,7 @@ from ._validate import (  # noqa: F401  (check_fmm_options is re-exported for ol
 from .coarsening import LearnedCoarsening
 from .tree import build_tree
 
-__all__ = ["exact_attention", "fmm_attention", "fastformer_attention"]
+__all__ = ["exact_attention", "fastformer_attention", "fmm_attention"]
 
 
 def _finish(batch, out, lse, return_lse):
@@ -193,7 +193,8 @@ def fmm_attention(q, k, v, *, causal=False, block_size=_config.DEFAULT_BLOCK_SIZ
     >>> out = fmm_attention(q, k, v, block_size=16, rank=4)
     >>> out.shape
     (1000, 32)
-    >>> bool(np.allclose(fmm_attention(q, k, v, block_size=16, rank=256), exact_attention(q, k, v)))
+    >>> full = fmm_attention(q, k, v, block_size=16, rank=256)  # rank N/4: exact
+    >>> bool(np.allclose(full, exact_attention(q, k, v)))
     True
     """
     causal = check_bool(causal, "causal")
@@ -311,11 +312,12 @@ def fastformer_attention(q, k, v, w_q, w_k, *, causal=False, scale=None, key_pad
     >>> import numpy as np
     >>> from fmm_attention import fastformer_attention
     >>> rng = np.random.default_rng(0)
-    >>> q, k, v = rng.standard_normal((3, 2, 4, 128, 16))  # (batch, heads, n, d)
+    >>> q, k, v = rng.standard_normal((3, 2, 4, 128, 16))  # (b, h, n, d)
     >>> w_q, w_k = rng.standard_normal((2, 4, 16))  # one vector per head
     >>> fastformer_attention(q, k, v, w_q, w_k).shape
     (2, 4, 128, 16)
-    >>> u, qg, kg = fastformer_attention(q, k, v, w_q, w_k, causal=True, return_pools=True)
+    >>> u, qg, kg = fastformer_attention(q, k, v, w_q, w_k, causal=True,
+    ...                                  return_pools=True)
     >>> qg.shape
     (2, 4, 128, 16)
     >>> bool(np.allclose(u, kg * v))

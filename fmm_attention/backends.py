@@ -6,7 +6,7 @@ inputs already live on a CUDA device, so the CPU library never needs the CUDA pa
 
 from ._validate import check_choice
 
-__all__ = ["BACKENDS", "on_cuda_device", "resolve", "get"]
+__all__ = ["BACKENDS", "get", "on_cuda_device", "resolve"]
 
 #: The values of every function's ``backend`` argument.
 BACKENDS = ("auto", "cpu", "cuda")

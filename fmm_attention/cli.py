@@ -11,7 +11,7 @@ import argparse
 import importlib
 import sys
 
-__all__ = ["main", "build_parser"]
+__all__ = ["build_parser", "main"]
 
 COMMANDS = {
     "demo": ("fmm_attention._demo", "run the built-in workload: time, memory and error of each method"),

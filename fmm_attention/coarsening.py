@@ -96,10 +96,11 @@ class LearnedCoarsening:
     >>> from fmm_attention import LearnedCoarsening, fmm_attention
     >>> from fmm_attention import build_tree
     >>> d, m, p = 4, 4, 2
-    >>> tree = build_tree(32, block_size=m, rank=p)  # n = 32, block 4: two far levels
+    >>> tree = build_tree(32, block_size=m, rank=p)  # two far levels
     >>> [level.box_size for level in tree.levels]
     [4, 8]
-    >>> kw = [np.full((lv.rank * d, 1, lv.box_size), 1.0 / lv.box_size) for lv in tree.levels]
+    >>> kw = [np.full((lv.rank * d, 1, lv.box_size), 1.0 / lv.box_size)
+    ...       for lv in tree.levels]
     >>> coarse = LearnedCoarsening(kw, kw)  # every slot holds its box's mean
     >>> x = np.random.default_rng(0).standard_normal((32, d))
     >>> out = fmm_attention(x, x, x, block_size=m, rank=p, coarsening=coarse)

@@ -20,7 +20,7 @@ import numpy as np
 from . import _config
 from ._validate import check_bool, check_power_of_two
 
-__all__ = ["build_tree", "FMMTree", "Level", "padded_length"]
+__all__ = ["FMMTree", "Level", "build_tree", "padded_length"]
 
 #: Segment kinds in a key plan: exact tokens of ``k``/``v``, or rows of the coarse buffers.
 TOKEN, COARSE = 0, 1
@@ -260,7 +260,8 @@ class FMMTree:
         >>> ptr, segments, max_keys = tree.plan()
         >>> len(ptr) == tree.n_blocks + 1, max_keys
         (True, 32)
-        >>> tree.plan(global_tokens=(0,))[2]  # one more exact key for blocks far from token 0
+        >>> # a global token adds one exact key to the blocks far from it
+        >>> tree.plan(global_tokens=(0,))[2]
         33
         """
         return _plan(self, bool(with_far), tuple(global_tokens))
@@ -307,7 +308,8 @@ class FMMTree:
         --------
         >>> from fmm_attention import build_tree
         >>> levels = build_tree(32, block_size=4, rank=2).level_map()
-        >>> levels[0, :16].tolist()  # query 0: blocks 0 and 1 exact, then two level-1 boxes
+        >>> # query 0: blocks 0 and 1 exact (0), then two level-1 boxes (1)
+        >>> levels[0, :16].tolist()
         [0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1]
         """
         n = self.n
