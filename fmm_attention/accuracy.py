@@ -18,6 +18,8 @@ from . import _config
 from ._validate import attention_inputs
 from .api import exact_attention, fmm_attention
 
+__all__ = ["ACCURATE", "CostErrorRow", "accuracy_vs_cost", "default_settings", "relative_errors", "topk_attention"]
+
 
 def topk_attention(q, k, v, *, keys, causal=False, scale=None, key_padding_mask=None):
     """Oracle attention that keeps each query's ``keys`` largest logits exactly.
@@ -25,10 +27,13 @@ def topk_attention(q, k, v, *, keys, causal=False, scale=None, key_padding_mask=
     Parameters
     ----------
     q, k : array_like, shape (..., n, d)
+        Queries and keys, leading dims as in :func:`~fmm_attention.exact_attention`.
     v : array_like, shape (..., n, dv)
+        Values.
     keys : int
         Keys kept per query (``1 <= keys``); causal rows with fewer allowed keys keep all.
     causal : bool, optional
+        Query ``i`` chooses among the keys ``j <= i`` only.
     scale : float, optional
         Logit scale, ``1/sqrt(d)`` by default.
     key_padding_mask : array_like of bool, shape (..., n), optional
@@ -42,7 +47,7 @@ def topk_attention(q, k, v, *, keys, causal=False, scale=None, key_padding_mask=
     Notes
     -----
     Dense: builds each head's ``(n, n)`` logits, so ``n`` is limited to
-    ``_config.DENSE_MAX_N``. Ties at the threshold keep every tied key.
+    8192. Ties at the threshold keep every tied key.
 
     Examples
     --------
@@ -50,7 +55,8 @@ def topk_attention(q, k, v, *, keys, causal=False, scale=None, key_padding_mask=
     >>> from fmm_attention.accuracy import topk_attention
     >>> from fmm_attention import exact_attention
     >>> x = np.random.default_rng(0).standard_normal((64, 8))
-    >>> bool(np.allclose(topk_attention(x, x, x, keys=64), exact_attention(x, x, x)))
+    >>> all_keys = topk_attention(x, x, x, keys=64)  # every key: exact
+    >>> bool(np.allclose(all_keys, exact_attention(x, x, x)))
     True
     """
     batch = attention_inputs(q, k, v, scale=scale, key_padding_mask=key_padding_mask, check_finite=True)
@@ -100,19 +106,41 @@ class CostErrorRow:
 
     @property
     def median(self):
+        """Median of :attr:`errors` over the heads."""
         return float(np.median(self.errors))
 
     @property
     def p90(self):
+        """90th percentile of :attr:`errors` over the heads."""
         return float(np.percentile(self.errors, 90))
 
     @property
     def oracle_median(self):
+        """Median of :attr:`oracle_errors` over the heads."""
         return float(np.median(self.oracle_errors))
 
 
 def relative_errors(out, ref):
-    """Relative Frobenius error of each leading index: ``||out - ref|| / ||ref||`` over (n, dv)."""
+    """Relative Frobenius error of each leading index: ``||out - ref|| / ||ref||`` over (n, dv).
+
+    Parameters
+    ----------
+    out, ref : array_like, shape (..., n, dv)
+        An approximation and the reference, e.g. FMA's and exact attention's outputs.
+
+    Returns
+    -------
+    ndarray, shape (prod(...),), float64
+        One error per leading index (flattened); 0 where ``ref`` is 0 and ``out`` equals it.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from fmm_attention.accuracy import relative_errors
+    >>> ref = np.ones((2, 4, 3))
+    >>> relative_errors(ref * [[[1.0]], [[1.5]]], ref).tolist()
+    [0.0, 0.5]
+    """
     out, ref = np.asarray(out, dtype=np.float64), np.asarray(ref, dtype=np.float64)
     num = np.linalg.norm((out - ref).reshape(-1, ref.shape[-2] * ref.shape[-1]), axis=1)
     den = np.linalg.norm(ref.reshape(-1, ref.shape[-2] * ref.shape[-1]), axis=1)
@@ -120,7 +148,26 @@ def relative_errors(out, ref):
 
 
 def default_settings(n):
-    """The settings of the accuracy-versus-cost table in the docs, for sequences of length ``n``."""
+    """The settings of the accuracy-versus-cost table of :doc:`/accuracy`.
+
+    Parameters
+    ----------
+    n : int
+        Sequence length; the settings with sinks use tokens ``0`` and ``n - 1``.
+
+    Returns
+    -------
+    list of (str, dict)
+        Labels and :func:`~fmm_attention.fmm_attention` options, the input of
+        :func:`accuracy_vs_cost`.
+
+    Examples
+    --------
+    >>> from fmm_attention.accuracy import default_settings
+    >>> label, options = default_settings(512)[-1]
+    >>> label, options["global_tokens"]
+    ('cluster m=4 p=2 refine 80 + sinks', [0, 511])
+    """
     sinks = [0, n - 1]
     return [
         ("mean m=16 p=1", dict(block_size=16, rank=1)),
@@ -138,7 +185,9 @@ def default_settings(n):
     ]
 
 
-#: The accuracy-oriented setting of docs/accuracy.rst (add ``global_tokens`` for sinks).
+#: The accuracy-oriented setting of :doc:`/accuracy`: block 4, rank 2, cluster coarsening
+#: with 8 Lloyd steps, refinement with 80 extra keys per query block. Pass it as
+#: ``fmm_attention(q, k, v, **ACCURATE)``; add ``global_tokens`` for attention sinks.
 ACCURATE = dict(block_size=4, rank=2, coarsening="cluster", cluster_iters=8, refine=80)
 
 
@@ -148,12 +197,15 @@ def accuracy_vs_cost(q, k, v, settings=None, *, causal=False, scale=None, key_pa
     Parameters
     ----------
     q, k : array_like, shape (..., n, d)
+        Queries and keys, computed in float64.
     v : array_like, shape (..., n, dv)
-        Every leading index (layer, head, ...) is one sample of the error distribution.
+        Values. Every leading index (layer, head, ...) is one sample of the error
+        distribution.
     settings : list of (str, dict), optional
         Labels and :func:`~fmm_attention.fmm_attention` options; :func:`default_settings`
         when omitted.
     causal : bool, optional
+        Causal attention for every setting, the reference and the oracle.
     scale : float, optional
         Logit scale, ``1/sqrt(d)`` by default; the same for FMA, the reference and the oracle.
     key_padding_mask : array_like of bool, shape (..., n), optional
@@ -170,7 +222,8 @@ def accuracy_vs_cost(q, k, v, settings=None, *, causal=False, scale=None, key_pa
     >>> import numpy as np
     >>> from fmm_attention.accuracy import accuracy_vs_cost
     >>> q, k, v = np.random.default_rng(0).standard_normal((3, 2, 128, 16))
-    >>> rows = accuracy_vs_cost(q, k, v, [("exact limit", dict(block_size=8, rank=32))])
+    >>> settings = [("exact limit", dict(block_size=8, rank=32))]
+    >>> rows = accuracy_vs_cost(q, k, v, settings)
     >>> rows[0].keys_fraction, rows[0].median < 1e-12
     (1.0, True)
     """

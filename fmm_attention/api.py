@@ -19,6 +19,8 @@ from ._validate import (  # noqa: F401  (check_fmm_options is re-exported for ol
 from .coarsening import LearnedCoarsening
 from .tree import build_tree
 
+__all__ = ["exact_attention", "fastformer_attention", "fmm_attention"]
+
 
 def _finish(batch, out, lse, return_lse):
     out = batch.restore(out)
@@ -32,7 +34,8 @@ def exact_attention(q, k, v, *, causal=False, scale=None, key_padding_mask=None,
     """Exact softmax attention, streamed in tiles with an online softmax (O(n d) memory).
 
     Computes ``softmax(scale * q @ k.T + mask) @ v`` for every leading index without ever
-    forming the ``(n, n)`` matrix.
+    forming the ``(n, n)`` matrix. The conventions shared by every function (shapes,
+    masks, dtypes) are in :doc:`/semantics`.
 
     Parameters
     ----------
@@ -106,7 +109,7 @@ def fmm_attention(q, k, v, *, causal=False, block_size=_config.DEFAULT_BLOCK_SIZ
     (``block_size`` tokens each). Farther keys and values are summarised level by level in
     boxes that double in size, ``rank`` coarse keys per box; one softmax spans all levels.
     Cost O(n (m + p log n) d) with fine queries, O(n (m + p) d) with coarse queries.
-    The semantics are fixed in ``shared/spec/fma.md`` and documented in :doc:`/fma`.
+    :doc:`/semantics` states exactly what it computes; :doc:`/fma` explains the method.
 
     Parameters
     ----------
@@ -190,7 +193,8 @@ def fmm_attention(q, k, v, *, causal=False, block_size=_config.DEFAULT_BLOCK_SIZ
     >>> out = fmm_attention(q, k, v, block_size=16, rank=4)
     >>> out.shape
     (1000, 32)
-    >>> bool(np.allclose(fmm_attention(q, k, v, block_size=16, rank=256), exact_attention(q, k, v)))
+    >>> full = fmm_attention(q, k, v, block_size=16, rank=256)  # rank N/4: exact
+    >>> bool(np.allclose(full, exact_attention(q, k, v)))
     True
     """
     causal = check_bool(causal, "causal")
@@ -245,7 +249,7 @@ def fastformer_attention(q, k, v, w_q, w_k, *, causal=False, scale=None, key_pad
     ``j <= i`` only, and ``p_j = qg(j) * k_j`` uses the prefix pool at ``j``. This is the
     attention core of Wu et al., "Fastformer: Additive Attention Can Be All You Need"
     (arXiv 2108.09084); the projections, output transform and residual are the caller's
-    (see :doc:`/fastformer`). The semantics are fixed in ``shared/spec/fastformer.md``.
+    (see :doc:`/fastformer`). :doc:`/semantics` states exactly what it computes.
 
     Parameters
     ----------
@@ -308,11 +312,12 @@ def fastformer_attention(q, k, v, w_q, w_k, *, causal=False, scale=None, key_pad
     >>> import numpy as np
     >>> from fmm_attention import fastformer_attention
     >>> rng = np.random.default_rng(0)
-    >>> q, k, v = rng.standard_normal((3, 2, 4, 128, 16))  # (batch, heads, n, d)
+    >>> q, k, v = rng.standard_normal((3, 2, 4, 128, 16))  # (b, h, n, d)
     >>> w_q, w_k = rng.standard_normal((2, 4, 16))  # one vector per head
     >>> fastformer_attention(q, k, v, w_q, w_k).shape
     (2, 4, 128, 16)
-    >>> u, qg, kg = fastformer_attention(q, k, v, w_q, w_k, causal=True, return_pools=True)
+    >>> u, qg, kg = fastformer_attention(q, k, v, w_q, w_k, causal=True,
+    ...                                  return_pools=True)
     >>> qg.shape
     (2, 4, 128, 16)
     >>> bool(np.allclose(u, kg * v))

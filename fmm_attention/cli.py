@@ -19,6 +19,8 @@ import importlib
 import os
 import sys
 
+__all__ = ["build_parser", "main"]
+
 #: Command name -> (module, one-line summary, description for ``COMMAND --help``).
 COMMANDS = {
     "demo": (
@@ -90,7 +92,17 @@ def default_prog():
 
 
 def build_parser(prog=None):
-    """The argparse parser of all commands (their modules are imported to add arguments)."""
+    """The argparse parser of all commands (their modules are imported to add arguments).
+
+    Parameters
+    ----------
+    prog : str, optional
+        The program name shown in help and errors; :func:`default_prog` by default.
+
+    Returns
+    -------
+    argparse.ArgumentParser
+    """
     from . import __version__
 
     parser = _Parser(prog=prog or default_prog(), formatter_class=_Formatter,
@@ -107,8 +119,18 @@ def build_parser(prog=None):
 def main(argv=None, *, prog=None):
     """Entry point of ``python -m fmm_attention`` and the ``fmm-attention`` script.
 
-    Returns the exit status: 0, or 2 for a usage error (argparse's own errors exit with 2
-    through ``SystemExit``), 130 when interrupted.
+    Parameters
+    ----------
+    argv : list of str, optional
+        The command line without the program name; ``sys.argv[1:]`` by default.
+    prog : str, optional
+        The program name shown in help and errors; :func:`default_prog` by default.
+
+    Returns
+    -------
+    int
+        The exit status: 0, or 2 for a usage error (argparse's own errors exit with 2
+        through ``SystemExit``), 130 when interrupted.
     """
     from ._workloads import UsageError
 

@@ -13,6 +13,8 @@ import numpy as np
 
 from ._validate import as_array
 
+__all__ = ["LearnedCoarsening"]
+
 
 def _weight_list(weights, name):
     if isinstance(weights, np.ndarray) or not hasattr(weights, "__len__"):
@@ -92,13 +94,24 @@ class LearnedCoarsening:
     --------
     >>> import numpy as np
     >>> from fmm_attention import LearnedCoarsening, fmm_attention
+    >>> from fmm_attention import build_tree
     >>> d, m, p = 4, 4, 2
-    >>> widths = [m, 2 * m]                                   # n = 16: two far levels
-    >>> kw = [np.full((p * d, 1, w), 1.0 / w) for w in widths]  # box means, p slots each
-    >>> coarse = LearnedCoarsening(kw, kw)
-    >>> x = np.random.default_rng(0).standard_normal((16, d))
-    >>> fmm_attention(x, x, x, block_size=m, rank=p, coarsening=coarse).shape
-    (16, 4)
+    >>> tree = build_tree(32, block_size=m, rank=p)  # two far levels
+    >>> [level.box_size for level in tree.levels]
+    [4, 8]
+    >>> kw = [np.full((lv.rank * d, 1, lv.box_size), 1.0 / lv.box_size)
+    ...       for lv in tree.levels]
+    >>> coarse = LearnedCoarsening(kw, kw)  # every slot holds its box's mean
+    >>> x = np.random.default_rng(0).standard_normal((32, d))
+    >>> out = fmm_attention(x, x, x, block_size=m, rank=p, coarsening=coarse)
+    >>> out.shape
+    (32, 4)
+
+    Two slots that both hold the box mean, each with count bias ``log(w_l / 2)``, weigh
+    exactly as one box mean with bias ``log(w_l)``, that is mean coarsening at rank 1:
+
+    >>> bool(np.allclose(out, fmm_attention(x, x, x, block_size=m, rank=1)))
+    True
     """
 
     def __init__(self, key_weights, value_weights, key_bias=None, value_bias=None):
@@ -124,7 +137,21 @@ class LearnedCoarsening:
         return len(self.key_weights)
 
     def check_tree(self, tree, d, dv):
-        """Raise ``ValueError`` unless the weights fit ``tree`` and feature dims ``d``, ``dv``."""
+        """Raise ``ValueError`` unless the weights fit ``tree`` and feature dims ``d``, ``dv``.
+
+        Parameters
+        ----------
+        tree : FMMTree
+            The tree of a call (:func:`~fmm_attention.build_tree`).
+        d, dv : int
+            Feature dims of the keys and of the values.
+
+        Raises
+        ------
+        ValueError
+            Another number of levels, or weights whose shape is not ``(r_l*d, 1, w_l)``
+            (values: ``(r_l*dv, 1, w_l)``) at some level.
+        """
         if tree.n_levels != self.n_levels:
             raise ValueError(
                 f"coarsening: LearnedCoarsening has {self.n_levels} levels but n={tree.n} with "
@@ -140,7 +167,20 @@ class LearnedCoarsening:
                 )
 
     def level_arrays(self, dtype):
-        """Weights and biases per level as 2-D arrays ``(r*d, w)`` in ``dtype``."""
+        """Weights and biases per level as 2-D arrays ``(r*d, w)`` in ``dtype``.
+
+        Parameters
+        ----------
+        dtype : numpy.dtype
+            The dtype of the computation (float32 or float64).
+
+        Returns
+        -------
+        key_weights, value_weights : tuple of ndarray
+            One C-contiguous ``(r_l*d, w_l)`` (values: ``(r_l*dv, w_l)``) array per level.
+        key_bias, value_bias : tuple of ndarray
+            One ``(r_l*d,)`` (values: ``(r_l*dv,)``) array per level.
+        """
         return (
             tuple(np.ascontiguousarray(w[:, 0, :], dtype=dtype) for w in self.key_weights),
             tuple(np.ascontiguousarray(w[:, 0, :], dtype=dtype) for w in self.value_weights),

@@ -4,7 +4,7 @@ A tree depends only on ``(n, block_size, rank, causal)``, never on the data, so 
 built once and cached. Every backend executes the same plan, which is what makes the CPU
 and CUDA results agree to rounding.
 
-Conventions (``../shared/spec/fma.md``): the sequence is right-padded to
+Conventions (:doc:`/semantics`): the sequence is right-padded to
 ``N = m * 2**k`` with ``k >= 2``; far levels ``l = 1 .. L = log2(N/m) - 1`` have boxes of
 ``w_l = m * 2**(l-1)`` tokens, each summarised by ``r_l = min(p, w_l)`` coarse keys (one per
 aligned sub-box of ``w_l / r_l`` tokens).
@@ -20,12 +20,33 @@ import numpy as np
 from . import _config
 from ._validate import check_bool, check_power_of_two
 
+__all__ = ["FMMTree", "Level", "build_tree", "padded_length"]
+
 #: Segment kinds in a key plan: exact tokens of ``k``/``v``, or rows of the coarse buffers.
 TOKEN, COARSE = 0, 1
 
 
 def padded_length(n, block_size):
-    """Smallest ``N = block_size * 2**k >= n`` with ``k >= 2``."""
+    """The padded length of a sequence: the smallest ``N = block_size * 2**k >= n`` with ``k >= 2``.
+
+    Parameters
+    ----------
+    n : int
+        Sequence length.
+    block_size : int
+        Finest box size ``m``, a power of two.
+
+    Returns
+    -------
+    int
+        ``N``; at least ``4 * block_size``.
+
+    Examples
+    --------
+    >>> from fmm_attention.tree import padded_length
+    >>> padded_length(100, 8), padded_length(10, 8)
+    (128, 32)
+    """
     length = 4 * block_size
     while length < n:
         length *= 2
@@ -107,6 +128,19 @@ class FMMTree:
         Rows of the coarse buffers (all levels together).
     n_blocks : int
         Query blocks holding at least one real query, ``ceil(n / m)``.
+
+    See Also
+    --------
+    build_tree, fmm_attention
+
+    Examples
+    --------
+    >>> from fmm_attention import build_tree
+    >>> tree = build_tree(1000, block_size=16, rank=4, causal=True)
+    >>> tree
+    FMMTree(n=1000, padded_length=1024, block_size=16, rank=4, causal=True, n_levels=5)
+    >>> tree.near_range(3)  # causal: the previous block and its own
+    (32, 64)
     """
 
     n: int
@@ -124,6 +158,7 @@ class FMMTree:
 
     @property
     def n_blocks(self):
+        """Query blocks holding at least one real query, ``ceil(n / m)``."""
         return -(-self.n // self.block_size)
 
     def near_range(self, block):
@@ -131,6 +166,16 @@ class FMMTree:
 
         Causal near fields also end at the block's last key; the kernels additionally mask
         keys after each query.
+
+        Parameters
+        ----------
+        block : int
+            Query block ``I``, ``0 <= I < n_blocks``.
+
+        Returns
+        -------
+        lo, hi : int
+            The keys ``lo .. hi-1`` attended exactly by the block's queries.
         """
         m = self.block_size
         lo = max(0, (block - 1) * m)
@@ -141,6 +186,17 @@ class FMMTree:
         """Coarse-row segments ``(start, count, level)`` of query block ``block``'s far field.
 
         Boxes that hold only padding are left out: every key in them is masked.
+
+        Parameters
+        ----------
+        block : int
+            Query block ``I``, ``0 <= I < n_blocks``.
+
+        Returns
+        -------
+        list of (int, int, int)
+            For each far box the block attends: its first row in the coarse buffers, its
+            number of coarse keys and its level, finest level first.
         """
         segments = []
         position = block * self.block_size
@@ -186,7 +242,27 @@ class FMMTree:
 
         Returns
         -------
-        (ptr, segments, max_keys) as in :attr:`key_plan`; cached per arguments.
+        ptr : ndarray of int64, shape (n_blocks + 1,)
+            Segments of block ``I`` are ``ptr[I] : ptr[I+1]``.
+        segments : ndarray of int64, shape (n_segments, 3)
+            ``(kind, start, count)`` as in :attr:`key_plan`.
+        max_keys : int
+            The most keys any block attends to.
+
+        Notes
+        -----
+        Plans are cached per tree and arguments; the arrays are read-only.
+
+        Examples
+        --------
+        >>> from fmm_attention import build_tree
+        >>> tree = build_tree(64, block_size=8, rank=2)
+        >>> ptr, segments, max_keys = tree.plan()
+        >>> len(ptr) == tree.n_blocks + 1, max_keys
+        (True, 32)
+        >>> # a global token adds one exact key to the blocks far from it
+        >>> tree.plan(global_tokens=(0,))[2]
+        33
         """
         return _plan(self, bool(with_far), tuple(global_tokens))
 
@@ -222,6 +298,19 @@ class FMMTree:
         Returns
         -------
         ndarray of int8, shape (n, n)
+
+        Raises
+        ------
+        ValueError
+            ``n`` above 8192 (the array would take gigabytes).
+
+        Examples
+        --------
+        >>> from fmm_attention import build_tree
+        >>> levels = build_tree(32, block_size=4, rank=2).level_map()
+        >>> # query 0: blocks 0 and 1 exact (0), then two level-1 boxes (1)
+        >>> levels[0, :16].tolist()
+        [0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1]
         """
         n = self.n
         if n > _config.DENSE_MAX_N:

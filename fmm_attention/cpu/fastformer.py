@@ -1,6 +1,6 @@
 """Fastformer additive attention on the CPU, O(n d) time and memory.
 
-The semantics are fixed in ``shared/spec/fastformer.md``. Notation: ``s`` the logit scale,
+The semantics are stated in :doc:`/semantics`. Notation: ``s`` the logit scale,
 ``a_i = s q_i . w_q``, ``qg = sum_i softmax(a)_i q_i``, ``p_i = qg * k_i``,
 ``b_i = s p_i . w_k``, ``kg = sum_i softmax(b)_i p_i``, output ``u_i = kg * v_i``.
 Masked positions leave both softmaxes; their output is still ``kg * v_i``.

@@ -1,6 +1,6 @@
 """Fastformer additive attention on the GPU: parallel reductions, and a chunked scan when causal.
 
-Semantics as :func:`fmm_attention.fastformer_attention` (``shared/spec/fastformer.md``). The
+Semantics as :func:`fmm_attention.fastformer_attention` (:doc:`/semantics`). The
 sequence is cut into chunks of ``CUDA_THREADS_PER_BLOCK * ITEMS_PER_THREAD`` positions.
 
 A *softmax pool* of rows ``x_i`` (optionally multiplied element-wise by ``mul_i``) by logits
