@@ -105,7 +105,7 @@ def inputs(shape, dv=None, dtype=np.float64, seed=0):
 
 
 def padding(lead, n, seed=1, dead=True):
-    """A random key mask; with ``dead`` one batch entry has no valid key at all."""
+    """Return a random key mask; with ``dead`` one batch entry has no valid key at all."""
     mask = np.random.default_rng(seed).random((*lead, n)) > 0.3
     if dead:
         mask.reshape(-1, n)[0] = False
@@ -345,7 +345,7 @@ def test_fmm_options_match_cpu():
 
 @needs_cuda
 def test_fmm_full_rank_is_exact():
-    """rank >= N/4 with mean coarsening: FMA is exact attention (spec property 2), on the GPU."""
+    """With rank >= N/4 and mean coarsening FMA is exact attention (spec property 2), on the GPU."""
     q, k, v = inputs((19, 3), seed=6)
     for causal in (False, True):
         fmm = fa.fmm_attention(q, k, v, causal=causal, block_size=2, rank=8, backend="cuda")
@@ -390,7 +390,7 @@ def test_deterministic_and_independent_of_grid_size(monkeypatch):
     again = fa.fmm_attention(q, k, v, **kwargs)
     monkeypatch.setattr(_device, "MAX_BLOCKS", 1)  # one block strides over every job
     strided = fa.fmm_attention(q, k, v, **kwargs)
-    for a, b, c in zip(first, again, strided):
+    for a, b, c in zip(first, again, strided, strict=True):
         np.testing.assert_array_equal(a, b)
         np.testing.assert_array_equal(a, c)
 
@@ -549,7 +549,7 @@ def test_fastformer_matches_cpu(dtype, causal):
     q, k, v, w_q, w_k = fastformer_inputs(dtype)
     mask = padding((2, 2), 21)  # one entry without any valid position: zero pools and output
     gpu, cpu = both(fastformer_attention, q, k, v, w_q, w_k, causal=causal, key_padding_mask=mask, return_pools=True)
-    for a, b in zip(gpu, cpu):
+    for a, b in zip(gpu, cpu, strict=True):
         assert_matches(a, b)
     assert np.all(gpu[0][0, 0] == 0)
 
@@ -568,7 +568,7 @@ def test_fastformer_device_arrays_and_large_logits(device):
         u, qg, kg = fcuda.fastformer_attention(dq, dk, dv, dw_q, cuda.to_device(w_k), causal=causal, return_pools=True)
         assert all(_device.is_device_array(x) for x in (u, qg, kg))
         ref = fastformer_attention(q, k, v, w_q[:1].astype(np.float32), w_k, causal=causal, return_pools=True, backend="cpu")
-        for a, b in zip((u, qg, kg), ref):
+        for a, b in zip((u, qg, kg), ref, strict=True):
             host = a.copy_to_host()
             assert np.isfinite(host).all()
             assert_matches(host, b)
