@@ -93,12 +93,12 @@ class LearnedCoarsening:
     >>> import numpy as np
     >>> from fmm_attention import LearnedCoarsening, fmm_attention
     >>> d, m, p = 4, 4, 2
-    >>> widths = [m, 2 * m]                                   # n = 16: two far levels
+    >>> widths = [m, 2 * m]                                   # n = 32: two far levels
     >>> kw = [np.full((p * d, 1, w), 1.0 / w) for w in widths]  # box means, p slots each
     >>> coarse = LearnedCoarsening(kw, kw)
-    >>> x = np.random.default_rng(0).standard_normal((16, d))
+    >>> x = np.random.default_rng(0).standard_normal((32, d))
     >>> fmm_attention(x, x, x, block_size=m, rank=p, coarsening=coarse).shape
-    (16, 4)
+    (32, 4)
     """
 
     def __init__(self, key_weights, value_weights, key_bias=None, value_bias=None):
