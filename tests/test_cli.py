@@ -3,10 +3,12 @@
 import argparse
 
 import numpy as np
+import pytest
 
 from fmm_attention import _bench, cli
 
 
+@pytest.mark.slow
 def test_bench_smoke(capsys):
     assert cli.main(["bench", "--n", "256", "512", "--repeat", "1"]) == 0
     out = capsys.readouterr().out

@@ -252,6 +252,7 @@ sys.exit(1 if failed else 0)
 """
 
 
+@pytest.mark.slow
 @needs_numba_cuda
 def test_kernels_compile_for_a_real_gpu():
     """The simulator never types the kernels: compile each one to PTX (sm_80), no GPU needed.
