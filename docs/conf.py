@@ -9,15 +9,17 @@ import fmm_attention  # noqa: E402
 
 project = "fmm_attention"
 author = "fmm_attention developers"
+copyright = "fmm_attention developers, BSD-3-Clause"
 release = version = fmm_attention.__version__
 extensions = [
     "sphinx.ext.autodoc",
-    "sphinx.ext.autosummary",
     "sphinx.ext.mathjax",
+    # MathJax from the `docs` extra, copied into _build/html/_static: math renders offline
+    # (sphinx.ext.mathjax alone loads it from a CDN).
+    "sphinx-mathjax-offline",
     "sphinx.ext.doctest",
     "numpydoc",
 ]
-autosummary_generate = True
 numpydoc_show_class_members = False
 numpydoc_class_members_toctree = False
 exclude_patterns = ["_build"]

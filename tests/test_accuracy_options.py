@@ -214,6 +214,7 @@ def test_cluster_upward_excludes_global_tokens(flat_size):
     assert np.abs(kc).max() < 10
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("flat_size", [0, None], indirect=True)
 def test_cluster_upward_is_deterministic(flat_size):
     from fmm_attention import build_tree
@@ -379,6 +380,7 @@ def test_bad_options(kwargs, error, match):
         fmm_attention(q, k, v, block_size=4, rank=1, **kwargs)
 
 
+@pytest.mark.slow
 def test_float32_stays_float32_with_options():
     q, k, v = (x.astype(np.float32) for x in qkv(64))
     out = fmm_attention(q, k, v, block_size=4, rank=2, coarsening="cluster", refine=8, global_tokens=[0])

@@ -387,6 +387,7 @@ def test_cli_progress_fallback(small_npz, capsys, monkeypatch):
     assert "analyze: head 2/2" in captured.err
 
 
+@pytest.mark.slow
 def test_cli_plot(small_npz, tmp_path):
     pytest.importorskip("matplotlib")
     figures = tmp_path / "figures"

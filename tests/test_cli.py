@@ -398,6 +398,7 @@ def test_time_methods_alternates_order_and_splits_slow_runs(monkeypatch):
     assert np.isnan(best["numpy"]) and "numpy" not in [entry[0] for entry in log]
 
 
+@pytest.mark.slow
 def test_bench_smoke(capsys):
     code, out, err = run_cli(["bench", "--n", "256", "512", "--repeat", "1"], capsys)
     assert code == 0, err

@@ -282,8 +282,10 @@ def test_torch_conv1d_layout():
     learned = random_learned(tree, d, dv, seed=10)
     batch = attention_inputs(k, k, k[:, :dv].copy(), scale=None, key_padding_mask=None, check_finite=True)
     kc, _, _ = coarse_buffers(batch, tree, LearnedCoarsening(*learned), True)
-    for level, kw, kb in zip(tree.levels, learned[0], learned[2]):
-        conv = torch.nn.Conv1d(d, level.rank * d, kernel_size=level.box_size, stride=level.box_size, groups=d)
+    for level, kw, kb in zip(tree.levels, learned[0], learned[2], strict=True):
+        # float64 parameters: the comparison is at 1e-10, and torch refuses mixed dtypes
+        conv = torch.nn.Conv1d(d, level.rank * d, kernel_size=level.box_size, stride=level.box_size, groups=d,
+                               dtype=torch.float64)
         with torch.no_grad():
             conv.weight.copy_(torch.from_numpy(kw))
             conv.bias.copy_(torch.from_numpy(kb))
