@@ -248,12 +248,13 @@ def fmm_attention(q, k, v, *, causal=False, block_size=_config.DEFAULT_BLOCK_SIZ
         else:
             coarsening.check_tree(tree, batch.d, batch.dv)
     global_tokens = check_global_tokens(global_tokens, batch.n)
-    refine = min(refine, batch.n)  # n extra keys split every far box: more changes nothing
+    asked_refine, refine = refine, min(refine, batch.n)  # n extra keys split every far box: more changes nothing
     parts = fmm_call_bytes(
         tree, batch=batch.q.shape[0], d=batch.d, dv=batch.dv, itemsize=batch.dtype.itemsize, refine=refine,
         query_coarsening=query_coarsening, n_globals=len(global_tokens), coarsening=coarsening,
     )
-    check_memory(parts, {"refinement": ("refine", refine), "block buffers": ("block_size", tree.block_size),
+    refine_shown = asked_refine if asked_refine == refine else f"{asked_refine} (clamped to n = {refine})"
+    check_memory(parts, {"refinement": ("refine", refine_shown), "block buffers": ("block_size", tree.block_size),
                          "outputs": ("n", batch.n), "coarse buffers": ("n", batch.n),
                          "tree and key plan": ("n", batch.n)})
     out, lse, plan = backends.get(name).fmm(

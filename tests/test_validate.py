@@ -361,7 +361,7 @@ def test_issue13_block_size_beyond_the_sequence_is_clamped(block_size):
 
 
 @pytest.mark.parametrize("kwargs, match", [
-    (dict(refine=10**9, block_size=4, rank=1), "refine=4096"),  # clamped to n, still too big here
+    (dict(refine=10**9, block_size=4, rank=1), r"refine=1000000000 \(clamped to n = 4096\)"),  # still too big
     (dict(block_size=2048), "block_size=2048"),
 ])
 def test_issue13_memory_estimate_names_the_argument(monkeypatch, kwargs, match):
