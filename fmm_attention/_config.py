@@ -41,3 +41,7 @@ DENSE_MAX_N = 8192
 #: Defaults of ``fmm_attention`` (see docs/tuning.rst for the measurements behind them).
 DEFAULT_BLOCK_SIZE = 64
 DEFAULT_RANK = 4
+
+#: Most bytes one call may allocate (estimated before allocating; a larger call raises a
+#: ``ValueError`` naming the argument to reduce). ``None``: the machine's physical memory.
+MAX_CALL_BYTES = None

@@ -56,15 +56,17 @@ def float_dtype(*named_arrays):
     return result
 
 
-def check_finite_array(arr, name):
-    """Raise ``ValueError`` if ``arr`` holds NaN or infinity.
+def check_finite_array(arr, name, valid=None):
+    """Raise ``ValueError`` if ``arr`` holds NaN or infinity (only in rows ``valid`` marks,
+    if given: ``arr`` (B, n, f), ``valid`` (B, n) bool).
 
     A parallel compiled pass over the exponent bits (:func:`fmm_attention.cpu.finite.all_finite`):
-    no boolean temporary, every thread at memory bandwidth.
+    no boolean temporary, every thread at memory bandwidth. Only when it fails and
+    ``valid`` is given are the valid rows looked at again.
     """
     from .cpu.finite import all_finite  # compiled: imported on first use, like the backends
 
-    if not all_finite(arr):
+    if not all_finite(arr) and (valid is None or not np.isfinite(arr[valid]).all()):
         raise ValueError(f"{name} contains NaN or infinity (pass check_finite=False to skip this check)")
 
 
@@ -156,13 +158,15 @@ class Batch:
         return out.reshape(self.lead_shape + (self.n,) + tail)
 
 
-def attention_inputs(q, k, v, *, scale, key_padding_mask, check_finite):
+def attention_inputs(q, k, v, *, scale, key_padding_mask, check_finite, skip_masked=False):
     """Validate ``q, k, v`` (and mask, scale) and return a :class:`Batch`.
 
     Shapes ``(..., n, d)``, ``(..., n, d)``, ``(..., n, dv)`` with identical leading dims.
     Arrays are made C-contiguous and writeable in the kernel dtype; a copy happens only when
     the input is not already so (read-only inputs are copied: Numba would otherwise compile a
     second variant of every kernel for them), and the inputs themselves are never written to.
+    With ``skip_masked`` the finiteness check ignores the positions ``key_padding_mask``
+    marks invalid (for kernels in which such positions influence no valid output).
     """
     check_finite = check_bool(check_finite, "check_finite")
     arrays = {"q": as_array(q, "q"), "k": as_array(k, "k"), "v": as_array(v, "v")}
@@ -189,6 +193,7 @@ def attention_inputs(q, k, v, *, scale, key_padding_mask, check_finite):
     dtype = float_dtype(*arrays.items())
     lead_shape = tuple(qa.shape[:-2])
     batch = int(np.prod(lead_shape, dtype=np.int64))
+    valid = padding_mask(key_padding_mask, lead_shape, n)
     out = {}
     for name, arr in arrays.items():
         arr = np.ascontiguousarray(arr, dtype=dtype).reshape(batch, n, arr.shape[-1])
@@ -197,9 +202,8 @@ def attention_inputs(q, k, v, *, scale, key_padding_mask, check_finite):
             # again (tens of seconds). One O(n d) copy is far cheaper; the kernels never write.
             arr = arr.copy()
         if check_finite:
-            check_finite_array(arr, name)
+            check_finite_array(arr, name, valid if skip_masked else None)
         out[name] = arr
-    valid = padding_mask(key_padding_mask, lead_shape, n)
     return Batch(out["q"], out["k"], out["v"], valid, lead_shape, dtype, check_scale(scale, d))
 
 

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from . import _config
-from ._validate import attention_inputs
+from ._validate import attention_inputs, check_bool
 from .api import exact_attention, fmm_attention
 
 __all__ = ["ACCURATE", "CostErrorRow", "accuracy_vs_cost", "default_settings", "relative_errors", "topk_attention"]
@@ -30,8 +30,9 @@ def topk_attention(q, k, v, *, keys, causal=False, scale=None, key_padding_mask=
         Queries and keys, leading dims as in :func:`~fmm_attention.exact_attention`.
     v : array_like, shape (..., n, dv)
         Values.
-    keys : int
-        Keys kept per query (``1 <= keys``); causal rows with fewer allowed keys keep all.
+    keys : int or array_like of int, shape (n,)
+        Keys kept per query (``>= 1``), one number for all queries or one per query
+        position; causal rows with fewer allowed keys keep all.
     causal : bool, optional
         Query ``i`` chooses among the keys ``j <= i`` only.
     scale : float, optional
@@ -59,26 +60,55 @@ def topk_attention(q, k, v, *, keys, causal=False, scale=None, key_padding_mask=
     >>> bool(np.allclose(all_keys, exact_attention(x, x, x)))
     True
     """
+    causal = check_bool(causal, "causal")
     batch = attention_inputs(q, k, v, scale=scale, key_padding_mask=key_padding_mask, check_finite=True)
     n = batch.n
     if n > _config.DENSE_MAX_N:
         raise ValueError(f"topk_attention builds (n, n) logits; n={n} exceeds {_config.DENSE_MAX_N}")
-    if isinstance(keys, bool) or not isinstance(keys, (int, np.integer)) or keys < 1:
-        raise ValueError(f"keys must be a positive integer, got {keys!r}")
-    keys = min(int(keys), n)
+    budget = np.asarray(keys)
+    if (budget.dtype.kind not in "iu" or budget.ndim > 1 or (budget.ndim == 1 and budget.shape != (n,))
+            or (budget.size and budget.min() < 1)):
+        raise ValueError(f"keys must be a positive integer or n = {n} positive integers, got {keys!r}")
+    budget = np.minimum(np.broadcast_to(budget, (n,)), n).astype(np.int64)
     out = np.empty((batch.q.shape[0], n, batch.dv))
     allowed = np.tril(np.ones((n, n), bool)) if causal else np.ones((n, n), bool)
+    rows = np.arange(n)
     for b in range(batch.q.shape[0]):
         logits = batch.scale * batch.q[b].astype(np.float64) @ batch.k[b].astype(np.float64).T
         row_allowed = allowed if batch.valid is None else allowed & batch.valid[b][None, :]
         logits = np.where(row_allowed, logits, -np.inf)
-        threshold = -np.sort(-logits, axis=1)[:, keys - 1 : keys]
+        threshold = -np.sort(-logits, axis=1)[rows, budget - 1][:, None]
         logits = np.where(logits >= threshold, logits, -np.inf)
         row_max = logits.max(axis=1, keepdims=True)
         w = np.exp(logits - np.where(np.isfinite(row_max), row_max, 0.0))  # no valid key: all zero
         total = w.sum(axis=1, keepdims=True)
         out[b] = (w / np.where(total > 0, total, 1.0)) @ batch.v[b]
     return batch.restore(out)
+
+
+def matched_budgets(mean_keys, n, *, causal=False):
+    """Per-query top-k budgets whose mean kept keys equals ``mean_keys`` (to ``1/(2n)``).
+
+    Query ``i`` can keep at most ``n`` keys (``i + 1`` causal). The budgets are
+    ``min(K, allowed_i)`` for the largest ``K`` that stays within ``round(mean_keys * n)``
+    kept keys in total, plus one more key for as many of the queries that can take it as
+    the total still allows (the last ones). Every query keeps at least one key.
+
+    Returns
+    -------
+    ndarray of int64, shape (n,)
+    """
+    allowed = np.arange(1, n + 1) if causal else np.full(n, n)
+    total = int(np.clip(round(mean_keys * n), n, allowed.sum()))
+    # kept(K) = sum_i min(K, allowed_i) grows with K: the largest K with kept(K) <= total
+    K_all = np.arange(1, n + 1)
+    below = np.searchsorted(allowed, K_all)  # queries with fewer than K allowed keys (allowed is sorted)
+    kept = np.r_[0, np.cumsum(allowed)][below] + K_all * (n - below)
+    K = int(np.searchsorted(kept, total, side="right"))  # kept[K - 1] <= total
+    budgets = np.minimum(K, allowed)
+    room = np.flatnonzero(allowed > K)
+    budgets[room[room.size - (total - int(budgets.sum())):]] += 1
+    return budgets
 
 
 @dataclass(frozen=True)
@@ -236,10 +266,11 @@ def accuracy_vs_cost(q, k, v, settings=None, *, causal=False, scale=None, key_pa
     rows = []
     for label, options in settings:
         out, stats = fmm_attention(q, k, v, return_stats=True, **common, **options)
-        keys = max(1, int(round(stats.keys_per_query_mean)))
-        if keys not in oracle_cache:
-            oracle_cache[keys] = relative_errors(topk_attention(q, k, v, keys=keys, **common), ref)
-        rows.append(CostErrorRow(label, dict(options), stats.keys_fraction, relative_errors(out, ref), oracle_cache[keys]))
+        budgets = matched_budgets(stats.keys_per_query_mean, n, causal=causal)
+        key = int(budgets.sum())
+        if key not in oracle_cache:
+            oracle_cache[key] = relative_errors(topk_attention(q, k, v, keys=budgets, **common), ref)
+        rows.append(CostErrorRow(label, dict(options), stats.keys_fraction, relative_errors(out, ref), oracle_cache[key]))
         if progress is not None:
             progress(label)
     return rows

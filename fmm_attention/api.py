@@ -17,7 +17,7 @@ from ._validate import (  # noqa: F401  (check_fmm_options is re-exported for ol
     check_global_tokens,
 )
 from .coarsening import LearnedCoarsening
-from .tree import build_tree
+from .tree import _build_tree, build_tree, check_memory, fmm_call_bytes
 
 __all__ = ["exact_attention", "fastformer_attention", "fmm_attention"]
 
@@ -48,13 +48,17 @@ def exact_attention(q, k, v, *, causal=False, scale=None, key_padding_mask=None,
     scale : float, optional
         Logit scale; ``1 / sqrt(d)`` by default.
     key_padding_mask : array_like of bool, shape (..., n), optional
-        ``True`` marks a valid key; invalid keys get zero weight. A query with no valid key
-        gets a zero output and ``lse = -inf``.
+        ``True`` marks a valid position (token). Invalid keys get zero weight whatever
+        ``k`` and ``v`` hold there (NaN and infinity included), so no valid position's
+        output depends on them. A query with no valid key gets a zero output and
+        ``lse = -inf``. Outputs at invalid positions are computed from their ``q`` rows;
+        callers normally discard them (with non-finite ``q`` there they are undefined).
     return_lse : bool, optional
         Also return the log-sum-exp of each query's logits, shape ``(..., n)``.
     check_finite : bool, optional
-        Reject NaN or infinity in ``q``, ``k``, ``v`` with a ``ValueError`` (default). Turning
-        it off saves one pass over the inputs; non-finite inputs then give undefined results.
+        Reject NaN or infinity in ``q``, ``k``, ``v`` with a ``ValueError`` (default), at the
+        positions ``key_padding_mask`` marks valid: padding may hold anything. Turning it off
+        saves one pass over the inputs; non-finite valid inputs then give undefined results.
     backend : {"auto", "cpu", "cuda"}, optional
         ``"auto"`` runs on the GPU when the inputs live there, else on the CPU.
 
@@ -94,7 +98,11 @@ def exact_attention(q, k, v, *, causal=False, scale=None, key_padding_mask=None,
             q, k, v, causal=causal, scale=scale, key_padding_mask=key_padding_mask,
             return_lse=return_lse, check_finite=check_finite,
         )
-    batch = attention_inputs(q, k, v, scale=scale, key_padding_mask=key_padding_mask, check_finite=check_finite)
+    batch = attention_inputs(q, k, v, scale=scale, key_padding_mask=key_padding_mask, check_finite=check_finite,
+                             skip_masked=True)
+    B, n = batch.q.shape[:2]
+    # outputs and (with a mask) a zeroed copy of v; the tiles are small
+    check_memory({"outputs": B * n * (2 * batch.dv + 1) * batch.dtype.itemsize}, {"outputs": ("n", n)})
     out, lse = backends.get(name).exact(batch, causal=causal)
     return _finish(batch, out, lse, return_lse)
 
@@ -120,7 +128,9 @@ def fmm_attention(q, k, v, *, causal=False, block_size=_config.DEFAULT_BLOCK_SIZ
     causal : bool, optional
         Query ``i`` attends only to keys ``j <= i``.
     block_size : int, optional
-        Finest box size ``m``, a power of two. Larger: more exact attention, slower.
+        Finest box size ``m``, a power of two. Larger: more exact attention, slower. A
+        block longer than the sequence is clamped to the smallest power of two ``>= n``
+        (every key is then in the near field: exact attention, the same result).
     rank : int, optional
         Coarse keys per far box ``p``, a power of two. Larger: finer far field, slower.
         ``rank >= N/4`` (``N`` the padded length) makes FMA exact.
@@ -139,12 +149,18 @@ def fmm_attention(q, k, v, *, causal=False, block_size=_config.DEFAULT_BLOCK_SIZ
     scale : float, optional
         Logit scale; ``1 / sqrt(d)`` by default.
     key_padding_mask : array_like of bool, shape (..., n), optional
-        ``True`` marks a valid key. Invalid keys leave every near field, coarse mean and
-        count. A query with no valid key gets a zero output and ``lse = -inf``.
+        ``True`` marks a valid position (token). Invalid keys leave every near field,
+        coarse mean and count, and invalid queries every coarse query and refinement
+        score, so no valid position's output depends on what ``q``, ``k``, ``v`` hold at
+        invalid ones (NaN and infinity included), and a right-padded sequence gives the
+        result of the unpadded one. A query with no valid key gets a zero output and
+        ``lse = -inf``. Outputs at invalid positions are computed from their ``q`` rows;
+        callers normally discard them (with non-finite ``q`` there they are undefined).
     return_lse : bool, optional
         Also return each query's log-sum-exp over all its logits, shape ``(..., n)``.
     check_finite : bool, optional
-        Reject NaN or infinity in ``q``, ``k``, ``v`` (default).
+        Reject NaN or infinity in ``q``, ``k``, ``v`` (default), at the positions
+        ``key_padding_mask`` marks valid: padding may hold anything.
     backend : {"auto", "cpu", "cuda"}, optional
         ``"auto"`` runs on the GPU when the inputs live there, else on the CPU.
     cluster_iters : int, optional
@@ -153,10 +169,13 @@ def fmm_attention(q, k, v, *, causal=False, block_size=_config.DEFAULT_BLOCK_SIZ
         (these move single tokens) and ``O(n p^2 d / 128)`` for all larger levels together
         (these move whole groups of their children).
     refine : int, optional
-        Extra keys per query block for adaptive refinement (fine queries only): the far
-        boxes that receive the most attention mass from the block are split into their two
-        children one level finer (a level-1 box into its exact tokens) until the budget is
-        spent. A budget covering every far key gives exact attention. Default 0.
+        Extra keys per query block for adaptive refinement (fine queries only): the far box
+        whose split would change the block's outputs most (to first order: the *benefit*,
+        ``sum_i ||dnum_i - o_i dden_i|| / Z_i`` over the block's valid queries) is split into
+        its two children one level finer (a level-1 box into its exact tokens), again and
+        again while the added keys fit the budget. Only valid keys are charged. A budget of
+        ``n`` covers every far key and gives exact attention; larger budgets are clamped to
+        ``n`` (the same result). Default 0.
     global_tokens : array_like of int, optional
         Token indices attended exactly by every query (causal: by queries at or after
         them) and left out of coarsening, e.g. ``[0]`` for an attention sink.
@@ -178,7 +197,9 @@ def fmm_attention(q, k, v, *, causal=False, block_size=_config.DEFAULT_BLOCK_SIZ
         Non-float inputs, a non-integer ``block_size``/``rank``, non-bool flags.
     ValueError
         Mismatched shapes, empty sequences, NaN/inf, ``block_size``/``rank`` not a power of
-        two, unknown options, weights that do not fit the tree, coarse queries with causal.
+        two, unknown options, weights that do not fit the tree, coarse queries with causal,
+        a call whose estimated memory exceeds the limit (the error names ``n``, ``refine``
+        or ``block_size``; see ``_config.MAX_CALL_BYTES``).
 
     See Also
     --------
@@ -218,11 +239,28 @@ def fmm_attention(q, k, v, *, causal=False, block_size=_config.DEFAULT_BLOCK_SIZ
             count_scaling=count_scaling, query_coarsening=query_coarsening, scale=scale,
             key_padding_mask=key_padding_mask, return_lse=return_lse, check_finite=check_finite,
         )
-    batch = attention_inputs(q, k, v, scale=scale, key_padding_mask=key_padding_mask, check_finite=check_finite)
+    batch = attention_inputs(q, k, v, scale=scale, key_padding_mask=key_padding_mask, check_finite=check_finite,
+                             skip_masked=True)
     tree = build_tree(batch.n, block_size=block_size, rank=rank, causal=causal)
+    stats_coarsening = coarsening if isinstance(coarsening, str) else "learned"
     if isinstance(coarsening, LearnedCoarsening):
-        coarsening.check_tree(tree, batch.d, batch.dv)
+        if tree.block_size < block_size:
+            # block_size was clamped (it exceeds the sequence): the weights must still fit the
+            # tree asked for, but no far key exists in either, so nothing is coarsened
+            coarsening.check_tree(_build_tree(batch.n, block_size, tree.rank, causal), batch.d, batch.dv)
+            coarsening = "mean"
+        else:
+            coarsening.check_tree(tree, batch.d, batch.dv)
     global_tokens = check_global_tokens(global_tokens, batch.n)
+    asked_refine, refine = refine, min(refine, batch.n)  # n extra keys split every far box: more changes nothing
+    parts = fmm_call_bytes(
+        tree, batch=batch.q.shape[0], d=batch.d, dv=batch.dv, itemsize=batch.dtype.itemsize, refine=refine,
+        query_coarsening=query_coarsening, n_globals=len(global_tokens), coarsening=coarsening,
+    )
+    refine_shown = asked_refine if asked_refine == refine else f"{asked_refine} (clamped to n = {refine})"
+    check_memory(parts, {"refinement": ("refine", refine_shown), "block buffers": ("block_size", tree.block_size),
+                         "outputs": ("n", batch.n), "coarse buffers": ("n", batch.n),
+                         "tree and key plan": ("n", batch.n)})
     out, lse, plan = backends.get(name).fmm(
         batch, tree, coarsening=coarsening, count_scaling=count_scaling, query_coarsening=query_coarsening,
         cluster_iters=cluster_iters, refine=refine, global_tokens=global_tokens,
@@ -232,8 +270,8 @@ def fmm_attention(q, k, v, *, causal=False, block_size=_config.DEFAULT_BLOCK_SIZ
         return result
     stats = fmm_stats(
         tree, plan, batch_size=batch.q.shape[0], d=batch.d, dv=batch.dv,
-        coarsening=coarsening if isinstance(coarsening, str) else "learned", cluster_iters=cluster_iters,
-        refine=refine, query_coarsening=query_coarsening,
+        coarsening=stats_coarsening, cluster_iters=cluster_iters,
+        refine=refine, query_coarsening=query_coarsening, valid=batch.valid,
     )
     return (*result, stats) if return_lse else (result, stats)
 
@@ -274,7 +312,8 @@ def fastformer_attention(q, k, v, w_q, w_k, *, causal=False, scale=None, key_pad
     return_pools : bool, optional
         Also return the pools ``qg`` and ``kg``.
     check_finite : bool, optional
-        Reject NaN or infinity in ``q``, ``k``, ``v``, ``w_q``, ``w_k`` (default).
+        Reject NaN or infinity in ``q``, ``k``, ``v``, ``w_q``, ``w_k`` (default), at every
+        position, masked ones included: an invalid position's ``v`` row still makes its output.
     backend : {"auto", "cpu", "cuda"}, optional
         ``"auto"`` runs on the GPU when the inputs live there, else on the CPU.
 

@@ -13,6 +13,7 @@ aligned sub-box of ``w_l / r_l`` tokens).
 from __future__ import annotations
 
 import functools
+import os
 from dataclasses import dataclass
 
 import numpy as np
@@ -24,6 +25,16 @@ __all__ = ["FMMTree", "Level", "build_tree", "padded_length"]
 
 #: Segment kinds in a key plan: exact tokens of ``k``/``v``, or rows of the coarse buffers.
 TOKEN, COARSE = 0, 1
+
+
+def effective_block_size(n, block_size):
+    """``block_size``, or the smallest power of two ``>= n`` where that is smaller.
+
+    A block at least as long as the sequence puts every key in the near field (exact
+    attention); any larger block gives the same function, only with a larger padded
+    length and larger buffers, so the tree never uses more.
+    """
+    return min(int(block_size), 1 << max(0, int(n) - 1).bit_length())
 
 
 def padded_length(n, block_size):
@@ -408,6 +419,15 @@ def build_tree(n, *, block_size, rank, causal=False):
     Returns
     -------
     FMMTree
+        Its ``block_size`` is ``min(block_size, 2**ceil(log2(n)))``: a block longer than the
+        sequence is clamped to the smallest power of two holding it (every key is in the
+        near field either way, so attention is exact and the result the same).
+
+    Raises
+    ------
+    ValueError
+        ``n < 1``, ``n > 2**40``, or a tree (with its key plan) needing more memory than
+        :func:`memory_limit` allows.
 
     Examples
     --------
@@ -422,11 +442,107 @@ def build_tree(n, *, block_size, rank, causal=False):
         raise ValueError(f"n must be at least 1, got {n}")
     if n > 2**40:
         raise ValueError(f"n={n} is beyond the supported sequence length 2**40")
-    return _build_tree(
-        int(n),
-        check_power_of_two(block_size, "block_size"),
-        check_power_of_two(rank, "rank"),
-        check_bool(causal, "causal"),
+    n = int(n)
+    m = effective_block_size(n, check_power_of_two(block_size, "block_size"))
+    p = check_power_of_two(rank, "rank")
+    causal = check_bool(causal, "causal")
+    check_memory({"tree and key plan": tree_bytes(n, m, p)}, {"tree and key plan": ("n", n)})
+    return _build_tree(n, m, p, causal)
+
+
+# ---------------------------------------------------------------- memory estimates
+def memory_limit():
+    """Bytes one call may allocate: ``_config.MAX_CALL_BYTES``, or physical memory if ``None``."""
+    if _config.MAX_CALL_BYTES is not None:
+        return int(_config.MAX_CALL_BYTES)
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):  # no sysconf (Windows): no bound
+        return 2**63
+
+
+def _level_sizes(n, m, p):
+    """``(n_levels, total boxes, coarse rows)`` of the tree of ``(n, m, p)``, without building it."""
+    N = padded_length(n, m)
+    n_levels = (N // m).bit_length() - 2
+    boxes = rows = 0
+    for index in range(1, n_levels + 1):
+        w = m << (index - 1)
+        boxes += N // w
+        rows += (N // w) * min(p, w)
+    return n_levels, boxes, rows
+
+
+def _plan_columns(n_levels, n_globals, causal):
+    """Candidate segments per block of a key plan (near field, global runs, far boxes)."""
+    return 1 + (1 if causal else 2) * n_globals + (2 if causal else 3) * n_levels
+
+
+def tree_bytes(n, block_size, rank, n_globals=0, causal=False):
+    """Bytes of a tree's tables plus one key plan and the temporaries that build it."""
+    n_levels, boxes, _ = _level_sizes(n, block_size, rank)
+    n_blocks = -(-n // block_size)
+    # interactions and box tables: 3 int64 per box each; plan build: ~8 int64 arrays per column
+    return 2 * 24 * boxes + 64 * n_blocks * _plan_columns(n_levels, n_globals, causal)
+
+
+def fmm_call_bytes(tree, *, batch, d, dv, itemsize, refine=0, query_coarsening=False, n_globals=0,
+                   coarsening="mean", n_threads=None):
+    """Estimated bytes one :func:`~fmm_attention.fmm_attention` call allocates, by part.
+
+    Parts: ``"outputs"`` (output, lse), ``"coarse buffers"`` (coarse keys, values, biases;
+    coarse queries and box partials), ``"refinement"`` (per-entry plans and the scoring
+    work of the threads), ``"block buffers"`` (the block kernel's per-thread work buffers),
+    ``"tree and key plan"``. Upper bounds to within small factors, computed before anything
+    is allocated.
+    """
+    if n_threads is None:
+        import numba
+
+        n_threads = numba.get_num_threads()
+    n, m, B = tree.n, tree.block_size, batch
+    n_blocks = tree.n_blocks
+    _, boxes, rows = _level_sizes(n, m, tree.rank)
+    columns = _plan_columns(tree.n_levels, n_globals, tree.causal)
+    coarse = B * rows * ((d + dv + 2) * itemsize + 8) * (2 if coarsening == "cluster" else 1)
+    if query_coarsening:
+        coarse += B * boxes * ((d + dv + 2) * itemsize + 8) + B * n_blocks * (dv + 2) * itemsize
+    width = min(m, n) + 16  # queries per block, padded to the micro-kernel's panel
+    max_keys = 3 * min(m, n) + n_globals + 3 * tree.rank * tree.n_levels + refine
+    block = n_threads * (max_keys * (d + dv + 1 + width) * itemsize + 8 * max_keys + (d + dv) * width * itemsize)
+    refinement = 0
+    if refine:
+        capacity = columns + 2 * refine + n_globals + min(m, n) + 2
+        plans = B * n_blocks * (capacity * 24 + 16)
+        scoring = n_threads * (8 * min(m, n) * (max_keys + 2 * dv + 2) + 48 * capacity)
+        refinement = plans + scoring
+    return {
+        "outputs": B * n * (dv + 1) * itemsize,
+        "coarse buffers": coarse,
+        "refinement": refinement,
+        "block buffers": block,
+        "tree and key plan": tree_bytes(n, m, tree.rank, n_globals, tree.causal),
+    }
+
+
+def check_memory(parts, culprits):
+    """Raise ``ValueError`` if the estimated ``parts`` (name -> bytes) exceed :func:`memory_limit`.
+
+    ``culprits`` maps a part to the ``(argument, value)`` that drives it; the error names
+    the argument of the largest part.
+    """
+    total = sum(parts.values())
+    limit = memory_limit()
+    if total <= limit:
+        return
+    worst = max(parts, key=parts.get)
+    name, value = culprits.get(worst, ("n", None))
+    gib = 2.0**30
+    breakdown = ", ".join(f"{part} {size / gib:.3g} GiB" for part, size in parts.items() if size)
+    raise ValueError(
+        f"{name}={value} needs about {total / gib:.3g} GiB for this call ({breakdown}), more than the "
+        f"{limit / gib:.3g} GiB allowed (physical memory, or fmm_attention._config.MAX_CALL_BYTES); "
+        f"reduce {name}"
     )
 
 

@@ -394,3 +394,53 @@ def test_masks_with_options_match_exact_at_the_limit():
     mask = RNG.random(50) > 0.3
     out = fmm_attention(q, k, v, block_size=4, rank=1, refine=1000, key_padding_mask=mask, global_tokens=[2])
     np.testing.assert_allclose(out, exact_attention(q, k, v, key_padding_mask=mask), rtol=1e-12, atol=1e-12)
+
+
+# ---------------------------------------------------------------- issue 13
+def test_issue13_stats_count_only_valid_keys():
+    # issue 13, item 3: return_stats ignored the mask (191 keys per query with 150 valid)
+    n = 200
+    q, k, v = qkv(n)
+    mask = np.arange(n) < 150
+    _, stats = fmm_attention(q, k, v, block_size=4, rank=1, refine=10 * n, key_padding_mask=mask, return_stats=True)
+    assert stats.keys_per_query_mean == 150 and stats.keys_per_query_max == 150 and stats.keys_fraction == 1.0
+    for causal in (False, True):
+        for o in (dict(block_size=8, rank=2), dict(block_size=8, rank=2, refine=16),
+                  dict(block_size=8, rank=2, query_coarsening=not causal)):
+            # a padded sequence costs what the unpadded one does
+            _, a = fmm_attention(q, k, v, key_padding_mask=mask, causal=causal, return_stats=True, **o)
+            _, b = fmm_attention(q[:150], k[:150], v[:150], causal=causal, return_stats=True, **o)
+            assert (a.keys_per_query_mean, a.keys_per_query_max) == (b.keys_per_query_mean, b.keys_per_query_max)
+            assert a.keys_fraction == pytest.approx(b.keys_fraction)
+
+
+def test_issue13_stats_with_a_mask_inside_the_sequence_by_brute_force():
+    n, m, p = 64, 4, 2
+    q, k, v = qkv(n, batch=(2,))
+    mask = np.random.default_rng(5).random((2, n)) > 0.4
+    mask[1] = True
+    _, stats = fmm_attention(q, k, v, block_size=m, rank=p, key_padding_mask=mask, return_stats=True)
+    from fmm_attention import build_tree
+
+    tree = build_tree(n, block_size=m, rank=p)
+    lm = tree.level_map()
+    per_query = []
+    for b in range(2):
+        for i in np.flatnonzero(mask[b]):
+            keys = (mask[b] & (lm[i] == 0)).sum()
+            for level in tree.levels:
+                sub = level.box_size // level.rank
+                # a coarse key counts when its sub-box holds a valid key
+                keys += len({j // sub for j in np.flatnonzero((lm[i] == level.index) & mask[b])})
+            per_query.append(keys)
+    assert stats.keys_per_query_mean == pytest.approx(np.mean(per_query))
+    assert stats.keys_per_query_max == max(per_query)
+
+
+def test_issue13_refine_beyond_n_is_clamped():
+    # refine=10**9 asked for 626 GiB; a budget of n already splits every far box
+    q, k, v = qkv(100)
+    for causal in (False, True):
+        want = fmm_attention(q, k, v, block_size=4, rank=1, refine=100, causal=causal)
+        np.testing.assert_array_equal(fmm_attention(q, k, v, block_size=4, rank=1, refine=10**9, causal=causal), want)
+        np.testing.assert_allclose(want, exact_reference(q, k, v, causal=causal)[0], rtol=1e-12, atol=1e-12)

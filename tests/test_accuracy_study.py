@@ -66,3 +66,37 @@ def test_analyze_accuracy_flag(tmp_path, capsys):
     assert main(["analyze", str(path), "--accuracy", "--no-progress", "--block-size", "4", "--rank", "2"]) == 0
     out = capsys.readouterr().out
     assert "accuracy versus cost" in out and "cluster m=4 p=2 refine 80 + sinks" in out
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_issue13_oracle_keeps_as_many_keys_as_the_fma_row(monkeypatch, causal):
+    # issue 13, item 6: the causal oracle got K = round(mean keys) per query, but row i keeps
+    # at most i + 1: 85.5 mean keys against FMA's 93.6
+    import fmm_attention.accuracy as acc
+    from fmm_attention import fmm_attention
+
+    n = 256
+    q, k, v = qkv(n, heads=1)
+    kept = []
+    real_topk = acc.topk_attention
+
+    def recording_topk(q, k, v, *, keys, causal=False, scale=None):
+        allowed = np.arange(1, n + 1) if causal else np.full(n, n)
+        kept.append(np.minimum(np.broadcast_to(keys, (n,)), allowed).mean())
+        return real_topk(q, k, v, keys=keys, causal=causal, scale=scale)
+
+    monkeypatch.setattr(acc, "topk_attention", recording_topk)
+    options = dict(block_size=16, rank=4)
+    rows = accuracy_vs_cost(q, k, v, [("m=16 p=4", options)], causal=causal)
+    _, stats = fmm_attention(q, k, v, causal=causal, return_stats=True, **options)
+    assert len(kept) == 1 and abs(kept[0] - stats.keys_per_query_mean) <= 0.5 / n
+    assert rows[0].oracle_errors.shape == (1,)
+
+
+def test_issue13_topk_per_query_budgets():
+    q, k, v = qkv(heads=1)
+    budgets = np.arange(1, 49) % 7 + 1
+    out = topk_attention(q, k, v, keys=budgets)[0]
+    for i in (0, 5, 17, 47):
+        np.testing.assert_allclose(out[i], topk_attention(q[:, i : i + 1].repeat(48, 1), k, v, keys=int(budgets[i]))[0, 0],
+                                   atol=1e-13)

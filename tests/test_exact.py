@@ -201,3 +201,26 @@ def test_random_shapes_against_reference(n, d, dv, causal, masked, seed):
     want, want_lse = reference.exact_reference(q, k, v, causal=causal, valid=valid)
     np.testing.assert_allclose(out, want, rtol=RTOL64, atol=1e-12)
     assert_lse_equal(lse, want_lse)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_issue13_masked_keys_never_matter_whatever_they_hold(causal, dtype):
+    # issue 13, item 4: masked float32 keys of 3e38 passed check_finite and gave errors of
+    # 0.45-0.62; NaN in masked keys (check_finite=False) gave finite wrong outputs
+    n = 300
+    q, k, v = (rand(s, n, 16, dtype=dtype) for s in (1, 2, 3))
+    mask = np.random.default_rng(4).random(n) > 0.3
+    mask[:2] = True
+    want = reference.exact_reference(q, k, v, causal=causal, valid=mask)[0]
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == np.float32 else dict(rtol=RTOL64, atol=1e-12)
+    huge = np.finfo(dtype).max / 2
+    for kbad, vbad, check in [(huge, huge, True), (-huge, 1.0, True), (np.nan, np.nan, False),
+                              (np.inf, np.nan, True), (-np.inf, np.inf, True)]:
+        k2, v2 = k.copy(), v.copy()
+        k2[~mask] = kbad
+        v2[~mask] = vbad
+        got = exact_attention(q, k2, v2, causal=causal, key_padding_mask=mask, check_finite=check)
+        assert np.isfinite(got).all()
+        np.testing.assert_allclose(got, want, **tol)
+        np.testing.assert_array_equal(got, exact_attention(q, k, v, causal=causal, key_padding_mask=mask))

@@ -66,7 +66,8 @@ def dense_fma(q, k, v, *, block_size, rank, causal=False, valid=None, scale=None
     valid keys of its sub-box (size ``w_l / min(p, w_l)``); with count scaling each token of
     the sub-box carries the sub-box logit (so the sub-box weighs ``count * exp(logit)``),
     without it the sub-box weight is shared among its tokens. With ``query_coarsening`` the far
-    logits of query ``i`` at level ``l`` use the mean query of its box (real positions only).
+    logits of query ``i`` at level ``l`` use the mean of the valid queries of its box (none:
+    no far logits at that level).
     Returns ``(out, lse)``.
     """
     q, k, v = (np.asarray(x, dtype=np.float64) for x in (q, k, v))
@@ -88,16 +89,20 @@ def dense_fma(q, k, v, *, block_size, rank, causal=False, valid=None, scale=None
         with np.errstate(invalid="ignore", divide="ignore"):
             coarse = (sums / counts[:, None])[group]  # each token's sub-box mean key
             log_count = np.log(counts)[group]
-        if query_coarsening:
+        empty = np.zeros(n, bool)
+        if query_coarsening:  # mean of the box's valid queries; none: no far field here
             box = np.arange(n) // w
             qsum = np.zeros((box[-1] + 1, d))
-            np.add.at(qsum, box, q)
-            queries = (qsum / np.bincount(box)[:, None])[box]
+            np.add.at(qsum, box[valid], q[valid])
+            qcount = np.bincount(box, weights=valid, minlength=box[-1] + 1)
+            queries = (qsum / np.maximum(qcount, 1)[:, None])[box]
+            empty = (qcount == 0)[box]
         else:
             queries = q
         x = scale * queries @ np.where(valid[:, None], coarse, 0).T
         if not count_scaling:
             x = x - log_count[None, :]
+        x[empty] = -np.inf
         sel = levels == level
         logits[sel] = x[sel]
     logits[:, ~valid] = -np.inf
@@ -118,10 +123,11 @@ def coarse_query_reference(q, k, v, *, block_size, rank, valid=None, scale=None,
     """FMA with coarse queries (bidirectional), one head, by enumerating each query's logits.
 
     Near field: exact ``scale * q_i . k_j`` over the valid keys of blocks ``I-1, I, I+1``.
-    Far level ``l``: the query is the mean of the queries of box ``b = i // w_l`` at real
-    positions ``< n`` (the key padding mask does not touch queries); the keys are the coarse
-    keys of the listed boxes (mean or ``learned`` as in ``reference.fma_reference``), with
-    count bias. One joint softmax over everything. Returns ``(out, lse)``.
+    Far level ``l``: the query is the mean of the valid queries of box ``b = i // w_l``
+    (real positions ``< n`` that the key padding mask marks: the mask marks tokens); a box
+    with no valid query has no far field at that level. The keys are the coarse keys of the
+    listed boxes (mean or ``learned`` as in ``reference.fma_reference``), with count bias.
+    One joint softmax over everything. Returns ``(out, lse)``.
     """
     q, k, v = (np.asarray(x, dtype=np.float64) for x in (q, k, v))
     n, d = q.shape
@@ -142,7 +148,11 @@ def coarse_query_reference(q, k, v, *, block_size, rank, valid=None, scale=None,
             w = m * 2 ** (level - 1)
             r = min(p, w)
             b = i // w
-            qc = q[b * w : min(n, (b + 1) * w)].mean(0)
+            own = np.arange(b * w, min(n, (b + 1) * w))
+            own = own[valid[own]]
+            if own.size == 0:
+                continue
+            qc = q[own].mean(0)
             for c in far_boxes(b, N // w, causal=False):
                 tokens = np.arange(c * w, min(n, (c + 1) * w))
                 ok = tokens[valid[tokens]]
@@ -480,20 +490,67 @@ def test_query_coarsening_large_n(n, m, p):
     assert relative_error(fmm_attention(q, k, v, block_size=m, rank=p, key_padding_mask=valid), out) > 1e-3
 
 
-def test_query_coarsening_mask_touches_keys_only():
-    """A masked key's query still enters its box's mean query."""
+def test_query_coarsening_averages_valid_queries_only():
+    """A coarse query is the mean of its box's valid queries (the mask marks tokens): a masked
+    position's query moves no far field, only its own output."""
     n, m, p = 64, 4, 2
     q, k, v = inputs(13, n)
     valid = np.ones(n, bool)
     valid[40:44] = False
     out = fmm_attention(q, k, v, block_size=m, rank=p, query_coarsening=True, key_padding_mask=valid)
+    assert_out_close(out, coarse_query_reference(q, k, v, block_size=m, rank=p, valid=valid)[0], np.float64)
     q2 = q.copy()
-    q2[41] += 3.0  # query of a masked key: far logits of its boxes move
+    q2[41] += 3.0
     out2 = fmm_attention(q2, k, v, block_size=m, rank=p, query_coarsening=True, key_padding_mask=valid)
-    want2 = coarse_query_reference(q2, k, v, block_size=m, rank=p, valid=valid)[0]
-    assert_out_close(out2, want2, np.float64)
-    box = slice(32, 48)  # level-2 box (w = 8) holding 41 is 40..47; level 3: 32..47 (w = 16)
-    assert not np.allclose(out2[box], out[box])
+    assert_out_close(out2, coarse_query_reference(q2, k, v, block_size=m, rank=p, valid=valid)[0], np.float64)
+    others = np.arange(n) != 41
+    np.testing.assert_array_equal(out2[others], out[others])
+
+
+def test_issue13_coarse_queries_ignore_what_padding_holds():
+    # issue 13, item 1: padded queries were averaged into the coarse queries (diff 0.31)
+    q, k, v = np.random.default_rng(0).standard_normal((3, 512, 32))
+    mask = np.arange(512) < 200
+    q2 = q.copy()
+    q2[200:] = 50 * np.random.default_rng(1).standard_normal((312, 32))
+    a = fmm_attention(q, k, v, key_padding_mask=mask, query_coarsening=True)
+    b = fmm_attention(q2, k, v, key_padding_mask=mask, query_coarsening=True)
+    np.testing.assert_array_equal(a[:200], b[:200])
+    q2[200:], k2, v2 = np.nan, k.copy(), v.copy()  # garbage of any kind, in every input
+    k2[200:], v2[200:] = np.inf, np.nan
+    c = fmm_attention(q2, k2, v2, key_padding_mask=mask, query_coarsening=True)
+    np.testing.assert_array_equal(c[:200], a[:200])
+    # boxes of padding only contribute nothing: the padded sequence is the unpadded one
+    np.testing.assert_allclose(a[:200], fmm_attention(q[:200], k[:200], v[:200], query_coarsening=True),
+                               rtol=0, atol=1e-14)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("refine", [0, 16, 100])
+def test_issue13_refined_padded_sequence_equals_unpadded(causal, refine):
+    # issue 13, item 2: the budget was charged for masked tokens and fully masked boxes, and
+    # padded queries took part in the scoring (diff 0.105 at refine=16)
+    rng = np.random.default_rng(0)
+    q, k, v = rng.standard_normal((3, 512, 32))
+    mask = np.arange(512) < 200
+    o = dict(block_size=16, rank=4, refine=refine, causal=causal)
+    want = fmm_attention(q[:200], k[:200], v[:200], **o)
+    np.testing.assert_allclose(fmm_attention(q, k, v, key_padding_mask=mask, **o)[:200], want, rtol=0, atol=1e-14)
+    q2, k2, v2 = q.copy(), k.copy(), v.copy()
+    q2[200:], k2[200:], v2[200:] = np.nan, 1e300, np.inf
+    np.testing.assert_allclose(fmm_attention(q2, k2, v2, key_padding_mask=mask, **o)[:200], want, rtol=0, atol=1e-14)
+
+
+def test_issue13_refinement_ignores_masked_positions_inside_the_sequence():
+    # masked tokens in the middle: what they hold changes no valid output, refined or not
+    rng = np.random.default_rng(3)
+    q, k, v = rng.standard_normal((3, 300, 8))
+    mask = rng.random(300) > 0.3
+    o = dict(block_size=8, rank=2, refine=24, key_padding_mask=mask)
+    want = fmm_attention(q, k, v, **o)
+    q2, k2, v2 = q.copy(), k.copy(), v.copy()
+    q2[~mask], k2[~mask], v2[~mask] = 40.0, np.nan, np.nan
+    np.testing.assert_array_equal(fmm_attention(q2, k2, v2, **o)[mask], want[mask])
 
 
 def test_query_coarsening_with_causal_raises():
@@ -532,7 +589,10 @@ def test_no_valid_key_gives_zero_and_minus_inf(query_coarsening):
     assert not np.isnan(out).any() and not np.isnan(lse).any()
     np.testing.assert_array_equal(out[0], 0)
     assert np.isneginf(lse[0]).all()
-    np.testing.assert_allclose(out[1], np.broadcast_to(v[1, 50], out[1].shape), rtol=1e-6)
+    # fine queries: every query sees key 50 (near or far); coarse queries: a box with no
+    # valid query has no far field, so only the valid query and its near field do
+    seen = slice(None) if not query_coarsening else slice(44, 56)
+    np.testing.assert_allclose(out[1, seen], np.broadcast_to(v[1, 50], out[1, seen].shape), rtol=1e-6)
 
 
 def test_causal_first_query_with_masked_first_key():

@@ -118,12 +118,15 @@ def test_padded_length_rules(m):
     for n in list(range(1, 300)) + [511, 512, 513, 1000, 1024, 1025, 4097]:
         tree = build_tree(n, block_size=m, rank=2)
         N = tree.padded_length
-        assert N == spec_padded_length(n, m), (n, m)
-        k = (N // m).bit_length() - 1
-        assert N == m * 2**k and k >= 2 and N >= n
-        assert n <= 4 * m or N < 2 * n  # smallest such length
+        # a block past the sequence is clamped to the smallest power of two >= n (all near field)
+        me = min(m, 1 << (n - 1).bit_length())
+        assert tree.block_size == me
+        assert N == spec_padded_length(n, me), (n, m)
+        k = (N // me).bit_length() - 1
+        assert N == me * 2**k and k >= 2 and N >= n
+        assert n <= 4 * me or N < 2 * n  # smallest such length
         assert tree.n_levels == k - 1
-        assert tree.n_blocks == -(-n // m)
+        assert tree.n_blocks == -(-n // me)
 
 
 @pytest.mark.parametrize("n, m, p", [(1, 1, 1), (5, 4, 8), (100, 4, 2), (1000, 32, 4), (1024, 8, 64), (300, 2, 1)])
@@ -340,3 +343,26 @@ def test_far_segments_are_the_key_plans_coarse_segments(n, m, p, causal):
         for start, count, level in listed:  # each segment is one box of its level
             lv = tree.levels[level - 1]
             assert count == lv.rank and lv.offset <= start < lv.offset + lv.n_boxes * lv.rank
+
+
+# --------------------------------------------------------------------------- issue 13: sizes bounded
+@pytest.mark.parametrize("block_size, want", [(64, 64), (128, 128), (256, 128), (2**24, 128), (2**62, 128)])
+def test_issue13_block_size_clamped_to_the_sequence(block_size, want):
+    # a block past the sequence is all near field; the tree must not grow with it
+    tree = build_tree(100, block_size=block_size, rank=2**40)
+    assert tree.block_size == want and tree.padded_length == 4 * want
+    assert tree.n_coarse <= 4 * want and tree.n_levels == (1 if want == 128 else tree.n_levels)
+
+
+def test_issue13_build_tree_memory_check_uses_the_configured_limit(monkeypatch):
+    from fmm_attention import _config
+    from fmm_attention.tree import memory_limit, tree_bytes
+
+    assert memory_limit() > 2**20
+    need = tree_bytes(2**16, 4, 2)
+    assert tree_bytes(2**17, 4, 2) > need > 0
+    monkeypatch.setattr(_config, "MAX_CALL_BYTES", need // 2)
+    with pytest.raises(ValueError, match="n=65536 needs about"):
+        build_tree(2**16, block_size=4, rank=2)
+    monkeypatch.setattr(_config, "MAX_CALL_BYTES", need * 2)
+    assert build_tree(2**16, block_size=4, rank=2).n == 2**16

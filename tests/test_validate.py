@@ -317,3 +317,75 @@ def test_readonly_inputs_compile_no_new_kernel_variant():
     exact_attention(q, k, v, key_padding_mask=mask)
     fma(q, k, v, key_padding_mask=mask)
     assert [set(kernel.signatures) for kernel in kernels] == before
+
+
+# --------------------------------------------------------------------------- issue 13: masked garbage, sizes
+@FUNCS
+@pytest.mark.parametrize("which", [0, 1, 2])
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf, 3e38])
+def test_issue13_non_finite_at_masked_positions_accepted(func, which, bad):
+    # padding may hold anything: check_finite looks only at valid positions, and no valid
+    # output depends on what a masked position holds
+    q, k, v = (x.astype(np.float32) for x in qkv())
+    mask = np.ones((2, N), bool)
+    mask[:, 17:] = False
+    mask[1, 3] = False
+    arrays = [q.copy(), k.copy(), v.copy()]
+    arrays[which][~mask] = bad
+    for causal in (False, True):
+        want = func(q, k, v, key_padding_mask=mask, causal=causal)
+        for check in (True, False):
+            got = func(*arrays, key_padding_mask=mask, causal=causal, check_finite=check)
+            np.testing.assert_array_equal(got[mask], want[mask])
+
+
+@FUNCS
+@pytest.mark.parametrize("which", [0, 1, 2])
+def test_issue13_non_finite_at_valid_positions_still_rejected(func, which):
+    arrays = [x.copy() for x in qkv()]
+    mask = np.ones((2, N), bool)
+    mask[:, 17:] = False
+    arrays[which][~mask] = np.nan
+    arrays[which][1, 5, 0] = np.inf  # a valid position
+    with pytest.raises(ValueError, match=f"{'qkv'[which]} contains NaN or infinity"):
+        func(*arrays, key_padding_mask=mask)
+
+
+@pytest.mark.parametrize("block_size", [2**24, 2**40, 2**60, 2**61, 2**62])
+def test_issue13_block_size_beyond_the_sequence_is_clamped(block_size):
+    # used to allocate by block_size (8 GiB at 2**24), raise SystemError or segfault
+    q, k, v = qkv()
+    for causal in (False, True):
+        out = fma(q, k, v, block_size=block_size, causal=causal)
+        np.testing.assert_allclose(out, exact_attention(q, k, v, causal=causal), rtol=1e-12, atol=1e-13)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(refine=10**9, block_size=4, rank=1), r"refine=1000000000 \(clamped to n = 4096\)"),  # still too big
+    (dict(block_size=2048), "block_size=2048"),
+])
+def test_issue13_memory_estimate_names_the_argument(monkeypatch, kwargs, match):
+    from fmm_attention import _config
+
+    monkeypatch.setattr(_config, "MAX_CALL_BYTES", 20 * 2**20)
+    q, k, v = (np.ones((4096, 2)),) * 3
+    with pytest.raises(ValueError, match=match):
+        fmm_attention(q, k, v, **kwargs)
+
+
+def test_issue13_build_tree_bounded_by_memory():
+    from fmm_attention import build_tree
+
+    with pytest.raises(ValueError, match="n=1099511627776 needs about"):
+        build_tree(2**40, block_size=1, rank=1)
+
+
+def test_issue13_topk_causal_must_be_bool():
+    from fmm_attention.accuracy import topk_attention
+
+    q, k, v = qkv(lead=())
+    with pytest.raises(TypeError, match="causal"):
+        topk_attention(q, k, v, keys=4, causal="no")
+    for keys in (0, [1, 2], np.ones(N + 1, int), 2.5):
+        with pytest.raises(ValueError, match="keys"):
+            topk_attention(q, k, v, keys=keys)

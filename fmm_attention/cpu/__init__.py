@@ -38,12 +38,24 @@ def _outputs(batch):
     return np.empty((B, n, batch.dv), dtype=batch.dtype), np.empty((B, n), dtype=batch.dtype)
 
 
+def _masked_rows_zeroed(x, valid):
+    """``x`` (B, n, f), or a copy with the rows of masked tokens set to 0 if any of them is
+    not finite: a masked row enters a weighted sum with weight 0, and ``0 * nan`` is NaN."""
+    from .finite import all_finite
+
+    if valid is None or all_finite(x):
+        return x
+    return np.where(valid[:, :, None], x, x.dtype.type(0))
+
+
 def exact(batch, *, causal):
     """Exact softmax attention of a validated batch."""
     out, lse = _outputs(batch)
     key_bias, _, has_mask = _key_bias(batch)
+    # masked keys are selected out inside the kernel; masked values must be made finite here
+    v = _masked_rows_zeroed(batch.v, batch.valid)
     with _launch_guard(calls_blas=True):
-        exact_kernel(batch.q, batch.k, batch.v, key_bias, has_mask, batch.dtype.type(batch.scale), causal, out, lse)
+        exact_kernel(batch.q, batch.k, v, key_bias, has_mask, batch.dtype.type(batch.scale), causal, out, lse)
     return out, lse
 
 
@@ -94,13 +106,21 @@ def _coarse_validity(batch, global_tokens):
     return valid
 
 
-def _refined_plan(batch, tree, base, kc, vc, cbias, key_bias, has_mask, scale, budget, global_tokens):
-    """Per-entry plans with ``budget`` extra keys per block spent on the heaviest far boxes."""
-    ptr, segments, max_keys = base
-    B = batch.q.shape[0]
+def refine_capacity(tree, base, budget, n_globals):
+    """``(capacity, room)`` of a refined plan: segments per block, and candidates a block
+    may add beyond its base segments (the same for a padded and an unpadded sequence)."""
+    ptr = base[0]
     per_block = int(np.diff(ptr).max())
     # each split adds at most one segment per run of tokens between globals
-    capacity = per_block + 2 * budget + len(global_tokens) + tree.block_size + 2
+    room = 2 * budget + n_globals + min(tree.block_size, tree.n) + 2
+    return per_block + room, room
+
+
+def _refined_plan(batch, tree, base, kc, vc, cbias, key_bias, has_mask, scale, budget, global_tokens):
+    """Per-entry plans with ``budget`` extra keys per block spent on the heaviest far boxes."""
+    ptr, segments, _ = base
+    B = batch.q.shape[0]
+    capacity, room = refine_capacity(tree, base, budget, len(global_tokens))
     is_global = np.zeros(batch.n, dtype=np.bool_)
     is_global[list(global_tokens)] = True
     token_bias = key_bias if has_mask else np.zeros((B, batch.n), dtype=batch.dtype)
@@ -113,9 +133,11 @@ def _refined_plan(batch, tree, base, kc, vc, cbias, key_bias, has_mask, scale, b
             batch.q, batch.k, batch.v, kc, vc, cbias, token_bias, is_global, ptr, segments,
             np.array([x.offset for x in lv], dtype=np.int64), np.array([x.rank for x in lv], dtype=np.int64),
             np.array([x.box_size for x in lv], dtype=np.int64), tree.block_size, scale, tree.causal,
-            budget, capacity, seg_lo, seg_hi, out,
+            budget, capacity, room, seg_lo, seg_hi, out,
         )
-    return seg_lo, seg_hi, out, max_keys + budget
+    # the kernels' key buffers: the most keys any emitted block plan names (unused rows are 0)
+    max_keys = int(out[:, :, 2].reshape(B, tree.n_blocks, capacity).sum(axis=2).max(initial=1))
+    return seg_lo, seg_hi, out, max_keys
 
 
 def fmm(batch, tree, *, coarsening, count_scaling, query_coarsening, cluster_iters=0, refine=0, global_tokens=()):
@@ -124,8 +146,9 @@ def fmm(batch, tree, *, coarsening, count_scaling, query_coarsening, cluster_ite
     Returns
     -------
     out, lse : ndarray
-    plan : tuple ``(seg_lo, seg_hi, segments)``
-        The key plan executed (shared ``(1, ...)`` or per entry ``(B, ...)``), for statistics.
+    plan : tuple ``(seg_lo, seg_hi, segments, live_coarse)``
+        The key plan executed (shared ``(1, ...)`` or per entry ``(B, ...)``) and which
+        coarse rows ``(B, C)`` hold a valid token, for statistics.
     """
     out, lse = _outputs(batch)
     B = batch.q.shape[0]
@@ -149,11 +172,15 @@ def fmm(batch, tree, *, coarsening, count_scaling, query_coarsening, cluster_ite
             box_ranks = np.array([lv.rank for lv in tree.levels], dtype=np.int64)
             total = interactions.shape[0]
             qc = np.empty((B, total, batch.d), dtype=dtype)
-            coarse_queries(batch.q, batch.n, box_sizes, box_offset, qc)
+            q_count = np.empty((B, total), dtype=np.int64)
+            # a coarse query is the mean of its box's valid queries (the key mask marks tokens)
+            _, valid, _ = _key_bias(batch)
+            coarse_queries(batch.q, valid, has_mask, box_sizes, box_offset, qc, q_count)
             part_max = np.empty((B, total), dtype=dtype)
             part_sum = np.empty((B, total), dtype=dtype)
             part_num = np.empty((B, total, batch.dv), dtype=dtype)
-            far_partials(qc, kc, vc, cbias, box_offset, box_ranks, interactions, scale, part_max, part_sum, part_num)
+            far_partials(qc, q_count, kc, vc, cbias, box_offset, box_ranks, interactions, scale, part_max, part_sum,
+                         part_num)
             downward_pass(box_offset, part_max, part_sum, part_num)
             level1 = slice(0, tree.levels[0].n_boxes)  # level-1 boxes are the query blocks
             inherit = (True, part_max[:, level1].copy(), part_sum[:, level1].copy(), part_num[:, level1].copy())
@@ -164,4 +191,4 @@ def fmm(batch, tree, *, coarsening, count_scaling, query_coarsening, cluster_ite
             tree.block_size, scale, tree.causal, *inherit, _config.FMA_CHUNKS_PER_THREAD * numba.get_num_threads(),
             out, lse,
         )
-    return out, lse, (seg_lo, seg_hi, segments)
+    return out, lse, (seg_lo, seg_hi, segments, cbias > -np.inf)

@@ -17,7 +17,13 @@ KEY_TILE = _config.EXACT_KEY_TILE
 
 @jit(parallel=True)
 def exact_kernel(q, k, v, key_bias, has_mask, scale, causal, out, lse):
-    """Write softmax(scale q k^T + bias) v into ``out`` (B, n, dv) and its lse into ``lse`` (B, n)."""
+    """Write softmax(scale q k^T + bias) v into ``out`` (B, n, dv) and its lse into ``lse`` (B, n).
+
+    ``key_bias`` is 0 (valid) or ``-inf`` (masked): a masked key's logit is replaced by
+    ``-inf``, whatever the key holds. Masked *values* still enter the weighted sum with
+    weight 0, so the caller must hand over ``v`` with masked rows finite (see
+    :func:`fmm_attention.cpu.exact`).
+    """
     n_batch, n, _ = q.shape
     dv = v.shape[2]
     n_tiles = (n + QUERY_TILE - 1) // QUERY_TILE
@@ -38,8 +44,10 @@ def exact_kernel(q, k, v, key_bias, has_mask, scale, causal, out, lse):
             for i in range(rows):
                 row = scores[i]
                 if has_mask:
+                    # select, never add: a masked key may hold inf or NaN (its logit too)
                     for j in range(j1 - j0):
-                        row[j] += key_bias[b, j0 + j]
+                        if key_bias[b, j0 + j] != 0:
+                            row[j] = -np.inf
                 if diagonal:  # keys after query i0 + i
                     row[max(0, i0 + i + 1 - j0) :] = -np.inf
                 new_max = max(run_max[i], row_max(row))

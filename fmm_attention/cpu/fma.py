@@ -297,9 +297,15 @@ def _dot(a, b):
 
 
 @jit(parallel=True)
-def coarse_queries(q, n, box_sizes, box_offset, qc):
-    """Mean query of every box at every level (real positions only), by pairwise merging."""
-    n_batch = q.shape[0]
+def coarse_queries(q, valid, has_mask, box_sizes, box_offset, qc, q_count):
+    """Mean of the valid queries of every box at every level, by count-weighted pairwise merging.
+
+    Valid queries are the real positions (``< n``) that ``valid`` marks (all real positions
+    without ``has_mask``): a masked or padded position's query never enters a mean.
+    ``q_count`` receives each box's number of valid queries; a box with none gets a zero
+    coarse query and is skipped by :func:`far_partials`.
+    """
+    n_batch, n, d = q.shape
     for level in range(box_sizes.size):
         n_boxes = box_offset[level + 1] - box_offset[level]
         size = box_sizes[level]
@@ -307,23 +313,38 @@ def coarse_queries(q, n, box_sizes, box_offset, qc):
             b = job // n_boxes
             c = job % n_boxes
             row = box_offset[level] + c
-            real = min(n, (c + 1) * size) - c * size
-            if real <= 0:
-                qc[b, row] = 0
-            elif level == 0:
-                qc[b, row] = 0
-                for t in range(c * size, c * size + real):
-                    qc[b, row] += q[b, t]
-                qc[b, row] /= real
+            qc[b, row] = 0
+            if level == 0:
+                count = 0
+                for t in range(c * size, min(n, (c + 1) * size)):
+                    if has_mask and not valid[b, t]:
+                        continue
+                    count += 1
+                    for e in range(d):  # a row expression would allocate per token
+                        qc[b, row, e] += q[b, t, e]
+                if count > 0:
+                    for e in range(d):
+                        qc[b, row, e] /= count
             else:
                 left = box_offset[level - 1] + 2 * c
-                real0 = min(size // 2, real)
-                qc[b, row] = (real0 * qc[b, left] + (real - real0) * qc[b, left + 1]) / real
+                c0 = q_count[b, left]
+                c1 = q_count[b, left + 1]
+                count = c0 + c1
+                if count > 0:
+                    for e in range(d):
+                        qc[b, row, e] = (c0 * qc[b, left, e] + c1 * qc[b, left + 1, e]) / count
+            q_count[b, row] = count
 
 
 @jit(parallel=True)
-def far_partials(qc, kc, vc, cbias, box_offset, box_ranks, interactions, scale, part_max, part_sum, part_num):
-    """Far-field softmax partial ``(max, sum, numerator)`` of every coarse query box."""
+def far_partials(qc, q_count, kc, vc, cbias, box_offset, box_ranks, interactions, scale, part_max, part_sum,
+                 part_num):
+    """Far-field softmax partial ``(max, sum, numerator)`` of every coarse query box.
+
+    A box with no valid query (``q_count == 0``) gets the empty partial ``(-inf, 0, 0)``:
+    it contributes nothing, and its (masked or padded) queries keep only what they
+    inherit from larger boxes and their own near field.
+    """
     n_batch = qc.shape[0]
     n_total = interactions.shape[0]
     for job in prange(n_batch * n_total):
@@ -334,7 +355,7 @@ def far_partials(qc, kc, vc, cbias, box_offset, box_ranks, interactions, scale, 
             level += 1
         rank = box_ranks[level]
         mx = -np.inf
-        for slot in range(3):
+        for slot in range(3 if q_count[b, row] > 0 else 0):
             start = interactions[row, slot]
             if start < 0:
                 continue
@@ -384,7 +405,7 @@ def downward_pass(box_offset, part_max, part_sum, part_num):
 @jit(parallel=True)
 def refine_plans(
     q, k, v, kc, vc, cbias, token_bias, is_global, ptr, segments, level_offset, level_rank, level_box,
-    block_size, scale, causal, budget, capacity, seg_lo, seg_hi, out_segments,
+    block_size, scale, causal, budget, capacity, room, seg_lo, seg_hi, out_segments,
 ):
     """Per (entry, block) plans with the far boxes that matter most split finer.
 
@@ -398,6 +419,14 @@ def refine_plans(
     Children of a causal far box lie in the past too. Causal blocks are scored with the
     previous block's queries, so no choice depends on a position after any of the block's
     own queries. Global tokens (``is_global``) are never emitted again by a split.
+
+    Masked tokens (``token_bias == -inf``; the key mask marks tokens) take no part: their
+    queries do not score, a split costs only the *live* keys it adds (valid tokens, coarse
+    rows with a valid token) minus the live keys it removes, boxes with no live key are
+    dropped from the plan and never split, and a level-1 split emits only valid tokens.
+    So a padded sequence refines exactly as the same sequence unpadded. At most ``room``
+    candidates are added per block beyond its live base segments (``capacity`` bounds the
+    segments of one block).
     """
     n_batch, n, _ = q.shape
     n_blocks = ptr.size - 1
@@ -430,6 +459,8 @@ def refine_plans(
         for col in range(n_plan):
             row = column_row[col]
             for i in range(rows):
+                if token_bias[b, s0 + i] == -np.inf:  # a masked query scores nothing
+                    continue
                 if column_is_token[col]:
                     if token_bias[b, row] == -np.inf or (causal and row > s0 + i):
                         continue
@@ -448,7 +479,14 @@ def refine_plans(
                 logits[i, c] = np.exp(logits[i, c] - row_max[i])
                 row_sum[i] += logits[i, c]
         for col in range(n_plan):
-            values = v[b, column_row[col]] if column_is_token[col] else vc[b, column_row[col]]
+            if column_is_token[col]:
+                if token_bias[b, column_row[col]] == -np.inf:  # weight 0, value may be NaN: 0 * nan
+                    continue
+                values = v[b, column_row[col]]
+            else:
+                if cbias[b, column_row[col]] == -np.inf:
+                    continue
+                values = vc[b, column_row[col]]
             for i in range(rows):
                 if row_sum[i] == 0:
                     continue
@@ -464,6 +502,8 @@ def refine_plans(
         mass = np.zeros(capacity)
         nc = 0
         for s in range(lo, hi):
+            if segments[s, 0] != TOKEN and _live_rows(cbias, b, segments[s, 1], segments[s, 2]) == 0:
+                continue  # every key of the box is masked: it contributes nothing, costs nothing
             cand[nc, 0] = segments[s, 0]
             cand[nc, 1] = segments[s, 1]
             cand[nc, 2] = segments[s, 2]
@@ -479,6 +519,7 @@ def refine_plans(
                 )
             alive[nc] = True
             nc += 1
+        n_base = nc
         spent = 0
         blocked = np.zeros(capacity, dtype=np.bool_)
         while True:
@@ -494,33 +535,32 @@ def refine_plans(
             if level_rank[level] >= width:  # already exact: one coarse key per token
                 blocked[best] = True
                 continue
+            cost = -_live_rows(cbias, b, cand[best, 1], cand[best, 2])
             if level == 0:
                 first = box * width
-                cost = -cand[best, 2]
                 for t in range(first, min(n, first + width)):
-                    if not is_global[t]:
+                    if not is_global[t] and token_bias[b, t] > -np.inf:
                         cost += 1
             else:
-                kids = 0
                 for child in (2 * box, 2 * box + 1):
                     if child * level_box[level - 1] < n:
-                        kids += 1
-                cost = kids * level_rank[level - 1] - cand[best, 2]
-            if spent + cost > budget or nc + width + 2 > capacity:
+                        start = level_offset[level - 1] + child * level_rank[level - 1]
+                        cost += _live_rows(cbias, b, start, level_rank[level - 1])
+            if spent + cost > budget or nc - n_base + width + 2 > room:
                 blocked[best] = True
                 continue
             spent += cost
             alive[best] = False
-            if level == 0:  # the box's exact tokens, as runs between global tokens
+            if level == 0:  # the box's valid tokens, as runs between global and masked tokens
                 first = box * width
                 t = first
                 end = min(n, first + width)
                 while t < end:
-                    if is_global[t]:
+                    if is_global[t] or token_bias[b, t] == -np.inf:
                         t += 1
                         continue
                     run = t
-                    while run < end and not is_global[run]:
+                    while run < end and not is_global[run] and token_bias[b, run] > -np.inf:
                         run += 1
                     cand[nc, 0] = TOKEN
                     cand[nc, 1] = t
@@ -534,6 +574,8 @@ def refine_plans(
                     if child * level_box[level - 1] >= n:
                         continue
                     start = level_offset[level - 1] + child * level_rank[level - 1]
+                    if _live_rows(cbias, b, start, level_rank[level - 1]) == 0:
+                        continue  # a child with every key masked is left out
                     cand[nc, 0] = COARSE
                     cand[nc, 1] = start
                     cand[nc, 2] = level_rank[level - 1]
@@ -554,6 +596,16 @@ def refine_plans(
                 count += 1
         seg_lo[b, blk] = out_lo
         seg_hi[b, blk] = out_lo + count
+
+
+@jit()
+def _live_rows(cbias, b, start, count):
+    """Coarse rows ``start:start+count`` of entry ``b`` that hold a valid token (bias > -inf)."""
+    live = 0
+    for t in range(start, start + count):
+        if cbias[b, t] > -np.inf:
+            live += 1
+    return live
 
 
 @jit()
