@@ -92,7 +92,7 @@ def exact_attention(q, k, v, *, causal=False, scale=None, key_padding_mask=None,
             return_lse=return_lse, check_finite=check_finite,
         )
     batch = attention_inputs(q, k, v, scale=scale, key_padding_mask=key_padding_mask, check_finite=check_finite)
-    out, lse = backends.get(name).exact(batch, causal=causal)
+    out, lse = backends.get(name).exact_batch(batch, causal=causal)
     return _finish(batch, out, lse, return_lse)
 
 
@@ -334,7 +334,7 @@ def fastformer_attention(q, k, v, w_q, w_k, *, causal=False, scale=None, key_pad
         )
     w_q = attention_vector(w_q, "w_q", batch, check_finite)  # check_finite: checked by attention_inputs
     w_k = attention_vector(w_k, "w_k", batch, check_finite)
-    out, qg, kg = backends.get(name).fastformer(batch, w_q, w_k, causal=causal, return_pools=return_pools)
+    out, qg, kg = backends.get(name).fastformer_batch(batch, w_q, w_k, causal=causal, return_pools=return_pools)
     out = batch.restore(out)
     if not return_pools:
         return out
