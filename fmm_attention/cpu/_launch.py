@@ -16,6 +16,7 @@ import threading
 import time
 
 import numba
+import numpy as np
 from numba.core import config as _numba_config
 
 from .. import _config
@@ -155,9 +156,10 @@ class Chunked:
         ``job_lo <= job < job_hi`` (each job independent of the others, so the result does
         not depend on the chunks).
     layout : callable
-        ``layout(*args) -> (knobs, n_jobs, work_per_job)``: the knob arguments read from
-        :mod:`fmm_attention._config` at call time, the number of jobs, and an estimate of
-        each job's cost in any unit proportional to time (multiply-adds).
+        ``layout(*args) -> (knobs, cumulative_work)``: the knob arguments read from
+        :mod:`fmm_attention._config` at call time, and the estimated cost of jobs
+        ``0 .. j-1`` for ``j = 0 .. n_jobs`` (an array of ``n_jobs + 1`` non-decreasing
+        numbers, in any unit proportional to time: multiply-adds).
 
     Notes
     -----
@@ -178,19 +180,21 @@ class Chunked:
         return self.kernel.signatures
 
     def __call__(self, *args):
-        knobs, n_jobs, work = self.layout(*args)
-        work = max(float(work), 1.0)
+        knobs, cumulative = self.layout(*args)
+        n_jobs = len(cumulative) - 1
         target = float(_config.INTERRUPT_SECONDS)
         threads = numba.get_num_threads()
         lo = 0
         while lo < n_jobs:
-            jobs = max(threads, int(target / (self.seconds_per_work * work)))
-            hi = min(n_jobs, lo + jobs)
+            budget = cumulative[lo] + target / self.seconds_per_work
+            hi = int(np.searchsorted(cumulative, budget, side="right")) - 1
+            hi = min(n_jobs, max(hi, lo + threads))
             start = time.perf_counter()
             self.kernel(lo, hi, *knobs, *args)
             elapsed = time.perf_counter() - start
-            if elapsed > 1e-3:  # shorter launches time the wake-up, not the work
-                self.seconds_per_work = elapsed / ((hi - lo) * work)
+            work = cumulative[hi] - cumulative[lo]
+            if elapsed > 1e-3 and work > 0:  # shorter launches time the wake-up, not the work
+                self.seconds_per_work = elapsed / work
             lo = hi
 
 
