@@ -24,9 +24,10 @@ CACHE = True
 #: (TBB, else OpenMP, else workqueue). ``"forksafe"`` is TBB when it loads, else workqueue.
 #: Numba's default on Linux, GNU OpenMP, has two failures this avoids: a process forked after
 #: it ran (``multiprocessing``'s default start method) cannot run a parallel kernel, and its
-#: spin-waiting threads make a 0.2 ms call take 50-250 ms while other processes load the
-#: cores (docs/performance.rst, "Threads and processes"). Workqueue cannot take launches from
-#: several threads at once; the library serialises its own (``cpu/_launch.py``).
+#: spin-waiting threads made a 1 ms call take a median 450 ms while other processes loaded
+#: the cores (docs/performance.rst, "Threads and processes"; with OpenMP, set
+#: ``OMP_WAIT_POLICY=passive``). Workqueue cannot take launches from several threads at
+#: once; the library serialises its own (``cpu/_launch.py``).
 THREADING_LAYER = "forksafe"
 
 #: Long parallel kernels run as several launches of about this many seconds each, so that
