@@ -1,7 +1,10 @@
 """Kernel knobs in one place.
 
 Every tile size, thread count and compiler flag the kernels use is read from here, so a
-tuning change is one edit and the tests can patch the CUDA launch sizes small.
+tuning change is one edit and the tests can patch the CUDA launch sizes small. The CPU
+kernels receive their tile sizes as arguments, read from here at call time: a kernel cached
+on disk would keep the value a module-level constant had when it was compiled. Exceptions,
+each said at its knob: the compiler flags and the cache sizes are read once, at import.
 """
 
 #: Fastmath flags for the CPU kernels. ``reassoc``/``contract`` let LLVM vectorise the
@@ -15,9 +18,38 @@ FASTMATH = {"reassoc", "contract", "arcp", "nsz"}
 #: inline it keep the old code). Installed releases are unaffected: every file changes.
 CACHE = True
 
+#: Numba threading layer chosen at the first parallel launch, unless the user has chosen one
+#: (``NUMBA_THREADING_LAYER``, a ``.numba_config.yaml`` or ``numba.config.THREADING_LAYER``)
+#: or a parallel kernel has already run in the process; ``None`` leaves Numba's own choice
+#: (TBB, else OpenMP, else workqueue). ``"forksafe"`` is TBB when it loads, else workqueue.
+#: Numba's default on Linux, GNU OpenMP, has two failures this avoids: a process forked after
+#: it ran (``multiprocessing``'s default start method) cannot run a parallel kernel, and its
+#: spin-waiting threads made a 1 ms call take a median 450 ms while other processes loaded
+#: the cores (docs/performance.rst, "Threads and processes"; with OpenMP, set
+#: ``OMP_WAIT_POLICY=passive``). Workqueue cannot take launches from several threads at
+#: once; the library serialises its own (``cpu/_launch.py``).
+THREADING_LAYER = "forksafe"
+
+#: Long parallel kernels run as several launches of about this many seconds each, so that
+#: Ctrl-C (handled by Python between launches) stops a long call within about this time.
+INTERRUPT_SECONDS = 0.25
+
 #: Exact attention: query rows per tile (the unit of parallel work) and keys per tile.
 EXACT_QUERY_TILE = 64
 EXACT_KEY_TILE = 512
+
+#: ``check_finite``: elements per parallel chunk of the finiteness pass (large enough that
+#: scheduling costs nothing).
+FINITE_CHUNK = 1 << 16
+
+#: Cluster coarsening: the largest box whose level clusters tokens; larger boxes cluster
+#: their children's groups. Token levels cost O(n p d iters) each, group levels
+#: O(n p^2 d iters / box size). With 128 every level of a sequence of at most 512 tokens
+#: clusters tokens (docs/accuracy.rst measures what the group levels cost).
+CLUSTER_FLAT_SIZE = 128
+#: Cluster coarsening: work items per parallel loop (each allocates its scratch once; the
+#: result depends neither on it nor on the thread count).
+CLUSTER_CHUNKS = 64
 
 #: FMA block attention: chunks of query blocks per thread; each chunk allocates its work
 #: buffers once (more chunks balance uneven threads, fewer allocate less).
@@ -28,6 +60,9 @@ FASTFORMER_CHUNK = 4096
 
 #: CUDA launch configuration (patched small by the simulator tests).
 CUDA_THREADS_PER_BLOCK = 128
+#: CUDA Fastformer: positions per thread of a chunk (a chunk is
+#: ``CUDA_THREADS_PER_BLOCK * CUDA_FASTFORMER_ITEMS_PER_THREAD`` positions).
+CUDA_FASTFORMER_ITEMS_PER_THREAD = 4
 CUDA_QUERY_TILE = 32
 CUDA_KEY_TILE = 32
 #: Shared memory a CUDA block may use (the portable 48 KiB), and the most blocks per launch.
@@ -37,6 +72,11 @@ CUDA_MAX_BLOCKS = 65535
 #: Largest ``n`` for which dense ``(n, n)`` diagnostics (level maps, implied attention
 #: matrices) are built; beyond it they would take gigabytes.
 DENSE_MAX_N = 8192
+
+#: Cached key plans and trees (``functools.lru_cache`` sizes, read at import): a plan at
+#: n = 2**20 is tens of MB, a tree a few interaction tables.
+PLAN_CACHE_SIZE = 8
+TREE_CACHE_SIZE = 64
 
 #: Defaults of ``fmm_attention`` (see docs/tuning.rst for the measurements behind them).
 DEFAULT_BLOCK_SIZE = 64

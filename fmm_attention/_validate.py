@@ -26,6 +26,11 @@ def as_array(x, name):
             f"{name} lives on a CUDA device; pass backend='cuda' (or 'auto') with all inputs on "
             "the device, or copy it to the host first"
         )
+    if getattr(x, "requires_grad", False) is True:  # torch refuses to export it (RuntimeError)
+        raise TypeError(
+            f"{name} is a tensor that requires grad; fmm_attention computes no gradients: pass "
+            f"{name}.detach()"
+        )
     if hasattr(x, "__dlpack__") and not hasattr(x, "__array__"):
         try:
             return np.from_dlpack(x)
@@ -33,7 +38,13 @@ def as_array(x, name):
             raise TypeError(f"{name} could not be read through DLPack: {exc}") from exc
     try:
         return np.asarray(x)
-    except (TypeError, ValueError) as exc:
+    except (TypeError, ValueError, RuntimeError) as exc:
+        dtype = getattr(x, "dtype", None)
+        if dtype is not None:  # an array type whose dtype NumPy lacks (bfloat16, ...)
+            raise TypeError(
+                f"{name} must be an array-like of real floats NumPy can read, got {type(x).__name__} of "
+                f"dtype {dtype}; convert it to float32 or float64 first"
+            ) from exc
         raise TypeError(f"{name} must be an array-like of real floats, got {type(x).__name__}") from exc
 
 
@@ -109,7 +120,10 @@ def check_scale(scale, d):
         return 1.0 / math.sqrt(d)
     if isinstance(scale, (bool, np.bool_)) or not isinstance(scale, numbers.Real):
         raise TypeError(f"scale must be a real number or None, got {scale!r}")
-    scale = float(scale)
+    try:
+        scale = float(scale)
+    except OverflowError:  # an int or Fraction beyond the float range
+        raise ValueError("scale must be finite, got a number beyond the float range") from None
     if not math.isfinite(scale):
         raise ValueError(f"scale must be finite, got {scale}")
     return scale

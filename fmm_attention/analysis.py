@@ -34,6 +34,7 @@ from ._validate import attention_inputs, check_bool, check_choice, check_fmm_opt
 from .api import fmm_attention
 from .coarsening import LearnedCoarsening
 from .cpu._blocks import jit
+from .cpu._launch import launch_guard
 from .tree import build_tree
 
 __all__ = [
@@ -361,7 +362,8 @@ def _output_bound(exact, implied, levels, pt, values, fma_out):
     """
     n = exact.shape[0]
     part_a, radius, max_delta = np.empty(n), np.empty(n), np.empty(n)
-    _bound_kernel(exact, implied, levels, pt, values, fma_out, part_a, radius, max_delta)
+    with launch_guard():  # a parallel kernel like the library's others: see cpu/_launch.py
+        _bound_kernel(exact, implied, levels, pt, values, fma_out, part_a, radius, max_delta)
     return np.minimum(part_a, 2.0 * np.tanh(max_delta / 2) * radius), max_delta
 
 
@@ -714,7 +716,7 @@ def compare(q, k, v, *, causal=False, block_size=_config.DEFAULT_BLOCK_SIZE, ran
         ``n`` above 8192, learned coarsening, invalid
         options or inputs (see :func:`fmm_attention.fmm_attention`).
     TypeError
-        Non-float inputs or non-bool flags.
+        Non-float inputs, non-bool flags, or a ``progress`` that is not callable.
 
     See Also
     --------
@@ -738,6 +740,9 @@ def compare(q, k, v, *, causal=False, block_size=_config.DEFAULT_BLOCK_SIZE, ran
     >>> round(float(head.level_mass.sum()), 6)
     1.0
     """
+    if progress is not None and not callable(progress):
+        raise TypeError(f"progress must be None or a callable that wraps an iterable (e.g. tqdm.tqdm), "
+                        f"got {type(progress).__name__}")
     setup = _setup("compare", q, k, v, causal=causal, block_size=block_size, rank=rank,
                    coarsening=coarsening, count_scaling=count_scaling, query_coarsening=query_coarsening,
                    scale=scale, key_padding_mask=key_padding_mask, check_finite=check_finite)

@@ -103,7 +103,7 @@ def exact_attention(q, k, v, *, causal=False, scale=None, key_padding_mask=None,
     B, n = batch.q.shape[:2]
     # outputs and (with a mask) a zeroed copy of v; the tiles are small
     check_memory({"outputs": B * n * (2 * batch.dv + 1) * batch.dtype.itemsize}, {"outputs": ("n", n)})
-    out, lse = backends.get(name).exact(batch, causal=causal)
+    out, lse = backends.get(name).exact_batch(batch, causal=causal)
     return _finish(batch, out, lse, return_lse)
 
 
@@ -378,7 +378,7 @@ def fastformer_attention(q, k, v, w_q, w_k, *, causal=False, scale=None, key_pad
         )
     w_q = attention_vector(w_q, "w_q", batch, check_finite)  # check_finite: checked by attention_inputs
     w_k = attention_vector(w_k, "w_k", batch, check_finite)
-    out, qg, kg = backends.get(name).fastformer(batch, w_q, w_k, causal=causal, return_pools=return_pools)
+    out, qg, kg = backends.get(name).fastformer_batch(batch, w_q, w_k, causal=causal, return_pools=return_pools)
     out = batch.restore(out)
     if not return_pools:
         return out

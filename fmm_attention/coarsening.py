@@ -51,7 +51,10 @@ def _bias_list(biases, weights, name):
         raise ValueError(f"{name} must be None or one array per far level ({len(weights)} levels)")
     out = []
     for level, (b, w) in enumerate(zip(biases, weights)):
-        arr = np.array(as_array(b, f"{name}[{level}]"), dtype=np.float64)
+        arr = as_array(b, f"{name}[{level}]")
+        if arr.dtype.kind not in "fiu":  # a cast to float64 would drop a complex bias's imaginary part
+            raise TypeError(f"{name}[{level}] must be real, got dtype {arr.dtype}")
+        arr = np.array(arr, dtype=np.float64)  # own copy: later edits by the caller change nothing
         if arr.shape != (w.shape[0],):
             raise ValueError(f"{name}[{level}] must have shape ({w.shape[0]},), got {arr.shape}")
         if not np.isfinite(arr).all():

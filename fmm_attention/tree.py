@@ -360,7 +360,7 @@ def _global_runs(global_tokens):
     return np.stack([firsts, lasts + 1], axis=1)
 
 
-@functools.lru_cache(maxsize=8)  # a plan at n = 2**20 is tens of MB
+@functools.lru_cache(maxsize=_config.PLAN_CACHE_SIZE)
 def _plan(tree, with_far, global_tokens):
     # Built for all blocks at once: a column of candidate segments per slot (near field,
     # global runs left of it, global runs right of it, far boxes level by level), each
@@ -546,7 +546,7 @@ def check_memory(parts, culprits):
     )
 
 
-@functools.lru_cache(maxsize=64)
+@functools.lru_cache(maxsize=_config.TREE_CACHE_SIZE)
 def _build_tree(n, m, p, causal):
     N = padded_length(n, m)
     n_levels = (N // m).bit_length() - 1 - 1  # log2(N/m) - 1

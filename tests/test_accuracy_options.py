@@ -148,11 +148,11 @@ def _coarse(q, k, v, tree, coarsening, *, iters=0, mask=None, coarse_valid=None,
 @pytest.fixture
 def flat_size(request, monkeypatch):
     """Set the largest box that clusters tokens (``None``: the shipped default)."""
-    from fmm_attention.cpu import cluster
+    from fmm_attention import _config
 
     if request.param is not None:
-        monkeypatch.setattr(cluster, "FLAT_SIZE", request.param)
-    return cluster.FLAT_SIZE
+        monkeypatch.setattr(_config, "CLUSTER_FLAT_SIZE", request.param)
+    return _config.CLUSTER_FLAT_SIZE
 
 
 @pytest.mark.parametrize("flat_size", [0, 16, None], indirect=True)

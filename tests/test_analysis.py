@@ -426,3 +426,10 @@ def test_cluster_coarsening_is_rejected():
     q, k, v = _inputs((64, 4))
     with pytest.raises(ValueError, match="coarsening='cluster' is not supported"):
         compare(q, k, v, block_size=4, rank=2, coarsening="cluster")
+
+
+@pytest.mark.parametrize("progress", [5, "tqdm"])
+def test_compare_rejects_a_progress_that_is_not_callable(progress):
+    q, k, v = _inputs((2, 32, 4))
+    with pytest.raises(TypeError, match="progress must be None or a callable"):
+        compare(q, k, v, block_size=4, rank=2, progress=progress)

@@ -310,3 +310,13 @@ def test_bias_or_no_bias_compile_no_new_kernel_variant(dtype):
     without = fmm_attention(q, k, v, block_size=m, rank=p, coarsening=LearnedCoarsening(kw, vw))
     assert set(learned_upward_level.signatures) == before
     assert np.abs(with_bias - without).max() > 1e-3  # the biases were used
+
+
+@pytest.mark.parametrize("which", ["key_bias", "value_bias"])
+def test_complex_bias_is_rejected(tree_and_weights, which):
+    """A cast to float64 would drop the imaginary part silently (complex weights are rejected too)."""
+    _, (kw, vw, kb, vb) = tree_and_weights
+    biases = {"key_bias": kb, "value_bias": vb}
+    biases[which] = [b + 1j for b in biases[which]]
+    with pytest.raises(TypeError, match=rf"{which}\[0\] must be real, got dtype complex128"):
+        LearnedCoarsening(kw, vw, **biases)

@@ -95,3 +95,45 @@ def test_concurrent_calls_with_distinct_inputs_do_not_mix():
         t.join(timeout=300)
     for i in range(N_THREADS):
         np.testing.assert_array_equal(got[i], serial[i])
+
+
+def test_compare_from_threads_under_workqueue():
+    """analysis.compare from 4 threads under the workqueue layer (which aborts the process on
+    concurrent launches): every parallel kernel it runs goes through the launch guard."""
+    import os
+    import subprocess
+    import sys
+    import textwrap
+    from pathlib import Path
+
+    import fmm_attention
+
+    code = """
+        import threading
+        import numpy as np, numba
+        from fmm_attention.analysis import compare
+
+        q, k, v = np.random.default_rng(0).standard_normal((3, 2, 128, 8))
+        serial = compare(q, k, v, block_size=8, rank=2).summary()
+        assert numba.threading_layer() == "workqueue"
+        got, barrier = [], threading.Barrier(4)
+
+        def worker():
+            barrier.wait()
+            for _ in range(3):
+                got.append(compare(q, k, v, block_size=8, rank=2).summary())
+
+        threads = [threading.Thread(target=worker) for _ in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert len(got) == 12 and all(repr(g) == repr(serial) for g in got)  # repr: NaN == NaN
+        print("ok")
+    """
+    env = dict(os.environ, NUMBA_THREADING_LAYER="workqueue")
+    env["PYTHONPATH"] = os.pathsep.join([str(Path(fmm_attention.__file__).resolve().parents[1]),
+                                         env.get("PYTHONPATH", "")])
+    proc = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0 and "ok" in proc.stdout, (proc.returncode, proc.stdout, proc.stderr[-3000:])

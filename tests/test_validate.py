@@ -389,3 +389,29 @@ def test_issue13_topk_causal_must_be_bool():
     for keys in (0, [1, 2], np.ones(N + 1, int), 2.5):
         with pytest.raises(ValueError, match="keys"):
             topk_attention(q, k, v, keys=keys)
+
+
+@FUNCS
+@pytest.mark.parametrize("scale", [10**400, -(10**400)])
+def test_scale_beyond_float_range(func, scale):
+    q, k, v = qkv()
+    with pytest.raises(ValueError, match="scale must be finite"):
+        func(q, k, v, scale=scale)
+
+
+@FUNCS
+def test_torch_tensor_that_requires_grad(func):
+    torch = pytest.importorskip("torch")
+    q, k, v = (torch.tensor(x, requires_grad=name == "k") for name, x in zip("qkv", qkv()))
+    with pytest.raises(TypeError, match=r"k is a tensor that requires grad.*k\.detach\(\)"):
+        func(q, k, v)
+    out = func(q, k.detach(), v)  # the remedy the message names
+    np.testing.assert_allclose(out, func(*qkv()), rtol=1e-12)
+
+
+@FUNCS
+def test_torch_tensor_of_a_dtype_numpy_lacks(func):
+    torch = pytest.importorskip("torch")
+    q, k, v = qkv()
+    with pytest.raises(TypeError, match=r"v must be .* got Tensor of dtype torch\.bfloat16"):
+        func(q, k, torch.tensor(v, dtype=torch.bfloat16))

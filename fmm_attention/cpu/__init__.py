@@ -1,8 +1,10 @@
-"""The CPU backend: Numba ``@njit`` kernels behind two entry points.
+"""The CPU backend: Numba ``@njit`` kernels behind three entry points.
 
-:func:`exact` and :func:`fmm` take validated inputs (:class:`fmm_attention._validate.Batch`)
-and a tree, allocate outputs, run the kernels and return ``(out, lse)`` of shapes
-``(B, n, dv)`` and ``(B, n)``.
+:func:`exact_batch`, :func:`fmm` (with a tree) and :func:`fastformer_batch` take validated
+inputs (:class:`fmm_attention._validate.Batch`), allocate outputs and run the kernels;
+exact and FMA return ``(out, lse)`` of shapes ``(B, n, dv)`` and ``(B, n)``. (The entry
+points are not named after the kernel modules ``exact`` and ``fastformer``, which they
+would hide as attributes of this package.)
 """
 
 import numba
@@ -12,7 +14,7 @@ from .. import _config
 from . import cluster as _cluster
 from ._launch import launch_guard as _launch_guard
 from .exact import exact_kernel
-from .fastformer import fastformer  # noqa: F401  (the backend's Fastformer entry point)
+from .fastformer import fastformer_batch  # noqa: F401  (the backend's Fastformer entry point)
 from .fma import (
     block_attention,
     box_counts_bias,
@@ -48,7 +50,7 @@ def _masked_rows_zeroed(x, valid):
     return np.where(valid[:, :, None], x, x.dtype.type(0))
 
 
-def exact(batch, *, causal):
+def exact_batch(batch, *, causal):
     """Exact softmax attention of a validated batch."""
     out, lse = _outputs(batch)
     key_bias, _, has_mask = _key_bias(batch)
@@ -86,7 +88,8 @@ def coarse_buffers(batch, tree, coarsening, count_scaling, *, cluster_iters=0, c
             box_sizes, ranks, offsets = (np.array([getattr(lv, a) for lv in levels], dtype=np.int64)
                                          for a in ("box_size", "rank", "offset"))
             _cluster.cluster_upward(batch.k, batch.v, valid, has_mask, box_sizes, ranks, offsets, cluster_iters,
-                                    count_scaling, _cluster.FLAT_SIZE, kc, vc, cbias)
+                                    count_scaling, int(_config.CLUSTER_FLAT_SIZE),
+                                    max(1, int(_config.CLUSTER_CHUNKS)), kc, vc, cbias)
         else:
             kw, vw, kb, vb = coarsening.level_arrays(dtype)
             for i, level in enumerate(tree.levels):

@@ -1,14 +1,82 @@
-"""Process set-up around parallel kernel launches: BLAS threads and the threading layer."""
+"""Process set-up around parallel kernel launches.
+
+* The threading layer: ``_config.THREADING_LAYER`` is applied before Numba loads one.
+* Fork: a child forked after GNU OpenMP ran cannot run a parallel kernel; it gets a clear
+  error instead of dying in Numba (which would leave a ``multiprocessing.Pool`` hanging).
+* Concurrency: launches are serialised when the layer cannot take concurrent ones.
+* BLAS threads: pinned to one around the kernels that call BLAS.
+* Ctrl-C: long kernels run as a series of short launches (:class:`Chunked`), and Python
+  handles the signal between two of them.
+"""
 
 import contextlib
 import functools
+import os
 import threading
+import time
 
 import numba
+import numpy as np
+from numba.core import config as _numba_config
+
+from .. import _config
 
 _LAUNCH_LOCK = threading.Lock()
 _BLAS_LOCK = threading.Lock()
 _blas_state = {"users": 0, "limiter": None}
+#: Set in a child forked after GNU OpenMP ran: its parallel kernels cannot run.
+_fork_state = {"after_gnu_openmp": False}
+
+
+def _layer():
+    """The threading layer in use, or ``None`` before the first parallel launch."""
+    try:
+        return numba.threading_layer()
+    except ValueError:
+        return None
+
+
+def _choose_layer():
+    """Apply ``_config.THREADING_LAYER`` unless the user has chosen a layer.
+
+    Numba reads its setting when it loads a layer (at the first parallel launch, or when a
+    cached parallel kernel is loaded), so this runs at import and again before each launch
+    until a layer is loaded. Any choice of the user's (the environment variable, a config
+    file, or ``numba.config.THREADING_LAYER`` set in code) leaves Numba's setting other than
+    ``"default"``, and is kept.
+    """
+    wanted = _config.THREADING_LAYER
+    if wanted is None or "NUMBA_THREADING_LAYER" in os.environ or _layer() is not None:
+        return
+    if str(_numba_config.THREADING_LAYER).lower() == "default":
+        _numba_config.THREADING_LAYER = wanted
+
+
+def _after_fork_in_child():
+    # Only the forking thread survives: a lock another thread held stays locked for good.
+    global _LAUNCH_LOCK, _BLAS_LOCK
+    _LAUNCH_LOCK = threading.Lock()
+    _BLAS_LOCK = threading.Lock()
+    _blas_state.update(users=0, limiter=None)
+    if _layer() == "omp":
+        from numba.np.ufunc import omppool
+
+        # GNU OpenMP's thread pool does not survive fork (Numba then kills the process at
+        # the next parallel launch); Intel's and LLVM's do
+        _fork_state["after_gnu_openmp"] = omppool.openmp_vendor == "GNU"
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
+_choose_layer()
+
+_FORK_ERROR = (
+    "fmm_attention cannot run its parallel kernels in this process: it was forked after GNU "
+    "OpenMP (Numba's 'omp' threading layer) had started threads, and OpenMP's threads do not "
+    "survive fork. Start worker processes with multiprocessing.get_context('spawn') or "
+    "'forkserver' (concurrent.futures.ProcessPoolExecutor(mp_context=...)), or select a "
+    "fork-safe threading layer before the first call: leave NUMBA_THREADING_LAYER unset "
+    "(fmm_attention then picks 'forksafe'), or set it to 'workqueue' or 'tbb'."
+)
 
 
 @functools.cache
@@ -48,21 +116,87 @@ def _single_threaded_blas():
 def launch_guard(*, calls_blas=False):
     """Prepare the process for a parallel kernel launch.
 
-    With ``calls_blas`` (kernels that call ``np.dot``: exact attention), BLAS goes
-    single-threaded (see :func:`_single_threaded_blas`); the other kernels do their own
-    products and skip that (about 50 us per launch in threadpoolctl). Launches are serialised
-    when the threading layer cannot take concurrent calls: the OpenMP and TBB layers accept
-    launches from several Python threads at once, numba's fallback ``workqueue`` layer
-    aborts the process instead. Until the layer is known (first launch) and whenever it is
-    ``workqueue``, launches take a lock.
+    Every parallel kernel of the library runs inside this guard. Before the first launch it
+    applies the configured threading layer (:func:`_choose_layer`). In a process forked
+    after GNU OpenMP ran it raises ``RuntimeError`` with the remedy. With ``calls_blas``
+    (kernels that call ``np.dot``: exact attention), BLAS goes single-threaded (see
+    :func:`_single_threaded_blas`); the other kernels do their own products and skip that
+    (about 50 us per launch in threadpoolctl). Launches are serialised when the threading
+    layer cannot take concurrent calls: the OpenMP and TBB layers accept launches from
+    several Python threads at once, the ``workqueue`` layer aborts the process instead.
+    Until the layer is known (first launch) and whenever it is ``workqueue``, launches take
+    a lock.
     """
-    try:
-        safe = numba.threading_layer() != "workqueue"
-    except ValueError:  # no parallel region has run yet
-        safe = False
+    layer = _layer()
+    if layer is None:
+        _choose_layer()
+    elif _fork_state["after_gnu_openmp"]:
+        raise RuntimeError(_FORK_ERROR)
+    safe = layer is not None and layer != "workqueue"
     with _single_threaded_blas() if calls_blas else contextlib.nullcontext():
         if safe:
             yield
         else:
             with _LAUNCH_LOCK:
                 yield
+
+
+class Chunked:
+    """A parallel kernel over independent jobs, launched a chunk of jobs at a time.
+
+    A compiled call holds the interpreter until it returns, so a SIGINT (Ctrl-C) is only
+    handled once it does. Launching a long kernel as consecutive job ranges of about
+    ``_config.INTERRUPT_SECONDS`` each lets Python raise ``KeyboardInterrupt`` between
+    two of them; a call shorter than that is one launch, as before.
+
+    Parameters
+    ----------
+    kernel : numba dispatcher
+        Called as ``kernel(job_lo, job_hi, *knobs, *args)``; it runs jobs
+        ``job_lo <= job < job_hi`` (each job independent of the others, so the result does
+        not depend on the chunks).
+    layout : callable
+        ``layout(*args) -> (knobs, cumulative_work)``: the knob arguments read from
+        :mod:`fmm_attention._config` at call time, and the estimated cost of jobs
+        ``0 .. j-1`` for ``j = 0 .. n_jobs`` (an array of ``n_jobs + 1`` non-decreasing
+        numbers, in any unit proportional to time: multiply-adds).
+
+    Notes
+    -----
+    The kernel's speed (seconds per unit of work) is learned from its launches; before the
+    first it is taken as slow (:data:`_FIRST_SECONDS_PER_WORK`), so the first long call
+    starts with a short chunk rather than a long one. A chunk has at least one job per
+    thread.
+    """
+
+    def __init__(self, kernel, layout):
+        self.kernel = kernel
+        self.layout = layout
+        self.seconds_per_work = _FIRST_SECONDS_PER_WORK
+
+    @property
+    def signatures(self):
+        """The compiled variants of the kernel."""
+        return self.kernel.signatures
+
+    def __call__(self, *args):
+        knobs, cumulative = self.layout(*args)
+        n_jobs = len(cumulative) - 1
+        target = float(_config.INTERRUPT_SECONDS)
+        threads = numba.get_num_threads()
+        lo = 0
+        while lo < n_jobs:
+            budget = cumulative[lo] + target / self.seconds_per_work
+            hi = int(np.searchsorted(cumulative, budget, side="right")) - 1
+            hi = min(n_jobs, max(hi, lo + threads))
+            start = time.perf_counter()
+            self.kernel(lo, hi, *knobs, *args)
+            elapsed = time.perf_counter() - start
+            work = cumulative[hi] - cumulative[lo]
+            if elapsed > 1e-3 and work > 0:  # shorter launches time the wake-up, not the work
+                self.seconds_per_work = elapsed / work
+            lo = hi
+
+
+#: Seconds per unit of work assumed before a kernel's first launch: a slow 1e9 per second.
+_FIRST_SECONDS_PER_WORK = 1e-9

@@ -1,6 +1,6 @@
 """Content-grouped (cluster) coarsening on the CPU: k-means up the tree.
 
-Levels whose boxes hold at most :data:`FLAT_SIZE` tokens (and level 1 always) group their
+Levels whose boxes hold at most ``_config.CLUSTER_FLAT_SIZE`` tokens (and level 1 always) group their
 box's valid *tokens*; every level above groups the *groups* of its box's two children, each
 a weighted point (its key mean, weighted by its token count). Either way a group's key and
 value are the means of the tokens it holds. See :func:`cluster_upward`.
@@ -10,16 +10,6 @@ import numpy as np
 from numba import prange
 
 from ._blocks import jit
-
-#: Largest box whose level clusters tokens; larger boxes cluster their children's groups.
-#: Token levels cost O(n p d iters) each, group levels O(n p^2 d iters / box size).
-#: With 128 every level of a sequence of at most 512 tokens clusters tokens (docs/accuracy.rst
-#: measures what the group levels cost).
-FLAT_SIZE = 128
-
-#: Work items per parallel loop (each allocates its scratch once; the result depends
-#: neither on it nor on the thread count).
-_CHUNKS = 64
 
 
 @jit()
@@ -171,7 +161,8 @@ def _merged_boxes(box_size, rank, offset, prev_rank, prev_offset, iters, count_s
 
 
 @jit(parallel=True)
-def cluster_upward(k, v, valid, has_mask, box_sizes, ranks, offsets, iters, count_scaling, flat_size, kc, vc, cbias):
+def cluster_upward(k, v, valid, has_mask, box_sizes, ranks, offsets, iters, count_scaling, flat_size, chunks,
+                   kc, vc, cbias):
     """Content-grouped coarsening of every level in one upward pass (k-means up the tree).
 
     Each box's ``r_l`` groups start from the groups of its two children, their slots side by
@@ -189,8 +180,9 @@ def cluster_upward(k, v, valid, has_mask, box_sizes, ranks, offsets, iters, coun
     Coarse key and value are the group's (weighted) means, which are the means of its
     tokens' keys and values; the bias is ``log(count)`` (count scaling) or 0, and ``-inf``
     with zero key and value for an empty group. Rows of boxes that start at or after ``n``
-    are left as given. Deterministic (nothing depends on the thread count) and causal-safe:
-    a box's groups depend only on its own tokens.
+    are left as given. Deterministic (nothing depends on the thread count or on ``chunks``,
+    the work items per parallel loop) and causal-safe: a box's groups depend only on its own
+    tokens.
     """
     n_batch, n = k.shape[:2]
     counts = np.zeros(cbias.shape, dtype=np.float64)
@@ -199,7 +191,7 @@ def cluster_upward(k, v, valid, has_mask, box_sizes, ranks, offsets, iters, coun
         n_flat += 1
     span = box_sizes[n_flat - 1]
     jobs = n_batch * ((n + span - 1) // span)
-    n_chunks = min(jobs, _CHUNKS)
+    n_chunks = min(jobs, chunks)
     for chunk in prange(n_chunks):
         _flat_spans(k, v, valid, has_mask, box_sizes, ranks, offsets, n_flat, iters, count_scaling,
                     chunk * jobs // n_chunks, (chunk + 1) * jobs // n_chunks, kc, vc, cbias, counts)
@@ -207,7 +199,7 @@ def cluster_upward(k, v, valid, has_mask, box_sizes, ranks, offsets, iters, coun
         box_size = box_sizes[level]
         n_boxes = (n + box_size - 1) // box_size
         jobs = n_batch * n_boxes
-        n_chunks = min(jobs, _CHUNKS)
+        n_chunks = min(jobs, chunks)
         for chunk in prange(n_chunks):
             _merged_boxes(box_size, ranks[level], offsets[level], ranks[level - 1], offsets[level - 1], iters,
                           count_scaling, chunk * jobs // n_chunks, (chunk + 1) * jobs // n_chunks, n_boxes,

@@ -3,6 +3,9 @@
 Each parallel job owns a tile of query rows and walks the key tiles with an online
 softmax: scores by BLAS (``np.dot``), then a vectorised max and a fused exp-and-sum per
 row, then the weighted values by BLAS. No ``(n, n)`` array exists at any time.
+
+A job is one (batch entry, query tile); :data:`exact_kernel` launches the jobs in chunks so
+that a long call stays interruptible (:class:`._launch.Chunked`).
 """
 
 import numpy as np
@@ -10,35 +13,34 @@ from numba import prange
 
 from .. import _config
 from ._blocks import exp_shift_sum, jit, row_max
-
-QUERY_TILE = _config.EXACT_QUERY_TILE
-KEY_TILE = _config.EXACT_KEY_TILE
+from ._launch import Chunked
 
 
 @jit(parallel=True)
-def exact_kernel(q, k, v, key_bias, has_mask, scale, causal, out, lse):
-    """Write softmax(scale q k^T + bias) v into ``out`` (B, n, dv) and its lse into ``lse`` (B, n).
+def exact_tiles(job_lo, job_hi, query_tile, key_tile, q, k, v, key_bias, has_mask, scale, causal, out, lse):
+    """Write softmax(scale q k^T + bias) v into ``out`` (B, n, dv) and its lse into ``lse`` (B, n)
+    for the query tiles ``job_lo <= job < job_hi`` (``job = b * n_tiles + tile``).
 
     ``key_bias`` is 0 (valid) or ``-inf`` (masked): a masked key's logit is replaced by
     ``-inf``, whatever the key holds. Masked *values* still enter the weighted sum with
     weight 0, so the caller must hand over ``v`` with masked rows finite (see
-    :func:`fmm_attention.cpu.exact`).
+    :func:`fmm_attention.cpu.exact_batch`).
     """
     n_batch, n, _ = q.shape
     dv = v.shape[2]
-    n_tiles = (n + QUERY_TILE - 1) // QUERY_TILE
-    for job in prange(n_batch * n_tiles):
+    n_tiles = (n + query_tile - 1) // query_tile
+    for job in prange(job_lo, job_hi):
         b = job // n_tiles
-        i0 = (job % n_tiles) * QUERY_TILE
-        i1 = min(n, i0 + QUERY_TILE)
+        i0 = (job % n_tiles) * query_tile
+        i1 = min(n, i0 + query_tile)
         rows = i1 - i0
         q_tile = q[b, i0:i1] * scale
         acc = np.zeros((rows, dv), dtype=q.dtype)
         run_max = np.full(rows, -np.inf, dtype=q.dtype)
         run_sum = np.zeros(rows, dtype=q.dtype)
         key_end = i1 if causal else n
-        for j0 in range(0, key_end, KEY_TILE):
-            j1 = min(key_end, j0 + KEY_TILE)
+        for j0 in range(0, key_end, key_tile):
+            j1 = min(key_end, j0 + key_tile)
             scores = np.dot(q_tile, k[b, j0:j1].T)
             diagonal = causal and j1 - 1 > i0
             for i in range(rows):
@@ -68,3 +70,19 @@ def exact_kernel(q, k, v, key_bias, has_mask, scale, causal, out, lse):
             else:
                 out[b, i0 + i] = 0
                 lse[b, i0 + i] = -np.inf
+
+
+def _layout(q, k, v, key_bias, has_mask, scale, causal, *outputs):
+    """Tile sizes from ``_config`` (read now) and the cumulative multiply-adds of the jobs
+    (a causal tile reads the keys up to its last query only)."""
+    query_tile, key_tile = max(1, int(_config.EXACT_QUERY_TILE)), max(1, int(_config.EXACT_KEY_TILE))
+    n_batch, n, d = q.shape
+    first = np.arange(0, n, query_tile, dtype=np.float64)  # first query of each tile
+    rows = np.minimum(query_tile, n - first)
+    keys = first + rows if causal else np.full_like(first, n)
+    per_tile = rows * keys * (d + v.shape[2])
+    return (query_tile, key_tile), np.concatenate(([0.0], np.cumsum(np.tile(per_tile, n_batch))))
+
+
+#: ``exact_kernel(q, k, v, key_bias, has_mask, scale, causal, out, lse)``: every tile.
+exact_kernel = Chunked(exact_tiles, _layout)

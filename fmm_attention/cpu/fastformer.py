@@ -164,7 +164,7 @@ def _pool(x, w, valid, has_mask, chunk):
     return merge_partials(part_max, part_sum, part_vec)
 
 
-def fastformer(batch, w_q, w_k, *, causal, return_pools):
+def fastformer_batch(batch, w_q, w_k, *, causal, return_pools):
     """Fastformer attention core of a validated batch.
 
     Parameters

@@ -13,18 +13,16 @@ from numba import njit, prange
 from .. import _config
 from ._launch import launch_guard
 
-#: Elements per parallel chunk: large enough that scheduling costs nothing.
-_CHUNK = 1 << 16
-
 
 @njit(cache=_config.CACHE, parallel=True)
-def _max_exponent(bits, exponent_mask):
-    """The largest ``bits & exponent_mask`` over a 1-D unsigned-integer array."""
-    n_chunks = -(-bits.size // _CHUNK)
+def _max_exponent(bits, exponent_mask, chunk):
+    """The largest ``bits & exponent_mask`` over a 1-D unsigned-integer array, ``chunk``
+    elements per parallel job."""
+    n_chunks = -(-bits.size // chunk)
     worst = np.zeros(max(n_chunks, 1), dtype=bits.dtype)
     for c in prange(n_chunks):
         top = bits.dtype.type(0)
-        for i in range(c * _CHUNK, min(bits.size, (c + 1) * _CHUNK)):
+        for i in range(c * chunk, min(bits.size, (c + 1) * chunk)):
             top = max(top, bits[i] & exponent_mask)
         worst[c] = top
     return worst.max()
@@ -46,4 +44,4 @@ def all_finite(arr):
     if arr.size == 0:
         return True
     with launch_guard():
-        return _max_exponent(arr.reshape(-1).view(bits), mask) != mask
+        return _max_exponent(arr.reshape(-1).view(bits), mask, max(1, int(_config.FINITE_CHUNK))) != mask

@@ -1,7 +1,8 @@
 """Fastformer additive attention on the GPU: parallel reductions, and a chunked scan when causal.
 
 Semantics as :func:`fmm_attention.fastformer_attention` (:doc:`/semantics`). The
-sequence is cut into chunks of ``CUDA_THREADS_PER_BLOCK * ITEMS_PER_THREAD`` positions.
+sequence is cut into chunks of ``CUDA_THREADS_PER_BLOCK * CUDA_FASTFORMER_ITEMS_PER_THREAD``
+positions (kernel settings).
 
 A *softmax pool* of rows ``x_i`` (optionally multiplied element-wise by ``mul_i``) by logits
 ``l_i`` is built from four kernels, each writing its own outputs in a fixed order (no
@@ -30,13 +31,10 @@ from types import SimpleNamespace
 import numba
 import numpy as np
 
-from .. import _validate
+from .. import _config, _validate
 from . import _device
 
 cuda = _device.cuda_module()  # a module global, so that the CUDA simulator can swap it
-
-#: Positions per thread of a chunk: a chunk is ``CUDA_THREADS_PER_BLOCK * ITEMS_PER_THREAD`` long.
-ITEMS_PER_THREAD = 4
 
 
 @functools.cache
@@ -341,7 +339,7 @@ class _Pool:
         self.kern = kernels(batch.dtype.name)
         self.B, self.n, self.d, self.dtype = batch.batch, batch.n, batch.d, batch.dtype
         self.threads = _device.threads_per_block()
-        self.chunk = self.threads * ITEMS_PER_THREAD
+        self.chunk = self.threads * max(1, int(_config.CUDA_FASTFORMER_ITEMS_PER_THREAD))
         self.n_chunks = -(-self.n // self.chunk)
         self.has_mask = batch.valid is not None
         self.valid = batch.valid if self.has_mask else _device.dummy(2, np.bool_)
