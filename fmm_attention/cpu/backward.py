@@ -1,0 +1,327 @@
+"""Backward kernels of exact attention and FMA's joint softmax (FlashAttention's scheme).
+
+Nothing of the forward's probabilities is kept: with the forward's ``lse`` every weight is
+``P_ij = exp(s_ij - lse_i)``, independent of the other keys, so each pass recomputes the
+logits of the pairs it owns. With ``delta_i = sum_e g_ie out_ie - g_lse_i`` the logit
+cotangent is ``dS_ij = P_ij (g_i . v_j - delta_i)``, and
+
+``dq_i = scale sum_j dS_ij k_j``,  ``dk_j = scale sum_i dS_ij q_i``,  ``dv_j = sum_i P_ij g_i``.
+
+Determinism (bitwise equal across calls and thread counts): no float atomics. Every
+parallel job writes its own rows, and every sum runs in an order fixed by the shapes and
+the plan, never by the thread count:
+
+- exact attention: query tiles write ``dq``; key tiles (key-major) write ``dk``, ``dv``;
+- FMA: each query block writes ``dq`` for its queries and one row of key-side partials per
+  column of its plan (``dk_cols``, ``dv_cols``); :func:`reduce_columns` then sums, for each
+  key or coarse row, the partials of the blocks that list it, in block order (the
+  transposed plan of :mod:`fmm_attention.cpu.backward_plan`).
+"""
+
+import numpy as np
+from numba import prange
+
+from ..tree import TOKEN
+from ._blocks import exp_columns, exp_shift_sum, jit
+
+#: Exact backward: query rows per tile of the dq pass, keys per tile of the dk/dv pass, and
+#: the other operand's tile length inside each (the lead may move these into ``_config``).
+DQ_QUERY_TILE = 64
+DQ_KEY_TILE = 256
+DKV_KEY_TILE = 64
+DKV_QUERY_TILE = 256
+
+
+@jit()
+def _shift_of(lse, out):
+    """Per-query exponent shift: ``lse`` itself, ``+inf`` where ``lse = -inf`` (no valid key),
+    which turns every weight of that query into ``exp(-inf) = 0`` instead of NaN."""
+    for i in range(lse.size):
+        out[i] = lse[i] if lse[i] > -np.inf else np.inf
+
+
+# ---------------------------------------------------------------- exact attention
+@jit(parallel=True)
+def exact_dq(q, k, v, key_bias, has_mask, scale, causal, g, lse, delta, dq):
+    """``dq`` (B, n, d) of exact attention, one query tile per parallel job."""
+    n_batch, n, d = q.shape
+    n_tiles = (n + DQ_QUERY_TILE - 1) // DQ_QUERY_TILE
+    for job in prange(n_batch * n_tiles):
+        b = job // n_tiles
+        i0 = (job % n_tiles) * DQ_QUERY_TILE
+        i1 = min(n, i0 + DQ_QUERY_TILE)
+        rows = i1 - i0
+        q_tile = q[b, i0:i1] * scale
+        g_tile = np.ascontiguousarray(g[b, i0:i1])
+        acc = np.zeros((rows, d), dtype=q.dtype)
+        key_end = i1 if causal else n
+        for j0 in range(0, key_end, DQ_KEY_TILE):
+            j1 = min(key_end, j0 + DQ_KEY_TILE)
+            scores = np.dot(q_tile, k[b, j0:j1].T)
+            grads = np.dot(g_tile, v[b, j0:j1].T)
+            for i in range(rows):
+                row = scores[i]
+                if lse[b, i0 + i] == -np.inf:
+                    row[:] = 0
+                    continue
+                if has_mask:
+                    for j in range(j1 - j0):
+                        row[j] += key_bias[b, j0 + j]
+                if causal:
+                    row[max(0, i0 + i + 1 - j0):] = -np.inf
+                exp_shift_sum(row, lse[b, i0 + i])
+                shift = delta[b, i0 + i]
+                for j in range(j1 - j0):
+                    row[j] *= grads[i, j] - shift
+            acc += np.dot(scores, k[b, j0:j1])
+        dq[b, i0:i1] = acc * scale
+
+
+@jit(parallel=True)
+def exact_dkv(q, k, v, key_bias, has_mask, scale, causal, g, lse, delta, dk, dv):
+    """``dk`` (B, n, d) and ``dv`` (B, n, dv) of exact attention, key-major: one key tile per
+    parallel job, walking the query tiles that see it."""
+    n_batch, n, d = q.shape
+    n_tiles = (n + DKV_KEY_TILE - 1) // DKV_KEY_TILE
+    for job in prange(n_batch * n_tiles):
+        b = job // n_tiles
+        j0 = (job % n_tiles) * DKV_KEY_TILE
+        j1 = min(n, j0 + DKV_KEY_TILE)
+        cols = j1 - j0
+        k_tile = np.ascontiguousarray(k[b, j0:j1])
+        v_tile = np.ascontiguousarray(v[b, j0:j1])
+        dk_acc = np.zeros((cols, d), dtype=q.dtype)
+        dv_acc = np.zeros((cols, v.shape[2]), dtype=q.dtype)
+        shift = np.empty(DKV_QUERY_TILE, dtype=q.dtype)
+        sums = np.zeros(DKV_QUERY_TILE, dtype=q.dtype)
+        first = j0 if causal else 0  # causal: queries before the tile see none of its keys
+        for i0 in range(first, n, DKV_QUERY_TILE):
+            i1 = min(n, i0 + DKV_QUERY_TILE)
+            rows = i1 - i0
+            q_tile = np.ascontiguousarray(q[b, i0:i1])
+            g_tile = np.ascontiguousarray(g[b, i0:i1])
+            scores = np.dot(k_tile, q_tile.T) * scale  # scores[key, query]
+            grads = np.dot(v_tile, g_tile.T)
+            for j in range(cols):
+                bias = key_bias[b, j0 + j] if has_mask else 0.0
+                for i in range(rows):
+                    x = scores[j, i] + bias
+                    scores[j, i] = x if not causal or j0 + j <= i0 + i else -np.inf
+            _shift_of(lse[b, i0:i1], shift)
+            exp_columns(scores, cols, shift[:rows], sums[:rows])
+            for j in range(cols):
+                for i in range(rows):
+                    grads[j, i] = scores[j, i] * (grads[j, i] - delta[b, i0 + i])
+            dv_acc += np.dot(scores, g_tile)
+            dk_acc += np.dot(grads, q_tile)
+        dk[b, j0:j1] = dk_acc * scale
+        dv[b, j0:j1] = dv_acc
+
+
+# ---------------------------------------------------------------- FMA: blocks over a plan
+@jit(parallel=True)
+def block_backward(
+    q, k, v, key_bias, has_mask, kc, vc, cbias, seg_lo, seg_hi, segments, col_ptr, max_keys, block_size,
+    scale, causal, g, lse, delta, n_chunks, dq, dk_cols, dv_cols,
+):
+    """Backward of :func:`fmm_attention.cpu.fma.block_attention` over the same plan.
+
+    For block ``I`` of entry ``b`` (plan ``p = b``, or ``p = 0`` when shared) the plan's
+    columns are gathered in segment order, exactly as the forward lists them: token rows
+    of ``k``/``v`` with their mask bias (masked tokens zeroed, as the forward does), coarse
+    rows of ``kc``/``vc`` with ``cbias``. Writes ``dq`` of the block's queries (the far
+    field of coarse queries adds to it later) and, for plan column ``c``, the block's share
+    of that key's gradient into row ``col_ptr[p, I] + c`` of ``dk_cols``/``dv_cols``.
+    ``col_ptr`` (P, n_blocks + 1) holds each block's first column.
+    """
+    n_batch, n, d = q.shape
+    dv = v.shape[2]
+    n_blocks = seg_lo.shape[1]
+    shared = seg_lo.shape[0] == 1
+    n_jobs = n_batch * n_blocks
+    n_chunks = max(1, min(n_jobs, n_chunks))
+    for chunk in prange(n_chunks):
+        keys = np.empty((max(max_keys, 1), d), dtype=q.dtype)
+        vals = np.empty((max(max_keys, 1), dv), dtype=q.dtype)
+        bias = np.empty(max(max_keys, 1), dtype=q.dtype)
+        positions = np.empty(max(max_keys, 1), dtype=np.int64)
+        shift = np.empty(block_size, dtype=q.dtype)
+        sums = np.zeros(block_size, dtype=q.dtype)
+        for job in range(chunk * n_jobs // n_chunks, (chunk + 1) * n_jobs // n_chunks):
+            b = job // n_blocks
+            blk = job % n_blocks
+            p = 0 if shared else b
+            i0 = blk * block_size
+            i1 = min(n, i0 + block_size)
+            rows = i1 - i0
+            nk = 0
+            for s in range(seg_lo[p, blk], seg_hi[p, blk]):
+                start = segments[p, s, 1]
+                count = segments[p, s, 2]
+                if segments[p, s, 0] == TOKEN:
+                    for t in range(count):
+                        col = nk + t
+                        positions[col] = start + t
+                        bias[col] = key_bias[b, start + t] if has_mask else 0.0
+                        if bias[col] == -np.inf:  # masked tokens may hold anything: zero them
+                            keys[col] = 0
+                            vals[col] = 0
+                        else:
+                            keys[col] = k[b, start + t]
+                            vals[col] = v[b, start + t]
+                else:
+                    for t in range(count):
+                        col = nk + t
+                        positions[col] = -1
+                        bias[col] = cbias[b, start + t]
+                        keys[col] = kc[b, start + t]
+                        vals[col] = vc[b, start + t]
+                nk += count
+            q_blk = np.ascontiguousarray(q[b, i0:i1])
+            g_blk = np.ascontiguousarray(g[b, i0:i1])
+            scores = np.dot(keys[:nk], q_blk.T) * scale  # scores[key, query]
+            grads = np.dot(vals[:nk], g_blk.T)
+            for j in range(nk):
+                for i in range(rows):
+                    x = scores[j, i] + bias[j]
+                    scores[j, i] = x if not causal or positions[j] <= i0 + i else -np.inf
+            _shift_of(lse[b, i0:i1], shift)
+            exp_columns(scores, nk, shift[:rows], sums[:rows])
+            for j in range(nk):
+                for i in range(rows):
+                    grads[j, i] = scores[j, i] * (grads[j, i] - delta[b, i0 + i])
+            dq[b, i0:i1] = np.dot(grads.T, keys[:nk]) * scale
+            c0 = col_ptr[p, blk]
+            dk_cols[b, c0 : c0 + nk] = np.dot(grads, q_blk) * scale
+            dv_cols[b, c0 : c0 + nk] = np.dot(scores, g_blk)
+
+
+@jit(parallel=True)
+def reduce_columns(dk_cols, dv_cols, t_ptr, t_cols, n, dk, dv, dkc, dvc):
+    """Sum the blocks' key-side partials per target, in the transposed plan's fixed order.
+
+    Target ``t < n`` is token row ``t`` (added to ``dk``/``dv``), target ``n + r`` is coarse
+    row ``r`` (written to ``dkc``/``dvc``); its partials are the rows
+    ``t_cols[p, t_ptr[p, t] : t_ptr[p, t + 1]]`` of ``dk_cols``/``dv_cols`` (block order).
+    """
+    n_batch = dk_cols.shape[0]
+    d = dk_cols.shape[2]
+    e_v = dv_cols.shape[2]
+    n_targets = t_ptr.shape[1] - 1
+    shared = t_ptr.shape[0] == 1
+    for job in prange(n_batch * n_targets):
+        b = job // n_targets
+        t = job % n_targets
+        p = 0 if shared else b
+        lo = t_ptr[p, t]
+        hi = t_ptr[p, t + 1]
+        if t < n:
+            for s in range(lo, hi):
+                c = t_cols[p, s]
+                for e in range(d):
+                    dk[b, t, e] += dk_cols[b, c, e]
+                for e in range(e_v):
+                    dv[b, t, e] += dv_cols[b, c, e]
+        else:
+            r = t - n
+            for e in range(d):
+                dkc[b, r, e] = 0
+            for e in range(e_v):
+                dvc[b, r, e] = 0
+            for s in range(lo, hi):
+                c = t_cols[p, s]
+                for e in range(d):
+                    dkc[b, r, e] += dk_cols[b, c, e]
+                for e in range(e_v):
+                    dvc[b, r, e] += dv_cols[b, c, e]
+
+
+# ---------------------------------------------------------------- coarsening adjoints
+@jit(parallel=True)
+def mean_downward(valid, has_mask, sub_sizes, offsets, n_rows, counts, dkc, dvc, dk, dv):
+    """Adjoint of :func:`fmm_attention.cpu.fma.mean_upward`, a downward pass.
+
+    A coarse row is the mean of the valid tokens of its sub-box, so each of them receives
+    ``d(row) / count``. Top level down, ``dkc``/``dvc`` are turned in place into the sum of
+    those shares over the row and all rows above it (a row's parent is the same sub-box,
+    or the one twice its size, one level up), then every valid token adds its level-1 row.
+    """
+    n_batch, n, d = dk.shape
+    e_v = dv.shape[2]
+    n_levels = sub_sizes.size
+    for level in range(n_levels - 1, -1, -1):
+        for job in prange(n_batch * n_rows[level]):
+            b = job // n_rows[level]
+            r = job % n_rows[level]
+            row = offsets[level] + r
+            count = counts[b, row]
+            inv = 1.0 / count if count > 0 else 0.0
+            for e in range(d):
+                dkc[b, row, e] *= inv
+            for e in range(e_v):
+                dvc[b, row, e] *= inv
+            if level + 1 < n_levels:
+                up = r if sub_sizes[level + 1] == sub_sizes[level] else r // 2
+                parent = offsets[level + 1] + up
+                for e in range(d):
+                    dkc[b, row, e] += dkc[b, parent, e]
+                for e in range(e_v):
+                    dvc[b, row, e] += dvc[b, parent, e]
+    size = sub_sizes[0]
+    for job in prange(n_batch * n):
+        b = job // n
+        t = job % n
+        if has_mask and not valid[b, t]:
+            continue
+        row = offsets[0] + t // size
+        for e in range(d):
+            dk[b, t, e] += dkc[b, row, e]
+        for e in range(e_v):
+            dv[b, t, e] += dvc[b, row, e]
+
+
+@jit(parallel=True)
+def learned_downward_level(weights, valid, has_mask, box_size, rank, offset, dout, dx):
+    """Adjoint of :func:`fmm_attention.cpu.fma.learned_upward_level` for its input: the
+    transposed grouped convolution ``dx[c*w + u, e] += sum_t W[e*r + t, u] dout[c*r + t, e]``
+    (valid tokens only; padded and masked tokens entered as zeros)."""
+    n_batch, n, d = dx.shape
+    n_boxes = (n + box_size - 1) // box_size
+    for job in prange(n_batch * n_boxes):
+        b = job // n_boxes
+        c = job % n_boxes
+        first = c * box_size
+        for u in range(min(n, first + box_size) - first):
+            t = first + u
+            if has_mask and not valid[b, t]:
+                continue
+            for e in range(d):
+                acc = dx.dtype.type(0)
+                for s in range(rank):
+                    acc += weights[e * rank + s, u] * dout[b, offset + c * rank + s, e]
+                dx[b, t, e] += acc
+
+
+@jit(parallel=True)
+def learned_weight_grad(x, valid, has_mask, box_size, rank, offset, dout, dw, dbias):
+    """Weight and bias gradients of one level's grouped convolution (Conv1d layout rows):
+    ``dw[e*r + t, u] = sum_{b, c} dout[b, c*r + t, e] x[b, c*w + u, e]`` over valid tokens,
+    ``dbias[e*r + t] = sum_{b, c} dout[b, c*r + t, e]``; one weight row per job, summed over
+    ``b`` then ``c`` in order."""
+    n_batch, n, d = x.shape
+    n_boxes = (n + box_size - 1) // box_size
+    for w_row in prange(d * rank):
+        e = w_row // rank
+        t = w_row % rank
+        dw[w_row] = 0
+        total = dw.dtype.type(0)
+        for b in range(n_batch):
+            for c in range(n_boxes):
+                grad = dout[b, offset + c * rank + t, e]
+                total += grad
+                first = c * box_size
+                for u in range(min(n, first + box_size) - first):
+                    if has_mask and not valid[b, first + u]:
+                        continue
+                    dw[w_row, u] += grad * x[b, first + u, e]
+        dbias[w_row] = total
