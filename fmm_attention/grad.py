@@ -359,8 +359,9 @@ def fastformer_attention_vjp(q, k, v, w_q, w_k, *, causal=False, scale=None, key
             f"v of shape {batch.lead_shape + (batch.n, batch.dv)}"
         )
     shape_q, shape_k = np.shape(as_array(w_q, "w_q")), np.shape(as_array(w_k, "w_k"))
-    wq = np.ascontiguousarray(attention_vector(w_q, "w_q", batch, check_finite))
-    wk = np.ascontiguousarray(attention_vector(w_k, "w_k", batch, check_finite))
+    # own writable copies (B, d): broadcast views are read-only, which Numba types apart
+    wq = np.array(attention_vector(w_q, "w_q", batch, check_finite), dtype=batch.dtype, order="C")
+    wk = np.array(attention_vector(w_k, "w_k", batch, check_finite), dtype=batch.dtype, order="C")
     out, _, _ = cpu.fastformer(batch, wq, wk, causal=causal, return_pools=False)
 
     def pullback(g_out):

@@ -1,0 +1,112 @@
+"""Backward passes (fmm_attention.grad): time of one pullback, and its ratio to the forward.
+
+``time_backward_*`` times the pullback alone (the VJP's forward runs in setup);
+``peakmem_backward_*`` measures forward + backward. Run as a script for the ratio table
+of the issue's targets (backward at most 2.5x the forward)::
+
+    python asv_benchmarks/benchmarks/bench_backward.py [--repeat 3] [--quick]
+"""
+
+import sys
+import time
+
+import numpy as np
+
+try:
+    from . import _common as c  # noqa: F401  (puts the checkout on sys.path when not installed)
+except ImportError:  # run as a script
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+from fmm_attention import exact_attention, fmm_attention  # noqa: E402
+from fmm_attention.grad import exact_attention_vjp, fmm_attention_vjp  # noqa: E402
+
+D = 64
+
+
+def _inputs(n, dtype="float32", seed=0):
+    rng = np.random.default_rng(seed)
+    q, k, v = (rng.standard_normal((n, D)).astype(dtype) for _ in range(3))
+    g = rng.standard_normal((n, D)).astype(dtype)
+    return q, k, v, g
+
+
+class ExactBackward:
+    params = [[1024, 4096], [False, True]]
+    param_names = ["n", "causal"]
+
+    def setup(self, n, causal):
+        q, k, v, self.g = _inputs(n)
+        _, self.pullback = exact_attention_vjp(q, k, v, causal=causal)
+        self.pullback(self.g)  # compile
+
+    def time_backward_exact(self, n, causal):
+        self.pullback(self.g)
+
+    def peakmem_backward_exact(self, n, causal):
+        self.pullback(self.g)
+
+
+class FMMBackward:
+    params = [[4096, 16384, 65536], [(64, 4), (32, 2)], [False, True]]
+    param_names = ["n", "block_rank", "causal"]
+
+    def setup(self, n, block_rank, causal):
+        q, k, v, self.g = _inputs(n)
+        m, p = block_rank
+        _, self.pullback = fmm_attention_vjp(q, k, v, block_size=m, rank=p, causal=causal)
+        self.pullback(self.g)
+
+    def time_backward_fma(self, n, block_rank, causal):
+        self.pullback(self.g)
+
+    def peakmem_backward_fma(self, n, block_rank, causal):
+        self.pullback(self.g)
+
+
+def _best(fn, repeat):
+    times = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return min(times)
+
+
+def ratio_table(repeat=3, quick=False):
+    """Rows ``(name, forward s, backward s, ratio)`` of the issue's configurations."""
+    rows = []
+    exact_sizes = [1024, 4096] if quick else [4096, 16384]
+    fma_sizes = [4096] if quick else [16384]
+    for n in exact_sizes:
+        for causal in (False, True):
+            q, k, v, g = _inputs(n)
+            fwd = lambda: exact_attention(q, k, v, causal=causal)  # noqa: E731
+            _, pullback = exact_attention_vjp(q, k, v, causal=causal)
+            fwd(), pullback(g)
+            tf, tb = _best(fwd, repeat), _best(lambda: pullback(g), repeat)
+            rows.append((f"exact n={n} causal={causal}", tf, tb, tb / tf))
+    for n in fma_sizes:
+        for m, p in ((64, 4), (32, 2)):
+            for causal in (False, True):
+                q, k, v, g = _inputs(n)
+                opts = dict(block_size=m, rank=p, causal=causal)
+                fwd = lambda: fmm_attention(q, k, v, **opts)  # noqa: E731
+                _, pullback = fmm_attention_vjp(q, k, v, **opts)
+                fwd(), pullback(g)
+                tf, tb = _best(fwd, repeat), _best(lambda: pullback(g), repeat)
+                rows.append((f"fma n={n} m={m} p={p} causal={causal}", tf, tb, tb / tf))
+    return rows
+
+
+if __name__ == "__main__":
+    import argparse
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--quick", action="store_true", help="smaller sizes")
+    args = parser.parse_args()
+    print(f"{'case':40s} {'forward ms':>11s} {'backward ms':>12s} {'ratio':>6s}")
+    for name, tf, tb, r in ratio_table(args.repeat, args.quick):
+        print(f"{name:40s} {tf * 1e3:11.1f} {tb * 1e3:12.1f} {r:6.2f}", flush=True)
