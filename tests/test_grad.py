@@ -76,6 +76,27 @@ def test_exact_matches_finite_differences(causal, masked, with_lse):
               with_lse=with_lse)
 
 
+@pytest.mark.parametrize("causal", [False, True])
+def test_exact_on_a_grid_of_partial_sums(causal):
+    # n >= 1024 with one entry: the backward splits the (query, key) square into a grid
+    # whose partial sums are added in a fixed order
+    q, k, v = qkv(1100, d=3, dv=2, lead=(1,), seed=21)
+    mask = random_mask((1,), 1100)
+    grads = check_qkv(exact_attention, exact_attention_vjp, q, k, v, causal=causal, key_padding_mask=mask)
+    assert np.all(grads.k[~mask] == 0)
+    g = np.random.default_rng(0).standard_normal(v.shape)
+    before = numba.get_num_threads()
+    try:
+        runs = []
+        for threads in (1, min(2, numba.config.NUMBA_NUM_THREADS)):
+            numba.set_num_threads(threads)
+            runs.append(exact_attention_vjp(q, k, v, causal=causal)[1](g))
+    finally:
+        numba.set_num_threads(before)
+    for a, b in zip(*runs):
+        np.testing.assert_array_equal(a, b)
+
+
 def test_exact_scale_and_long_tiles():
     q, k, v = qkv(300, d=5, dv=2, lead=(), seed=3)  # several tiles of both passes
     check_qkv(exact_attention, exact_attention_vjp, q, k, v, causal=True, scale=0.7)

@@ -11,7 +11,9 @@ Determinism (bitwise equal across calls and thread counts): no float atomics. Ev
 parallel job writes its own rows, and every sum runs in an order fixed by the shapes and
 the plan, never by the thread count:
 
-- exact attention: query tiles write ``dq``; key tiles (key-major) write ``dk``, ``dv``;
+- exact attention: a fixed grid of (query range, key range) rectangles, each writing its
+  own partial sums of ``dq`` (per key range) and ``dk``, ``dv`` (per query range), summed
+  in index order;
 - FMA: each query block writes ``dq`` for its queries and one row of key-side partials per
   column of its plan (``dk_cols``, ``dv_cols``); :func:`reduce_columns` then sums, for each
   key or coarse row, the partials of the blocks that list it, in block order (the
@@ -24,12 +26,14 @@ from numba import prange
 from ..tree import TOKEN
 from ._blocks import exp_columns, exp_shift_sum, jit
 
-#: Exact backward: query rows per tile of the dq pass, keys per tile of the dk/dv pass, and
-#: the other operand's tile length inside each (the lead may move these into ``_config``).
+#: Exact backward: query rows and keys per tile inside each rectangle of the grid (the
+#: lead may move these into ``_config``).
 DQ_QUERY_TILE = 64
 DQ_KEY_TILE = 256
-DKV_KEY_TILE = 64
-DKV_QUERY_TILE = 256
+#: Exact backward: the grid of partial sums is at most this many rectangles per side, and
+#: its rectangles hold at least ``MIN_SPAN`` queries (keys).
+MAX_GRID = 4
+MIN_SPAN = 512
 
 
 @jit()
@@ -42,80 +46,63 @@ def _shift_of(lse, out):
 
 # ---------------------------------------------------------------- exact attention
 @jit(parallel=True)
-def exact_dq(q, k, v, key_bias, has_mask, scale, causal, g, lse, delta, dq):
-    """``dq`` (B, n, d) of exact attention, one query tile per parallel job."""
-    n_batch, n, d = q.shape
-    n_tiles = (n + DQ_QUERY_TILE - 1) // DQ_QUERY_TILE
-    for job in prange(n_batch * n_tiles):
-        b = job // n_tiles
-        i0 = (job % n_tiles) * DQ_QUERY_TILE
-        i1 = min(n, i0 + DQ_QUERY_TILE)
-        rows = i1 - i0
-        q_tile = q[b, i0:i1] * scale
-        g_tile = np.ascontiguousarray(g[b, i0:i1])
-        acc = np.zeros((rows, d), dtype=q.dtype)
-        key_end = i1 if causal else n
-        for j0 in range(0, key_end, DQ_KEY_TILE):
-            j1 = min(key_end, j0 + DQ_KEY_TILE)
-            scores = np.dot(q_tile, k[b, j0:j1].T)
-            grads = np.dot(g_tile, v[b, j0:j1].T)
-            for i in range(rows):
-                row = scores[i]
-                if lse[b, i0 + i] == -np.inf:
-                    row[:] = 0
-                    continue
-                if has_mask:
-                    for j in range(j1 - j0):
-                        row[j] += key_bias[b, j0 + j]
-                if causal:
-                    row[max(0, i0 + i + 1 - j0):] = -np.inf
-                exp_shift_sum(row, lse[b, i0 + i])
-                shift = delta[b, i0 + i]
-                for j in range(j1 - j0):
-                    row[j] *= grads[i, j] - shift
-            acc += np.dot(scores, k[b, j0:j1])
-        dq[b, i0:i1] = acc * scale
+def exact_backward_tiles(q, k, v, key_bias, has_mask, scale, causal, g, lse, delta, span_q, span_k,
+                         dq_part, dk_part, dv_part):
+    """Exact attention's gradients in one recompute, as partial sums over a fixed grid.
 
-
-@jit(parallel=True)
-def exact_dkv(q, k, v, key_bias, has_mask, scale, causal, g, lse, delta, dk, dv):
-    """``dk`` (B, n, d) and ``dv`` (B, n, dv) of exact attention, key-major: one key tile per
-    parallel job, walking the query tiles that see it."""
+    The (query, key) square is cut into ``n_h x n_c`` rectangles (``span_q`` queries by
+    ``span_k`` keys; ``n_h = dk_part.shape[0]``, ``n_c = dq_part.shape[0]``), one parallel
+    job each. Job ``(h, c)`` computes every logit of its rectangle once and writes
+    ``dq_part[c]`` for its queries and ``dk_part[h]``, ``dv_part[h]`` for its keys, rows no
+    other job writes; the caller sums the parts in index order. The grid depends on the
+    shapes only, never on the thread count, so the sums are always the same.
+    """
     n_batch, n, d = q.shape
-    n_tiles = (n + DKV_KEY_TILE - 1) // DKV_KEY_TILE
-    for job in prange(n_batch * n_tiles):
-        b = job // n_tiles
-        j0 = (job % n_tiles) * DKV_KEY_TILE
-        j1 = min(n, j0 + DKV_KEY_TILE)
-        cols = j1 - j0
-        k_tile = np.ascontiguousarray(k[b, j0:j1])
-        v_tile = np.ascontiguousarray(v[b, j0:j1])
-        dk_acc = np.zeros((cols, d), dtype=q.dtype)
-        dv_acc = np.zeros((cols, v.shape[2]), dtype=q.dtype)
-        shift = np.empty(DKV_QUERY_TILE, dtype=q.dtype)
-        sums = np.zeros(DKV_QUERY_TILE, dtype=q.dtype)
-        first = j0 if causal else 0  # causal: queries before the tile see none of its keys
-        for i0 in range(first, n, DKV_QUERY_TILE):
-            i1 = min(n, i0 + DKV_QUERY_TILE)
+    n_h = dk_part.shape[0]
+    n_c = dq_part.shape[0]
+    for job in prange(n_batch * n_h * n_c):
+        b = job // (n_h * n_c)
+        h = (job // n_c) % n_h
+        c = job % n_c
+        qa = min(n, h * span_q)
+        qb = min(n, qa + span_q)
+        ka = min(n, c * span_k)
+        kb = min(n, ka + span_k)
+        dq_part[c, b, qa:qb] = 0
+        dk_part[h, b, ka:kb] = 0
+        dv_part[h, b, ka:kb] = 0
+        if causal and ka >= qb:  # every key after every query: nothing to add
+            continue
+        for i0 in range(qa, qb, DQ_QUERY_TILE):
+            i1 = min(qb, i0 + DQ_QUERY_TILE)
             rows = i1 - i0
-            q_tile = np.ascontiguousarray(q[b, i0:i1])
+            q_tile = q[b, i0:i1] * scale
             g_tile = np.ascontiguousarray(g[b, i0:i1])
-            scores = np.dot(k_tile, q_tile.T) * scale  # scores[key, query]
-            grads = np.dot(v_tile, g_tile.T)
-            for j in range(cols):
-                bias = key_bias[b, j0 + j] if has_mask else 0.0
+            acc = np.zeros((rows, d), dtype=q.dtype)
+            key_end = min(kb, i1) if causal else kb
+            for j0 in range(ka, key_end, DQ_KEY_TILE):
+                j1 = min(key_end, j0 + DQ_KEY_TILE)
+                scores = np.dot(q_tile, k[b, j0:j1].T)
+                grads = np.dot(g_tile, v[b, j0:j1].T)
                 for i in range(rows):
-                    x = scores[j, i] + bias
-                    scores[j, i] = x if not causal or j0 + j <= i0 + i else -np.inf
-            _shift_of(lse[b, i0:i1], shift)
-            exp_columns(scores, cols, shift[:rows], sums[:rows])
-            for j in range(cols):
-                for i in range(rows):
-                    grads[j, i] = scores[j, i] * (grads[j, i] - delta[b, i0 + i])
-            dv_acc += np.dot(scores, g_tile)
-            dk_acc += np.dot(grads, q_tile)
-        dk[b, j0:j1] = dk_acc * scale
-        dv[b, j0:j1] = dv_acc
+                    row = scores[i]
+                    if lse[b, i0 + i] == -np.inf:
+                        row[:] = 0
+                        grads[i] = 0
+                        continue
+                    if has_mask:
+                        for j in range(j1 - j0):
+                            row[j] += key_bias[b, j0 + j]
+                    if causal:
+                        row[max(0, i0 + i + 1 - j0):] = -np.inf
+                    exp_shift_sum(row, lse[b, i0 + i])
+                    shift = delta[b, i0 + i]
+                    for j in range(j1 - j0):
+                        grads[i, j] = row[j] * (grads[i, j] - shift)
+                acc += np.dot(grads, k[b, j0:j1])
+                dk_part[h, b, j0:j1] += np.dot(grads.T, q_tile)  # q_tile carries the scale
+                dv_part[h, b, j0:j1] += np.dot(scores.T, g_tile)
+            dq_part[c, b, i0:i1] = acc * scale
 
 
 # ---------------------------------------------------------------- FMA: blocks over a plan

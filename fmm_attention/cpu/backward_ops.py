@@ -18,9 +18,10 @@ import numpy as np
 from .. import _config
 from ._launch import launch_guard
 from .backward import (
+    MAX_GRID,
+    MIN_SPAN,
     block_backward,
-    exact_dkv,
-    exact_dq,
+    exact_backward_tiles,
     learned_downward_level,
     learned_weight_grad,
     mean_downward,
@@ -35,17 +36,33 @@ def _key_bias(batch):
     return np.where(batch.valid, 0.0, -np.inf).astype(batch.dtype), True
 
 
+def _grid(n_batch, n):
+    """Rectangles per side of exact attention's backward grid: enough jobs to spread one
+    long sequence over the cores, from the shapes alone (never the thread count, which
+    would change the order of the sums)."""
+    sides = 1
+    while sides < MAX_GRID and n_batch * sides * sides < 16 and n >= 2 * sides * MIN_SPAN:
+        sides *= 2
+    return sides
+
+
 def exact_backward(batch, causal, g, lse, delta):
     """Gradients ``(dq, dk, dv)`` of exact attention, each ``(B, n, .)``."""
     key_bias, has_mask = _key_bias(batch)
     scale = batch.dtype.type(batch.scale)
-    dq = np.empty_like(batch.q)
-    dk = np.empty_like(batch.k)
-    dv = np.empty_like(batch.v)
+    B, n = batch.q.shape[:2]
+    sides = _grid(B, n)
+    span = -(-n // sides)
+    dq_part = np.empty((sides,) + batch.q.shape, dtype=batch.dtype)
+    dk_part = np.empty((sides,) + batch.k.shape, dtype=batch.dtype)
+    dv_part = np.empty((sides,) + batch.v.shape, dtype=batch.dtype)
     with launch_guard(calls_blas=True):
-        exact_dq(batch.q, batch.k, batch.v, key_bias, has_mask, scale, causal, g, lse, delta, dq)
-        exact_dkv(batch.q, batch.k, batch.v, key_bias, has_mask, scale, causal, g, lse, delta, dk, dv)
-    return dq, dk, dv
+        exact_backward_tiles(batch.q, batch.k, batch.v, key_bias, has_mask, scale, causal, g, lse, delta,
+                             span, span, dq_part, dk_part, dv_part)
+    if sides == 1:
+        return dq_part[0], dk_part[0], dv_part[0]
+    # sums over the leading axis add the parts in index order: the same whatever the threads
+    return dq_part.sum(axis=0), dk_part.sum(axis=0), dv_part.sum(axis=0)
 
 
 @dataclass(frozen=True, eq=False)
