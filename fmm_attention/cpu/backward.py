@@ -25,6 +25,7 @@ from numba import prange
 
 from ..tree import TOKEN
 from ._blocks import exp_columns, exp_shift_sum, jit
+from ._tiles import gemm_tiles, panel_width
 
 #: Exact backward: query rows and keys per tile inside each rectangle of the grid (the
 #: lead may move these into ``_config``).
@@ -120,6 +121,13 @@ def block_backward(
     field of coarse queries adds to it later) and, for plan column ``c``, the block's share
     of that key's gradient into row ``col_ptr[p, I] + c`` of ``dk_cols``/``dv_cols``.
     ``col_ptr`` (P, n_blocks + 1) holds each block's first column.
+
+    Layout as in the forward: logits key-major, ``scores[key, query]``, the block's queries
+    padded to a multiple of the micro-kernel's panel width, so all five products run on
+    :func:`._tiles.gemm_tiles` (no BLAS call per block). Padded query columns get weight 0
+    (shift ``+inf``); the key-side products read the queries and cotangents row-major,
+    their feature dims padded to the panel width, and the first ``d`` (``dv``) columns are
+    kept.
     """
     n_batch, n, d = q.shape
     dv = v.shape[2]
@@ -127,13 +135,28 @@ def block_backward(
     shared = seg_lo.shape[0] == 1
     n_jobs = n_batch * n_blocks
     n_chunks = max(1, min(n_jobs, n_chunks))
+    panel = panel_width(q)
+    width = -(-block_size // panel) * panel
+    d_pad = -(-d // panel) * panel
+    dv_pad = -(-dv // panel) * panel
+    rows_max = max(max_keys, 1)
     for chunk in prange(n_chunks):
-        keys = np.empty((max(max_keys, 1), d), dtype=q.dtype)
-        vals = np.empty((max(max_keys, 1), dv), dtype=q.dtype)
-        bias = np.empty(max(max_keys, 1), dtype=q.dtype)
-        positions = np.empty(max(max_keys, 1), dtype=np.int64)
-        shift = np.empty(block_size, dtype=q.dtype)
-        sums = np.zeros(block_size, dtype=q.dtype)
+        keys = np.empty((rows_max, d), dtype=q.dtype)
+        vals = np.empty((rows_max, dv), dtype=q.dtype)
+        bias = np.empty(rows_max, dtype=q.dtype)
+        positions = np.empty(rows_max, dtype=np.int64)
+        queries_t = np.zeros((d, width), dtype=q.dtype)  # scaled queries, transposed
+        grads_t = np.zeros((dv, width), dtype=q.dtype)  # cotangents, transposed
+        queries = np.zeros((width, d_pad), dtype=q.dtype)  # scaled queries, row-major
+        cotangents = np.zeros((width, dv_pad), dtype=q.dtype)
+        scores = np.empty((rows_max, width), dtype=q.dtype)
+        grads = np.empty((rows_max, width), dtype=q.dtype)
+        dq_t = np.empty((d, width), dtype=q.dtype)
+        dk_buf = np.empty((rows_max, d_pad), dtype=q.dtype)
+        dv_buf = np.empty((rows_max, dv_pad), dtype=q.dtype)
+        shift = np.empty(width, dtype=q.dtype)
+        offset = np.zeros(width, dtype=q.dtype)
+        sums = np.zeros(width, dtype=q.dtype)
         for job in range(chunk * n_jobs // n_chunks, (chunk + 1) * n_jobs // n_chunks):
             b = job // n_blocks
             blk = job % n_blocks
@@ -164,23 +187,53 @@ def block_backward(
                         keys[col] = kc[b, start + t]
                         vals[col] = vc[b, start + t]
                 nk += count
-            q_blk = np.ascontiguousarray(q[b, i0:i1])
-            g_blk = np.ascontiguousarray(g[b, i0:i1])
-            scores = np.dot(keys[:nk], q_blk.T) * scale  # scores[key, query]
-            grads = np.dot(vals[:nk], g_blk.T)
+            for i in range(rows):
+                for e in range(d):
+                    x = q[b, i0 + i, e] * scale
+                    queries_t[e, i] = x
+                    queries[i, e] = x
+                for e in range(dv):
+                    grads_t[e, i] = g[b, i0 + i, e]
+                    cotangents[i, e] = g[b, i0 + i, e]
+                shift[i] = lse[b, i0 + i] if lse[b, i0 + i] > -np.inf else np.inf
+                offset[i] = delta[b, i0 + i]
+            for i in range(rows, width):  # padding columns (the last block): weight 0
+                queries_t[:, i] = 0
+                grads_t[:, i] = 0
+                queries[i] = 0
+                cotangents[i] = 0
+                shift[i] = np.inf
+                offset[i] = 0
+            gemm_tiles(nk, width, d, keys, 0, d, 1, queries_t, 0, width, scores, 0, width, False)
+            gemm_tiles(nk, width, dv, vals, 0, dv, 1, grads_t, 0, width, grads, 0, width, False)
             for j in range(nk):
-                for i in range(rows):
-                    x = scores[j, i] + bias[j]
-                    scores[j, i] = x if not causal or positions[j] <= i0 + i else -np.inf
-            _shift_of(lse[b, i0:i1], shift)
-            exp_columns(scores, nk, shift[:rows], sums[:rows])
+                key_bias_j = bias[j]
+                if causal:
+                    position = positions[j]
+                    for i in range(width):
+                        x = scores[j, i] + key_bias_j
+                        scores[j, i] = x if position <= i0 + i else -np.inf
+                else:
+                    for i in range(width):
+                        scores[j, i] += key_bias_j
+            exp_columns(scores, nk, shift, sums)  # probabilities, from the forward's lse
             for j in range(nk):
-                for i in range(rows):
-                    grads[j, i] = scores[j, i] * (grads[j, i] - delta[b, i0 + i])
-            dq[b, i0:i1] = np.dot(grads.T, keys[:nk]) * scale
+                for i in range(width):
+                    grads[j, i] = scores[j, i] * (grads[j, i] - offset[i])
+            # dq^T[feature, query] = sum over keys of key[key, feature] dS[key, query]
+            gemm_tiles(d, width, nk, keys, 0, 1, d, grads, 0, width, dq_t, 0, width, False)
+            for i in range(rows):
+                for e in range(d):
+                    dq[b, i0 + i, e] = dq_t[e, i] * scale
+            # key-side shares: dS @ (scale q) and P @ g, one row per plan column
+            gemm_tiles(nk, d_pad, width, grads, 0, width, 1, queries, 0, d_pad, dk_buf, 0, d_pad, False)
+            gemm_tiles(nk, dv_pad, width, scores, 0, width, 1, cotangents, 0, dv_pad, dv_buf, 0, dv_pad, False)
             c0 = col_ptr[p, blk]
-            dk_cols[b, c0 : c0 + nk] = np.dot(grads, q_blk) * scale
-            dv_cols[b, c0 : c0 + nk] = np.dot(scores, g_blk)
+            for j in range(nk):
+                for e in range(d):
+                    dk_cols[b, c0 + j, e] = dk_buf[j, e]
+                for e in range(dv):
+                    dv_cols[b, c0 + j, e] = dv_buf[j, e]
 
 
 @jit(parallel=True)
@@ -225,46 +278,42 @@ def reduce_columns(dk_cols, dv_cols, t_ptr, t_cols, n, dk, dv, dkc, dvc):
 
 # ---------------------------------------------------------------- coarsening adjoints
 @jit(parallel=True)
-def mean_downward(valid, has_mask, sub_sizes, offsets, n_rows, counts, dkc, dvc, dk, dv):
+def mean_downward(valid, has_mask, sub_sizes, offsets, counts, dkc, dvc, dk, dv):
     """Adjoint of :func:`fmm_attention.cpu.fma.mean_upward`, a downward pass.
 
     A coarse row is the mean of the valid tokens of its sub-box, so each of them receives
-    ``d(row) / count``. Top level down, ``dkc``/``dvc`` are turned in place into the sum of
-    those shares over the row and all rows above it (a row's parent is the same sub-box,
-    or the one twice its size, one level up), then every valid token adds its level-1 row.
+    ``d(row) / count``. Sub-boxes nest, so all tokens of one level-1 sub-box receive the
+    same total over the levels: one parallel job per level-1 sub-box sums its rows' shares
+    level by level (one launch, which matters when the cores are shared) and adds the
+    total to each of its valid tokens.
     """
     n_batch, n, d = dk.shape
     e_v = dv.shape[2]
     n_levels = sub_sizes.size
-    for level in range(n_levels - 1, -1, -1):
-        for job in prange(n_batch * n_rows[level]):
-            b = job // n_rows[level]
-            r = job % n_rows[level]
-            row = offsets[level] + r
-            count = counts[b, row]
-            inv = 1.0 / count if count > 0 else 0.0
-            for e in range(d):
-                dkc[b, row, e] *= inv
-            for e in range(e_v):
-                dvc[b, row, e] *= inv
-            if level + 1 < n_levels:
-                up = r if sub_sizes[level + 1] == sub_sizes[level] else r // 2
-                parent = offsets[level + 1] + up
-                for e in range(d):
-                    dkc[b, row, e] += dkc[b, parent, e]
-                for e in range(e_v):
-                    dvc[b, row, e] += dvc[b, parent, e]
     size = sub_sizes[0]
-    for job in prange(n_batch * n):
-        b = job // n
-        t = job % n
-        if has_mask and not valid[b, t]:
-            continue
-        row = offsets[0] + t // size
-        for e in range(d):
-            dk[b, t, e] += dkc[b, row, e]
-        for e in range(e_v):
-            dv[b, t, e] += dvc[b, row, e]
+    n_groups = (n + size - 1) // size
+    for job in prange(n_batch * n_groups):
+        b = job // n_groups
+        r = job % n_groups
+        first = r * size
+        share_k = np.zeros(d, dtype=dk.dtype)
+        share_v = np.zeros(e_v, dtype=dv.dtype)
+        for level in range(n_levels):
+            row = offsets[level] + first // sub_sizes[level]
+            count = counts[b, row]
+            if count > 0:
+                inv = 1.0 / count
+                for e in range(d):
+                    share_k[e] += dkc[b, row, e] * inv
+                for e in range(e_v):
+                    share_v[e] += dvc[b, row, e] * inv
+        for t in range(first, min(n, first + size)):
+            if has_mask and not valid[b, t]:
+                continue
+            for e in range(d):
+                dk[b, t, e] += share_k[e]
+            for e in range(e_v):
+                dv[b, t, e] += share_v[e]
 
 
 @jit(parallel=True)

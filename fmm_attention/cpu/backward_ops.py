@@ -126,7 +126,7 @@ def fmm_backward(res, g, lse, delta):
     dv_cols = np.empty((B, n_columns, dv_dim), dtype=dtype)
     dkc = np.empty_like(res.kc)
     dvc = np.empty_like(res.vc)
-    with launch_guard(calls_blas=True):
+    with launch_guard():
         block_backward(
             batch.q, batch.k, batch.v, key_bias, has_mask, res.kc, res.vc, res.cbias, seg_lo, seg_hi, segments,
             col_ptr, max_keys, tree.block_size, scale, tree.causal, g, lse, delta,
@@ -147,9 +147,8 @@ def fmm_backward(res, g, lse, delta):
         if isinstance(res.coarsening, str):  # "mean" (cluster has no backward)
             sub_sizes = np.array([lv.sub_box_size for lv in levels], dtype=np.int64)
             offsets = np.array([lv.offset for lv in levels], dtype=np.int64)
-            n_rows = np.array([lv.n_boxes * lv.rank for lv in levels], dtype=np.int64)
             counts = _mean_counts(valid, has, B, tree)
-            mean_downward(valid, has, sub_sizes, offsets, n_rows, counts, dkc, dvc, dk, dv)
+            mean_downward(valid, has, sub_sizes, offsets, counts, dkc, dvc, dk, dv)
         else:
             kw, vw, _, _ = res.coarsening.level_arrays(dtype)
             grads = ([], [], [], [])
