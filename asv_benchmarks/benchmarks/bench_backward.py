@@ -97,6 +97,20 @@ def ratio_table(repeat=3, quick=False):
                 fwd(), pullback(g)
                 tf, tb = _best(fwd, repeat), _best(lambda: pullback(g), repeat)
                 rows.append((f"fma n={n} m={m} p={p} causal={causal}", tf, tb, tb / tf))
+    for n in fma_sizes:  # learned coarsening (random Conv1d weights), block 32, rank 2
+        from fmm_attention import LearnedCoarsening, build_tree
+
+        tree = build_tree(n, block_size=32, rank=2)
+        rng = np.random.default_rng(1)
+        kw = [(rng.standard_normal((lv.rank * D, 1, lv.box_size)) / lv.box_size) for lv in tree.levels]
+        learned = LearnedCoarsening(kw, kw)
+        q, k, v, g = _inputs(n)
+        opts = dict(block_size=32, rank=2, coarsening=learned)
+        fwd = lambda: fmm_attention(q, k, v, **opts)  # noqa: E731
+        _, pullback = fmm_attention_vjp(q, k, v, **opts)
+        fwd(), pullback(g)
+        tf, tb = _best(fwd, repeat), _best(lambda: pullback(g), repeat)
+        rows.append((f"fma learned n={n} m=32 p=2", tf, tb, tb / tf))
     return rows
 
 
