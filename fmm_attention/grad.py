@@ -42,11 +42,11 @@ from .tree import build_tree
 __all__ = [
     "AttentionGradients",
     "FMMGradients",
-    "LearnedCoarseningGradients",
     "FastformerGradients",
+    "LearnedCoarseningGradients",
     "exact_attention_vjp",
-    "fmm_attention_vjp",
     "fastformer_attention_vjp",
+    "fmm_attention_vjp",
 ]
 
 

@@ -12,8 +12,18 @@ import numba
 import numpy as np
 import pytest
 
-from fmm_attention import LearnedCoarsening, build_tree, exact_attention, fastformer_attention, fmm_attention
-from fmm_attention.grad import exact_attention_vjp, fastformer_attention_vjp, fmm_attention_vjp
+from fmm_attention import (
+    LearnedCoarsening,
+    build_tree,
+    exact_attention,
+    fastformer_attention,
+    fmm_attention,
+)
+from fmm_attention.grad import (
+    exact_attention_vjp,
+    fastformer_attention_vjp,
+    fmm_attention_vjp,
+)
 
 H = 1e-5
 RTOL = 1e-6
@@ -311,7 +321,7 @@ def test_leading_dims_and_pullback_reuse():
 # ---------------------------------------------------------------- errors
 def test_bad_cotangents_raise():
     q, k, v = qkv(20, seed=18)
-    (out, lse), pullback = exact_attention_vjp(q, k, v, return_lse=True)
+    (out, _), pullback = exact_attention_vjp(q, k, v, return_lse=True)
     with pytest.raises(ValueError, match="g_out"):
         pullback(np.ones(out.shape[:-1] + (out.shape[-1] + 1,)))
     with pytest.raises(TypeError, match="g_out"):
@@ -403,7 +413,7 @@ def test_fastformer_float32_and_determinism(causal):
 
 def test_fastformer_errors():
     params = fastformer_inputs(10, lead=(2,), vec=())
-    u, pullback = fastformer_attention_vjp(*params)
+    _, pullback = fastformer_attention_vjp(*params)
     with pytest.raises(ValueError, match="g_out"):
         pullback(np.ones((2, 10, 5)))
     with pytest.raises(ValueError, match="CUDA"):

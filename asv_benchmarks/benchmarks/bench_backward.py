@@ -19,8 +19,8 @@ except ImportError:  # run as a script
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from fmm_attention import exact_attention, fmm_attention  # noqa: E402
-from fmm_attention.grad import exact_attention_vjp, fmm_attention_vjp  # noqa: E402
+from fmm_attention import exact_attention, fmm_attention
+from fmm_attention.grad import exact_attention_vjp, fmm_attention_vjp
 
 D = 64
 
@@ -74,43 +74,42 @@ def _best(fn, repeat):
     return min(times)
 
 
+def _row(name, forward, vjp, repeat):
+    """``(name, forward s, backward s, ratio)``: best of ``repeat`` runs of each."""
+    _, pullback = vjp()
+    g = np.ones_like(forward())
+    pullback(g)  # compiled and warm
+    tf = _best(forward, repeat)
+    tb = _best(lambda: pullback(g), repeat)
+    return name, tf, tb, tb / tf
+
+
 def ratio_table(repeat=3, quick=False):
     """Rows ``(name, forward s, backward s, ratio)`` of the issue's configurations."""
+    from functools import partial
+
+    from fmm_attention import LearnedCoarsening, build_tree
+
     rows = []
     exact_sizes = [1024, 4096] if quick else [4096, 16384]
     fma_sizes = [4096] if quick else [16384]
     for n in exact_sizes:
+        q, k, v, _ = _inputs(n)
         for causal in (False, True):
-            q, k, v, g = _inputs(n)
-            fwd = lambda: exact_attention(q, k, v, causal=causal)  # noqa: E731
-            _, pullback = exact_attention_vjp(q, k, v, causal=causal)
-            fwd(), pullback(g)
-            tf, tb = _best(fwd, repeat), _best(lambda: pullback(g), repeat)
-            rows.append((f"exact n={n} causal={causal}", tf, tb, tb / tf))
+            rows.append(_row(f"exact n={n} causal={causal}", partial(exact_attention, q, k, v, causal=causal),
+                             partial(exact_attention_vjp, q, k, v, causal=causal), repeat))
     for n in fma_sizes:
-        for m, p in ((64, 4), (32, 2)):
-            for causal in (False, True):
-                q, k, v, g = _inputs(n)
-                opts = dict(block_size=m, rank=p, causal=causal)
-                fwd = lambda: fmm_attention(q, k, v, **opts)  # noqa: E731
-                _, pullback = fmm_attention_vjp(q, k, v, **opts)
-                fwd(), pullback(g)
-                tf, tb = _best(fwd, repeat), _best(lambda: pullback(g), repeat)
-                rows.append((f"fma n={n} m={m} p={p} causal={causal}", tf, tb, tb / tf))
-    for n in fma_sizes:  # learned coarsening (random Conv1d weights), block 32, rank 2
-        from fmm_attention import LearnedCoarsening, build_tree
-
+        q, k, v, _ = _inputs(n)
+        configs = [dict(block_size=m, rank=p, causal=c) for m, p in ((64, 4), (32, 2)) for c in (False, True)]
         tree = build_tree(n, block_size=32, rank=2)
         rng = np.random.default_rng(1)
         kw = [(rng.standard_normal((lv.rank * D, 1, lv.box_size)) / lv.box_size) for lv in tree.levels]
-        learned = LearnedCoarsening(kw, kw)
-        q, k, v, g = _inputs(n)
-        opts = dict(block_size=32, rank=2, coarsening=learned)
-        fwd = lambda: fmm_attention(q, k, v, **opts)  # noqa: E731
-        _, pullback = fmm_attention_vjp(q, k, v, **opts)
-        fwd(), pullback(g)
-        tf, tb = _best(fwd, repeat), _best(lambda: pullback(g), repeat)
-        rows.append((f"fma learned n={n} m=32 p=2", tf, tb, tb / tf))
+        configs.append(dict(block_size=32, rank=2, coarsening=LearnedCoarsening(kw, kw)))  # random Conv1d weights
+        for opts in configs:
+            name = f"fma n={n} m={opts['block_size']} p={opts['rank']} " + (
+                "learned" if "coarsening" in opts else f"causal={opts['causal']}")
+            rows.append(_row(name, partial(fmm_attention, q, k, v, **opts), partial(fmm_attention_vjp, q, k, v, **opts),
+                             repeat))
     return rows
 
 

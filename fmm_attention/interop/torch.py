@@ -23,7 +23,7 @@ from .. import grad as _grad
 from ..coarsening import LearnedCoarsening
 from ..tree import build_tree
 
-__all__ = ["exact_attention", "fmm_attention", "fastformer_attention", "FMMAttention"]
+__all__ = ["FMMAttention", "exact_attention", "fastformer_attention", "fmm_attention"]
 
 
 def _array(t, name):
