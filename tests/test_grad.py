@@ -124,6 +124,25 @@ def test_fma_mean_matches_finite_differences(causal, masked, n, m, p):
 
 
 @pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("count_scaling", [False, True])
+def test_fma_value_gradient_is_the_dense_implied_matrix_transposed(causal, count_scaling):
+    # an independent dense reference: mean-coarsened FMA is out = A(q, k) @ v, so dv = A^T g
+    from reference import fma_implied_matrix
+
+    n, m, p = 45, 4, 2
+    q, k, v = qkv(n, seed=31)
+    mask = random_mask((2,), n, seed=9)
+    out, pullback = fmm_attention_vjp(q, k, v, block_size=m, rank=p, causal=causal, key_padding_mask=mask,
+                                      count_scaling=count_scaling)
+    g = np.random.default_rng(6).standard_normal(out.shape)
+    dv = pullback(g).v
+    for h in range(2):
+        implied = fma_implied_matrix(q[h], k[h], block_size=m, rank=p, causal=causal, valid=mask[h],
+                                     count_scaling=count_scaling)
+        np.testing.assert_allclose(dv[h], implied.T @ g[h], rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("causal", [False, True])
 def test_fma_without_count_scaling_with_lse_and_scale(causal):
     q, k, v = qkv(53, seed=2)
     check_qkv(fmm_attention, fmm_attention_vjp, q, k, v, causal=causal, block_size=4, rank=2,
