@@ -113,13 +113,53 @@ def ratio_table(repeat=3, quick=False):
     return rows
 
 
+def peak_memory(n, block_size=32, rank=2):
+    """Peak resident memory of FMA forward + backward over the bytes of ``q, k, v, out``, the
+    cotangent and the three gradients (the issue's target: at most 3). Linux only: the
+    resident set (``/proc/self/statm``) is sampled every 2 ms by a thread; run it in a fresh
+    process with the kernels already compiled (the cache), so compilation is not counted."""
+    import os
+    import threading
+
+    page = os.sysconf("SC_PAGE_SIZE")
+
+    def rss():
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * page
+
+    opts = dict(block_size=block_size, rank=rank)
+    q, k, v, g = _inputs(4096)
+    fmm_attention_vjp(q, k, v, **opts)[1](g)  # load the compiled kernels
+    q, k, v, g = _inputs(n)
+    base = rss()
+    peak = [base]
+    done = threading.Event()
+
+    def watch():
+        while not done.is_set():
+            peak[0] = max(peak[0], rss())
+            done.wait(0.002)
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    _, pullback = fmm_attention_vjp(q, k, v, **opts)
+    pullback(g)
+    done.set()
+    watcher.join()
+    return (4 * q.nbytes + peak[0] - base) / (8 * q.nbytes)
+
+
 if __name__ == "__main__":
     import argparse
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--quick", action="store_true", help="smaller sizes")
+    parser.add_argument("--memory", type=int, metavar="N", help="only the peak-memory ratio of FMA at n = N")
     args = parser.parse_args()
+    if args.memory:
+        print(f"FMA n={args.memory} m=32 p=2: peak / (q, k, v, out, g, dq, dk, dv) = {peak_memory(args.memory):.2f}")
+        sys.exit()
     print(f"{'case':40s} {'forward ms':>11s} {'backward ms':>12s} {'ratio':>6s}")
     for name, tf, tb, r in ratio_table(args.repeat, args.quick):
         print(f"{name:40s} {tf * 1e3:11.1f} {tb * 1e3:12.1f} {r:6.2f}", flush=True)
