@@ -6,6 +6,7 @@ Numba CPU kernels (and CUDA kernels with the ``[cuda]`` extra) behind one NumPy 
 """
 
 from .api import exact_attention, fastformer_attention, fmm_attention
+from .grad import exact_attention_vjp, fastformer_attention_vjp, fmm_attention_vjp
 from ._stats import FMMStats
 from .coarsening import LearnedCoarsening
 from .tree import FMMTree, build_tree

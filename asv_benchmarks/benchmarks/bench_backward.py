@@ -1,0 +1,165 @@
+"""Backward passes (fmm_attention.grad): time of one pullback, and its ratio to the forward.
+
+``time_backward_*`` times the pullback alone (the VJP's forward runs in setup);
+``peakmem_backward_*`` measures forward + backward. Run as a script for the ratio table
+of the issue's targets (backward at most 2.5x the forward)::
+
+    python asv_benchmarks/benchmarks/bench_backward.py [--repeat 3] [--quick]
+"""
+
+import sys
+import time
+
+import numpy as np
+
+try:
+    from . import _common as c  # noqa: F401  (puts the checkout on sys.path when not installed)
+except ImportError:  # run as a script
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+from fmm_attention import exact_attention, fmm_attention
+from fmm_attention.grad import exact_attention_vjp, fmm_attention_vjp
+
+D = 64
+
+
+def _inputs(n, dtype="float32", seed=0):
+    rng = np.random.default_rng(seed)
+    q, k, v = (rng.standard_normal((n, D)).astype(dtype) for _ in range(3))
+    g = rng.standard_normal((n, D)).astype(dtype)
+    return q, k, v, g
+
+
+class ExactBackward:
+    params = [[1024, 4096], [False, True]]
+    param_names = ["n", "causal"]
+
+    def setup(self, n, causal):
+        q, k, v, self.g = _inputs(n)
+        _, self.pullback = exact_attention_vjp(q, k, v, causal=causal)
+        self.pullback(self.g)  # compile
+
+    def time_backward_exact(self, n, causal):
+        self.pullback(self.g)
+
+    def peakmem_backward_exact(self, n, causal):
+        self.pullback(self.g)
+
+
+class FMMBackward:
+    params = [[4096, 16384, 65536], [(64, 4), (32, 2)], [False, True]]
+    param_names = ["n", "block_rank", "causal"]
+
+    def setup(self, n, block_rank, causal):
+        q, k, v, self.g = _inputs(n)
+        m, p = block_rank
+        _, self.pullback = fmm_attention_vjp(q, k, v, block_size=m, rank=p, causal=causal)
+        self.pullback(self.g)
+
+    def time_backward_fma(self, n, block_rank, causal):
+        self.pullback(self.g)
+
+    def peakmem_backward_fma(self, n, block_rank, causal):
+        self.pullback(self.g)
+
+
+def _best(fn, repeat):
+    times = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return min(times)
+
+
+def _row(name, forward, vjp, repeat):
+    """``(name, forward s, backward s, ratio)``: best of ``repeat`` runs of each."""
+    _, pullback = vjp()
+    g = np.ones_like(forward())
+    pullback(g)  # compiled and warm
+    tf = _best(forward, repeat)
+    tb = _best(lambda: pullback(g), repeat)
+    return name, tf, tb, tb / tf
+
+
+def ratio_table(repeat=3, quick=False):
+    """Rows ``(name, forward s, backward s, ratio)`` of the issue's configurations."""
+    from functools import partial
+
+    from fmm_attention import LearnedCoarsening, build_tree
+
+    rows = []
+    exact_sizes = [1024, 4096] if quick else [4096, 16384]
+    fma_sizes = [4096] if quick else [16384]
+    for n in exact_sizes:
+        q, k, v, _ = _inputs(n)
+        for causal in (False, True):
+            rows.append(_row(f"exact n={n} causal={causal}", partial(exact_attention, q, k, v, causal=causal),
+                             partial(exact_attention_vjp, q, k, v, causal=causal), repeat))
+    for n in fma_sizes:
+        q, k, v, _ = _inputs(n)
+        configs = [dict(block_size=m, rank=p, causal=c) for m, p in ((64, 4), (32, 2)) for c in (False, True)]
+        tree = build_tree(n, block_size=32, rank=2)
+        rng = np.random.default_rng(1)
+        kw = [(rng.standard_normal((lv.rank * D, 1, lv.box_size)) / lv.box_size) for lv in tree.levels]
+        configs.append(dict(block_size=32, rank=2, coarsening=LearnedCoarsening(kw, kw)))  # random Conv1d weights
+        for opts in configs:
+            name = f"fma n={n} m={opts['block_size']} p={opts['rank']} " + (
+                "learned" if "coarsening" in opts else f"causal={opts['causal']}")
+            rows.append(_row(name, partial(fmm_attention, q, k, v, **opts), partial(fmm_attention_vjp, q, k, v, **opts),
+                             repeat))
+    return rows
+
+
+def peak_memory(n, block_size=32, rank=2):
+    """Peak resident memory of FMA forward + backward over the bytes of ``q, k, v, out``, the
+    cotangent and the three gradients (the issue's target: at most 3). Linux only: the
+    resident set (``/proc/self/statm``) is sampled every 2 ms by a thread; run it in a fresh
+    process with the kernels already compiled (the cache), so compilation is not counted."""
+    import os
+    import threading
+
+    page = os.sysconf("SC_PAGE_SIZE")
+
+    def rss():
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * page
+
+    opts = dict(block_size=block_size, rank=rank)
+    q, k, v, g = _inputs(4096)
+    fmm_attention_vjp(q, k, v, **opts)[1](g)  # load the compiled kernels
+    q, k, v, g = _inputs(n)
+    base = rss()
+    peak = [base]
+    done = threading.Event()
+
+    def watch():
+        while not done.is_set():
+            peak[0] = max(peak[0], rss())
+            done.wait(0.002)
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    _, pullback = fmm_attention_vjp(q, k, v, **opts)
+    pullback(g)
+    done.set()
+    watcher.join()
+    return (4 * q.nbytes + peak[0] - base) / (8 * q.nbytes)
+
+
+if __name__ == "__main__":
+    import argparse
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--quick", action="store_true", help="smaller sizes")
+    parser.add_argument("--memory", type=int, metavar="N", help="only the peak-memory ratio of FMA at n = N")
+    args = parser.parse_args()
+    if args.memory:
+        print(f"FMA n={args.memory} m=32 p=2: peak / (q, k, v, out, g, dq, dk, dv) = {peak_memory(args.memory):.2f}")
+        sys.exit()
+    print(f"{'case':40s} {'forward ms':>11s} {'backward ms':>12s} {'ratio':>6s}")
+    for name, tf, tb, r in ratio_table(args.repeat, args.quick):
+        print(f"{name:40s} {tf * 1e3:11.1f} {tb * 1e3:12.1f} {r:6.2f}", flush=True)

@@ -1,0 +1,363 @@
+"""Backward kernels of exact attention and FMA's joint softmax (FlashAttention's scheme).
+
+Nothing of the forward's probabilities is kept: with the forward's ``lse`` every weight is
+``P_ij = exp(s_ij - lse_i)``, independent of the other keys, so each pass recomputes the
+logits of the pairs it owns. With ``delta_i = sum_e g_ie out_ie - g_lse_i`` the logit
+cotangent is ``dS_ij = P_ij (g_i . v_j - delta_i)``, and
+
+``dq_i = scale sum_j dS_ij k_j``,  ``dk_j = scale sum_i dS_ij q_i``,  ``dv_j = sum_i P_ij g_i``.
+
+Determinism (bitwise equal across calls and thread counts): no float atomics. Every
+parallel job writes its own rows, and every sum runs in an order fixed by the shapes and
+the plan, never by the thread count:
+
+- exact attention: a fixed grid of (query range, key range) rectangles, each writing its
+  own partial sums of ``dq`` (per key range) and ``dk``, ``dv`` (per query range), summed
+  in index order;
+- FMA: each query block writes ``dq`` for its queries and one row of key-side partials per
+  column of its plan (``dk_cols``, ``dv_cols``); :func:`reduce_columns` then sums, for each
+  key or coarse row, the partials of the blocks that list it, in block order (the
+  transposed plan of :mod:`fmm_attention.cpu.backward_plan`).
+"""
+
+import numpy as np
+from numba import prange
+
+from ..tree import TOKEN
+from ._blocks import exp_columns, exp_shift_sum, jit
+from ._tiles import gemm_tiles, panel_width
+
+#: Exact backward: query rows and keys per tile inside each rectangle of the grid (the
+#: lead may move these into ``_config``).
+DQ_QUERY_TILE = 64
+DQ_KEY_TILE = 256
+#: Exact backward: the grid of partial sums is at most this many rectangles per side, and
+#: its rectangles hold at least ``MIN_SPAN`` queries (keys).
+MAX_GRID = 4
+MIN_SPAN = 512
+
+
+@jit()
+def _shift_of(lse, out):
+    """Per-query exponent shift: ``lse`` itself, ``+inf`` where ``lse = -inf`` (no valid key),
+    which turns every weight of that query into ``exp(-inf) = 0`` instead of NaN."""
+    for i in range(lse.size):
+        out[i] = lse[i] if lse[i] > -np.inf else np.inf
+
+
+# ---------------------------------------------------------------- exact attention
+@jit(parallel=True)
+def exact_backward_tiles(q, k, v, key_bias, has_mask, scale, causal, g, lse, delta, span_q, span_k,
+                         dq_part, dk_part, dv_part):
+    """Exact attention's gradients in one recompute, as partial sums over a fixed grid.
+
+    The (query, key) square is cut into ``n_h x n_c`` rectangles (``span_q`` queries by
+    ``span_k`` keys; ``n_h = dk_part.shape[0]``, ``n_c = dq_part.shape[0]``), one parallel
+    job each. Job ``(h, c)`` computes every logit of its rectangle once and writes
+    ``dq_part[c]`` for its queries and ``dk_part[h]``, ``dv_part[h]`` for its keys, rows no
+    other job writes; the caller sums the parts in index order. The grid depends on the
+    shapes only, never on the thread count, so the sums are always the same.
+    """
+    n_batch, n, d = q.shape
+    n_h = dk_part.shape[0]
+    n_c = dq_part.shape[0]
+    for job in prange(n_batch * n_h * n_c):
+        b = job // (n_h * n_c)
+        h = (job // n_c) % n_h
+        c = job % n_c
+        qa = min(n, h * span_q)
+        qb = min(n, qa + span_q)
+        ka = min(n, c * span_k)
+        kb = min(n, ka + span_k)
+        dq_part[c, b, qa:qb] = 0
+        dk_part[h, b, ka:kb] = 0
+        dv_part[h, b, ka:kb] = 0
+        if causal and ka >= qb:  # every key after every query: nothing to add
+            continue
+        for i0 in range(qa, qb, DQ_QUERY_TILE):
+            i1 = min(qb, i0 + DQ_QUERY_TILE)
+            rows = i1 - i0
+            q_tile = q[b, i0:i1] * scale
+            g_tile = np.ascontiguousarray(g[b, i0:i1])
+            acc = np.zeros((rows, d), dtype=q.dtype)
+            key_end = min(kb, i1) if causal else kb
+            for j0 in range(ka, key_end, DQ_KEY_TILE):
+                j1 = min(key_end, j0 + DQ_KEY_TILE)
+                scores = np.dot(q_tile, k[b, j0:j1].T)
+                grads = np.dot(g_tile, v[b, j0:j1].T)
+                for i in range(rows):
+                    row = scores[i]
+                    if lse[b, i0 + i] == -np.inf:
+                        row[:] = 0
+                        grads[i] = 0
+                        continue
+                    if has_mask:
+                        for j in range(j1 - j0):
+                            row[j] += key_bias[b, j0 + j]
+                    if causal:
+                        row[max(0, i0 + i + 1 - j0):] = -np.inf
+                    exp_shift_sum(row, lse[b, i0 + i])
+                    shift = delta[b, i0 + i]
+                    for j in range(j1 - j0):
+                        grads[i, j] = row[j] * (grads[i, j] - shift)
+                acc += np.dot(grads, k[b, j0:j1])
+                dk_part[h, b, j0:j1] += np.dot(grads.T, q_tile)  # q_tile carries the scale
+                dv_part[h, b, j0:j1] += np.dot(scores.T, g_tile)
+            dq_part[c, b, i0:i1] = acc * scale
+
+
+# ---------------------------------------------------------------- FMA: blocks over a plan
+@jit(parallel=True)
+def block_backward(
+    q, k, v, key_bias, has_mask, kc, vc, cbias, seg_lo, seg_hi, segments, col_ptr, max_keys, block_size,
+    scale, causal, g, lse, delta, n_chunks, dq, dk_cols, dv_cols,
+):
+    """Backward of :func:`fmm_attention.cpu.fma.block_attention` over the same plan.
+
+    For block ``I`` of entry ``b`` (plan ``p = b``, or ``p = 0`` when shared) the plan's
+    columns are gathered in segment order, exactly as the forward lists them: token rows
+    of ``k``/``v`` with their mask bias (masked tokens zeroed, as the forward does), coarse
+    rows of ``kc``/``vc`` with ``cbias``. Writes ``dq`` of the block's queries (the far
+    field of coarse queries adds to it later) and, for plan column ``c``, the block's share
+    of that key's gradient into row ``col_ptr[p, I] + c`` of ``dk_cols``/``dv_cols``.
+    ``col_ptr`` (P, n_blocks + 1) holds each block's first column.
+
+    Layout as in the forward: logits key-major, ``scores[key, query]``, the block's queries
+    padded to a multiple of the micro-kernel's panel width, so all five products run on
+    :func:`._tiles.gemm_tiles` (no BLAS call per block). Padded query columns get weight 0
+    (shift ``+inf``); the key-side products read the queries and cotangents row-major,
+    their feature dims padded to the panel width, and the first ``d`` (``dv``) columns are
+    kept.
+    """
+    n_batch, n, d = q.shape
+    dv = v.shape[2]
+    n_blocks = seg_lo.shape[1]
+    shared = seg_lo.shape[0] == 1
+    n_jobs = n_batch * n_blocks
+    n_chunks = max(1, min(n_jobs, n_chunks))
+    panel = panel_width(q)
+    width = -(-block_size // panel) * panel
+    d_pad = -(-d // panel) * panel
+    dv_pad = -(-dv // panel) * panel
+    rows_max = max(max_keys, 1)
+    for chunk in prange(n_chunks):
+        keys = np.empty((rows_max, d), dtype=q.dtype)
+        vals = np.empty((rows_max, dv), dtype=q.dtype)
+        bias = np.empty(rows_max, dtype=q.dtype)
+        positions = np.empty(rows_max, dtype=np.int64)
+        queries_t = np.zeros((d, width), dtype=q.dtype)  # scaled queries, transposed
+        grads_t = np.zeros((dv, width), dtype=q.dtype)  # cotangents, transposed
+        queries = np.zeros((width, d_pad), dtype=q.dtype)  # scaled queries, row-major
+        cotangents = np.zeros((width, dv_pad), dtype=q.dtype)
+        scores = np.empty((rows_max, width), dtype=q.dtype)
+        grads = np.empty((rows_max, width), dtype=q.dtype)
+        dq_t = np.empty((d, width), dtype=q.dtype)
+        dk_buf = np.empty((rows_max, d_pad), dtype=q.dtype)
+        dv_buf = np.empty((rows_max, dv_pad), dtype=q.dtype)
+        shift = np.empty(width, dtype=q.dtype)
+        offset = np.zeros(width, dtype=q.dtype)
+        sums = np.zeros(width, dtype=q.dtype)
+        for job in range(chunk * n_jobs // n_chunks, (chunk + 1) * n_jobs // n_chunks):
+            b = job // n_blocks
+            blk = job % n_blocks
+            p = 0 if shared else b
+            i0 = blk * block_size
+            i1 = min(n, i0 + block_size)
+            rows = i1 - i0
+            nk = 0
+            for s in range(seg_lo[p, blk], seg_hi[p, blk]):
+                start = segments[p, s, 1]
+                count = segments[p, s, 2]
+                if segments[p, s, 0] == TOKEN:
+                    for t in range(count):
+                        col = nk + t
+                        positions[col] = start + t
+                        bias[col] = key_bias[b, start + t] if has_mask else 0.0
+                        if bias[col] == -np.inf:  # masked tokens may hold anything: zero them
+                            keys[col] = 0
+                            vals[col] = 0
+                        else:
+                            keys[col] = k[b, start + t]
+                            vals[col] = v[b, start + t]
+                else:
+                    for t in range(count):
+                        col = nk + t
+                        positions[col] = -1
+                        bias[col] = cbias[b, start + t]
+                        keys[col] = kc[b, start + t]
+                        vals[col] = vc[b, start + t]
+                nk += count
+            for i in range(rows):
+                for e in range(d):
+                    x = q[b, i0 + i, e] * scale
+                    queries_t[e, i] = x
+                    queries[i, e] = x
+                for e in range(dv):
+                    grads_t[e, i] = g[b, i0 + i, e]
+                    cotangents[i, e] = g[b, i0 + i, e]
+                shift[i] = lse[b, i0 + i] if lse[b, i0 + i] > -np.inf else np.inf
+                offset[i] = delta[b, i0 + i]
+            for i in range(rows, width):  # padding columns (the last block): weight 0
+                queries_t[:, i] = 0
+                grads_t[:, i] = 0
+                queries[i] = 0
+                cotangents[i] = 0
+                shift[i] = np.inf
+                offset[i] = 0
+            gemm_tiles(nk, width, d, keys, 0, d, 1, queries_t, 0, width, scores, 0, width, False)
+            gemm_tiles(nk, width, dv, vals, 0, dv, 1, grads_t, 0, width, grads, 0, width, False)
+            for j in range(nk):
+                key_bias_j = bias[j]
+                if causal:
+                    position = positions[j]
+                    for i in range(width):
+                        x = scores[j, i] + key_bias_j
+                        scores[j, i] = x if position <= i0 + i else -np.inf
+                else:
+                    for i in range(width):
+                        scores[j, i] += key_bias_j
+            exp_columns(scores, nk, shift, sums)  # probabilities, from the forward's lse
+            for j in range(nk):
+                for i in range(width):
+                    grads[j, i] = scores[j, i] * (grads[j, i] - offset[i])
+            # dq^T[feature, query] = sum over keys of key[key, feature] dS[key, query]
+            gemm_tiles(d, width, nk, keys, 0, 1, d, grads, 0, width, dq_t, 0, width, False)
+            for i in range(rows):
+                for e in range(d):
+                    dq[b, i0 + i, e] = dq_t[e, i] * scale
+            # key-side shares: dS @ (scale q) and P @ g, one row per plan column
+            gemm_tiles(nk, d_pad, width, grads, 0, width, 1, queries, 0, d_pad, dk_buf, 0, d_pad, False)
+            gemm_tiles(nk, dv_pad, width, scores, 0, width, 1, cotangents, 0, dv_pad, dv_buf, 0, dv_pad, False)
+            c0 = col_ptr[p, blk]
+            for j in range(nk):
+                for e in range(d):
+                    dk_cols[b, c0 + j, e] = dk_buf[j, e]
+                for e in range(dv):
+                    dv_cols[b, c0 + j, e] = dv_buf[j, e]
+
+
+@jit(parallel=True)
+def reduce_columns(dk_cols, dv_cols, t_ptr, t_cols, n, dk, dv, dkc, dvc):
+    """Sum the blocks' key-side partials per target, in the transposed plan's fixed order.
+
+    Target ``t < n`` is token row ``t`` (added to ``dk``/``dv``), target ``n + r`` is coarse
+    row ``r`` (written to ``dkc``/``dvc``); its partials are the rows
+    ``t_cols[p, t_ptr[p, t] : t_ptr[p, t + 1]]`` of ``dk_cols``/``dv_cols`` (block order).
+    """
+    n_batch = dk_cols.shape[0]
+    d = dk_cols.shape[2]
+    e_v = dv_cols.shape[2]
+    n_targets = t_ptr.shape[1] - 1
+    shared = t_ptr.shape[0] == 1
+    for job in prange(n_batch * n_targets):
+        b = job // n_targets
+        t = job % n_targets
+        p = 0 if shared else b
+        lo = t_ptr[p, t]
+        hi = t_ptr[p, t + 1]
+        if t < n:
+            for s in range(lo, hi):
+                c = t_cols[p, s]
+                for e in range(d):
+                    dk[b, t, e] += dk_cols[b, c, e]
+                for e in range(e_v):
+                    dv[b, t, e] += dv_cols[b, c, e]
+        else:
+            r = t - n
+            for e in range(d):
+                dkc[b, r, e] = 0
+            for e in range(e_v):
+                dvc[b, r, e] = 0
+            for s in range(lo, hi):
+                c = t_cols[p, s]
+                for e in range(d):
+                    dkc[b, r, e] += dk_cols[b, c, e]
+                for e in range(e_v):
+                    dvc[b, r, e] += dv_cols[b, c, e]
+
+
+# ---------------------------------------------------------------- coarsening adjoints
+@jit(parallel=True)
+def mean_downward(valid, has_mask, sub_sizes, offsets, counts, dkc, dvc, dk, dv):
+    """Adjoint of :func:`fmm_attention.cpu.fma.mean_upward`, a downward pass.
+
+    A coarse row is the mean of the valid tokens of its sub-box, so each of them receives
+    ``d(row) / count``. Sub-boxes nest, so all tokens of one level-1 sub-box receive the
+    same total over the levels: one parallel job per level-1 sub-box sums its rows' shares
+    level by level (one launch, which matters when the cores are shared) and adds the
+    total to each of its valid tokens.
+    """
+    n_batch, n, d = dk.shape
+    e_v = dv.shape[2]
+    n_levels = sub_sizes.size
+    size = sub_sizes[0]
+    n_groups = (n + size - 1) // size
+    for job in prange(n_batch * n_groups):
+        b = job // n_groups
+        r = job % n_groups
+        first = r * size
+        share_k = np.zeros(d, dtype=dk.dtype)
+        share_v = np.zeros(e_v, dtype=dv.dtype)
+        for level in range(n_levels):
+            row = offsets[level] + first // sub_sizes[level]
+            count = counts[b, row]
+            if count > 0:
+                inv = 1.0 / count
+                for e in range(d):
+                    share_k[e] += dkc[b, row, e] * inv
+                for e in range(e_v):
+                    share_v[e] += dvc[b, row, e] * inv
+        for t in range(first, min(n, first + size)):
+            if has_mask and not valid[b, t]:
+                continue
+            for e in range(d):
+                dk[b, t, e] += share_k[e]
+            for e in range(e_v):
+                dv[b, t, e] += share_v[e]
+
+
+@jit(parallel=True)
+def learned_downward_level(weights, valid, has_mask, box_size, rank, offset, dout, dx):
+    """Adjoint of :func:`fmm_attention.cpu.fma.learned_upward_level` for its input: the
+    transposed grouped convolution ``dx[c*w + u, e] += sum_t W[e*r + t, u] dout[c*r + t, e]``
+    (valid tokens only; padded and masked tokens entered as zeros)."""
+    n_batch, n, d = dx.shape
+    n_boxes = (n + box_size - 1) // box_size
+    for job in prange(n_batch * n_boxes):
+        b = job // n_boxes
+        c = job % n_boxes
+        first = c * box_size
+        for u in range(min(n, first + box_size) - first):
+            t = first + u
+            if has_mask and not valid[b, t]:
+                continue
+            for e in range(d):
+                acc = dx.dtype.type(0)
+                for s in range(rank):
+                    acc += weights[e * rank + s, u] * dout[b, offset + c * rank + s, e]
+                dx[b, t, e] += acc
+
+
+@jit(parallel=True)
+def learned_weight_grad(x, valid, has_mask, box_size, rank, offset, dout, dw, dbias):
+    """Weight and bias gradients of one level's grouped convolution (Conv1d layout rows):
+    ``dw[e*r + t, u] = sum_{b, c} dout[b, c*r + t, e] x[b, c*w + u, e]`` over valid tokens,
+    ``dbias[e*r + t] = sum_{b, c} dout[b, c*r + t, e]``; one weight row per job, summed over
+    ``b`` then ``c`` in order."""
+    n_batch, n, d = x.shape
+    n_boxes = (n + box_size - 1) // box_size
+    for w_row in prange(d * rank):
+        e = w_row // rank
+        t = w_row % rank
+        dw[w_row] = 0
+        total = dw.dtype.type(0)
+        for b in range(n_batch):
+            for c in range(n_boxes):
+                grad = dout[b, offset + c * rank + t, e]
+                total += grad
+                first = c * box_size
+                for u in range(min(n, first + box_size) - first):
+                    if has_mask and not valid[b, first + u]:
+                        continue
+                    dw[w_row, u] += grad * x[b, first + u, e]
+        dbias[w_row] = total

@@ -1,0 +1,236 @@
+"""The CPU backend's backward entry points: residuals in, gradients out.
+
+:func:`exact_backward` and :func:`fmm_backward` take the validated batch
+(:class:`fmm_attention._validate.Batch`), the output cotangent ``g`` (B, n, dv), the forward's
+``lse`` (B, n) and ``delta = g . out - g_lse`` (B, n), run the kernels of
+:mod:`.backward` and return gradients of shapes ``(B, n, .)``. :class:`FMMResiduals` is
+what FMA's backward keeps besides ``out`` and ``lse``: the coarse buffers (O(n d / m) per
+level), the executed plan and its transposition (data-free, cached when shared).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numba
+import numpy as np
+
+from .. import _config
+from ._launch import launch_guard
+from .backward import (
+    MAX_GRID,
+    MIN_SPAN,
+    block_backward,
+    exact_backward_tiles,
+    learned_downward_level,
+    learned_weight_grad,
+    mean_downward,
+    reduce_columns,
+)
+from .backward_plan import shared_transpose, transpose_plan
+
+
+def _key_bias(batch):
+    if batch.valid is None:
+        return np.zeros((1, 1), dtype=batch.dtype), False
+    return np.where(batch.valid, 0.0, -np.inf).astype(batch.dtype), True
+
+
+def _grid(n_batch, n):
+    """Rectangles per side of exact attention's backward grid: enough jobs to spread one
+    long sequence over the cores, from the shapes alone (never the thread count, which
+    would change the order of the sums)."""
+    sides = 1
+    while sides < MAX_GRID and n_batch * sides * sides < 16 and n >= 2 * sides * MIN_SPAN:
+        sides *= 2
+    return sides
+
+
+def exact_backward(batch, causal, g, lse, delta):
+    """Gradients ``(dq, dk, dv)`` of exact attention, each ``(B, n, .)``."""
+    key_bias, has_mask = _key_bias(batch)
+    scale = batch.dtype.type(batch.scale)
+    B, n = batch.q.shape[:2]
+    sides = _grid(B, n)
+    span = -(-n // sides)
+    dq_part = np.empty((sides,) + batch.q.shape, dtype=batch.dtype)
+    dk_part = np.empty((sides,) + batch.k.shape, dtype=batch.dtype)
+    dv_part = np.empty((sides,) + batch.v.shape, dtype=batch.dtype)
+    with launch_guard(calls_blas=True):
+        exact_backward_tiles(batch.q, batch.k, batch.v, key_bias, has_mask, scale, causal, g, lse, delta,
+                             span, span, dq_part, dk_part, dv_part)
+    if sides == 1:
+        return dq_part[0], dk_part[0], dv_part[0]
+    # sums over the leading axis add the parts in index order: the same whatever the threads
+    return dq_part.sum(axis=0), dk_part.sum(axis=0), dv_part.sum(axis=0)
+
+
+@dataclass(frozen=True, eq=False)
+class FMMResiduals:
+    """What FMA's pullback keeps besides ``out`` and ``lse`` (all O(n d) or data-free)."""
+
+    batch: object
+    tree: object
+    coarsening: object
+    query_coarsening: bool
+    coarse_valid: np.ndarray | None  # tokens that entered coarsening (None: the key mask)
+    kc: np.ndarray
+    vc: np.ndarray
+    cbias: np.ndarray
+    plan: tuple  # seg_lo, seg_hi, segments, max_keys, col_ptr, t_ptr, t_cols, n_columns
+
+    @classmethod
+    def build(cls, batch, tree, refined_plan, *, coarsening, count_scaling, query_coarsening, global_tokens):
+        """Residuals of one forward call; ``refined_plan`` is the per-entry plan the forward
+        executed with ``refine > 0`` (held fixed), ``None`` for the shared plan."""
+        from . import _coarse_validity, coarse_buffers  # the forward's own upward pass
+
+        coarse_valid = _coarse_validity(batch, global_tokens)
+        kc, vc, cbias = coarse_buffers(batch, tree, coarsening, count_scaling, coarse_valid=coarse_valid)
+        if refined_plan is None:
+            plan = shared_transpose(tree, not query_coarsening, tuple(global_tokens))
+        else:
+            seg_lo, seg_hi, segments = (np.ascontiguousarray(x, dtype=np.int64) for x in refined_plan)
+            for arr in (seg_lo, seg_hi, segments):
+                arr.setflags(write=False)
+            csum = np.zeros((segments.shape[0], segments.shape[1] + 1), dtype=np.int64)
+            np.cumsum(segments[:, :, 2], axis=1, out=csum[:, 1:])
+            keys = np.take_along_axis(csum, seg_hi, 1) - np.take_along_axis(csum, seg_lo, 1)
+            plan = (seg_lo, seg_hi, segments, int(keys.max())) + transpose_plan(
+                seg_lo, seg_hi, segments, tree.n, tree.n_coarse
+            )
+        return cls(batch, tree, coarsening, query_coarsening, coarse_valid, kc, vc, cbias, plan)
+
+    def coarsening_mask(self):
+        """``(valid, has_mask)`` of the tokens that entered coarsening."""
+        if self.coarse_valid is not None:
+            return self.coarse_valid, True
+        if self.batch.valid is not None:
+            return self.batch.valid, True
+        return np.zeros((1, 1), dtype=np.bool_), False
+
+
+def fmm_backward(res, g, lse, delta):
+    """Gradients of FMA: ``(dq, dk, dv, learned)``, ``learned`` the per-level weight and
+    bias gradients of a learned coarsening (``(kw, vw, kb, vb)`` tuples) or ``None``."""
+    batch, tree = res.batch, res.tree
+    B, n, d, dv_dim = batch.q.shape[0], batch.n, batch.d, batch.dv
+    dtype = batch.dtype
+    scale = dtype.type(batch.scale)
+    key_bias, has_mask = _key_bias(batch)
+    seg_lo, seg_hi, segments, max_keys, col_ptr, t_ptr, t_cols, n_columns = res.plan
+    dq = np.empty_like(batch.q)
+    dk = np.zeros_like(batch.k)
+    dv = np.zeros_like(batch.v)
+    dk_cols = np.empty((B, n_columns, d), dtype=dtype)
+    dv_cols = np.empty((B, n_columns, dv_dim), dtype=dtype)
+    dkc = np.empty_like(res.kc)
+    dvc = np.empty_like(res.vc)
+    with launch_guard():
+        block_backward(
+            batch.q, batch.k, batch.v, key_bias, has_mask, res.kc, res.vc, res.cbias, seg_lo, seg_hi, segments,
+            col_ptr, max_keys, tree.block_size, scale, tree.causal, g, lse, delta,
+            _config.FMA_CHUNKS_PER_THREAD * numba.get_num_threads(), dq, dk_cols, dv_cols,
+        )
+    with launch_guard():
+        reduce_columns(dk_cols, dv_cols, t_ptr, t_cols, n, dk, dv, dkc, dvc)
+    del dk_cols, dv_cols
+    if res.query_coarsening:
+        _far_backward(res, g, lse, delta, dq, dkc, dvc)
+    empty = np.isneginf(res.cbias)  # rows with no token: the forward zeroed them
+    dkc[empty] = 0
+    dvc[empty] = 0
+    valid, has = res.coarsening_mask()
+    levels = tree.levels
+    learned = None
+    with launch_guard():
+        if isinstance(res.coarsening, str):  # "mean" (cluster has no backward)
+            sub_sizes = np.array([lv.sub_box_size for lv in levels], dtype=np.int64)
+            offsets = np.array([lv.offset for lv in levels], dtype=np.int64)
+            counts = _mean_counts(valid, has, B, tree)
+            mean_downward(valid, has, sub_sizes, offsets, counts, dkc, dvc, dk, dv)
+        else:
+            kw, vw, _, _ = res.coarsening.level_arrays(dtype)
+            grads = ([], [], [], [])
+            for i, lv in enumerate(levels):
+                args = (lv.box_size, lv.rank, lv.offset)
+                learned_downward_level(kw[i], valid, has, *args, dkc, dk)
+                learned_downward_level(vw[i], valid, has, *args, dvc, dv)
+                for x, dx, target_w, target_b in ((batch.k, dkc, grads[0], grads[2]), (batch.v, dvc, grads[1], grads[3])):
+                    gw = np.empty((lv.rank * x.shape[2], lv.box_size), dtype=dtype)
+                    gb = np.empty(lv.rank * x.shape[2], dtype=dtype)
+                    learned_weight_grad(x, valid, has, *args, dx, gw, gb)
+                    target_w.append(gw[:, None, :])
+                    target_b.append(gb)
+            learned = tuple(tuple(x) for x in grads)
+    return dq, dk, dv, learned
+
+
+def _mean_counts(valid, has_mask, B, tree):
+    """Tokens entering each coarse row's mean, ``(B, n_coarse)`` (the forward's counts)."""
+    N, n = tree.padded_length, tree.n
+    ok = np.zeros((B, N), dtype=np.float64)
+    ok[:, :n] = valid if has_mask else 1.0
+    counts = np.empty((B, tree.n_coarse), dtype=np.float64)
+    for lv in tree.levels:
+        rows = lv.n_boxes * lv.rank
+        counts[:, lv.offset : lv.offset + rows] = ok.reshape(B, rows, lv.sub_box_size).sum(axis=2)
+    return counts
+
+
+def _far_backward(res, g, lse, delta, dq, dkc, dvc):
+    """Far field of coarse queries (``query_coarsening=True``), adjoint of the box partials.
+
+    At level ``l`` every query of box ``c`` shares the logits ``x_j = s qc_c . kc_j + bias_j``
+    of the box's far list, ``qc_c`` the mean of the box's real queries. With ``M`` the box's
+    largest far logit (``M <= lse_i`` for each of its queries, so the weights below are at
+    most 1): ``A = sum_i exp(M - lse_i) g_i``, ``D = sum_i exp(M - lse_i) delta_i`` and
+    ``dx_j = exp(x_j - M) (A . vc_j - D)``; then ``dvc_j += exp(x_j - M) A``,
+    ``dkc_j += s dx_j qc_c`` and each query gains ``s sum_j dx_j kc_j / real(c)``.
+    """
+    batch, tree = res.batch, res.tree
+    B, n, N = batch.q.shape[0], batch.n, tree.padded_length
+    scale = batch.scale
+    box_offset, interactions = tree.box_tables
+    dtype = batch.dtype
+    q_pad = np.zeros((B, N, batch.d), dtype=dtype)
+    q_pad[:, :n] = batch.q
+    g_pad = np.zeros((B, N, batch.dv), dtype=dtype)
+    g_pad[:, :n] = g
+    lse_pad = np.full((B, N), -np.inf, dtype=dtype)
+    lse_pad[:, :n] = lse
+    delta_pad = np.zeros((B, N), dtype=dtype)
+    delta_pad[:, :n] = delta
+    dq_far = np.zeros((B, N, batch.d), dtype=dtype)
+    bidx = np.arange(B)[:, None, None, None]
+    for li, lv in enumerate(tree.levels):
+        w, nb, r = lv.box_size, lv.n_boxes, lv.rank
+        real = np.clip(n - np.arange(nb) * w, 0, w).astype(dtype)  # real queries per box
+        qc = np.einsum("bcwd->bcd", q_pad.reshape(B, nb, w, batch.d)) / np.maximum(real, 1)[None, :, None]
+        starts = interactions[box_offset[li] : box_offset[li + 1]]  # (nb, 3)
+        ok = starts >= 0
+        rows = np.where(ok, starts, 0)[:, :, None] + np.arange(r)  # (nb, 3, r)
+        kc_g = res.kc[:, rows]  # (B, nb, 3, r, d)
+        vc_g = res.vc[:, rows]
+        with np.errstate(invalid="ignore"):
+            x = scale * np.einsum("bcd,bcstd->bcst", qc, kc_g) + res.cbias[:, rows]
+        x = np.where(ok[None, :, :, None], x, -np.inf)
+        top = x.max(axis=(2, 3))  # (B, nb)
+        live = np.isfinite(top)
+        top_safe = np.where(live, top, 0)
+        lse_box = lse_pad.reshape(B, nb, w)
+        with np.errstate(over="ignore", invalid="ignore"):
+            weights = np.where(np.isfinite(lse_box) & live[:, :, None], np.exp(top_safe[:, :, None] - lse_box), 0)
+        A = np.einsum("bcw,bcwe->bce", weights, g_pad.reshape(B, nb, w, batch.dv))
+        D = np.einsum("bcw,bcw->bc", weights, delta_pad.reshape(B, nb, w))
+        E = np.where(np.isfinite(x), np.exp(x - top_safe[:, :, None, None]), 0)
+        dx = E * (np.einsum("bce,bcste->bcst", A, vc_g) - D[:, :, None, None])
+        dqc = scale * np.einsum("bcst,bcstd->bcd", dx, kc_g)
+        dq_far += np.repeat(dqc / np.maximum(real, 1)[None, :, None], w, axis=1)
+        # scatter to the coarse rows; np.add.at applies the terms in index order (deterministic)
+        sel = np.broadcast_to(ok[None, :, :, None], dx.shape)
+        b_ix = np.broadcast_to(bidx, dx.shape)[sel]
+        r_ix = np.broadcast_to(rows[None], dx.shape)[sel]
+        np.add.at(dkc, (b_ix, r_ix), (scale * dx[..., None] * qc[:, :, None, None, :])[sel])
+        np.add.at(dvc, (b_ix, r_ix), (E[..., None] * A[:, :, None, None, :])[sel])
+    dq += dq_far[:, :n]

@@ -1,0 +1,378 @@
+"""Gradients: a vector-Jacobian product (VJP) for each public attention function.
+
+Each ``*_vjp`` function runs the forward of its attention function (same arguments, same
+result) and returns it with a *pullback*: a function mapping the cotangent of the output
+(and optionally of the log-sum-exp) to the gradients of every float input, as fixed in
+``shared/spec/gradients.md``::
+
+    out, pullback = fmm_attention_vjp(q, k, v, block_size=16, rank=4)
+    grads = pullback(g)            # grads.q, grads.k, grads.v (a named tuple)
+
+The pullback keeps O(n d) residuals only: the validated inputs, the output, ``lse`` (and
+FMA's coarse keys and values, O(n d / m) per level); probabilities are recomputed from
+``lse`` (FlashAttention's scheme). It may be called any number of times. The inputs are
+held by reference: writing into ``q``, ``k``, ``v`` between the forward and a pullback
+changes the gradient (as with any saved tensor).
+
+Discrete choices are held fixed at their forward values: ``refine``'s plan and the count
+scaling bias (it depends on the mask only). ``coarsening="cluster"`` is not differentiable
+yet (its group assignments are not exposed by the forward kernels). Only the CPU backend
+has a backward; ``backend="cuda"`` and device arrays raise ``ValueError``.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import numpy as np
+
+from . import _config, backends
+from ._validate import (
+    as_array,
+    attention_inputs,
+    attention_vector,
+    check_accuracy_options,
+    check_bool,
+    check_fmm_options,
+    check_global_tokens,
+)
+from .coarsening import LearnedCoarsening
+from .tree import build_tree
+
+__all__ = [
+    "AttentionGradients",
+    "FMMGradients",
+    "FastformerGradients",
+    "LearnedCoarseningGradients",
+    "exact_attention_vjp",
+    "fastformer_attention_vjp",
+    "fmm_attention_vjp",
+]
+
+
+class AttentionGradients(NamedTuple):
+    """Gradients of exact attention: ``dq, dk, dv = grads`` unpacks them.
+
+    Attributes
+    ----------
+    q, k, v : ndarray
+        Shapes of ``q``, ``k``, ``v``, in the dtype of the computation.
+    """
+
+    q: np.ndarray
+    k: np.ndarray
+    v: np.ndarray
+
+
+class LearnedCoarseningGradients(NamedTuple):
+    """Gradients of the parameters of a :class:`~fmm_attention.LearnedCoarsening`.
+
+    Each entry has the layout of the parameter itself (``(r_l*d, 1, w_l)`` weights,
+    ``(r_l*d,)`` biases), so it equals ``torch.nn.Conv1d``'s ``weight.grad`` / ``bias.grad``.
+
+    Attributes
+    ----------
+    key_weights, value_weights, key_bias, value_bias : tuple of ndarray
+        One array per far level.
+    """
+
+    key_weights: tuple
+    value_weights: tuple
+    key_bias: tuple
+    value_bias: tuple
+
+
+class FMMGradients(NamedTuple):
+    """Gradients of Fast Multipole Attention.
+
+    Attributes
+    ----------
+    q, k, v : ndarray
+        Shapes of ``q``, ``k``, ``v``, in the dtype of the computation.
+    coarsening : LearnedCoarseningGradients or None
+        Gradients of the learned coarsening's weights and biases; ``None`` otherwise.
+    """
+
+    q: np.ndarray
+    k: np.ndarray
+    v: np.ndarray
+    coarsening: LearnedCoarseningGradients | None
+
+
+class FastformerGradients(NamedTuple):
+    """Gradients of Fastformer attention.
+
+    Attributes
+    ----------
+    q, k, v : ndarray
+        Shapes of ``q``, ``k``, ``v``.
+    w_q, w_k : ndarray
+        Shapes of the ``w_q``, ``w_k`` passed in (broadcasting undone: summed over the
+        leading dims they were broadcast along).
+    """
+
+    q: np.ndarray
+    k: np.ndarray
+    v: np.ndarray
+    w_q: np.ndarray
+    w_k: np.ndarray
+
+
+# ---------------------------------------------------------------- shared pieces
+def _cpu_only(backend, *arrays):
+    name = backends.resolve(backend, *arrays)
+    if name != "cpu":
+        raise ValueError(
+            "gradients are not supported by the CUDA backend yet (it declares no backward); "
+            "use backend='cpu' with host arrays"
+        )
+    from . import cpu
+
+    return cpu
+
+
+def _cotangent(value, name, batch, tail, *, required=True):
+    """Validate a cotangent of caller shape ``lead + (n,) + tail``; ``(B, n[, x])`` in the
+    batch dtype, or ``None`` when omitted and not required."""
+    if value is None:
+        if required:
+            raise TypeError(f"{name} is required")
+        return None
+    arr = as_array(value, name)
+    if arr.dtype.kind != "f":
+        raise TypeError(f"{name} must have a real floating dtype, got {arr.dtype}")
+    want = batch.lead_shape + (batch.n,) + tail
+    if arr.shape != want:
+        raise ValueError(f"{name} must have the shape of the output {want}, got {arr.shape}")
+    if not np.isfinite(arr).all():
+        raise ValueError(f"{name} contains NaN or infinity")
+    B = batch.q.shape[0]
+    return np.ascontiguousarray(arr, dtype=batch.dtype).reshape((B, batch.n) + tail)
+
+
+def _delta(batch, out, g, g_lse):
+    """``delta_i = g_i . out_i - g_lse_i`` (B, n), the per-query term of ``dS = P (dP - delta)``."""
+    delta = np.einsum("bne,bne->bn", g, out)  # no BLAS: the result must not depend on its threads
+    if g_lse is not None:
+        delta = delta - g_lse
+    return np.ascontiguousarray(delta, dtype=batch.dtype)
+
+
+def _restore(batch, x):
+    return x.reshape(batch.lead_shape + x.shape[1:])
+
+
+def _pullback_inputs(batch, out, lse, g_out, g_lse):
+    g = _cotangent(g_out, "g_out", batch, (batch.dv,))
+    gl = _cotangent(g_lse, "g_lse", batch, (), required=False)
+    if gl is not None:
+        # a query with no valid key has lse = -inf for every input: its gradient is zero
+        gl = np.where(np.isneginf(lse), 0, gl).astype(batch.dtype)
+    return g, _delta(batch, out, g, gl)
+
+
+# ---------------------------------------------------------------- exact attention
+def exact_attention_vjp(q, k, v, *, causal=False, scale=None, key_padding_mask=None, return_lse=False,
+                        check_finite=True, backend="auto"):
+    """:func:`~fmm_attention.exact_attention` and its pullback.
+
+    Parameters
+    ----------
+    q, k, v, causal, scale, key_padding_mask, return_lse, check_finite, backend
+        As for :func:`~fmm_attention.exact_attention`; only ``backend="cpu"`` (or ``"auto"``
+        with host arrays) has a backward.
+
+    Returns
+    -------
+    result : ndarray or tuple
+        What :func:`~fmm_attention.exact_attention` returns: ``out``, or ``(out, lse)``.
+    pullback : callable
+        ``pullback(g_out, g_lse=None) -> AttentionGradients``: the gradients of
+        ``sum(g_out * out) + sum(g_lse * lse)`` with respect to ``q``, ``k``, ``v``.
+        ``g_out`` has the shape of ``out``, ``g_lse`` that of ``lse``.
+
+    Raises
+    ------
+    ValueError
+        ``backend="cuda"`` or device arrays (no backward there yet); and every error of
+        the forward. The pullback raises ``ValueError`` / ``TypeError`` for a cotangent of
+        the wrong shape or dtype.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from fmm_attention import exact_attention_vjp
+    >>> q, k, v = np.random.default_rng(0).standard_normal((3, 64, 8))
+    >>> out, pullback = exact_attention_vjp(q, k, v, causal=True)
+    >>> dq, dk, dv = pullback(np.ones_like(out))
+    >>> dq.shape
+    (64, 8)
+    """
+    causal = check_bool(causal, "causal")
+    return_lse = check_bool(return_lse, "return_lse")
+    cpu = _cpu_only(backend, q, k, v)
+    batch = attention_inputs(q, k, v, scale=scale, key_padding_mask=key_padding_mask, check_finite=check_finite)
+    out, lse = cpu.exact(batch, causal=causal)
+
+    def pullback(g_out, g_lse=None):
+        from .cpu.backward_ops import exact_backward
+
+        g, delta = _pullback_inputs(batch, out, lse, g_out, g_lse)
+        dq, dk, dv = exact_backward(batch, causal, g, lse, delta)
+        return AttentionGradients(_restore(batch, dq), _restore(batch, dk), _restore(batch, dv))
+
+    result = (batch.restore(out), batch.restore(lse, last_dim=False)) if return_lse else batch.restore(out)
+    return result, pullback
+
+
+# ---------------------------------------------------------------- FMA
+def fmm_attention_vjp(q, k, v, *, causal=False, block_size=_config.DEFAULT_BLOCK_SIZE, rank=_config.DEFAULT_RANK,
+                      coarsening="mean", count_scaling=True, query_coarsening=False, scale=None,
+                      key_padding_mask=None, return_lse=False, check_finite=True, backend="auto",
+                      cluster_iters=3, refine=0, global_tokens=None):
+    """:func:`~fmm_attention.fmm_attention` and its pullback.
+
+    Parameters
+    ----------
+    q, k, v, causal, block_size, rank, coarsening, count_scaling, query_coarsening, scale, key_padding_mask, return_lse, check_finite, backend, cluster_iters, refine, global_tokens
+        As for :func:`~fmm_attention.fmm_attention` (no ``return_stats``). ``refine``'s plan
+        is held fixed at the one the forward chose; ``coarsening="cluster"`` has no
+        backward yet.
+
+    Returns
+    -------
+    result : ndarray or tuple
+        ``out``, or ``(out, lse)`` with ``return_lse=True``.
+    pullback : callable
+        ``pullback(g_out, g_lse=None) -> FMMGradients``: gradients of
+        ``sum(g_out * out) + sum(g_lse * lse)`` with respect to ``q``, ``k``, ``v`` and,
+        with a :class:`~fmm_attention.LearnedCoarsening`, its weights and biases.
+
+    Raises
+    ------
+    ValueError
+        ``backend="cuda"`` or device arrays, ``coarsening="cluster"``; every error of the
+        forward; from the pullback, cotangents of the wrong shape.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from fmm_attention import fmm_attention_vjp
+    >>> q, k, v = np.random.default_rng(0).standard_normal((3, 100, 8))
+    >>> out, pullback = fmm_attention_vjp(q, k, v, block_size=8, rank=2)
+    >>> grads = pullback(np.ones_like(out))
+    >>> grads.k.shape, grads.coarsening is None
+    ((100, 8), True)
+    """
+    causal = check_bool(causal, "causal")
+    return_lse = check_bool(return_lse, "return_lse")
+    coarsening, count_scaling, query_coarsening = check_fmm_options(
+        coarsening=coarsening, count_scaling=count_scaling, query_coarsening=query_coarsening, causal=causal
+    )
+    cluster_iters, refine = check_accuracy_options(
+        cluster_iters=cluster_iters, refine=refine, query_coarsening=query_coarsening
+    )
+    cpu = _cpu_only(backend, q, k, v)
+    if isinstance(coarsening, str) and coarsening == "cluster":
+        raise ValueError(
+            "coarsening='cluster' has no backward yet (its group assignments are not exposed by the "
+            "forward); use 'mean' or a LearnedCoarsening"
+        )
+    batch = attention_inputs(q, k, v, scale=scale, key_padding_mask=key_padding_mask, check_finite=check_finite)
+    tree = build_tree(batch.n, block_size=block_size, rank=rank, causal=causal)
+    if isinstance(coarsening, LearnedCoarsening):
+        coarsening.check_tree(tree, batch.d, batch.dv)
+    global_tokens = check_global_tokens(global_tokens, batch.n)
+    out, lse, plan = cpu.fmm(
+        batch, tree, coarsening=coarsening, count_scaling=count_scaling, query_coarsening=query_coarsening,
+        cluster_iters=cluster_iters, refine=refine, global_tokens=global_tokens,
+    )
+    from .cpu.backward_ops import FMMResiduals, fmm_backward
+
+    res = FMMResiduals.build(batch, tree, plan if refine > 0 else None, coarsening=coarsening,
+                             count_scaling=count_scaling, query_coarsening=query_coarsening,
+                             global_tokens=global_tokens)
+
+    def pullback(g_out, g_lse=None):
+        g, delta = _pullback_inputs(batch, out, lse, g_out, g_lse)
+        dq, dk, dv, learned = fmm_backward(res, g, lse, delta)
+        if learned is not None:
+            learned = LearnedCoarseningGradients(*learned)
+        return FMMGradients(_restore(batch, dq), _restore(batch, dk), _restore(batch, dv), learned)
+
+    result = (batch.restore(out), batch.restore(lse, last_dim=False)) if return_lse else batch.restore(out)
+    return result, pullback
+
+
+# ---------------------------------------------------------------- Fastformer
+def _unbroadcast(grad, shape, lead):
+    """Sum ``grad`` (B, d) over the leading dims that a vector of ``shape`` was broadcast along."""
+    full = grad.reshape(lead + grad.shape[-1:])
+    extra = len(full.shape) - len(shape)
+    axes = tuple(range(extra)) + tuple(
+        extra + i for i, size in enumerate(shape[:-1]) if size == 1 and full.shape[extra + i] != 1
+    )
+    return full.sum(axis=axes).reshape(shape) if axes else full.reshape(shape)
+
+
+def fastformer_attention_vjp(q, k, v, w_q, w_k, *, causal=False, scale=None, key_padding_mask=None,
+                             check_finite=True, backend="auto"):
+    """:func:`~fmm_attention.fastformer_attention` and its pullback.
+
+    Parameters
+    ----------
+    q, k, v, w_q, w_k, causal, scale, key_padding_mask, check_finite, backend
+        As for :func:`~fmm_attention.fastformer_attention` (no ``return_pools``).
+
+    Returns
+    -------
+    u : ndarray, shape (..., n, d)
+        The output.
+    pullback : callable
+        ``pullback(g_out) -> FastformerGradients``: gradients of ``sum(g_out * u)`` with
+        respect to ``q``, ``k``, ``v``, ``w_q``, ``w_k``; those of ``w_q``, ``w_k`` have
+        their shapes (summed over the dims they were broadcast along).
+
+    Raises
+    ------
+    ValueError
+        ``backend="cuda"`` or device arrays; every error of the forward; from the
+        pullback, a cotangent of the wrong shape.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from fmm_attention import fastformer_attention_vjp
+    >>> rng = np.random.default_rng(0)
+    >>> q, k, v = rng.standard_normal((3, 2, 4, 32, 8))
+    >>> w_q, w_k = rng.standard_normal((2, 4, 8))
+    >>> u, pullback = fastformer_attention_vjp(q, k, v, w_q, w_k, causal=True)
+    >>> pullback(np.ones_like(u)).w_q.shape
+    (4, 8)
+    """
+    causal = check_bool(causal, "causal")
+    cpu = _cpu_only(backend, q, k, v, w_q, w_k)
+    batch = attention_inputs(q, k, v, scale=scale, key_padding_mask=key_padding_mask, check_finite=check_finite)
+    if batch.dv != batch.d:
+        raise ValueError(
+            f"v must have the feature dim d = {batch.d} of q (u = kg * v is element-wise), got "
+            f"v of shape {batch.lead_shape + (batch.n, batch.dv)}"
+        )
+    shape_q, shape_k = np.shape(as_array(w_q, "w_q")), np.shape(as_array(w_k, "w_k"))
+    # own writable copies (B, d): broadcast views are read-only, which Numba types apart
+    wq = np.array(attention_vector(w_q, "w_q", batch, check_finite), dtype=batch.dtype, order="C")
+    wk = np.array(attention_vector(w_k, "w_k", batch, check_finite), dtype=batch.dtype, order="C")
+    out, _, _ = cpu.fastformer(batch, wq, wk, causal=causal, return_pools=False)
+
+    def pullback(g_out):
+        from .cpu.backward_fastformer import fastformer_backward
+
+        g = _cotangent(g_out, "g_out", batch, (batch.d,))
+        dq, dk, dv, dwq, dwk = fastformer_backward(batch, wq, wk, g, causal=causal)
+        return FastformerGradients(
+            _restore(batch, dq), _restore(batch, dk), _restore(batch, dv),
+            _unbroadcast(dwq, shape_q, batch.lead_shape), _unbroadcast(dwk, shape_k, batch.lead_shape),
+        )
+
+    return batch.restore(out), pullback
+

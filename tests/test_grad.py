@@ -1,0 +1,439 @@
+"""Gradients (shared/spec/gradients.md): every VJP against central finite differences of
+the library's own forward in float64, exact zeros, float32 against float64, determinism
+across calls and thread counts, untouched inputs and clear errors.
+
+Finite differences are taken along random directions (one forward pair per check tests
+the whole gradient): ``(f(x + h u) - f(x - h u)) / 2h`` against ``<grad, u>``, with
+``f = sum(g * out) (+ sum(g_lse * lse))``. Sizes are tiny (n ~ 40-70, so the last block is
+padded, block 4 or 8, rank 2, so several far levels exist).
+"""
+
+import numba
+import numpy as np
+import pytest
+
+from fmm_attention import (
+    LearnedCoarsening,
+    build_tree,
+    exact_attention,
+    fastformer_attention,
+    fmm_attention,
+)
+from fmm_attention.grad import (
+    exact_attention_vjp,
+    fastformer_attention_vjp,
+    fmm_attention_vjp,
+)
+
+H = 1e-5
+RTOL = 1e-6
+
+
+def qkv(n, *, d=4, dv=3, lead=(2,), seed=0, dtype=np.float64):
+    rng = np.random.default_rng(seed)
+    q = rng.standard_normal(lead + (n, d))
+    k = rng.standard_normal(lead + (n, d))
+    v = rng.standard_normal(lead + (n, dv))
+    return tuple(x.astype(dtype) for x in (q, k, v))
+
+
+def random_mask(lead, n, seed=1):
+    mask = np.random.default_rng(seed).random(lead + (n,)) > 0.3
+    mask[..., 0] = True  # every causal query keeps a valid key
+    return mask
+
+
+def directional(loss, grads, params, seed=5):
+    """Central difference of ``loss(params)`` along a random direction vs ``<grads, u>``."""
+    rng = np.random.default_rng(seed)
+    u = [rng.standard_normal(p.shape) for p in params]
+    plus = loss([p + H * x for p, x in zip(params, u)])
+    minus = loss([p - H * x for p, x in zip(params, u)])
+    fd = (plus - minus) / (2 * H)
+    an = sum(float(np.sum(gr * x)) for gr, x in zip(grads, u))
+    assert abs(fd - an) <= RTOL * max(abs(an), 1.0), (fd, an)
+    assert abs(an) > 1e-3  # the check is not vacuous
+
+
+def check_qkv(forward, vjp, q, k, v, *, with_lse=False, **options):
+    rng = np.random.default_rng(11)
+    result, pullback = vjp(q, k, v, return_lse=with_lse, **options)
+    out = result[0] if with_lse else result
+    g = rng.standard_normal(out.shape)
+    g_lse = rng.standard_normal(out.shape[:-1]) if with_lse else None
+    grads = pullback(g, g_lse) if with_lse else pullback(g)
+
+    def loss(params):
+        res = forward(*params, return_lse=with_lse, **options)
+        if with_lse:
+            return float(np.sum(g * res[0]) + np.sum(g_lse * res[1]))
+        return float(np.sum(g * res))
+
+    directional(loss, grads[:3], [q, k, v])
+    # the forward half is the forward itself
+    np.testing.assert_array_equal(out, forward(q, k, v, **options))
+    return grads
+
+
+# ---------------------------------------------------------------- exact attention
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("masked", [False, True])
+@pytest.mark.parametrize("with_lse", [False, True])
+def test_exact_matches_finite_differences(causal, masked, with_lse):
+    q, k, v = qkv(45)
+    mask = random_mask((2,), 45) if masked else None
+    check_qkv(exact_attention, exact_attention_vjp, q, k, v, causal=causal, key_padding_mask=mask,
+              with_lse=with_lse)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_exact_on_a_grid_of_partial_sums(causal):
+    # n >= 1024 with one entry: the backward splits the (query, key) square into a grid
+    # whose partial sums are added in a fixed order
+    q, k, v = qkv(1100, d=3, dv=2, lead=(1,), seed=21)
+    mask = random_mask((1,), 1100)
+    grads = check_qkv(exact_attention, exact_attention_vjp, q, k, v, causal=causal, key_padding_mask=mask)
+    assert np.all(grads.k[~mask] == 0)
+    g = np.random.default_rng(0).standard_normal(v.shape)
+    before = numba.get_num_threads()
+    try:
+        runs = []
+        for threads in (1, min(2, numba.config.NUMBA_NUM_THREADS)):
+            numba.set_num_threads(threads)
+            runs.append(exact_attention_vjp(q, k, v, causal=causal)[1](g))
+    finally:
+        numba.set_num_threads(before)
+    for a, b in zip(*runs):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_exact_scale_and_long_tiles():
+    q, k, v = qkv(300, d=5, dv=2, lead=(), seed=3)  # several tiles of both passes
+    check_qkv(exact_attention, exact_attention_vjp, q, k, v, causal=True, scale=0.7)
+
+
+# ---------------------------------------------------------------- FMA, mean coarsening
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("masked", [False, True])
+@pytest.mark.parametrize("n, m, p", [(45, 4, 2), (70, 8, 2)])
+def test_fma_mean_matches_finite_differences(causal, masked, n, m, p):
+    q, k, v = qkv(n, seed=n)
+    mask = random_mask((2,), n) if masked else None
+    check_qkv(fmm_attention, fmm_attention_vjp, q, k, v, causal=causal, key_padding_mask=mask, block_size=m,
+              rank=p)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("count_scaling", [False, True])
+def test_fma_value_gradient_is_the_dense_implied_matrix_transposed(causal, count_scaling):
+    # an independent dense reference: mean-coarsened FMA is out = A(q, k) @ v, so dv = A^T g
+    from reference import fma_implied_matrix
+
+    n, m, p = 45, 4, 2
+    q, k, v = qkv(n, seed=31)
+    mask = random_mask((2,), n, seed=9)
+    out, pullback = fmm_attention_vjp(q, k, v, block_size=m, rank=p, causal=causal, key_padding_mask=mask,
+                                      count_scaling=count_scaling)
+    g = np.random.default_rng(6).standard_normal(out.shape)
+    dv = pullback(g).v
+    for h in range(2):
+        implied = fma_implied_matrix(q[h], k[h], block_size=m, rank=p, causal=causal, valid=mask[h],
+                                     count_scaling=count_scaling)
+        np.testing.assert_allclose(dv[h], implied.T @ g[h], rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_fma_without_count_scaling_with_lse_and_scale(causal):
+    q, k, v = qkv(53, seed=2)
+    check_qkv(fmm_attention, fmm_attention_vjp, q, k, v, causal=causal, block_size=4, rank=2,
+              count_scaling=False, scale=0.8, with_lse=True, key_padding_mask=random_mask((2,), 53))
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_fma_query_coarsening_matches_finite_differences(masked):
+    q, k, v = qkv(61, seed=4)
+    mask = random_mask((2,), 61) if masked else None
+    check_qkv(fmm_attention, fmm_attention_vjp, q, k, v, query_coarsening=True, block_size=4, rank=2,
+              key_padding_mask=mask, with_lse=masked)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_fma_global_tokens_match_finite_differences(causal):
+    q, k, v = qkv(50, seed=6)
+    check_qkv(fmm_attention, fmm_attention_vjp, q, k, v, causal=causal, block_size=4, rank=2,
+              global_tokens=[0, 21, 22], key_padding_mask=random_mask((2,), 50))
+
+
+def test_fma_global_tokens_with_query_coarsening():
+    q, k, v = qkv(50, seed=7)
+    check_qkv(fmm_attention, fmm_attention_vjp, q, k, v, query_coarsening=True, block_size=4, rank=2,
+              global_tokens=[3, 40])
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_fma_refine_holds_its_plan(causal):
+    # the gradient is that of the plan the forward chose (piecewise smooth: a step of H
+    # does not change the choice here)
+    q, k, v = qkv(64, seed=8)
+    check_qkv(fmm_attention, fmm_attention_vjp, q, k, v, causal=causal, block_size=4, rank=2, refine=12,
+              key_padding_mask=random_mask((2,), 64))
+
+
+# ---------------------------------------------------------------- FMA, learned coarsening
+def random_learned(tree, d, dv, seed):
+    rng = np.random.default_rng(seed)
+    out = ([], [], [], [])
+    for lv in tree.levels:
+        r, w = lv.rank, lv.box_size
+        out[0].append(rng.standard_normal((r * d, 1, w)) / w)
+        out[1].append(rng.standard_normal((r * dv, 1, w)) / w)
+        out[2].append(0.1 * rng.standard_normal(r * d))
+        out[3].append(0.1 * rng.standard_normal(r * dv))
+    return out
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("masked", [False, True])
+def test_fma_learned_matches_finite_differences(causal, masked):
+    n, m, p, d, dv = 45, 4, 2, 4, 3
+    q, k, v = qkv(n, seed=9)
+    tree = build_tree(n, block_size=m, rank=p, causal=causal)
+    params = random_learned(tree, d, dv, seed=3)
+    sizes = [len(x) for x in params]
+    mask = random_mask((2,), n) if masked else None
+    if masked:
+        mask[1, 8:16] = False  # a whole level-1 box (and a level-2 half) empty
+    options = dict(causal=causal, block_size=m, rank=p, key_padding_mask=mask)
+    out, pullback = fmm_attention_vjp(q, k, v, coarsening=LearnedCoarsening(*params), **options)
+    g = np.random.default_rng(2).standard_normal(out.shape)
+    grads = pullback(g)
+    flat = [a for group in params for a in group]
+    glearned = grads.coarsening
+    gflat = [a for group in glearned for a in group]
+    for a, ga in zip(flat, gflat):
+        assert ga.shape == a.shape
+
+    def loss(values):
+        q_, k_, v_, *rest = values
+        groups, i = [], 0
+        for size in sizes:
+            groups.append(rest[i : i + size])
+            i += size
+        return float(np.sum(g * fmm_attention(q_, k_, v_, coarsening=LearnedCoarsening(*groups), **options)))
+
+    directional(loss, list(grads[:3]) + gflat, [q, k, v] + flat)
+
+
+def test_learned_weight_gradient_is_conv1d_layout():
+    # a loss that reads one coarse key: its weight gradient is the box's token values,
+    # placed where torch.nn.Conv1d(d, r*d, w, stride=w, groups=d).weight.grad puts it
+    n, m, p, d = 16, 4, 2, 1
+    tree = build_tree(n, block_size=m, rank=p)
+    params = random_learned(tree, d, d, seed=4)
+    rng = np.random.default_rng(0)
+    q, k, v = (rng.standard_normal((n, d)) for _ in range(3))
+    out, pullback = fmm_attention_vjp(q, k, v, block_size=m, rank=p, coarsening=LearnedCoarsening(*params))
+    grads = pullback(rng.standard_normal(out.shape)).coarsening
+    assert [w.shape for w in grads.key_weights] == [(lv.rank * d, 1, lv.box_size) for lv in tree.levels]
+    assert [b.shape for b in grads.value_bias] == [(lv.rank * d,) for lv in tree.levels]
+
+
+# ---------------------------------------------------------------- exact zeros
+@pytest.mark.parametrize("vjp", [exact_attention_vjp, fmm_attention_vjp])
+def test_causal_future_inputs_get_exact_zeros(vjp):
+    n, t = 50, 23
+    q, k, v = qkv(n, seed=12)
+    options = dict(causal=True) if vjp is exact_attention_vjp else dict(causal=True, block_size=4, rank=2)
+    out, pullback = vjp(q, k, v, **options)
+    g = np.random.default_rng(0).standard_normal(out.shape)
+    g[:, t + 1 :] = 0  # only outputs at positions <= t
+    grads = pullback(g)
+    for grad in grads[:3]:
+        assert np.all(grad[:, t + 1 :] == 0)
+        assert np.any(grad[:, : t + 1] != 0)
+
+
+@pytest.mark.parametrize("vjp, options", [
+    (exact_attention_vjp, {}),
+    (exact_attention_vjp, dict(causal=True)),
+    (fmm_attention_vjp, dict(block_size=4, rank=2)),
+    (fmm_attention_vjp, dict(block_size=4, rank=2, causal=True, global_tokens=[5])),
+    (fmm_attention_vjp, dict(block_size=4, rank=2, query_coarsening=True)),
+])
+def test_masked_keys_get_exact_zeros(vjp, options):
+    n = 47
+    q, k, v = qkv(n, seed=13)
+    mask = random_mask((2,), n, seed=4)
+    mask[1] = False  # one entry has no valid key at all: zero output, lse = -inf
+    k[~mask] = 1e3  # masked keys change nothing, however large
+    (out, lse), pullback = vjp(q, k, v, key_padding_mask=mask, return_lse=True, **options)
+    assert np.all(np.isneginf(lse[1]))
+    rng = np.random.default_rng(1)
+    grads = pullback(rng.standard_normal(out.shape), rng.standard_normal(lse.shape))
+    for grad in grads[:3]:
+        assert np.all(np.isfinite(grad))
+    assert np.all(grads.k[~mask] == 0) and np.all(grads.v[~mask] == 0)
+    assert np.all(grads.q[1] == 0)
+    assert np.any(grads.k[mask] != 0)
+
+
+# ---------------------------------------------------------------- float32, determinism, inputs
+CASES = [
+    (exact_attention_vjp, dict(causal=True)),
+    (fmm_attention_vjp, dict(block_size=4, rank=2)),
+    (fmm_attention_vjp, dict(block_size=8, rank=2, causal=True)),
+    (fmm_attention_vjp, dict(block_size=4, rank=2, query_coarsening=True)),
+]
+
+
+@pytest.mark.parametrize("vjp, options", CASES)
+def test_float32_within_1e4_of_float64(vjp, options):
+    q, k, v = qkv(70, seed=14)
+    mask = random_mask((2,), 70)
+    g = np.random.default_rng(3).standard_normal(v.shape)
+    want = vjp(q, k, v, key_padding_mask=mask, **options)[1](g)
+    got = vjp(*(x.astype(np.float32) for x in (q, k, v)), key_padding_mask=mask, **options)[1](g.astype(np.float32))
+    for a, b in zip(got[:3], want[:3]):
+        assert a.dtype == np.float32
+        assert np.linalg.norm(a - b) <= 1e-4 * np.linalg.norm(b)
+
+
+@pytest.mark.parametrize("vjp, options", CASES)
+def test_bitwise_deterministic_across_calls_and_threads(vjp, options):
+    q, k, v = qkv(70, seed=15)
+    g = np.random.default_rng(4).standard_normal(v.shape)
+    before = numba.get_num_threads()
+    results = []
+    try:
+        for threads in (1, min(2, numba.config.NUMBA_NUM_THREADS), 1):
+            numba.set_num_threads(threads)
+            results.append(vjp(q, k, v, **options)[1](g))
+    finally:
+        numba.set_num_threads(before)
+    for other in results[1:]:
+        for a, b in zip(results[0][:3], other[:3]):
+            np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("vjp, options", CASES)
+def test_inputs_are_never_modified(vjp, options):
+    q, k, v = qkv(45, seed=16)
+    mask = random_mask((2,), 45)
+    g = np.random.default_rng(5).standard_normal(v.shape)
+    copies = [x.copy() for x in (q, k, v, mask, g)]
+    vjp(q, k, v, key_padding_mask=mask, **options)[1](g)
+    for x, c in zip((q, k, v, mask, g), copies):
+        np.testing.assert_array_equal(x, c)
+
+
+def test_leading_dims_and_pullback_reuse():
+    q, k, v = qkv(40, lead=(2, 3), seed=17)
+    out, pullback = fmm_attention_vjp(q, k, v, block_size=4, rank=2)
+    g = np.ones_like(out)
+    first = pullback(g)
+    assert first.q.shape == q.shape and first.v.shape == v.shape
+    np.testing.assert_array_equal(pullback(g).k, first.k)
+    single = fmm_attention_vjp(q[1, 2], k[1, 2], v[1, 2], block_size=4, rank=2)[1](g[1, 2])
+    np.testing.assert_allclose(single.k, first.k[1, 2], rtol=1e-12, atol=1e-14)
+
+
+# ---------------------------------------------------------------- errors
+def test_bad_cotangents_raise():
+    q, k, v = qkv(20, seed=18)
+    (out, _), pullback = exact_attention_vjp(q, k, v, return_lse=True)
+    with pytest.raises(ValueError, match="g_out"):
+        pullback(np.ones(out.shape[:-1] + (out.shape[-1] + 1,)))
+    with pytest.raises(TypeError, match="g_out"):
+        pullback(np.ones(out.shape, dtype=np.int64))
+    with pytest.raises(ValueError, match="g_lse"):
+        pullback(np.ones_like(out), np.ones(out.shape))
+    with pytest.raises(ValueError, match="g_out"):
+        pullback(np.full(out.shape, np.nan))
+    _, pullback = fmm_attention_vjp(q, k, v, block_size=4, rank=2)
+    with pytest.raises(ValueError, match="g_out"):
+        pullback(np.ones((20, 3)))
+
+
+def test_unsupported_backends_and_options_raise():
+    q, k, v = qkv(20, seed=19)
+    with pytest.raises(ValueError, match="CUDA"):
+        exact_attention_vjp(q, k, v, backend="cuda")
+    with pytest.raises(ValueError, match="CUDA"):
+        fmm_attention_vjp(q, k, v, backend="cuda")
+    with pytest.raises(ValueError, match="cluster"):
+        fmm_attention_vjp(q, k, v, block_size=4, rank=2, coarsening="cluster")
+    with pytest.raises(ValueError, match="causal"):
+        fmm_attention_vjp(q, k, v, causal=True, query_coarsening=True)
+
+
+# ---------------------------------------------------------------- Fastformer
+def fastformer_inputs(n, *, lead=(2, 3), vec=(3,), d=4, seed=20, dtype=np.float64):
+    rng = np.random.default_rng(seed)
+    q, k, v = (rng.standard_normal(lead + (n, d)).astype(dtype) for _ in range(3))
+    w_q, w_k = (rng.standard_normal(vec + (d,)).astype(dtype) for _ in range(2))
+    return q, k, v, w_q, w_k
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("masked", [False, True])
+@pytest.mark.parametrize("vec", [(3,), (), (2, 1)])
+def test_fastformer_matches_finite_differences(causal, masked, vec):
+    lead = (2, 3)
+    params = list(fastformer_inputs(23, lead=lead, vec=vec))
+    mask = None
+    if masked:
+        mask = np.random.default_rng(2).random(lead + (23,)) > 0.4
+        mask[0, 0, :] = False  # an entry with no valid position
+        mask[1, 2, :5] = False  # a causal prefix with none
+    options = dict(causal=causal, key_padding_mask=mask, scale=0.9)
+    u, pullback = fastformer_attention_vjp(*params, **options)
+    np.testing.assert_array_equal(u, fastformer_attention(*params, **options))
+    g = np.random.default_rng(3).standard_normal(u.shape)
+    grads = pullback(g)
+    for grad, x in zip(grads, params):
+        assert grad.shape == x.shape
+    directional(lambda xs: float(np.sum(g * fastformer_attention(*xs, **options))), list(grads), params)
+    if masked:
+        assert np.all(grads.q[~mask] == 0) and np.all(grads.k[~mask] == 0)
+
+
+def test_fastformer_causal_future_zeros_and_large_logits():
+    q, k, v, w_q, w_k = fastformer_inputs(30, lead=(2,), vec=())
+    q = q * 300  # logits of size 1e3: the suffix sums must neither overflow nor give NaN
+    u, pullback = fastformer_attention_vjp(q, k, v, w_q, w_k, causal=True)
+    g = np.random.default_rng(0).standard_normal(u.shape)
+    g[:, 13:] = 0
+    grads = pullback(g)
+    for grad in grads[:3]:
+        assert np.all(np.isfinite(grad))
+        assert np.all(grad[:, 13:] == 0)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_fastformer_float32_and_determinism(causal):
+    params = fastformer_inputs(40, lead=(3,), vec=())
+    g = np.random.default_rng(4).standard_normal(params[0].shape)
+    want = fastformer_attention_vjp(*params, causal=causal)[1](g)
+    got = fastformer_attention_vjp(*(x.astype(np.float32) for x in params), causal=causal)[1](g.astype(np.float32))
+    for a, b in zip(got, want):
+        assert a.dtype == np.float32
+        assert np.linalg.norm(a - b) <= 1e-4 * np.linalg.norm(b)
+    before = numba.get_num_threads()
+    try:
+        runs = []
+        for threads in (1, min(2, numba.config.NUMBA_NUM_THREADS)):
+            numba.set_num_threads(threads)
+            runs.append(fastformer_attention_vjp(*params, causal=causal)[1](g))
+    finally:
+        numba.set_num_threads(before)
+    for a, b in zip(*runs):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_fastformer_errors():
+    params = fastformer_inputs(10, lead=(2,), vec=())
+    _, pullback = fastformer_attention_vjp(*params)
+    with pytest.raises(ValueError, match="g_out"):
+        pullback(np.ones((2, 10, 5)))
+    with pytest.raises(ValueError, match="CUDA"):
+        fastformer_attention_vjp(*params, backend="cuda")
