@@ -8,6 +8,7 @@ Numba CPU kernels (and CUDA kernels with the ``[cuda]`` extra) behind one NumPy 
 from .api import exact_attention, fastformer_attention, fmm_attention
 from ._stats import FMMStats
 from .coarsening import LearnedCoarsening
+from .decode import FMMDecoder
 from .tree import FMMTree, build_tree
 
 __version__ = "0.1.0"
@@ -19,6 +20,7 @@ __all__ = [
     "build_tree",
     "FMMTree",
     "LearnedCoarsening",
+    "FMMDecoder",
     "FMMStats",
     "__version__",
 ]
