@@ -60,6 +60,14 @@ def _global_list(global_tokens):
     return np.unique(arr).astype(np.int64)
 
 
+def _check_finite(arr, name):
+    # a decode step's few tokens: NumPy's check costs less than a parallel launch
+    if arr.size > _config.DECODE_PARALLEL_MIN_WORK:
+        check_finite_array(arr, name)
+    elif not np.isfinite(arr).all():
+        raise ValueError(f"{name} contains NaN or infinity (pass check_finite=False to skip this check)")
+
+
 class FMMDecoder:
     """Causal attention one token at a time: FMA from an O((m + p log T) d) state.
 
@@ -224,6 +232,12 @@ class FMMDecoder:
         self._accv = np.zeros((B, L, p, self.dv), dtype=dt)
         self._accn = np.zeros((B, L), dtype=np.int64)
 
+    def _no_globals(self, t):
+        cached = getattr(self, "_no_globals_cache", None)
+        if cached is None or cached[0].size != t:
+            cached = self._no_globals_cache = (np.zeros(t, dtype=np.int64), np.zeros(t, dtype=np.bool_))
+        return cached
+
     def _grow_levels(self, n_levels):
         if n_levels <= self._n_levels:
             return
@@ -311,7 +325,7 @@ class FMMDecoder:
             if not arr.flags.writeable:  # Numba would compile every kernel again for read-only arrays
                 arr = arr.copy()
             if check_finite:
-                check_finite_array(arr, name)
+                _check_finite(arr, name)
             out.append(arr)
         if mask is None:
             valid = None
@@ -446,10 +460,12 @@ class FMMDecoder:
             self._grow_cache(pos0 + t)
             self._kv[:, pos0:pos0 + t], self._vv[:, pos0:pos0 + t], self._ok[:, pos0:pos0 + t] = k, v, valid
             n_chunks = max(1, min(4 * numba.get_num_threads(), (pos0 + t) // 4096))
+            work = B * t * (pos0 + t) * (self.d + self.dv)
+            kernel = kernels.exact_decode if work >= _config.DECODE_PARALLEL_MIN_WORK else kernels.exact_decode_serial
             part_max = np.empty((B, t, n_chunks), dtype=dt)
             part_sum = np.empty((B, t, n_chunks), dtype=dt)
             part_num = np.empty((B, t, n_chunks, self.dv), dtype=dt)
-            kernels.exact_decode(q, self._kv, self._vv, self._ok, pos0, dt.type(self.scale), n_chunks,
+            kernel(q, self._kv, self._vv, self._ok, pos0, dt.type(self.scale), n_chunks,
                                  part_max, part_sum, part_num, out, lse)
         else:
             self._check_reach(t)
@@ -457,14 +473,22 @@ class FMMDecoder:
             if self._learned is None:
                 self._grow_levels(self._levels_for(end))
             self._grow_globals(end)
-            positions = np.arange(pos0, end, dtype=np.int64)
-            slots = np.searchsorted(self.global_tokens, positions)
-            is_global = slots < self.global_tokens.size
-            is_global[is_global] = self.global_tokens[slots[is_global]] == positions[is_global]
+            if self.global_tokens.size:
+                positions = np.arange(pos0, end, dtype=np.int64)
+                slots = np.searchsorted(self.global_tokens, positions)
+                is_global = slots < self.global_tokens.size
+                is_global[is_global] = self.global_tokens[slots[is_global]] == positions[is_global]
+            else:  # the common case, on every step: no per-call arrays
+                slots, is_global = self._no_globals(t)
             gpos = self.global_tokens[: self._gk.shape[1]]
             wv_off = self._w_off if self._learned is None else self._wv_off
-            kernels.fma_decode(
-                q, k, v, valid, is_global, slots.astype(np.int64), pos0, self.block_size, self.rank,
+            keys = 2 * self.block_size + gpos.size + 2 * self.rank * self._n_levels
+            work = B * t * keys * (self.d + self.dv)
+            if self._learned is not None:
+                work += B * t * self.rank * self._n_levels * (self.d + self.dv)
+            kernel = kernels.fma_decode if B > 1 and work >= _config.DECODE_PARALLEL_MIN_WORK else kernels.fma_decode_serial
+            kernel(
+                q, k, v, valid, is_global, slots, pos0, self.block_size, self.rank,
                 self._n_levels, dt.type(self.scale), self.count_scaling, self._learned is not None,
                 self._near_k, self._near_v, self._near_ok, self._near_cv, self._ck, self._cv, self._cb, self._cn,
                 self._wkt, self._wvt, self._bk, self._bv, self._w_off, wv_off, self._bk_off, self._bv_off,

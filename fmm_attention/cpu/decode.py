@@ -381,3 +381,10 @@ def exact_decode(q, kc, vc, ok, pos0, scale, n_chunks, part_max, part_sum, part_
         for e in range(dv):
             out[b, s, e] /= total
         lse[b, s] = mx + np.log(total)
+
+
+# One sequence (or a few short ones) is a few microseconds of work: a parallel region's
+# launch and thread wake-ups would cost more than the work, so these run on the caller's
+# thread (same code; ``prange`` is ``range`` there).
+fma_decode_serial = jit()(fma_decode.py_func)
+exact_decode_serial = jit()(exact_decode.py_func)
