@@ -9,6 +9,7 @@ from .api import exact_attention, fastformer_attention, fmm_attention
 from .grad import exact_attention_vjp, fastformer_attention_vjp, fmm_attention_vjp
 from ._stats import FMMStats
 from .coarsening import LearnedCoarsening
+from .decode import FMMDecoder
 from .tree import FMMTree, build_tree
 
 __version__ = "0.1.0"
@@ -20,6 +21,7 @@ __all__ = [
     "build_tree",
     "FMMTree",
     "LearnedCoarsening",
+    "FMMDecoder",
     "FMMStats",
     "__version__",
 ]

@@ -55,6 +55,10 @@ CLUSTER_CHUNKS = 64
 #: buffers once (more chunks balance uneven threads, fewer allocate less).
 FMA_CHUNKS_PER_THREAD = 4
 
+#: Streaming decode: multiply-adds per call below which a decode step runs on the calling
+#: thread (a parallel launch costs more than a few microseconds of work).
+DECODE_PARALLEL_MIN_WORK = 1 << 18
+
 #: Fastformer: sequence chunk length of the parallel bidirectional reductions.
 FASTFORMER_CHUNK = 4096
 
