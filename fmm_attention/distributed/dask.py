@@ -120,8 +120,10 @@ class _Inputs:
         import dask
 
         prep = dask.delayed(_chunks.prepare_block, pure=True)
-        qd, kd, vd = (x.to_delayed() for x in (self.q, self.k, self.v))
-        md = self.mask.to_delayed() if self.mask is not None else None
+        # unoptimised: the blocks keep their keys, so the graph stays inspectable (and the
+        # whole graph is optimised once, at compute time)
+        qd, kd, vd = (x.to_delayed(optimize_graph=False) for x in (self.q, self.k, self.v))
+        md = self.mask.to_delayed(optimize_graph=False) if self.mask is not None else None
         out = {}
         for lead in self.lead_blocks:
             row = []
@@ -325,7 +327,7 @@ def fastformer_attention(q, k, v, w_q, w_k, *, causal=False, scale=None, key_pad
     if check_finite:
         wq, wk = (x.map_blocks(_checked_vector, name, dtype=x.dtype) for x, name in ((wq, "w_q"), (wk, "w_k")))
     blocks = inputs.delayed_blocks(check_finite)
-    wqd, wkd = wq.to_delayed(), wk.to_delayed()
+    wqd, wkd = wq.to_delayed(optimize_graph=False), wk.to_delayed(optimize_graph=False)
     scale = inputs.scale
     outs, qgs, kgs = {}, {}, {}
     flat = _delayed(_flat_vector)
