@@ -17,6 +17,7 @@ from ._validate import (  # noqa: F401  (check_fmm_options is re-exported for ol
     check_global_tokens,
 )
 from .coarsening import LearnedCoarsening
+from .distributed import is_dask
 from .tree import _build_tree, build_tree, check_memory, fmm_call_bytes
 
 __all__ = ["exact_attention", "fastformer_attention", "fmm_attention"]
@@ -90,6 +91,10 @@ def exact_attention(q, k, v, *, causal=False, scale=None, key_padding_mask=None,
     >>> exact_attention(q, k, v, causal=True).shape
     (2, 128, 16)
     """
+    if is_dask(q, k, v, key_padding_mask):  # lazy in, lazy out: never computed on the client
+        from .distributed import dask as _dask
+        return _dask.exact_attention(q, k, v, causal=causal, scale=scale, key_padding_mask=key_padding_mask,
+                                     return_lse=return_lse, check_finite=check_finite, backend=backend)
     causal = check_bool(causal, "causal")
     return_lse = check_bool(return_lse, "return_lse")
     name = backends.resolve(backend, q, k, v)
@@ -218,6 +223,13 @@ def fmm_attention(q, k, v, *, causal=False, block_size=_config.DEFAULT_BLOCK_SIZ
     >>> bool(np.allclose(full, exact_attention(q, k, v)))
     True
     """
+    if is_dask(q, k, v, key_padding_mask):  # lazy in, lazy out: never computed on the client
+        from .distributed import dask as _dask
+        return _dask.fmm_attention(
+            q, k, v, causal=causal, block_size=block_size, rank=rank, coarsening=coarsening,
+            count_scaling=count_scaling, query_coarsening=query_coarsening, scale=scale,
+            key_padding_mask=key_padding_mask, return_lse=return_lse, check_finite=check_finite, backend=backend,
+            cluster_iters=cluster_iters, refine=refine, global_tokens=global_tokens, return_stats=return_stats)
     causal = check_bool(causal, "causal")
     return_lse = check_bool(return_lse, "return_lse")
     return_stats = check_bool(return_stats, "return_stats")
@@ -362,6 +374,11 @@ def fastformer_attention(q, k, v, w_q, w_k, *, causal=False, scale=None, key_pad
     >>> bool(np.allclose(u, kg * v))
     True
     """
+    if is_dask(q, k, v, w_q, w_k, key_padding_mask):  # lazy in, lazy out: never computed on the client
+        from .distributed import dask as _dask
+        return _dask.fastformer_attention(q, k, v, w_q, w_k, causal=causal, scale=scale,
+                                          key_padding_mask=key_padding_mask, return_pools=return_pools,
+                                          check_finite=check_finite, backend=backend)
     causal = check_bool(causal, "causal")
     return_pools = check_bool(return_pools, "return_pools")
     name = backends.resolve(backend, q, k, v, w_q, w_k)

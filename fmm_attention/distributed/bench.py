@@ -1,0 +1,137 @@
+"""Sequence-parallel FMA on a local Dask cluster beside the single-machine call.
+
+Run ``python -m fmm_attention.distributed.bench --n 4194304`` (needs the ``[dask]`` extra).
+It starts a :class:`distributed.LocalCluster` of worker *processes* with a memory limit each,
+generates ``q``, ``k``, ``v`` lazily on the workers (one packed ``(n, 3, d)`` random array,
+so a chunk's ``q``, ``k``, ``v`` are born on the same worker, as from a fused projection),
+runs :func:`fmm_attention.fmm_attention` on it and reduces the output on the cluster (its
+column sums and a few sampled rows come back, never the output). It reports
+
+* the wall time: the whole graph (generation included), and the attention alone with the
+  inputs already persisted on the workers;
+* the bytes moved between workers (the workers' ``transfer_incoming_log``, which the
+  scheduler's transfers fill), against the bytes of ``k + v``;
+* each worker's peak resident memory (``ru_maxrss`` of the worker process);
+* the single-machine call on the same data (all cores in one process) and the largest
+  difference on the sampled rows.
+
+Numba uses one thread per worker process, so ``--workers`` processes use as many cores as
+the single-machine call does (``numba.get_num_threads()`` of this process).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import time
+
+import numpy as np
+
+
+def _worker_peak_rss():
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+def _incoming_bytes(dask_worker):
+    return int(sum(t["total"] for t in dask_worker.transfer_incoming_log))
+
+
+def _reset_log(dask_worker):
+    dask_worker.transfer_incoming_log.clear()
+
+
+def _inputs(n, d, chunk, dtype, seed):
+    import dask.array as da
+
+    packed = da.random.default_rng(seed).standard_normal((n, 3, d), chunks=(chunk, 3, d), dtype=dtype)
+    return packed[:, 0], packed[:, 1], packed[:, 2]
+
+
+def run(n=2**22, d=32, chunk=2**19, workers=2, memory_limit="1.5GiB", block_size=64, rank=4, causal=False,
+        dtype="float32", seed=0, n_samples=64, single=True, function="fmm"):
+    """Run the benchmark; returns a dict of measurements (see the module notes)."""
+    import distributed
+    import numba
+
+    import fmm_attention as fa
+
+    dtype = np.dtype(dtype)
+    sample = np.sort(np.random.default_rng(seed + 1).choice(n, size=min(n_samples, n), replace=False))
+    env = {"NUMBA_NUM_THREADS": "1", "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    result = dict(n=n, d=d, chunk=chunk, workers=workers, memory_limit=memory_limit, block_size=block_size,
+                  rank=rank, causal=causal, dtype=str(dtype), function=function,
+                  kv_bytes=2 * n * d * dtype.itemsize, qkv_out_bytes=4 * n * d * dtype.itemsize)
+
+    def attend(q, k, v):
+        if function == "exact":
+            return fa.exact_attention(q, k, v, causal=causal)
+        return fa.fmm_attention(q, k, v, block_size=block_size, rank=rank, causal=causal)
+
+    with distributed.LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
+                                  memory_limit=memory_limit, dashboard_address=None, env=env) as cluster, \
+            distributed.Client(cluster) as client:
+        q, k, v = _inputs(n, d, chunk, dtype, seed)
+        # warm-up on a small problem: numba loads (or compiles) the kernels in every worker
+        wq, wk, wv = _inputs(8 * chunk if function == "fmm" else 4 * 1024, d, chunk if function == "fmm" else 1024,
+                             dtype, seed)
+        client.compute(attend(wq, wk, wv).sum(axis=0)).result()
+        client.run(_reset_log)
+
+        out = attend(q, k, v)
+        start = time.perf_counter()
+        total, rows = client.compute([out.sum(axis=0), out[sample]], sync=True)
+        result["cluster_total_s"] = time.perf_counter() - start
+        result["cluster_total_bytes_moved"] = sum(client.run(_incoming_bytes).values())
+
+        # the attention alone: inputs persisted on the workers first (generation not timed)
+        q, k, v = client.persist([q, k, v])
+        distributed.wait([q, k, v])
+        client.run(_reset_log)
+        out = attend(q, k, v)
+        start = time.perf_counter()
+        total2, rows2 = client.compute([out.sum(axis=0), out[sample]], sync=True)
+        result["cluster_attention_s"] = time.perf_counter() - start
+        result["cluster_attention_bytes_moved"] = sum(client.run(_incoming_bytes).values())
+        result["bytes_moved_over_kv"] = result["cluster_attention_bytes_moved"] / result["kv_bytes"]
+        result["worker_peak_rss_bytes"] = sorted(client.run(_worker_peak_rss).values())
+        result["n_tasks"] = len(out.__dask_graph__())
+        assert np.array_equal(rows, rows2)
+        if single:
+            qn, kn, vn = (x.compute() for x in (q, k, v))  # the single machine holds everything
+    if single:
+        attend(qn[: 8 * chunk], kn[: 8 * chunk], vn[: 8 * chunk])  # warm-up (compile / load)
+        start = time.perf_counter()
+        ref = attend(qn, kn, vn)
+        result["single_s"] = time.perf_counter() - start
+        result["single_threads"] = numba.get_num_threads()
+        scale = float(np.abs(ref[sample]).max())
+        result["max_rel_diff_sampled_rows"] = float(np.abs(rows - ref[sample]).max() / scale)
+        result["rel_diff_column_sums"] = float(np.abs(total - ref.sum(axis=0, dtype=np.float64)).max()
+                                               / np.abs(ref.sum(axis=0, dtype=np.float64)).max())
+        result["cluster_over_single"] = result["cluster_attention_s"] / result["single_s"]
+    return result
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--n", type=int, default=2**22)
+    parser.add_argument("--d", type=int, default=32)
+    parser.add_argument("--chunk", type=int, default=2**19)
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--memory-limit", default="1.5GiB")
+    parser.add_argument("--block-size", type=int, default=64)
+    parser.add_argument("--rank", type=int, default=4)
+    parser.add_argument("--causal", action="store_true")
+    parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--function", choices=("fmm", "exact"), default="fmm")
+    parser.add_argument("--no-single", action="store_true", help="skip the single-machine call")
+    args = parser.parse_args(argv)
+    res = run(n=args.n, d=args.d, chunk=args.chunk, workers=args.workers, memory_limit=args.memory_limit,
+              block_size=args.block_size, rank=args.rank, causal=args.causal, dtype=args.dtype,
+              single=not args.no_single, function=args.function)
+    print(json.dumps(res, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,278 @@
+"""The three attention functions on Dask arrays (``fmm_attention.distributed.dask``).
+
+Results are compared with the single-machine NumPy calls on the same data, computed on a
+``LocalCluster`` of two worker *processes*; the graph checks run on the synchronous
+scheduler, where every task's result can be inspected.
+"""
+
+import numpy as np
+import pytest
+
+dask = pytest.importorskip("dask")
+da = pytest.importorskip("dask.array")
+distributed = pytest.importorskip("distributed")
+
+from dask.callbacks import Callback  # noqa: E402
+from dask.core import get_dependencies  # noqa: E402
+
+import fmm_attention as fa  # noqa: E402
+from fmm_attention import LearnedCoarsening  # noqa: E402
+from fmm_attention.distributed import is_dask  # noqa: E402
+from fmm_attention.distributed.dask import check_fma_chunks, nearest_valid_chunk  # noqa: E402
+
+TOL = 1e-12
+
+
+@pytest.fixture(scope="module")
+def client():
+    cluster = distributed.LocalCluster(processes=True, n_workers=2, threads_per_worker=1, dashboard_address=None)
+    with distributed.Client(cluster) as c:
+        yield c
+    cluster.close()
+
+
+def _data(B=2, n=1000, d=8, dv=None, seed=0, dtype=np.float64):
+    rng = np.random.default_rng(seed)
+    q, k = rng.standard_normal((2, B, n, d))
+    v = rng.standard_normal((B, n, dv or d))
+    mask = rng.random((B, n)) > 0.25
+    mask[-1, 100:300] = False  # a long masked run: whole boxes without a valid key
+    return q.astype(dtype), k.astype(dtype), v.astype(dtype), mask
+
+
+def _lazy(arrays, chunks):
+    """Dask copies of ``(B, n, f)`` arrays and ``(B, n)`` masks, chunked ``(batch, sequence)``."""
+    return [None if x is None else da.from_array(x, chunks=tuple(chunks) + x.shape[2:]) for x in arrays]
+
+
+def _rel(a, b):
+    a, b = np.asarray(a), np.asarray(b)
+    fin = np.isfinite(b)
+    assert np.array_equal(fin, np.isfinite(a))
+    return np.max(np.abs(a[fin] - b[fin])) / max(np.max(np.abs(b[fin])), 1e-300)
+
+
+CHUNKINGS = [(1, 1000), (2, 256), (1, 128)]  # (batch chunk, sequence chunk)
+
+
+# ---------------------------------------------------------------- equality with single-machine
+@pytest.mark.parametrize("causal", [False, True])
+def test_exact_matches_numpy(client, causal):
+    q, k, v, mask = _data(dv=5)
+    lazy, refs = [], []
+    for mk in (None, mask):
+        ref = fa.exact_attention(q, k, v, causal=causal, key_padding_mask=mk, return_lse=True)
+        for chunks in CHUNKINGS + [(2, 300)]:  # exact accepts any chunking
+            dq, dk, dv, dm = _lazy((q, k, v, mk), chunks)
+            out = fa.exact_attention(dq, dk, dv, causal=causal, key_padding_mask=dm, return_lse=True)
+            assert all(isinstance(x, da.Array) for x in out)
+            assert out[0].chunks[:2] == dq.chunks[:2]
+            lazy.append(out)
+            refs.append(ref)
+    for (out, lse), (r_out, r_lse) in zip(dask.compute(*lazy), refs):
+        assert _rel(out, r_out) < TOL
+        assert _rel(lse, r_lse) < TOL
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_fma_matches_numpy(client, causal):
+    q, k, v, mask = _data(dv=5)
+    lazy, refs = [], []
+    for block_size, rank, count_scaling in ((8, 2, True), (16, 32, True), (8, 1, False)):
+        for mk in (None, mask):
+            opts = dict(causal=causal, block_size=block_size, rank=rank, count_scaling=count_scaling,
+                        key_padding_mask=mk, return_lse=True)
+            ref = fa.fmm_attention(q, k, v, **opts)
+            for chunks in CHUNKINGS + [(2, 64)]:
+                dq, dk, dv, dm = _lazy((q, k, v, mk), chunks)
+                lazy.append(fa.fmm_attention(dq, dk, dv, **{**opts, "key_padding_mask": dm}))
+                refs.append(ref)
+    for (out, lse), (r_out, r_lse) in zip(dask.compute(*lazy), refs):
+        assert _rel(out, r_out) < TOL
+        assert _rel(lse, r_lse) < TOL
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_fastformer_matches_numpy(client, causal):
+    q, k, v, mask = _data()
+    w_q, w_k = np.random.default_rng(1).standard_normal((2, 2, 8))  # one vector per batch entry
+    lazy, refs = [], []
+    for mk in (None, mask):
+        ref = fa.fastformer_attention(q, k, v, w_q, w_k, causal=causal, key_padding_mask=mk, return_pools=True)
+        for chunks in CHUNKINGS + [(2, 300)]:
+            dq, dk, dv, dm = _lazy((q, k, v, mk), chunks)
+            lazy.append(fa.fastformer_attention(dq, dk, dv, w_q, w_k, causal=causal, key_padding_mask=dm,
+                                                return_pools=True))
+            refs.append(ref)
+    for got, ref in zip(dask.compute(*lazy), refs):
+        for a, b in zip(got, ref):
+            assert a.shape == b.shape
+            assert _rel(a, b) < TOL
+
+
+def test_leading_axes_blockwise_every_option(client):
+    # one sequence chunk: the NumPy function per (batch, head) block, options included
+    rng = np.random.default_rng(2)
+    q, k, v = rng.standard_normal((3, 2, 3, 64, 4))
+    mask = rng.random((2, 3, 64)) > 0.2
+    widths = [4, 8, 16]
+    coarse = LearnedCoarsening([rng.standard_normal((2 * 4, 1, w)) / w for w in widths],
+                               [rng.standard_normal((2 * 4, 1, w)) / w for w in widths])
+    cases = [dict(query_coarsening=True), dict(coarsening=coarse), dict(global_tokens=[0, 5], refine=4),
+             dict(coarsening="cluster", causal=True)]
+    dq, dk, dv = (da.from_array(x, chunks=(1, 2, 64, 4)) for x in (q, k, v))
+    dm = da.from_array(mask, chunks=(1, 2, 64))
+    lazy = [fa.fmm_attention(dq, dk, dv, block_size=4, rank=2, key_padding_mask=dm, **c) for c in cases]
+    refs = [fa.fmm_attention(q, k, v, block_size=4, rank=2, key_padding_mask=mask, **c) for c in cases]
+    for got, ref in zip(dask.compute(*lazy), refs):
+        assert _rel(got, ref) < TOL
+
+
+def test_float32_stays_float32(client):
+    q, k, v, mask = _data(dtype=np.float32)
+    dq, dk, dv, dm = _lazy((q, k, v, mask), (2, 256))
+    got = fa.fmm_attention(dq, dk, dv, block_size=16, rank=4, key_padding_mask=dm)
+    assert got.dtype == np.float32
+    ref = fa.fmm_attention(q.astype(np.float64), k.astype(np.float64), v.astype(np.float64), block_size=16, rank=4,
+                           key_padding_mask=mask)
+    out = got.compute()
+    assert out.dtype == np.float32
+    assert _rel(out, ref) < 1e-5
+
+
+def test_mixed_numpy_and_dask_inputs(client):
+    q, k, v, mask = _data()
+    dk = da.from_array(k, chunks=(1, 256, 8))
+    got = fa.exact_attention(q, dk, v, causal=True)
+    assert isinstance(got, da.Array) and got.chunks == dk.chunks
+    assert _rel(got.compute(), fa.exact_attention(q, k, v, causal=True)) < TOL
+
+
+# ---------------------------------------------------------------- laziness and errors
+def _exploding(shape, chunks):
+    """A Dask array whose every block raises when computed."""
+    def boom():
+        raise RuntimeError("computed")
+
+    blocks = da.from_delayed(dask.delayed(boom)(), shape=(shape[0], chunks, shape[2]), dtype=np.float64)
+    return da.concatenate([blocks] * (shape[1] // chunks), axis=1)
+
+
+@pytest.mark.parametrize("chunks", [64, 256])  # several sequence chunks; one chunk (blockwise)
+def test_never_computes_on_the_client(chunks):
+    q = _exploding((2, 256, 8), chunks)
+    w = np.ones(8)
+    calls = [
+        lambda: fa.exact_attention(q, q, q, causal=True, return_lse=True)[0],
+        lambda: fa.fmm_attention(q, q, q, block_size=8, rank=2),
+        lambda: fa.fastformer_attention(q, q, q, w, w, causal=True),
+        lambda: fa.fastformer_attention(q, q, q, w, w, return_pools=True)[1],
+    ]
+    for call in calls:
+        out = call()  # would raise here if anything were computed eagerly
+        assert isinstance(out, da.Array)
+        with pytest.raises(RuntimeError, match="computed"):
+            out.compute(scheduler="sync")
+
+
+def test_invalid_fma_chunking_names_the_nearest_valid_size():
+    q, k, v, _ = _data(B=1, n=1000)
+    dq, dk, dv = (da.from_array(x, chunks=(1, 300, 8)) for x in (q, k, v))
+    with pytest.raises(ValueError, match=r"nearest valid chunk size is 256"):
+        fa.fmm_attention(dq, dk, dv, block_size=8, rank=2)
+    with pytest.raises(ValueError, match=r">= 2 \* block_size = 32.*nearest valid chunk size is 32"):
+        check_fma_chunks((16,) * 4, 16)
+    with pytest.raises(ValueError, match="nearest valid chunk size is 512"):
+        check_fma_chunks((512, 256, 512, 100), 8)  # unequal middle chunks
+    assert check_fma_chunks((256, 256, 100), 8) == 256
+    assert nearest_valid_chunk(700, 8) == 512 and nearest_valid_chunk(800, 8) == 1024
+
+
+def test_unsupported_sequence_options_raise_clearly():
+    q, k, v, _ = _data(B=1, n=512)
+    dq, dk, dv = (da.from_array(x, chunks=(1, 128, 8)) for x in (q, k, v))
+    with pytest.raises(ValueError, match="rechunk the sequence axis into one chunk"):
+        fa.fmm_attention(dq, dk, dv, block_size=8, rank=2, query_coarsening=True)
+    with pytest.raises(ValueError, match="return_stats"):
+        fa.fmm_attention(dq, dk, dv, return_stats=True)
+    with pytest.raises(ValueError, match="same sequence length"):
+        fa.exact_attention(dq, dk[:, :500], dv)
+
+
+def test_check_finite_raises_when_computed():
+    q, k, v, _ = _data(B=1, n=512)
+    k = k.copy()
+    k[0, 300, 2] = np.nan
+    dq, dk, dv = (da.from_array(x, chunks=(1, 128, 8)) for x in (q, k, v))
+    out = fa.fmm_attention(dq, dk, dv, block_size=8, rank=2)  # lazy: no error yet
+    with pytest.raises(ValueError, match="k contains NaN"):
+        out.compute(scheduler="sync")
+
+
+def test_is_dask_does_not_need_a_compute():
+    assert is_dask(np.zeros(2), da.zeros(3))
+    assert not is_dask(np.zeros(2), None, [1.0])
+
+
+# ---------------------------------------------------------------- the graph: what each task receives
+def _nbytes(obj):
+    if isinstance(obj, np.ndarray):
+        return obj.nbytes
+    if isinstance(obj, (tuple, list)):
+        return sum(_nbytes(x) for x in obj)
+    if isinstance(obj, dict):
+        return sum(_nbytes(x) for x in obj.values())
+    return 0
+
+
+def _foreign_bytes(result, input_names):
+    """Per task: bytes it receives from results that do not descend from its own chunk only.
+
+    A task's *home* is the sequence chunk of its largest input (when that input descends
+    from one chunk); every other input descending from another chunk counts as foreign.
+    """
+    dsk = dict(result.__dask_graph__())
+    sizes = {}
+
+    class Record(Callback):
+        def _posttask(self, key, value, dsk, state, id):
+            sizes[key] = _nbytes(value)
+
+    with Record():
+        dask.get(dsk, list(dsk))
+    deps = {key: get_dependencies(dsk, key) for key in dsk}
+    origin = {}
+
+    def chunks_of(key):
+        if key not in origin:
+            if isinstance(key, tuple) and key[0] in input_names:
+                origin[key] = frozenset([key[2]])  # (name, batch, chunk[, feature])
+            else:
+                origin[key] = frozenset().union(*[chunks_of(d) for d in deps[key]]) if deps[key] else frozenset()
+        return origin[key]
+
+    foreign = {}
+    for key, ds in deps.items():
+        if not ds:
+            continue
+        big = max(ds, key=lambda d: sizes.get(d, 0))
+        home = chunks_of(big)
+        foreign[key] = sum(sizes.get(d, 0) for d in ds if not chunks_of(d) <= home) if len(home) == 1 else 0
+    return foreign
+
+
+def test_fma_tasks_receive_only_halos_and_coarse_rows():
+    n, chunk, d = 4096, 512, 8
+    q, k, v, mask = _data(B=1, n=n, d=d)
+    names = ("q-in", "k-in", "v-in", "m-in")
+    dq, dk, dv = (da.from_array(x, chunks=(1, chunk, d), name=nm) for x, nm in zip((q, k, v), names))
+    dm = da.from_array(mask[:1], chunks=(1, chunk), name=names[3])
+    chunk_kv = 2 * chunk * d * 8
+    for causal in (False, True):
+        out = fa.fmm_attention(dq, dk, dv, block_size=8, rank=2, causal=causal, key_padding_mask=dm)
+        foreign = _foreign_bytes(out, names)
+        # halos (8 tokens a side) and the listed coarse rows: a small fraction of a chunk's k + v
+        assert 0 < max(foreign.values()) < 0.2 * chunk_kv
+    # the check can fail: the exact ring sends whole key chunks to every query chunk
+    ring = _foreign_bytes(fa.exact_attention(dq, dk, dv, key_padding_mask=dm), names)
+    assert max(ring.values()) >= chunk_kv
