@@ -149,12 +149,14 @@ def _sub_boxes(k, valid, size):
     return np.arange(k.shape[0]) // size, count, kc
 
 
-def _box_means(q, size):
-    """Mean query of the level box (``size`` tokens, real positions) of every token: ``(n, d)``."""
+def _box_means(q, size, valid):
+    """Mean of the valid queries of the level box (``size`` tokens) of every token: ``(n, d)``,
+    and which tokens' boxes hold no valid query (their far field at this level is empty)."""
     n = q.shape[0]
-    n_box, _ = _segments(n, size)
-    real = np.minimum(n, size * np.arange(1, n_box + 1)) - size * np.arange(n_box)
-    return (_segment_sum(q, size) / real[:, None])[np.arange(n) // size]
+    count = _segment_sum(valid[:, None].astype(q.dtype), size)[:, 0]
+    means = _segment_sum(np.where(valid[:, None], q, 0), size) / np.maximum(count, 1)[:, None]
+    box = np.arange(n) // size
+    return means[box], (count == 0)[box]
 
 
 def _logits(setup, b):
@@ -167,10 +169,15 @@ def _logits(setup, b):
     implied = exact.copy()
     for level, served in zip(setup.tree.levels, setup.level_masks):
         owner, count, kc = _sub_boxes(k, valid, level.sub_box_size)
-        queries = _box_means(q, level.box_size) if setup.query_coarsening else q
+        if setup.query_coarsening:  # the spec: the mean of the box's valid queries
+            queries, no_query = _box_means(q, level.box_size, valid)
+        else:
+            queries, no_query = q, None
         coarse = setup.scale * (queries @ kc.T)
         if not setup.count_scaling:  # the coarse key's weight is shared by its tokens
             coarse -= np.log(np.maximum(count, 1))[None, :]
+        if no_query is not None:
+            coarse[no_query] = -np.inf
         # every token carries the logit of its sub-box: expand the columns, keep the served pairs
         np.copyto(implied, np.take(coarse, owner, axis=1), where=served & valid[None, :] if setup.has_mask else served)
     return exact, implied
