@@ -167,8 +167,13 @@ def kernels(dtype_str):
                     cbias[b, row] = zero
 
     @cuda.jit
-    def coarse_queries_level(q, level, size, start, n_boxes, prev_start, qc):
-        """Mean query of every box of one level over its real positions (bottom-up merge)."""
+    def coarse_queries_level(q, valid, has_mask, level, size, start, n_boxes, prev_start, qc, q_count):
+        """Mean of the valid queries of every box of one level (bottom-up, count-weighted merge).
+
+        Valid queries are the real positions (``< n``) that ``valid`` marks; ``q_count``
+        receives each box's number of them (a box with none gets a zero query and is skipped
+        by :func:`far_partials`), as on the CPU.
+        """
         n_batch = q.shape[0]
         n = q.shape[1]
         d = q.shape[2]
@@ -181,25 +186,34 @@ def kernels(dtype_str):
             end = (c + 1) * size
             if end > n:
                 end = n
-            real = end - c * size
             value = zero
-            if real > 0:
-                if level == 0:
-                    for t in range(c * size, end):
-                        value += q[b, t, e]
-                    value = value / cast(real)
-                else:
-                    left = prev_start + 2 * c
-                    real0 = size // 2
-                    if real0 > real:
-                        real0 = real
-                    value = (cast(real0) * qc[b, left, e] + cast(real - real0) * qc[b, left + 1, e]) / cast(real)
+            count = 0
+            if level == 0:
+                for t in range(c * size, end):
+                    if has_mask and not valid[b, t]:
+                        continue
+                    count += 1
+                    value += q[b, t, e]
+                if count > 0:
+                    value = value / cast(count)
+            else:
+                left = prev_start + 2 * c
+                c0 = q_count[b, left]
+                c1 = q_count[b, left + 1]
+                count = c0 + c1
+                if count > 0:
+                    value = (cast(c0) * qc[b, left, e] + cast(c1) * qc[b, left + 1, e]) / cast(count)
             qc[b, row, e] = value
+            if e == 0:
+                q_count[b, row] = count
 
     @cuda.jit
-    def far_partials(qc, kc, vc, cbias, box_offset, box_ranks, interactions, scale, part_max, part_sum,
+    def far_partials(qc, q_count, kc, vc, cbias, box_offset, box_ranks, interactions, scale, part_max, part_sum,
                      part_num):
-        """Far-field softmax partial ``(max, sum, numerator)`` of every coarse query box."""
+        """Far-field softmax partial ``(max, sum, numerator)`` of every coarse query box.
+
+        A box with no valid query (``q_count == 0``) gets the empty partial ``(-inf, 0, 0)``.
+        """
         n_batch = qc.shape[0]
         d = qc.shape[2]
         dv = vc.shape[2]
@@ -212,7 +226,7 @@ def kernels(dtype_str):
                 level += 1
             rank = box_ranks[level]
             top = neg_inf
-            for slot in range(3):
+            for slot in range(3 if q_count[b, row] > 0 else 0):
                 first = interactions[row, slot]
                 if first < 0:
                     continue
@@ -329,11 +343,15 @@ def far_field_partials(batch, tree, coarse):
     total = int(box_offset_host[-1])
     kern = kernels(dtype.name)
     qc = _device.empty((B, total, d), dtype)
+    q_count = _device.empty((B, total), np.int64)
+    has_mask = batch.valid is not None
+    valid = batch.valid if has_mask else _device.dummy(2, np.bool_)
     prev_start = 0
     for i, level in enumerate(tree.levels):
         start = int(box_offset_host[i])
+        # one launch per level: a level reads the counts and means its children's launch wrote
         _launch(kern.coarse_queries_level, B * level.n_boxes * d)(
-            batch.q, i, level.box_size, start, level.n_boxes, prev_start, qc,
+            batch.q, valid, has_mask, i, level.box_size, start, level.n_boxes, prev_start, qc, q_count,
         )
         prev_start = start
     part_max = _device.empty((B, total), dtype)
@@ -341,7 +359,7 @@ def far_field_partials(batch, tree, coarse):
     part_num = _device.empty((B, total, dv), dtype)
     kc, vc, cbias = coarse
     _launch(kern.far_partials, B * total)(
-        qc, kc, vc, cbias, box_offset, box_ranks, interactions, dtype.type(batch.scale), part_max, part_sum, part_num,
+        qc, q_count, kc, vc, cbias, box_offset, box_ranks, interactions, dtype.type(batch.scale), part_max, part_sum, part_num,
     )
     for i in range(tree.n_levels - 2, -1, -1):
         n_boxes = tree.levels[i].n_boxes
