@@ -7,10 +7,16 @@ levels are added while decoding (a level-l box is first listed at position 2 * w
 import numpy as np
 import pytest
 
-from fmm_attention import FMMDecoder, LearnedCoarsening, build_tree, exact_attention, fmm_attention
+from fmm_attention import (
+    FMMDecoder,
+    LearnedCoarsening,
+    build_tree,
+    exact_attention,
+    fmm_attention,
+)
 
 M, P, D, DV = 4, 2, 4, 3
-TOL = dict(rtol=1e-12, atol=1e-12)
+TOL = {"rtol": 1e-12, "atol": 1e-12}
 
 
 def qkv(lead, n, seed=0, dtype=np.float64):
@@ -254,3 +260,33 @@ def test_bad_inputs():
     q, k, v = qkv((), 65)
     with pytest.raises(ValueError, match="serve positions below 64"):
         dec.prefill(q, k, v)
+
+
+@pytest.mark.parametrize("coarsening", ["mean", "learned"])
+def test_parallel_kernel_equals_forward(monkeypatch, coarsening):
+    """Batches large enough run the parallel kernel (forced here): same rows."""
+    from fmm_attention import _config
+
+    monkeypatch.setattr(_config, "DECODE_PARALLEL_MIN_WORK", 0)
+    coarse = learned(4) if coarsening == "learned" else "mean"
+    q, k, v = qkv((5,), 100, seed=14)
+    valid = np.random.default_rng(15).random((5, 100)) > 0.2
+    dec = FMMDecoder(batch_shape=(5,), d=D, dv=DV, block_size=M, rank=P, coarsening=coarse, global_tokens=[3, 50])
+    out, lse = decode(dec, q, k, v, prompt=30, chunk=3, valid=valid)
+    ref, ref_lse = forward(q, k, v, 100, valid=valid, global_tokens=[3, 50], coarsening=coarse)
+    np.testing.assert_allclose(out, ref, **TOL)
+    np.testing.assert_allclose(lse, ref_lse, **TOL)
+
+
+def test_exact_decoder_over_key_chunks(monkeypatch):
+    """A long cache is split over key chunks merged by log-sum-exp (parallel kernel)."""
+    from fmm_attention import _config
+
+    monkeypatch.setattr(_config, "DECODE_PARALLEL_MIN_WORK", 0)
+    n = 9000  # two chunks of 4096 keys or more
+    q, k, v = qkv((2,), n, seed=16)
+    dec = FMMDecoder(batch_shape=(2,), d=D, dv=DV, method="exact")
+    out, lse = decode(dec, q, k, v, prompt=n - 5, chunk=2)
+    ref, ref_lse = exact_attention(q, k, v, causal=True, return_lse=True)
+    np.testing.assert_allclose(out[:, -5:], ref[:, -5:], **TOL)
+    np.testing.assert_allclose(lse[:, -5:], ref_lse[:, -5:], **TOL)

@@ -331,7 +331,7 @@ def exact_decode(q, kc, vc, ok, pos0, scale, n_chunks, part_max, part_sum, part_
     softmax partial (max, sum, numerator); the partials are merged by log-sum-exp, so one
     long sequence uses every core.
     """
-    n_batch, n_tok, d = q.shape
+    n_batch, n_tok = q.shape[:2]
     dv = vc.shape[2]
     n_jobs = n_batch * n_tok * n_chunks
     for job in prange(n_jobs):
