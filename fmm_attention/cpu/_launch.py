@@ -156,10 +156,11 @@ class Chunked:
         ``job_lo <= job < job_hi`` (each job independent of the others, so the result does
         not depend on the chunks).
     layout : callable
-        ``layout(*args) -> (knobs, cumulative_work)``: the knob arguments read from
-        :mod:`fmm_attention._config` at call time, and the estimated cost of jobs
-        ``0 .. j-1`` for ``j = 0 .. n_jobs`` (an array of ``n_jobs + 1`` non-decreasing
-        numbers, in any unit proportional to time: multiply-adds).
+        ``layout(*args) -> (knobs, n_jobs, total_work, cumulative_work)``: the knob arguments
+        read from :mod:`fmm_attention._config` at call time, the number of jobs, their
+        estimated cost in any unit proportional to time (multiply-adds), and a function
+        returning the cost of jobs ``0 .. j-1`` for ``j = 0 .. n_jobs`` (``n_jobs + 1``
+        non-decreasing numbers), called only when the call is long enough to be cut.
 
     Notes
     -----
@@ -180,22 +181,27 @@ class Chunked:
         return self.kernel.signatures
 
     def __call__(self, *args):
-        knobs, cumulative = self.layout(*args)
-        n_jobs = len(cumulative) - 1
+        knobs, n_jobs, total, cumulative_work = self.layout(*args)
         target = float(_config.INTERRUPT_SECONDS)
+        if total * self.seconds_per_work <= target:  # short: one launch, nothing to learn
+            self._launch(0, n_jobs, total, knobs, args)
+            return
+        cumulative = cumulative_work()
         threads = numba.get_num_threads()
         lo = 0
         while lo < n_jobs:
             budget = cumulative[lo] + target / self.seconds_per_work
             hi = int(np.searchsorted(cumulative, budget, side="right")) - 1
             hi = min(n_jobs, max(hi, lo + threads))
-            start = time.perf_counter()
-            self.kernel(lo, hi, *knobs, *args)
-            elapsed = time.perf_counter() - start
-            work = cumulative[hi] - cumulative[lo]
-            if elapsed > 1e-3 and work > 0:  # shorter launches time the wake-up, not the work
-                self.seconds_per_work = elapsed / work
+            self._launch(lo, hi, cumulative[hi] - cumulative[lo], knobs, args)
             lo = hi
+
+    def _launch(self, lo, hi, work, knobs, args):
+        start = time.perf_counter()
+        self.kernel(lo, hi, *knobs, *args)
+        elapsed = time.perf_counter() - start
+        if elapsed > 1e-3 and work > 0:  # shorter launches time the wake-up, not the work
+            self.seconds_per_work = elapsed / work
 
 
 #: Seconds per unit of work assumed before a kernel's first launch: a slow 1e9 per second.

@@ -73,16 +73,21 @@ def exact_tiles(job_lo, job_hi, query_tile, key_tile, q, k, v, key_bias, has_mas
 
 
 def _layout(q, k, v, key_bias, has_mask, scale, causal, *outputs):
-    """Tile sizes from ``_config`` (read now) and the cumulative multiply-adds of the jobs
-    (a causal tile reads the keys up to its last query only)."""
+    """Tile sizes from ``_config`` (read now), the number of query tiles and their
+    multiply-adds (a causal tile reads the keys up to its last query only)."""
     query_tile, key_tile = max(1, int(_config.EXACT_QUERY_TILE)), max(1, int(_config.EXACT_KEY_TILE))
     n_batch, n, d = q.shape
-    first = np.arange(0, n, query_tile, dtype=np.float64)  # first query of each tile
-    rows = np.minimum(query_tile, n - first)
-    keys = first + rows if causal else np.full_like(first, n)
-    per_tile = rows * keys * (d + v.shape[2])
-    return (query_tile, key_tile), np.concatenate(([0.0], np.cumsum(np.tile(per_tile, n_batch))))
+    width = d + v.shape[2]
+    n_tiles = -(-n // query_tile)
 
+    def cumulative():
+        first = np.arange(0, n, query_tile, dtype=np.float64)  # first query of each tile
+        rows = np.minimum(query_tile, n - first)
+        keys = first + rows if causal else np.full_like(first, n)
+        return np.concatenate(([0.0], np.cumsum(np.tile(rows * keys * width, n_batch))))
+
+    total = n_batch * n * (n + query_tile if causal else 2 * n) / 2 * width  # causal: sum of (first + rows) * rows
+    return (query_tile, key_tile), n_batch * n_tiles, total, cumulative
 
 #: ``exact_kernel(q, k, v, key_bias, has_mask, scale, causal, out, lse)``: every tile.
 exact_kernel = Chunked(exact_tiles, _layout)
