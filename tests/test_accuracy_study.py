@@ -80,10 +80,10 @@ def test_issue13_oracle_keeps_as_many_keys_as_the_fma_row(monkeypatch, causal):
     kept = []
     real_topk = acc.topk_attention
 
-    def recording_topk(q, k, v, *, keys, causal=False, scale=None):
+    def recording_topk(q, k, v, *, keys, causal=False, scale=None, key_padding_mask=None):
         allowed = np.arange(1, n + 1) if causal else np.full(n, n)
         kept.append(np.minimum(np.broadcast_to(keys, (n,)), allowed).mean())
-        return real_topk(q, k, v, keys=keys, causal=causal, scale=scale)
+        return real_topk(q, k, v, keys=keys, causal=causal, scale=scale, key_padding_mask=key_padding_mask)
 
     monkeypatch.setattr(acc, "topk_attention", recording_topk)
     options = dict(block_size=16, rank=4)

@@ -90,7 +90,7 @@ class FMMResiduals:
         if refined_plan is None:
             plan = shared_transpose(tree, not query_coarsening, tuple(global_tokens))
         else:
-            seg_lo, seg_hi, segments = (np.ascontiguousarray(x, dtype=np.int64) for x in refined_plan)
+            seg_lo, seg_hi, segments = (np.ascontiguousarray(x, dtype=np.int64) for x in refined_plan[:3])
             for arr in (seg_lo, seg_hi, segments):
                 arr.setflags(write=False)
             csum = np.zeros((segments.shape[0], segments.shape[1] + 1), dtype=np.int64)
@@ -182,11 +182,12 @@ def _far_backward(res, g, lse, delta, dq, dkc, dvc):
     """Far field of coarse queries (``query_coarsening=True``), adjoint of the box partials.
 
     At level ``l`` every query of box ``c`` shares the logits ``x_j = s qc_c . kc_j + bias_j``
-    of the box's far list, ``qc_c`` the mean of the box's real queries. With ``M`` the box's
+    of the box's far list, ``qc_c`` the mean of the box's valid queries (real positions that
+``key_padding_mask`` marks; a box with none has an empty partial and no gradient). With ``M`` the box's
     largest far logit (``M <= lse_i`` for each of its queries, so the weights below are at
     most 1): ``A = sum_i exp(M - lse_i) g_i``, ``D = sum_i exp(M - lse_i) delta_i`` and
     ``dx_j = exp(x_j - M) (A . vc_j - D)``; then ``dvc_j += exp(x_j - M) A``,
-    ``dkc_j += s dx_j qc_c`` and each query gains ``s sum_j dx_j kc_j / real(c)``.
+    ``dkc_j += s dx_j qc_c`` and each valid query gains ``s sum_j dx_j kc_j / count(c)``.
     """
     batch, tree = res.batch, res.tree
     B, n, N = batch.q.shape[0], batch.n, tree.padded_length
@@ -202,11 +203,14 @@ def _far_backward(res, g, lse, delta, dq, dkc, dvc):
     delta_pad = np.zeros((B, N), dtype=dtype)
     delta_pad[:, :n] = delta
     dq_far = np.zeros((B, N, batch.d), dtype=dtype)
+    q_ok = np.zeros((B, N), dtype=dtype)  # 1 where a query enters its boxes' coarse queries
+    q_ok[:, :n] = 1 if batch.valid is None else batch.valid
+    q_pad *= q_ok[:, :, None]
     bidx = np.arange(B)[:, None, None, None]
     for li, lv in enumerate(tree.levels):
         w, nb, r = lv.box_size, lv.n_boxes, lv.rank
-        real = np.clip(n - np.arange(nb) * w, 0, w).astype(dtype)  # real queries per box
-        qc = np.einsum("bcwd->bcd", q_pad.reshape(B, nb, w, batch.d)) / np.maximum(real, 1)[None, :, None]
+        count = q_ok.reshape(B, nb, w).sum(axis=2)  # valid queries per box
+        qc = np.einsum("bcwd->bcd", q_pad.reshape(B, nb, w, batch.d)) / np.maximum(count, 1)[:, :, None]
         starts = interactions[box_offset[li] : box_offset[li + 1]]  # (nb, 3)
         ok = starts >= 0
         rows = np.where(ok, starts, 0)[:, :, None] + np.arange(r)  # (nb, 3, r)
@@ -214,7 +218,7 @@ def _far_backward(res, g, lse, delta, dq, dkc, dvc):
         vc_g = res.vc[:, rows]
         with np.errstate(invalid="ignore"):
             x = scale * np.einsum("bcd,bcstd->bcst", qc, kc_g) + res.cbias[:, rows]
-        x = np.where(ok[None, :, :, None], x, -np.inf)
+        x = np.where(ok[None, :, :, None] & (count > 0)[:, :, None, None], x, -np.inf)
         top = x.max(axis=(2, 3))  # (B, nb)
         live = np.isfinite(top)
         top_safe = np.where(live, top, 0)
@@ -226,7 +230,7 @@ def _far_backward(res, g, lse, delta, dq, dkc, dvc):
         E = np.where(np.isfinite(x), np.exp(x - top_safe[:, :, None, None]), 0)
         dx = E * (np.einsum("bce,bcste->bcst", A, vc_g) - D[:, :, None, None])
         dqc = scale * np.einsum("bcst,bcstd->bcd", dx, kc_g)
-        dq_far += np.repeat(dqc / np.maximum(real, 1)[None, :, None], w, axis=1)
+        dq_far += np.repeat(dqc / np.maximum(count, 1)[:, :, None], w, axis=1) * q_ok[:, :, None]
         # scatter to the coarse rows; np.add.at applies the terms in index order (deterministic)
         sel = np.broadcast_to(ok[None, :, :, None], dx.shape)
         b_ix = np.broadcast_to(bidx, dx.shape)[sel]
