@@ -45,7 +45,8 @@ class FMMStats:
 @njit(cache=CACHE)
 def _keys_per_query(seg_lo, seg_hi, segments, n, block_size, causal, token_keys, coarse_keys):
     """Fill per-query key counts ``(P, n)`` of the executed plan: exact tokens and coarse keys
-    separately, every named key (masked or not: the kernels compute their logits)."""
+    separately, every named key (masked or not: the kernels compute their logits).
+    """
     for p in range(seg_lo.shape[0]):
         for blk in range(seg_lo.shape[1]):
             i0 = blk * block_size
@@ -66,7 +67,8 @@ def _keys_per_query(seg_lo, seg_hi, segments, n, block_size, causal, token_keys,
 def _live_keys_per_query(seg_lo, seg_hi, segments, n, block_size, causal, valid_cum, live_cum, keys):
     """Per-query count ``(B, n)`` of the keys that can carry weight: valid tokens (``j <= i``
     when causal) and coarse rows holding a valid token. ``valid_cum`` (B, n + 1) and
-    ``live_cum`` (B, C + 1) are prefix counts of valid tokens and live coarse rows."""
+    ``live_cum`` (B, C + 1) are prefix counts of valid tokens and live coarse rows.
+    """
     shared = seg_lo.shape[0] == 1
     for b in range(keys.shape[0]):
         p = 0 if shared else b

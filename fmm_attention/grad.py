@@ -133,7 +133,8 @@ def _cpu_only(backend, *arrays):
 
 def _cotangent(value, name, batch, tail, *, required=True):
     """Validate a cotangent of caller shape ``lead + (n,) + tail``; ``(B, n[, x])`` in the
-    batch dtype, or ``None`` when omitted and not required."""
+    batch dtype, or ``None`` when omitted and not required.
+    """
     if value is None:
         if required:
             raise TypeError(f"{name} is required")

@@ -1,6 +1,7 @@
 """The PyTorch adapter: gradcheck in float64, Conv1d-layout weight gradients, a two-step
 optimisation that lowers a loss, no copies of CPU tensors, clear errors. Skipped without
-torch (extra ``[torch]``)."""
+torch (extra ``[torch]``).
+"""
 
 import numpy as np
 import pytest

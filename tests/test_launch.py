@@ -136,7 +136,7 @@ FORK_SCRIPT = """
 
 
 def test_fork_pool_after_parallel_kernels():
-    """multiprocessing's default start method (fork) after the library ran: it works."""
+    """Multiprocessing's default start method (fork) after the library ran: it works."""
     proc = run_script(FORK_SCRIPT)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "forked results match" in proc.stdout

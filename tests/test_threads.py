@@ -99,7 +99,8 @@ def test_concurrent_calls_with_distinct_inputs_do_not_mix():
 
 def test_compare_from_threads_under_workqueue():
     """analysis.compare from 4 threads under the workqueue layer (which aborts the process on
-    concurrent launches): every parallel kernel it runs goes through the launch guard."""
+    concurrent launches): every parallel kernel it runs goes through the launch guard.
+    """
     import os
     import subprocess
     import sys

@@ -117,7 +117,8 @@ def peak_memory(n, block_size=32, rank=2):
     """Peak resident memory of FMA forward + backward over the bytes of ``q, k, v, out``, the
     cotangent and the three gradients (the issue's target: at most 3). Linux only: the
     resident set (``/proc/self/statm``) is sampled every 2 ms by a thread; run it in a fresh
-    process with the kernels already compiled (the cache), so compilation is not counted."""
+    process with the kernels already compiled (the cache), so compilation is not counted.
+    """
     import os
     import threading
 

@@ -42,7 +42,8 @@ def _outputs(batch):
 
 def _masked_rows_zeroed(x, valid):
     """``x`` (B, n, f), or a copy with the rows of masked tokens set to 0 if any of them is
-    not finite: a masked row enters a weighted sum with weight 0, and ``0 * nan`` is NaN."""
+    not finite: a masked row enters a weighted sum with weight 0, and ``0 * nan`` is NaN.
+    """
     from .finite import all_finite
 
     if valid is None or all_finite(x):
@@ -111,7 +112,8 @@ def _coarse_validity(batch, global_tokens):
 
 def refine_capacity(tree, base, budget, n_globals):
     """``(capacity, room)`` of a refined plan: segments per block, and candidates a block
-    may add beyond its base segments (the same for a padded and an unpadded sequence)."""
+    may add beyond its base segments (the same for a padded and an unpadded sequence).
+    """
     ptr = base[0]
     per_block = int(np.diff(ptr).max())
     # each split adds at most one segment per run of tokens between globals

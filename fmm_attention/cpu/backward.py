@@ -40,7 +40,8 @@ MIN_SPAN = 512
 @jit()
 def _shift_of(lse, out):
     """Per-query exponent shift: ``lse`` itself, ``+inf`` where ``lse = -inf`` (no valid key),
-    which turns every weight of that query into ``exp(-inf) = 0`` instead of NaN."""
+    which turns every weight of that query into ``exp(-inf) = 0`` instead of NaN.
+    """
     for i in range(lse.size):
         out[i] = lse[i] if lse[i] > -np.inf else np.inf
 
@@ -320,7 +321,8 @@ def mean_downward(valid, has_mask, sub_sizes, offsets, counts, dkc, dvc, dk, dv)
 def learned_downward_level(weights, valid, has_mask, box_size, rank, offset, dout, dx):
     """Adjoint of :func:`fmm_attention.cpu.fma.learned_upward_level` for its input: the
     transposed grouped convolution ``dx[c*w + u, e] += sum_t W[e*r + t, u] dout[c*r + t, e]``
-    (valid tokens only; padded and masked tokens entered as zeros)."""
+    (valid tokens only; padded and masked tokens entered as zeros).
+    """
     n_batch, n, d = dx.shape
     n_boxes = (n + box_size - 1) // box_size
     for job in prange(n_batch * n_boxes):
@@ -343,7 +345,8 @@ def learned_weight_grad(x, valid, has_mask, box_size, rank, offset, dout, dw, db
     """Weight and bias gradients of one level's grouped convolution (Conv1d layout rows):
     ``dw[e*r + t, u] = sum_{b, c} dout[b, c*r + t, e] x[b, c*w + u, e]`` over valid tokens,
     ``dbias[e*r + t] = sum_{b, c} dout[b, c*r + t, e]``; one weight row per job, summed over
-    ``b`` then ``c`` in order."""
+    ``b`` then ``c`` in order.
+    """
     n_batch, n, d = x.shape
     n_boxes = (n + box_size - 1) // box_size
     for w_row in prange(d * rank):

@@ -57,7 +57,8 @@ def _bidirectional(q, k, v, wq, wk, valid, scale, g):
 @jit(parallel=True)
 def causal_backward(q, k, v, wq, wk, valid, has_mask, scale, g, dq, dk, dv, dwq, dwk):
     """Causal Fastformer's gradients, one sequence per parallel job: a forward pass that
-    stores the prefix pools and log-sum-exps, then one backward pass with suffix sums."""
+    stores the prefix pools and log-sum-exps, then one backward pass with suffix sums.
+    """
     n_batch, n, d = q.shape
     neg_inf = q.dtype.type(-np.inf)
     for b in prange(n_batch):
@@ -160,7 +161,8 @@ def causal_backward(q, k, v, wq, wk, valid, has_mask, scale, g, dq, dk, dv, dwq,
 
 def fastformer_backward(batch, wq, wk, g, *, causal):
     """Gradients ``(dq, dk, dv, dwq, dwk)`` of Fastformer: ``(B, n, d)`` and ``(B, d)``
-    (``wq``, ``wk`` the unscaled per-entry vectors, as the forward takes them)."""
+    (``wq``, ``wk`` the unscaled per-entry vectors, as the forward takes them).
+    """
     from ._launch import launch_guard
 
     dtype = batch.dtype

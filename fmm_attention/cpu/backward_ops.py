@@ -39,7 +39,8 @@ def _key_bias(batch):
 def _grid(n_batch, n):
     """Rectangles per side of exact attention's backward grid: enough jobs to spread one
     long sequence over the cores, from the shapes alone (never the thread count, which
-    would change the order of the sums)."""
+    would change the order of the sums).
+    """
     sides = 1
     while sides < MAX_GRID and n_batch * sides * sides < 16 and n >= 2 * sides * MIN_SPAN:
         sides *= 2
@@ -82,7 +83,8 @@ class FMMResiduals:
     @classmethod
     def build(cls, batch, tree, refined_plan, *, coarsening, count_scaling, query_coarsening, global_tokens):
         """Residuals of one forward call; ``refined_plan`` is the per-entry plan the forward
-        executed with ``refine > 0`` (held fixed), ``None`` for the shared plan."""
+        executed with ``refine > 0`` (held fixed), ``None`` for the shared plan.
+        """
         from . import _coarse_validity, coarse_buffers  # the forward's own upward pass
 
         coarse_valid = _coarse_validity(batch, global_tokens)
@@ -112,7 +114,8 @@ class FMMResiduals:
 
 def fmm_backward(res, g, lse, delta):
     """Gradients of FMA: ``(dq, dk, dv, learned)``, ``learned`` the per-level weight and
-    bias gradients of a learned coarsening (``(kw, vw, kb, vb)`` tuples) or ``None``."""
+    bias gradients of a learned coarsening (``(kw, vw, kb, vb)`` tuples) or ``None``.
+    """
     batch, tree = res.batch, res.tree
     B, n, d, dv_dim = batch.q.shape[0], batch.n, batch.d, batch.dv
     dtype = batch.dtype
@@ -183,7 +186,7 @@ def _far_backward(res, g, lse, delta, dq, dkc, dvc):
 
     At level ``l`` every query of box ``c`` shares the logits ``x_j = s qc_c . kc_j + bias_j``
     of the box's far list, ``qc_c`` the mean of the box's valid queries (real positions that
-``key_padding_mask`` marks; a box with none has an empty partial and no gradient). With ``M`` the box's
+    ``key_padding_mask`` marks; a box with none has an empty partial and no gradient). With ``M`` the box's
     largest far logit (``M <= lse_i`` for each of its queries, so the weights below are at
     most 1): ``A = sum_i exp(M - lse_i) g_i``, ``D = sum_i exp(M - lse_i) delta_i`` and
     ``dx_j = exp(x_j - M) (A . vc_j - D)``; then ``dvc_j += exp(x_j - M) A``,

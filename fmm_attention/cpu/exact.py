@@ -74,7 +74,8 @@ def exact_tiles(job_lo, job_hi, query_tile, key_tile, q, k, v, key_bias, has_mas
 
 def _layout(q, k, v, key_bias, has_mask, scale, causal, *outputs):
     """Tile sizes from ``_config`` (read now), the number of query tiles and their
-    multiply-adds (a causal tile reads the keys up to its last query only)."""
+    multiply-adds (a causal tile reads the keys up to its last query only).
+    """
     query_tile, key_tile = max(1, int(_config.EXACT_QUERY_TILE)), max(1, int(_config.EXACT_KEY_TILE))
     n_batch, n, d = q.shape
     width = d + v.shape[2]

@@ -17,7 +17,8 @@ from ._launch import launch_guard
 @njit(cache=_config.CACHE, parallel=True)
 def _max_exponent(bits, exponent_mask, chunk):
     """The largest ``bits & exponent_mask`` over a 1-D unsigned-integer array, ``chunk``
-    elements per parallel job."""
+    elements per parallel job.
+    """
     n_chunks = -(-bits.size // chunk)
     worst = np.zeros(max(n_chunks, 1), dtype=bits.dtype)
     for c in prange(n_chunks):

@@ -114,6 +114,7 @@ def run(n=2**22, d=32, chunk=2**19, workers=2, memory_limit="1.5GiB", block_size
 
 
 def main(argv=None):
+    """Run the benchmark from the command line ``argv`` and print its report."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n", type=int, default=2**22)
     parser.add_argument("--d", type=int, default=32)

@@ -1,4 +1,4 @@
-"""PyTorch adapter (extra ``[torch]``): differentiable attention on CPU tensors.
+r"""PyTorch adapter (extra ``[torch]``): differentiable attention on CPU tensors.
 
 The three functions have the names and keywords of the NumPy API and take and return
 ``torch.Tensor``\\ s; ``torch.autograd.Function``\\ s underneath call
@@ -148,13 +148,14 @@ def fmm_attention(q, k, v, *, causal=False, block_size=_config.DEFAULT_BLOCK_SIZ
 
 def fastformer_attention(q, k, v, w_q, w_k, *, causal=False, scale=None, key_padding_mask=None, check_finite=True):
     """Differentiable :func:`fmm_attention.fastformer_attention` on CPU tensors (no
-    ``return_pools``); ``w_q``, ``w_k`` broadcast against the leading dims as there."""
+    ``return_pools``); ``w_q``, ``w_k`` broadcast against the leading dims as there.
+    """
     options = dict(causal=causal, scale=scale, check_finite=check_finite)
     return _Fastformer.apply(q, k, v, w_q, w_k, _mask(key_padding_mask), options)
 
 
 class FMMAttention(torch.nn.Module):
-    """FMA with a trainable learned coarsening (the paper's grouped convolutions).
+    r"""FMA with a trainable learned coarsening (the paper's grouped convolutions).
 
     One ``torch.nn.Conv1d(d, r_l*d, kernel_size=w_l, stride=w_l, groups=d)`` weight and bias
     per far level for keys (and likewise for values, ``dv`` channels), held as
@@ -202,7 +203,8 @@ class FMMAttention(torch.nn.Module):
 
     def forward(self, q, k, v, *, key_padding_mask=None, return_lse=False):
         """FMA of ``q``, ``k``, ``v`` (``(..., seq_len, d)`` CPU tensors) with the module's
-        coarsening; differentiable in the inputs and every parameter."""
+        coarsening; differentiable in the inputs and every parameter.
+        """
         options = dict(causal=self.causal, block_size=self.block_size, rank=self.rank,
                        count_scaling=self.count_scaling, scale=self.scale)
         params = [*self.key_weights, *self.value_weights, *self.key_bias, *self.value_bias]
