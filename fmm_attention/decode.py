@@ -307,7 +307,7 @@ class FMMDecoder:
             fname = "dv" if name == "v" else "d"
             if arr.ndim != len(lead) + 2 or arr.shape[: len(lead)] != lead or arr.shape[-1] != feat:
                 raise ValueError(
-                    f"{name} must have shape (*batch_shape, t, {fname}) = {lead + ('t', feat)}, got {arr.shape}"
+                    f"{name} must have shape (batch_shape..., t, {fname}) = {lead + ('t', feat)}, got {arr.shape}"
                 )
             if t is None:
                 t = arr.shape[-2]
@@ -334,7 +334,7 @@ class FMMDecoder:
             if valid.dtype != np.bool_:
                 raise TypeError(f"{mask_name} must be a bool array (True = valid token), got dtype {valid.dtype}")
             if valid.shape != lead + (t,):
-                raise ValueError(f"{mask_name} must have shape (*batch_shape, t) = {lead + (t,)}, got {valid.shape}")
+                raise ValueError(f"{mask_name} must have shape (batch_shape..., t) = {lead + (t,)}, got {valid.shape}")
             valid = np.ascontiguousarray(valid).reshape(self._B, t)
             if not valid.flags.writeable:
                 valid = valid.copy()
@@ -364,9 +364,9 @@ class FMMDecoder:
 
         Parameters
         ----------
-        q, k : array_like, shape (*batch_shape, t, d)
-        v : array_like, shape (*batch_shape, t, dv)
-        key_padding_mask : array_like of bool, shape (*batch_shape, t), optional
+        q, k : array_like, shape (batch_shape..., t, d)
+        v : array_like, shape (batch_shape..., t, dv)
+        key_padding_mask : array_like of bool, shape (batch_shape..., t), optional
             ``True`` marks a valid token; invalid tokens are kept as padding (they take a
             position but no attention weight and no place in any coarse mean or count).
         return_lse : bool, optional
@@ -376,8 +376,8 @@ class FMMDecoder:
 
         Returns
         -------
-        out : ndarray, shape (*batch_shape, t, dv)
-        lse : ndarray, shape (*batch_shape, t)
+        out : ndarray, shape (batch_shape..., t, dv)
+        lse : ndarray, shape (batch_shape..., t)
             Only with ``return_lse=True``.
         """
         return_lse = check_bool(return_lse, "return_lse")
@@ -413,9 +413,9 @@ class FMMDecoder:
 
         Parameters
         ----------
-        q, k : array_like, shape (*batch_shape, t, d)
-        v : array_like, shape (*batch_shape, t, dv)
-        valid : array_like of bool, shape (*batch_shape, t), optional
+        q, k : array_like, shape (batch_shape..., t, d)
+        v : array_like, shape (batch_shape..., t, dv)
+        valid : array_like of bool, shape (batch_shape..., t), optional
             ``False`` appends a token as padding (no weight anywhere, later included).
         return_lse : bool, optional
             Also return each query's log-sum-exp, shape ``(*batch_shape, t)``.
@@ -424,9 +424,9 @@ class FMMDecoder:
 
         Returns
         -------
-        out : ndarray, shape (*batch_shape, t, dv)
+        out : ndarray, shape (batch_shape..., t, dv)
             Token ``s`` gets row ``position + s`` of the one-shot causal forward.
-        lse : ndarray, shape (*batch_shape, t)
+        lse : ndarray, shape (batch_shape..., t)
             Only with ``return_lse=True``.
         """
         return_lse = check_bool(return_lse, "return_lse")
