@@ -109,4 +109,4 @@ def _layout(q, k, v, key_bias, has_mask, scale, causal, *outputs):
 
 
 #: ``exact_kernel(q, k, v, key_bias, has_mask, scale, causal, out, lse)``: every tile.
-exact_kernel = Chunked(exact_tiles, _layout)
+exact_kernel = Chunked(exact_tiles, _layout, group=2)
