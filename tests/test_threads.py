@@ -185,3 +185,27 @@ def test_exact_results_do_not_depend_on_threads_or_launch_chunks(causal, monkeyp
                         np.testing.assert_array_equal(a, b, err_msg=f"n={n} threads={threads} s={seconds}")
         finally:
             numba.set_num_threads(before)
+
+
+@pytest.mark.parametrize("group", [1, 2, 3])
+def test_chunked_launch_boundaries_hold_whole_groups(group, monkeypatch):
+    """Chunk boundaries fall on multiples of group * threads jobs (the last on the last job).
+
+    Each thread's static share of a chunk then holds whole groups.
+    """
+    import numba
+
+    from fmm_attention import _config
+    from fmm_attention.cpu._launch import Chunked
+
+    monkeypatch.setattr(_config, "INTERRUPT_SECONDS", 0.0)  # the shortest chunks allowed
+    launches = []
+    chunked = Chunked(lambda lo, hi, *args: launches.append((lo, hi)), lambda n_jobs: ((), np.arange(n_jobs + 1.0)),
+                      group=group)
+    step = group * numba.get_num_threads()
+    for n_jobs in (1, step, 5 * step + 1, 37):
+        launches.clear()
+        chunked(n_jobs)
+        assert [lo for lo, _ in launches] == [0] + [hi for _, hi in launches[:-1]]  # contiguous
+        assert launches[-1][1] == n_jobs
+        assert all(hi % step == 0 for _, hi in launches[:-1]) and all(hi > lo for lo, hi in launches)
