@@ -41,6 +41,11 @@ EXACT_KEY_TILE = 512
 #: ``check_finite``: elements per parallel chunk of the finiteness pass (large enough that
 #: scheduling costs nothing).
 FINITE_CHUNK = 1 << 16
+#: ``check_finite``: arrays smaller than this many bytes are checked on the calling thread
+#: (a launch of two workqueue threads cost 0.2-0.4 ms on the shared 2-core machine and a serial
+#: pass read 16 MB twice as fast as two threads; at 64 MB they tied: docs/development.rst,
+#: "The finiteness check").
+FINITE_PARALLEL_MIN_BYTES = 1 << 25
 
 #: Cluster coarsening: the largest box whose level clusters tokens; larger boxes cluster
 #: their children's groups. Token levels cost O(n p d iters) each, group levels

@@ -138,3 +138,75 @@ def test_compare_from_threads_under_workqueue():
     proc = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], env=env, capture_output=True, text=True,
                           timeout=600)
     assert proc.returncode == 0 and "ok" in proc.stdout, (proc.returncode, proc.stdout, proc.stderr[-3000:])
+
+
+# ----------------------------------------------------------- exact attention's work split
+def test_causal_exact_jobs_split_the_triangle_evenly():
+    """Issue 18: every prefix of the causal job order holds its share of the work.
+
+    Each prange thread runs one contiguous run of jobs; in query-tile order the first half
+    of the jobs held a quarter of the work, and two threads sped causal attention up 1.34x.
+    """
+    from fmm_attention.cpu import exact as cpu_exact
+
+    for n in (64 * 7, 4096, 16384 + 17):
+        q = np.zeros((1, n, 64), np.float32)
+        (query_tile, _), cumulative = cpu_exact._layout(q, q, q, None, False, 1.0, True)
+        n_tiles = -(-n // query_tile)
+        order = cpu_exact._tile_order(n_tiles)
+        assert sorted(order) == list(range(n_tiles))  # every tile exactly once
+        assert [cpu_exact._tile_of(s, n_tiles) for s in range(n_tiles)] == list(order)  # compiled == NumPy
+        total, tile_cost = cumulative[-1], cumulative[-1] / n_tiles * 2  # the largest tile's cost
+        for parts in (2, 4):
+            for p in range(1, parts):
+                share = cumulative[round(p * n_tiles / parts)]
+                assert abs(share - p * total / parts) <= tile_cost, (n, parts, p, share / total)
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_exact_results_do_not_depend_on_threads_or_launch_chunks(causal, monkeypatch):
+    """The job order and the launch chunks change no bit of the result, at any thread count."""
+    import numba
+
+    from fmm_attention import _config
+
+    rng = np.random.default_rng(5)
+    for n in (1, 63, 64 * 5 + 3, 1100):
+        q, k, v = (rng.standard_normal((2, n, 8)).astype(np.float32) for _ in range(3))
+        mask = rng.random((2, n)) > 0.3
+        want = exact_attention(q, k, v, causal=causal, key_padding_mask=mask, return_lse=True)
+        before = numba.get_num_threads()
+        try:
+            for threads in range(1, before + 1):
+                numba.set_num_threads(threads)
+                for seconds in (_config.INTERRUPT_SECONDS, 0.0):  # 0: one launch per thread's job
+                    monkeypatch.setattr(_config, "INTERRUPT_SECONDS", seconds)
+                    got = exact_attention(q, k, v, causal=causal, key_padding_mask=mask, return_lse=True)
+                    for a, b in zip(got, want):
+                        np.testing.assert_array_equal(a, b, err_msg=f"n={n} threads={threads} s={seconds}")
+        finally:
+            numba.set_num_threads(before)
+
+
+@pytest.mark.parametrize("group", [1, 2, 3])
+def test_chunked_launch_boundaries_hold_whole_groups(group, monkeypatch):
+    """Chunk boundaries fall on multiples of group * threads jobs (the last on the last job).
+
+    Each thread's static share of a chunk then holds whole groups.
+    """
+    import numba
+
+    from fmm_attention import _config
+    from fmm_attention.cpu._launch import Chunked
+
+    monkeypatch.setattr(_config, "INTERRUPT_SECONDS", 0.0)  # the shortest chunks allowed
+    launches = []
+    chunked = Chunked(lambda lo, hi, *args: launches.append((lo, hi)), lambda n_jobs: ((), np.arange(n_jobs + 1.0)),
+                      group=group)
+    step = group * numba.get_num_threads()
+    for n_jobs in (1, step, 5 * step + 1, 37):
+        launches.clear()
+        chunked(n_jobs)
+        assert [lo for lo, _ in launches] == [0] + [hi for _, hi in launches[:-1]]  # contiguous
+        assert launches[-1][1] == n_jobs
+        assert all(hi % step == 0 for _, hi in launches[:-1]) and all(hi > lo for lo, hi in launches)

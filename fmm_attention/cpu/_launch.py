@@ -162,17 +162,23 @@ class Chunked:
         returning the cost of jobs ``0 .. j-1`` for ``j = 0 .. n_jobs`` (``n_jobs + 1``
         non-decreasing numbers), called only when the call is long enough to be cut.
 
+    group : int, optional
+        Chunk boundaries fall on multiples of ``group * threads`` jobs, so that each thread's
+        contiguous share of a chunk (``prange`` splits it statically) holds whole groups of
+        ``group`` jobs: exact attention pairs a cheap causal tile with an expensive one.
+
     Notes
     -----
     The kernel's speed (seconds per unit of work) is learned from its launches; before the
     first it is taken as slow (:data:`_FIRST_SECONDS_PER_WORK`), so the first long call
-    starts with a short chunk rather than a long one. A chunk has at least one job per
+    starts with a short chunk rather than a long one. A chunk has at least ``group`` jobs per
     thread.
     """
 
-    def __init__(self, kernel, layout):
+    def __init__(self, kernel, layout, group=1):
         self.kernel = kernel
         self.layout = layout
+        self.group = group
         self.seconds_per_work = _FIRST_SECONDS_PER_WORK
 
     @property
@@ -192,7 +198,8 @@ class Chunked:
         while lo < n_jobs:
             budget = cumulative[lo] + target / self.seconds_per_work
             hi = int(np.searchsorted(cumulative, budget, side="right")) - 1
-            hi = min(n_jobs, max(hi, lo + threads))
+            step = self.group * threads
+            hi = min(n_jobs, -(-max(hi, lo + 1) // step) * step)
             self._launch(lo, hi, cumulative[hi] - cumulative[lo], knobs, args)
             lo = hi
 
