@@ -151,8 +151,10 @@ def test_causal_exact_jobs_split_the_triangle_evenly():
 
     for n in (64 * 7, 4096, 16384 + 17):
         q = np.zeros((1, n, 64), np.float32)
-        (query_tile, _), cumulative = cpu_exact._layout(q, q, q, None, False, 1.0, True)
+        (query_tile, _), n_jobs, total_work, cumulative_work = cpu_exact._layout(q, q, q, None, False, 1.0, True)
+        cumulative = cumulative_work()
         n_tiles = -(-n // query_tile)
+        assert n_jobs == n_tiles and np.isclose(total_work, cumulative[-1])
         order = cpu_exact._tile_order(n_tiles)
         assert sorted(order) == list(range(n_tiles))  # every tile exactly once
         assert [cpu_exact._tile_of(s, n_tiles) for s in range(n_tiles)] == list(order)  # compiled == NumPy
@@ -201,7 +203,7 @@ def test_chunked_launch_boundaries_hold_whole_groups(group, monkeypatch):
 
     monkeypatch.setattr(_config, "INTERRUPT_SECONDS", 0.0)  # the shortest chunks allowed
     launches = []
-    chunked = Chunked(lambda lo, hi, *args: launches.append((lo, hi)), lambda n_jobs: ((), np.arange(n_jobs + 1.0)),
+    chunked = Chunked(lambda lo, hi, *args: launches.append((lo, hi)), lambda n_jobs: ((), n_jobs, float(n_jobs), lambda: np.arange(n_jobs + 1.0)),
                       group=group)
     step = group * numba.get_num_threads()
     for n_jobs in (1, step, 5 * step + 1, 37):
