@@ -255,7 +255,7 @@ def _foreign_bytes(result, input_names):
     for key, ds in deps.items():
         if not ds:
             continue
-        big = max(ds, key=lambda d: sizes.get(d, 0))
+        big = max(sorted(ds, key=str), key=lambda d: sizes.get(d, 0))
         home = chunks_of(big)
         foreign[key] = sum(sizes.get(d, 0) for d in ds if not chunks_of(d) <= home) if len(home) == 1 else 0
     return foreign
@@ -273,6 +273,7 @@ def test_fma_tasks_receive_only_halos_and_coarse_rows():
         foreign = _foreign_bytes(out, names)
         # halos (8 tokens a side) and the listed coarse rows: a small fraction of a chunk's k + v
         assert 0 < max(foreign.values()) < 0.2 * chunk_kv
-    # the check can fail: the exact ring sends whole key chunks to every query chunk
+    # the check can fail: in the exact ring a query chunk and another chunk's keys and
+    # values meet in one task (whichever is home, the other is a whole chunk's tokens)
     ring = _foreign_bytes(fa.exact_attention(dq, dk, dv, key_padding_mask=dm), names)
-    assert max(ring.values()) >= chunk_kv
+    assert max(ring.values()) >= 0.5 * chunk_kv
