@@ -248,7 +248,7 @@ def sub_box_sums(k, v, valid, sizes):
     starts on a multiple of each. Returns ``{size: (ksum, vsum, count)}`` in float64 with
     ``ceil(c / size)`` rows, built by pairwise merging (O(c d) for all sizes together).
     """
-    B, c, d = k.shape
+    B, c, _d = k.shape
     if valid is not None:
         k = np.where(valid[..., None], k, 0)
         v = np.where(valid[..., None], v, 0)

@@ -60,9 +60,9 @@ def run(n=2**22, d=32, chunk=2**19, workers=2, memory_limit="1.5GiB", block_size
     dtype = np.dtype(dtype)
     sample = np.sort(np.random.default_rng(seed + 1).choice(n, size=min(n_samples, n), replace=False))
     env = {"NUMBA_NUM_THREADS": "1", "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-    result = dict(n=n, d=d, chunk=chunk, workers=workers, memory_limit=memory_limit, block_size=block_size,
-                  rank=rank, causal=causal, dtype=str(dtype), function=function, bandwidth_model=bandwidth,
-                  kv_bytes=2 * n * d * dtype.itemsize, qkv_out_bytes=4 * n * d * dtype.itemsize)
+    result = {"n": n, "d": d, "chunk": chunk, "workers": workers, "memory_limit": memory_limit, "block_size": block_size,
+                  "rank": rank, "causal": causal, "dtype": str(dtype), "function": function, "bandwidth_model": bandwidth,
+                  "kv_bytes": 2 * n * d * dtype.itemsize, "qkv_out_bytes": 4 * n * d * dtype.itemsize}
 
     def attend(q, k, v):
         if function == "exact":
@@ -98,7 +98,7 @@ def run(n=2**22, d=32, chunk=2**19, workers=2, memory_limit="1.5GiB", block_size
         client.run(_reset_log)
         out = attend(q, k, v)
         start = time.perf_counter()
-        total2, rows2 = client.compute([out.sum(axis=0), out[sample]], sync=True)
+        __, rows2 = client.compute([out.sum(axis=0), out[sample]], sync=True)
         result["cluster_attention_s"] = time.perf_counter() - start
         result["cluster_attention_bytes_moved"] = sum(client.run(_incoming_bytes).values())
         result["bytes_moved_over_kv"] = result["cluster_attention_bytes_moved"] / result["kv_bytes"]

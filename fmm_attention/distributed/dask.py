@@ -248,7 +248,7 @@ def exact_attention(q, k, v, *, causal=False, scale=None, key_padding_mask=None,
     check_finite = check_bool(check_finite, "check_finite")
     inputs = _Inputs(q, k, v, key_padding_mask, scale)
     if len(inputs.seq_chunks) == 1:
-        kwargs = dict(causal=causal, scale=inputs.scale, check_finite=check_finite, backend=backend)
+        kwargs = {"causal": causal, "scale": inputs.scale, "check_finite": check_finite, "backend": backend}
         res = _blockwise(_exact_block, inputs, inputs.dv + return_lse, kwargs=kwargs, return_lse=return_lse)
         return _split_lse(res, inputs.dv, return_lse)
     _check_cpu_backend(backend)
@@ -305,7 +305,7 @@ def fastformer_attention(q, k, v, w_q, w_k, *, causal=False, scale=None, key_pad
     lead_ix = _index(len(inputs.lead_shape))
     if len(inputs.seq_chunks) == 1:
         da = _da()
-        kwargs = dict(scale=inputs.scale, check_finite=check_finite, backend=backend)
+        kwargs = {"scale": inputs.scale, "check_finite": check_finite, "backend": backend}
         mask = (inputs.mask, lead_ix + "n") if inputs.mask is not None else (None, None)
         if return_pools and not causal:
             out_ix, adjust = lead_ix + "nd", {"n": lambda c: c + 2}
@@ -463,10 +463,10 @@ def fmm_attention(q, k, v, *, causal=False, block_size=_config.DEFAULT_BLOCK_SIZ
     if isinstance(coarsening, LearnedCoarsening):
         coarsening.check_tree(tree, inputs.d, inputs.dv)
     if len(inputs.seq_chunks) == 1:
-        kwargs = dict(causal=causal, block_size=block_size, rank=rank, coarsening=coarsening,
-                      count_scaling=count_scaling, query_coarsening=query_coarsening, scale=inputs.scale,
-                      check_finite=check_finite, backend=backend, cluster_iters=cluster_iters, refine=refine,
-                      global_tokens=global_tokens)
+        kwargs = {"causal": causal, "block_size": block_size, "rank": rank, "coarsening": coarsening,
+                      "count_scaling": count_scaling, "query_coarsening": query_coarsening, "scale": inputs.scale,
+                      "check_finite": check_finite, "backend": backend, "cluster_iters": cluster_iters, "refine": refine,
+                      "global_tokens": global_tokens}
         res = _blockwise(_fmm_block, inputs, inputs.dv + return_lse, kwargs=kwargs, return_lse=return_lse)
         return _split_lse(res, inputs.dv, return_lse)
     if not (isinstance(coarsening, str) and coarsening == "mean") or query_coarsening or refine or global_tokens is not None:
@@ -546,9 +546,9 @@ def _fma_sequence(inputs, tree, chunk, *, count_scaling, return_lse, check_finit
             dests = [dest for _, _, dest in plan["exports"]]
             totals = [pyramid[depth[s]][g] for s, g, _ in plan["totals"]]
             tdest = [dest for _, _, dest in plan["totals"]]
-            meta = dict(n=n, block_size=m, rank=tree.rank, causal=causal, first=int(starts[i]), scale=inputs.scale,
-                        count_scaling=count_scaling, boxes=plan["boxes"], box_base=plan["box_base"],
-                        n_rows=plan["n_rows"])
+            meta = {"n": n, "block_size": m, "rank": tree.rank, "causal": causal, "first": int(starts[i]), "scale": inputs.scale,
+                        "count_scaling": count_scaling, "boxes": plan["boxes"], "box_base": plan["box_base"],
+                        "n_rows": plan["n_rows"]}
             res = attend(ci, left, right, exports, dests, totals, tdest, meta)
             outs[lead].append(_delayed(operator.getitem)(res, 0))
             lses[lead].append(_delayed(operator.getitem)(res, 1))
@@ -601,7 +601,7 @@ def _chunk_sources(tree, first, length, chunk, n_chunks):
                 if g * per < n_chunks:
                     totals.append((s, int(g), int(dr)))
     exports = [(j, picks, dests) for j, (picks, dests) in sorted(by_chunk.items())]
-    return dict(boxes=boxes, box_base=box_base, n_rows=offset, exports=exports, totals=totals)
+    return {"boxes": boxes, "box_base": box_base, "n_rows": offset, "exports": exports, "totals": totals}
 
 
-__all__ = ["exact_attention", "fmm_attention", "fastformer_attention", "check_fma_chunks", "nearest_valid_chunk"]
+__all__ = ["check_fma_chunks", "exact_attention", "fastformer_attention", "fmm_attention", "nearest_valid_chunk"]
