@@ -12,13 +12,13 @@ dask = pytest.importorskip("dask")
 da = pytest.importorskip("dask.array")
 distributed = pytest.importorskip("distributed")
 
-from dask.callbacks import Callback  # noqa: E402
-from dask.core import get_dependencies  # noqa: E402
+from dask.callbacks import Callback
+from dask.core import get_dependencies
 
-import fmm_attention as fa  # noqa: E402
-from fmm_attention import LearnedCoarsening  # noqa: E402
-from fmm_attention.distributed import is_dask  # noqa: E402
-from fmm_attention.distributed.dask import check_fma_chunks, nearest_valid_chunk  # noqa: E402
+import fmm_attention as fa
+from fmm_attention import LearnedCoarsening
+from fmm_attention.distributed import is_dask
+from fmm_attention.distributed.dask import check_fma_chunks, nearest_valid_chunk
 
 TOL = 1e-12
 
@@ -80,8 +80,8 @@ def test_fma_matches_numpy(client, causal):
     lazy, refs = [], []
     for block_size, rank, count_scaling in ((8, 2, True), (16, 32, True), (8, 1, False)):
         for mk in (None, mask):
-            opts = dict(causal=causal, block_size=block_size, rank=rank, count_scaling=count_scaling,
-                        key_padding_mask=mk, return_lse=True)
+            opts = {"causal": causal, "block_size": block_size, "rank": rank, "count_scaling": count_scaling,
+                        "key_padding_mask": mk, "return_lse": True}
             ref = fa.fmm_attention(q, k, v, **opts)
             for chunks in CHUNKINGS + [(2, 64)]:
                 dq, dk, dv, dm = _lazy((q, k, v, mk), chunks)
@@ -118,8 +118,8 @@ def test_leading_axes_blockwise_every_option(client):
     widths = [4, 8, 16]
     coarse = LearnedCoarsening([rng.standard_normal((2 * 4, 1, w)) / w for w in widths],
                                [rng.standard_normal((2 * 4, 1, w)) / w for w in widths])
-    cases = [dict(query_coarsening=True), dict(coarsening=coarse), dict(global_tokens=[0, 5], refine=4),
-             dict(coarsening="cluster", causal=True)]
+    cases = [{"query_coarsening": True}, {"coarsening": coarse}, {"global_tokens": [0, 5], "refine": 4},
+             {"coarsening": "cluster", "causal": True}]
     dq, dk, dv = (da.from_array(x, chunks=(1, 2, 64, 4)) for x in (q, k, v))
     dm = da.from_array(mask, chunks=(1, 2, 64))
     lazy = [fa.fmm_attention(dq, dk, dv, block_size=4, rank=2, key_padding_mask=dm, **c) for c in cases]
@@ -141,7 +141,7 @@ def test_float32_stays_float32(client):
 
 
 def test_mixed_numpy_and_dask_inputs(client):
-    q, k, v, mask = _data()
+    q, k, v, _mask = _data()
     dk = da.from_array(k, chunks=(1, 256, 8))
     got = fa.exact_attention(q, dk, v, causal=True)
     assert isinstance(got, da.Array) and got.chunks == dk.chunks
@@ -255,7 +255,7 @@ def _foreign_bytes(result, input_names):
     for key, ds in deps.items():
         if not ds:
             continue
-        big = max(ds, key=lambda d: sizes.get(d, 0))
+        big = max(sorted(ds, key=str), key=lambda d: sizes.get(d, 0))
         home = chunks_of(big)
         foreign[key] = sum(sizes.get(d, 0) for d in ds if not chunks_of(d) <= home) if len(home) == 1 else 0
     return foreign
@@ -273,6 +273,7 @@ def test_fma_tasks_receive_only_halos_and_coarse_rows():
         foreign = _foreign_bytes(out, names)
         # halos (8 tokens a side) and the listed coarse rows: a small fraction of a chunk's k + v
         assert 0 < max(foreign.values()) < 0.2 * chunk_kv
-    # the check can fail: the exact ring sends whole key chunks to every query chunk
+    # the check can fail: in the exact ring a query chunk and another chunk's keys and
+    # values meet in one task (whichever is home, the other is a whole chunk's tokens)
     ring = _foreign_bytes(fa.exact_attention(dq, dk, dv, key_padding_mask=dm), names)
-    assert max(ring.values()) >= chunk_kv
+    assert max(ring.values()) >= 0.5 * chunk_kv

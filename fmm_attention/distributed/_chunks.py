@@ -44,6 +44,21 @@ def prepare_block(x, name, dtype, check_finite, features):
     return x
 
 
+def prepare_chunk(q, k, v, mask, dtype, check_finite):
+    """``(q, k, v, valid)`` of one chunk, prepared together (see :func:`prepare_block`)."""
+    return (
+        prepare_block(q, "q", dtype, check_finite, True),
+        prepare_block(k, "k", dtype, check_finite, True),
+        prepare_block(v, "v", dtype, check_finite, True),
+        None if mask is None else prepare_block(mask, "key_padding_mask", None, False, False),
+    )
+
+
+def keys_of(chunk):
+    """``(k, v, valid)`` of a prepared chunk."""
+    return chunk[1:]
+
+
 def restore(x, lead_shape):
     """``(B, c[, f])`` back to the block's leading dims."""
     return x.reshape(tuple(lead_shape) + x.shape[1:])
@@ -100,12 +115,14 @@ def empty_triple(batch, features, dtype):
 
 
 # ---------------------------------------------------------------- exact attention (ring)
-def exact_partial(q, k, v, valid, q_start, k_start, causal, scale):
+def exact_partial(q, keys, q_start, k_start, causal, scale):
     """Softmax attention of a query chunk against one key chunk: normalised ``(out, lse)``.
 
     ``q_start``/``k_start`` are the chunks' first global positions (for the causal mask).
     Memory: one ``EXACT_QUERY_ROWS x c_k`` score tile at a time, never ``(n, n)``.
+    ``keys`` is the key chunk's ``(k, v, valid)``.
     """
+    k, v, valid = keys
     B, cq, _ = q.shape
     ck = k.shape[1]
     dtype = q.dtype
@@ -204,16 +221,18 @@ def fastformer_alpha(q, valid, w_q, scale):
     return np.einsum("bid,bd->bi", q, (w_q * scale).astype(q.dtype, copy=False))
 
 
-def fastformer_causal_beta(q, k, valid, w_q, w_k, scale, carry_alpha):
-    """Key-pool partial of a chunk given the query pool's carry-in (causal)."""
+def fastformer_causal_beta(chunk, w_q, w_k, scale, carry_alpha):
+    """Key-pool partial of a chunk ``(q, k, v, valid)`` given the query pool's carry-in (causal)."""
+    q, k, _, valid = chunk
     qg = prefix_pool(q, fastformer_alpha(q, valid, w_q, scale), valid, carry_alpha)
     p = qg * k
     logits = np.einsum("bid,bd->bi", p, (w_k * scale).astype(q.dtype, copy=False))
     return pool_partial(p, logits, valid)
 
 
-def fastformer_causal_out(q, k, v, valid, w_q, w_k, scale, carry_alpha, carry_beta):
-    """Causal Fastformer outputs of a chunk: ``(u, qg, kg)``, each ``(B, c, d)``."""
+def fastformer_causal_out(chunk, w_q, w_k, scale, carry_alpha, carry_beta):
+    """Causal Fastformer outputs of a chunk ``(q, k, v, valid)``: ``(u, qg, kg)``, each ``(B, c, d)``."""
+    q, k, v, valid = chunk
     qg = prefix_pool(q, fastformer_alpha(q, valid, w_q, scale), valid, carry_alpha)
     p = qg * k
     logits = np.einsum("bid,bd->bi", p, (w_k * scale).astype(q.dtype, copy=False))
@@ -229,7 +248,7 @@ def sub_box_sums(k, v, valid, sizes):
     starts on a multiple of each. Returns ``{size: (ksum, vsum, count)}`` in float64 with
     ``ceil(c / size)`` rows, built by pairwise merging (O(c d) for all sizes together).
     """
-    B, c, d = k.shape
+    B, c, _d = k.shape
     if valid is not None:
         k = np.where(valid[..., None], k, 0)
         v = np.where(valid[..., None], v, 0)
@@ -254,8 +273,9 @@ def sub_box_sums(k, v, valid, sizes):
     return out
 
 
-def chunk_upward(k, v, valid, sizes, with_total):
-    """Upward pass of one chunk: sub-box sums for ``sizes`` and, if asked, the chunk total."""
+def chunk_upward(chunk, sizes, with_total):
+    """Upward pass of one chunk ``(q, k, v, valid)``: sub-box sums for ``sizes`` and, if asked, the chunk total."""
+    _, k, v, valid = chunk
     sums = sub_box_sums(k, v, valid, sizes)
     total = None
     if with_total:
@@ -337,13 +357,13 @@ def _local_plan(tree, first, length, left, right, boxes, box_base):
     return ptr, segments, max_keys
 
 
-def fma_chunk(q, k, v, valid, halo_left, halo_right, exports, export_dest, totals, total_dest, meta):
+def fma_chunk(chunk, halo_left, halo_right, exports, export_dest, totals, total_dest, meta):
     """FMA outputs ``(out, lse)`` of one sequence chunk from its own tokens, halos and coarse rows.
 
     Parameters
     ----------
-    q, k, v, valid
-        The chunk's tokens ``(B, c, .)`` and validity (or ``None``).
+    chunk : tuple
+        The chunk's tokens ``(q, k, v)`` ``(B, c, .)`` and validity (or ``None``).
     halo_left, halo_right : tuple or None
         ``(k, v, valid)`` of the ``m`` tokens before / after the chunk.
     exports, export_dest
@@ -357,6 +377,7 @@ def fma_chunk(q, k, v, valid, halo_left, halo_right, exports, export_dest, total
     from ..cpu import block_attention  # compiled on first use in each worker
     from ..cpu._launch import launch_guard
 
+    q, k, v, valid = chunk
     tree = build_tree(meta["n"], block_size=meta["block_size"], rank=meta["rank"], causal=meta["causal"])
     dtype = q.dtype
     B, c, d = q.shape

@@ -7,7 +7,7 @@ so a chunk's ``q``, ``k``, ``v`` are born on the same worker, as from a fused pr
 runs :func:`fmm_attention.fmm_attention` on it and reduces the output on the cluster (its
 column sums and a few sampled rows come back, never the output). It reports
 
-* the wall time: the whole graph (generation included), and the attention alone with the
+* the wall time (work stealing off: it would move whole chunks to an idle worker): the whole graph (generation included), and the attention alone with the
   inputs already persisted on the workers;
 * the bytes moved between workers (the workers' ``transfer_incoming_log``, which the
   scheduler's transfers fill), against the bytes of ``k + v``;
@@ -49,8 +49,9 @@ def _inputs(n, d, chunk, dtype, seed):
 
 
 def run(n=2**22, d=32, chunk=2**19, workers=2, memory_limit="1.5GiB", block_size=64, rank=4, causal=False,
-        dtype="float32", seed=0, n_samples=64, single=True, function="fmm"):
+        dtype="float32", seed=0, n_samples=64, single=True, function="fmm", bandwidth="10MB"):
     """Run the benchmark; returns a dict of measurements (see the module notes)."""
+    import dask
     import distributed
     import numba
 
@@ -59,16 +60,23 @@ def run(n=2**22, d=32, chunk=2**19, workers=2, memory_limit="1.5GiB", block_size
     dtype = np.dtype(dtype)
     sample = np.sort(np.random.default_rng(seed + 1).choice(n, size=min(n_samples, n), replace=False))
     env = {"NUMBA_NUM_THREADS": "1", "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-    result = dict(n=n, d=d, chunk=chunk, workers=workers, memory_limit=memory_limit, block_size=block_size,
-                  rank=rank, causal=causal, dtype=str(dtype), function=function,
-                  kv_bytes=2 * n * d * dtype.itemsize, qkv_out_bytes=4 * n * d * dtype.itemsize)
+    result = {"n": n, "d": d, "chunk": chunk, "workers": workers, "memory_limit": memory_limit, "block_size": block_size,
+                  "rank": rank, "causal": causal, "dtype": str(dtype), "function": function, "bandwidth_model": bandwidth,
+                  "kv_bytes": 2 * n * d * dtype.itemsize, "qkv_out_bytes": 4 * n * d * dtype.itemsize}
 
     def attend(q, k, v):
         if function == "exact":
             return fa.exact_attention(q, k, v, causal=causal)
         return fa.fmm_attention(q, k, v, block_size=block_size, rank=rank, causal=causal)
 
-    with distributed.LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
+    # The scheduler starts a task where it would start soonest: queue length plus transfer
+    # time at its estimated bandwidth. Between processes on one machine transfers look free,
+    # so a momentarily idle worker pulls whole chunks to itself (and work stealing does the
+    # same later). A cluster's network is far slower than loopback: model that (bandwidth, bytes per second)
+    # and keep stealing off, so tasks run where their chunk lives.
+    with dask.config.set({"distributed.scheduler.work-stealing": False,
+                          "distributed.scheduler.bandwidth": bandwidth}), \
+            distributed.LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
                                   memory_limit=memory_limit, dashboard_address=None, env=env) as cluster, \
             distributed.Client(cluster) as client:
         q, k, v = _inputs(n, d, chunk, dtype, seed)
@@ -90,7 +98,7 @@ def run(n=2**22, d=32, chunk=2**19, workers=2, memory_limit="1.5GiB", block_size
         client.run(_reset_log)
         out = attend(q, k, v)
         start = time.perf_counter()
-        total2, rows2 = client.compute([out.sum(axis=0), out[sample]], sync=True)
+        __, rows2 = client.compute([out.sum(axis=0), out[sample]], sync=True)
         result["cluster_attention_s"] = time.perf_counter() - start
         result["cluster_attention_bytes_moved"] = sum(client.run(_incoming_bytes).values())
         result["bytes_moved_over_kv"] = result["cluster_attention_bytes_moved"] / result["kv_bytes"]
@@ -126,11 +134,12 @@ def main(argv=None):
     parser.add_argument("--causal", action="store_true")
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--function", choices=("fmm", "exact"), default="fmm")
+    parser.add_argument("--bandwidth", default="10MB", help="the scheduler's network model")
     parser.add_argument("--no-single", action="store_true", help="skip the single-machine call")
     args = parser.parse_args(argv)
     res = run(n=args.n, d=args.d, chunk=args.chunk, workers=args.workers, memory_limit=args.memory_limit,
               block_size=args.block_size, rank=args.rank, causal=args.causal, dtype=args.dtype,
-              single=not args.no_single, function=args.function)
+              single=not args.no_single, function=args.function, bandwidth=args.bandwidth)
     print(json.dumps(res, indent=1))
 
 

@@ -116,26 +116,24 @@ class _Inputs:
         return np.concatenate([[0], np.cumsum(self.seq_chunks)[:-1]]).astype(np.int64)
 
     def delayed_blocks(self, check_finite):
-        """Per leading block, per sequence chunk: prepared ``(q, k, v, valid)`` delayed objects."""
-        import dask
+        """Per leading block, per sequence chunk: one delayed ``(q, k, v, valid)`` tuple.
 
-        prep = dask.delayed(_chunks.prepare_block, pure=True)
+        One task prepares all four arrays of a chunk, so everything that reads the chunk
+        depends on that one result and the scheduler runs it where the chunk lives: a
+        chunk's tokens never travel to read its own queries, keys and values together.
+        """
         # unoptimised: the blocks keep their keys, so the graph stays inspectable (and the
         # whole graph is optimised once, at compute time)
         qd, kd, vd = (x.to_delayed(optimize_graph=False) for x in (self.q, self.k, self.v))
         md = self.mask.to_delayed(optimize_graph=False) if self.mask is not None else None
+        prep = _delayed(_chunks.prepare_chunk)
         out = {}
         for lead in self.lead_blocks:
-            row = []
-            for j in range(len(self.seq_chunks)):
-                idx = lead + (j, 0)
-                row.append((
-                    prep(qd[idx], "q", self.dtype, check_finite, True),
-                    prep(kd[idx], "k", self.dtype, check_finite, True),
-                    prep(vd[idx], "v", self.dtype, check_finite, True),
-                    prep(md[lead + (j,)], "key_padding_mask", None, False, False) if md is not None else None,
-                ))
-            out[lead] = row
+            out[lead] = [
+                prep(qd[lead + (j, 0)], kd[lead + (j, 0)], vd[lead + (j, 0)],
+                     md[lead + (j,)] if md is not None else None, self.dtype, check_finite)
+                for j in range(len(self.seq_chunks))
+            ]
         return out
 
     def assemble(self, blocks, tail, dtype=None):
@@ -250,7 +248,7 @@ def exact_attention(q, k, v, *, causal=False, scale=None, key_padding_mask=None,
     check_finite = check_bool(check_finite, "check_finite")
     inputs = _Inputs(q, k, v, key_padding_mask, scale)
     if len(inputs.seq_chunks) == 1:
-        kwargs = dict(causal=causal, scale=inputs.scale, check_finite=check_finite, backend=backend)
+        kwargs = {"causal": causal, "scale": inputs.scale, "check_finite": check_finite, "backend": backend}
         res = _blockwise(_exact_block, inputs, inputs.dv + return_lse, kwargs=kwargs, return_lse=return_lse)
         return _split_lse(res, inputs.dv, return_lse)
     _check_cpu_backend(backend)
@@ -261,10 +259,12 @@ def exact_attention(q, k, v, *, causal=False, scale=None, key_padding_mask=None,
     outs, lses = {}, {}
     for lead, row in blocks.items():
         outs[lead], lses[lead] = [], []
-        for i, (qi, _, _, _) in enumerate(row):
+        queries = [_delayed(operator.getitem)(c, 0) for c in row]
+        keys = [_delayed(_chunks.keys_of)(c) for c in row]  # (k, v, valid): what the ring moves
+        for i, qi in enumerate(queries):
             parts = [
-                partial(qi, kj, vj, mj, int(starts[i]), int(starts[j]), causal, inputs.scale)
-                for j, (_, kj, vj, mj) in enumerate(row)
+                partial(qi, kj, int(starts[i]), int(starts[j]), causal, inputs.scale)
+                for j, kj in enumerate(keys)
                 if not causal or j <= i
             ]
             merged = merge(parts)
@@ -305,7 +305,7 @@ def fastformer_attention(q, k, v, w_q, w_k, *, causal=False, scale=None, key_pad
     lead_ix = _index(len(inputs.lead_shape))
     if len(inputs.seq_chunks) == 1:
         da = _da()
-        kwargs = dict(scale=inputs.scale, check_finite=check_finite, backend=backend)
+        kwargs = {"scale": inputs.scale, "check_finite": check_finite, "backend": backend}
         mask = (inputs.mask, lead_ix + "n") if inputs.mask is not None else (None, None)
         if return_pools and not causal:
             out_ix, adjust = lead_ix + "nd", {"n": lambda c: c + 2}
@@ -383,15 +383,16 @@ def _tree(items, fn):
 def _fastformer_bidirectional(row, wq, wk, scale):
     alpha = _delayed(_alpha_partial)
     beta = _delayed(_beta_partial)
-    qg = _delayed(_chunks.pool_value)(_tree([alpha(qi, mi, wq, scale) for qi, _, _, mi in row], _chunks.merge_triples))
+    qg = _delayed(_chunks.pool_value)(_tree([alpha(c, wq, scale) for c in row], _chunks.merge_triples))
     wk_eff = _delayed(_beta_vector)(qg, wk, scale)
-    pool_k = _delayed(_chunks.pool_value)(_tree([beta(ki, mi, wk_eff) for _, ki, _, mi in row], _chunks.merge_triples))
+    pool_k = _delayed(_chunks.pool_value)(_tree([beta(c, wk_eff) for c in row], _chunks.merge_triples))
     kg = _delayed(operator.mul)(qg, pool_k)  # sum_i beta_i (qg * k_i) = qg * sum_i beta_i k_i
-    u = [_delayed(_modulate)(kg, vi) for _, _, vi, _ in row]
+    u = [_delayed(_modulate)(kg, c) for c in row]
     return u, qg, kg
 
 
-def _alpha_partial(q, valid, w_q, scale):
+def _alpha_partial(chunk, w_q, scale):
+    q, _, _, valid = chunk
     return _chunks.pool_partial(q, _chunks.fastformer_alpha(q, valid, w_q, scale), valid)
 
 
@@ -399,12 +400,13 @@ def _beta_vector(qg, w_k, scale):
     return (qg * w_k * scale).astype(qg.dtype, copy=False)
 
 
-def _beta_partial(k, valid, w_eff):
+def _beta_partial(chunk, w_eff):
+    _, k, _, valid = chunk
     return _chunks.pool_partial(k, np.einsum("bid,bd->bi", k, w_eff), valid)
 
 
-def _modulate(kg, v):
-    return kg[:, None, :] * v
+def _modulate(kg, chunk):
+    return kg[:, None, :] * chunk[2]
 
 
 def _fastformer_causal(row, wq, wk, scale, batch, d, dtype):
@@ -415,14 +417,14 @@ def _fastformer_causal(row, wq, wk, scale, batch, d, dtype):
     final = _delayed(_chunks.fastformer_causal_out, nout=3)
     # prefix scan over chunks: the carry into chunk j merges the partials of chunks < j
     carry_a = [empty]
-    for qi, _, _, mi in row[:-1]:
-        carry_a.append(merge(carry_a[-1], alpha(qi, mi, wq, scale)))
+    for c in row[:-1]:
+        carry_a.append(merge(carry_a[-1], alpha(c, wq, scale)))
     carry_b = [empty]
-    for (qi, ki, _, mi), ca in zip(row[:-1], carry_a):
-        carry_b.append(merge(carry_b[-1], beta(qi, ki, mi, wq, wk, scale, ca)))
+    for c, ca in zip(row[:-1], carry_a):
+        carry_b.append(merge(carry_b[-1], beta(c, wq, wk, scale, ca)))
     outs, qgs, kgs = [], [], []
-    for (qi, ki, vi, mi), ca, cb in zip(row, carry_a, carry_b):
-        u, qg, kg = final(qi, ki, vi, mi, wq, wk, scale, ca, cb)
+    for c, ca, cb in zip(row, carry_a, carry_b):
+        u, qg, kg = final(c, wq, wk, scale, ca, cb)
         outs.append(u)
         qgs.append(qg)
         kgs.append(kg)
@@ -461,10 +463,10 @@ def fmm_attention(q, k, v, *, causal=False, block_size=_config.DEFAULT_BLOCK_SIZ
     if isinstance(coarsening, LearnedCoarsening):
         coarsening.check_tree(tree, inputs.d, inputs.dv)
     if len(inputs.seq_chunks) == 1:
-        kwargs = dict(causal=causal, block_size=block_size, rank=rank, coarsening=coarsening,
-                      count_scaling=count_scaling, query_coarsening=query_coarsening, scale=inputs.scale,
-                      check_finite=check_finite, backend=backend, cluster_iters=cluster_iters, refine=refine,
-                      global_tokens=global_tokens)
+        kwargs = {"causal": causal, "block_size": block_size, "rank": rank, "coarsening": coarsening,
+                      "count_scaling": count_scaling, "query_coarsening": query_coarsening, "scale": inputs.scale,
+                      "check_finite": check_finite, "backend": backend, "cluster_iters": cluster_iters, "refine": refine,
+                      "global_tokens": global_tokens}
         res = _blockwise(_fmm_block, inputs, inputs.dv + return_lse, kwargs=kwargs, return_lse=return_lse)
         return _split_lse(res, inputs.dv, return_lse)
     if not (isinstance(coarsening, str) and coarsening == "mean") or query_coarsening or refine or global_tokens is not None:
@@ -529,35 +531,35 @@ def _fma_sequence(inputs, tree, chunk, *, count_scaling, return_lse, check_finit
     blocks = inputs.delayed_blocks(check_finite)
     outs, lses = {}, {}
     for lead, row in blocks.items():
-        ups = [upward(kj, vj, mj, sizes, bool(big)) for _, kj, vj, mj in row]
+        ups = [upward(c, sizes, bool(big)) for c in row]
         # pyramid: level t holds the sums of 2**t consecutive chunks
         pyramid = [[total_of(u) for u in ups]] if big else []
         for _ in range(max(depth.values(), default=0)):
             prev = pyramid[-1]
             pyramid.append([add(prev[g], prev[g + 1]) if g + 1 < len(prev) else prev[g] for g in range(0, len(prev), 2)])
         outs[lead], lses[lead] = [], []
-        for i, (qi, ki, vi, mi) in enumerate(row):
+        for i, ci in enumerate(row):
             plan = plans[i]
-            left = halo(row[i - 1][1:], -m) if i > 0 else None
-            right = halo(row[i + 1][1:], m) if i + 1 < n_chunks and not causal else None
+            left = halo(row[i - 1], -m) if i > 0 else None
+            right = halo(row[i + 1], m) if i + 1 < n_chunks and not causal else None
             exports = [export(ups[j], picks) for j, picks, _ in plan["exports"]]
             dests = [dest for _, _, dest in plan["exports"]]
             totals = [pyramid[depth[s]][g] for s, g, _ in plan["totals"]]
             tdest = [dest for _, _, dest in plan["totals"]]
-            meta = dict(n=n, block_size=m, rank=tree.rank, causal=causal, first=int(starts[i]), scale=inputs.scale,
-                        count_scaling=count_scaling, boxes=plan["boxes"], box_base=plan["box_base"],
-                        n_rows=plan["n_rows"])
-            res = attend(qi, ki, vi, mi, left, right, exports, dests, totals, tdest, meta)
+            meta = {"n": n, "block_size": m, "rank": tree.rank, "causal": causal, "first": int(starts[i]), "scale": inputs.scale,
+                        "count_scaling": count_scaling, "boxes": plan["boxes"], "box_base": plan["box_base"],
+                        "n_rows": plan["n_rows"]}
+            res = attend(ci, left, right, exports, dests, totals, tdest, meta)
             outs[lead].append(_delayed(operator.getitem)(res, 0))
             lses[lead].append(_delayed(operator.getitem)(res, 1))
     out = inputs.assemble(outs, (inputs.dv,))
     return (out, inputs.assemble(lses, ())) if return_lse else out
 
 
-def _halo(kvm, size):
+def _halo(chunk, size):
     """The first (``size > 0``) or last (``size < 0``) ``|size|`` tokens of a chunk's ``(k, v, valid)``."""
     sl = slice(None, size) if size > 0 else slice(size, None)
-    return tuple(None if x is None else np.ascontiguousarray(x[:, sl]) for x in kvm)
+    return tuple(None if x is None else np.ascontiguousarray(x[:, sl]) for x in chunk[1:])
 
 
 def _chunk_sources(tree, first, length, chunk, n_chunks):
@@ -599,7 +601,7 @@ def _chunk_sources(tree, first, length, chunk, n_chunks):
                 if g * per < n_chunks:
                     totals.append((s, int(g), int(dr)))
     exports = [(j, picks, dests) for j, (picks, dests) in sorted(by_chunk.items())]
-    return dict(boxes=boxes, box_base=box_base, n_rows=offset, exports=exports, totals=totals)
+    return {"boxes": boxes, "box_base": box_base, "n_rows": offset, "exports": exports, "totals": totals}
 
 
-__all__ = ["exact_attention", "fmm_attention", "fastformer_attention", "check_fma_chunks", "nearest_valid_chunk"]
+__all__ = ["check_fma_chunks", "exact_attention", "fastformer_attention", "fmm_attention", "nearest_valid_chunk"]
