@@ -252,7 +252,7 @@ def fmm_attention(q, k, v, *, causal=False, block_size=_config.DEFAULT_BLOCK_SIZ
 
 
 def plan(batch, options):
-    """The tree of an FMA call and its options fitted to the sequence.
+    """Plan an FMA call: its tree, and its options fitted to the sequence.
 
     Parameters
     ----------

@@ -279,7 +279,7 @@ class Backend:
         """
         raise NotImplementedError
 
-    def __repr__(self):
+    def __repr__(self):  # noqa: D105
         return f"<{type(self).__name__} {self.name!r}>"
 
 

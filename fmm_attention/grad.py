@@ -119,7 +119,7 @@ class FastformerGradients(NamedTuple):
 
 # ---------------------------------------------------------------- shared pieces
 def _cpu_only(backend, *arrays, options=None):
-    """The backend running the forward, which must declare ``"backward"`` in the registry.
+    """Select the backend of the forward; it must declare ``"backward"`` in the registry.
 
     The pullbacks run the CPU backward kernels on the forward's host residuals, so only a
     host backend can serve them; today that is ``"cpu"``.

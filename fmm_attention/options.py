@@ -28,8 +28,11 @@ __all__ = ["FMMOptions"]
 
 
 def _global_token_indices(global_tokens):
-    """Sorted unique integer indices as a tuple; the range ``[0, n)`` is checked per call
-    (by :func:`fmm_attention._validate.check_global_tokens`), when ``n`` is known."""
+    """Sort and deduplicate integer token indices into a tuple.
+
+    The range ``[0, n)`` is checked per call, when ``n`` is known (by
+    :func:`fmm_attention._validate.check_global_tokens`).
+    """
     if global_tokens is None:
         return ()
     arr = np.asarray(global_tokens)
@@ -121,7 +124,7 @@ class FMMOptions:
         return self.coarsening if isinstance(self.coarsening, str) else "learned"
 
     def replace(self, **changes):
-        """A copy with some fields changed (no validation: for values derived from valid ones).
+        """Copy with some fields changed (no validation: for values derived from valid ones).
 
         Parameters
         ----------

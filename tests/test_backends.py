@@ -98,7 +98,7 @@ def test_toy_fastformer_matches_cpu(toy):
     w_q, w_k = np.random.default_rng(4).standard_normal((2, 3, 4))
     got = fastformer_attention(q, k, v, w_q, w_k, causal=True, backend="toy", return_pools=True)
     want = fastformer_attention(q, k, v, w_q, w_k, causal=True, backend="cpu", return_pools=True)
-    for a, b in zip(got, want):
+    for a, b in zip(got, want, strict=True):
         assert a.shape == b.shape
         np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-12)
 
