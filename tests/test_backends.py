@@ -146,15 +146,29 @@ def test_registry_names_and_errors(toy):
 
 
 def test_cuda_capabilities_are_declared_without_importing_it():
+    # a fresh process: in this one another test may have imported numba.cuda already
+    import os
+    import subprocess
     import sys
+    from pathlib import Path
 
-    cuda = backends.get_backend("cuda")
-    options = FMMOptions.create(refine=3)
-    assert cuda.not_supported("fmm", options) == "refine > 0"
-    assert cuda.not_supported("backward") == "gradients (backward)"
-    assert cuda.not_supported("fmm", FMMOptions.create()) is None
-    if "numba.cuda" not in sys.modules:  # nothing above may import it
-        assert "fmm_attention.cuda._device" not in sys.modules
+    import fmm_attention
+
+    code = (
+        "import sys\n"
+        "from fmm_attention import backends\n"
+        "from fmm_attention.options import FMMOptions\n"
+        "cuda = backends.get_backend('cuda')\n"
+        "assert cuda.not_supported('fmm', FMMOptions.create(refine=3)) == 'refine > 0'\n"
+        "assert cuda.not_supported('backward') == 'gradients (backward)'\n"
+        "assert cuda.not_supported('fmm', FMMOptions.create()) is None\n"
+        "assert backends.resolve('auto', [1.0]) == 'cpu'\n"
+        "loaded = [m for m in sys.modules if m == 'numba.cuda' or m.startswith(('numba.cuda.', 'fmm_attention.cuda'))]\n"
+        "assert not loaded, loaded\n"
+    )
+    env = dict(os.environ, PYTHONPATH=str(Path(fmm_attention.__file__).resolve().parents[1]))
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
 
 
 def test_a_toy_backend_removed_is_gone():
