@@ -1,33 +1,23 @@
-"""The public functions: validate, plan, dispatch.
+"""The public functions: options -> backend -> validate -> plan -> kernels.
 
-Each function checks its arguments (:mod:`._validate`), builds or fetches the plan
-(:mod:`.tree`), picks a backend (:mod:`.backends`) and hands over; nothing flows back up.
+Each function checks its options (FMA: one :class:`~fmm_attention.options.FMMOptions`),
+selects a backend from the registry (:mod:`fmm_attention.backends`; an unsupported option
+fails here, naming the backend), lets the backend validate the arrays onto its device,
+builds or fetches the plan (:mod:`fmm_attention.tree`), checks the memory estimate and
+hands everything to the backend; nothing flows back up. No function branches on a
+backend's name: every backend is called the same way.
 """
 
 from __future__ import annotations
 
 from . import _config, backends
 from ._stats import fmm_stats
-from ._validate import (  # noqa: F401  (check_fmm_options is re-exported for older imports)
-    attention_inputs,
-    attention_vector,
-    check_accuracy_options,
-    check_bool,
-    check_fmm_options,
-    check_global_tokens,
-)
-from .coarsening import LearnedCoarsening
+from ._validate import check_bool, check_global_tokens
 from .distributed import is_dask
-from .tree import _build_tree, build_tree, check_memory, fmm_call_bytes
+from .options import FMMOptions
+from .tree import _build_tree, build_tree, fmm_call_bytes
 
 __all__ = ["exact_attention", "fastformer_attention", "fmm_attention"]
-
-
-def _finish(batch, out, lse, return_lse):
-    out = batch.restore(out)
-    if return_lse:
-        return out, batch.restore(lse, last_dim=False)
-    return out
 
 
 def exact_attention(q, k, v, *, causal=False, scale=None, key_padding_mask=None, return_lse=False,
@@ -60,8 +50,9 @@ def exact_attention(q, k, v, *, causal=False, scale=None, key_padding_mask=None,
         Reject NaN or infinity in ``q``, ``k``, ``v`` with a ``ValueError`` (default), at the
         positions ``key_padding_mask`` marks valid: padding may hold anything. Turning it off
         saves one pass over the inputs; non-finite valid inputs then give undefined results.
-    backend : {"auto", "cpu", "cuda"}, optional
-        ``"auto"`` runs on the GPU when the inputs live there, else on the CPU.
+    backend : {"auto", "cpu", "cuda"} or a registered name, optional
+        ``"auto"`` runs on the GPU when the inputs live there, else on the CPU; any name
+        registered with :func:`fmm_attention.backends.register_backend` is accepted too.
 
     Returns
     -------
@@ -97,19 +88,15 @@ def exact_attention(q, k, v, *, causal=False, scale=None, key_padding_mask=None,
                                      return_lse=return_lse, check_finite=check_finite, backend=backend)
     causal = check_bool(causal, "causal")
     return_lse = check_bool(return_lse, "return_lse")
-    name = backends.resolve(backend, q, k, v)
-    if name == "cuda":
-        return backends.get("cuda").exact_attention(
-            q, k, v, causal=causal, scale=scale, key_padding_mask=key_padding_mask,
-            return_lse=return_lse, check_finite=check_finite,
-        )
-    batch = attention_inputs(q, k, v, scale=scale, key_padding_mask=key_padding_mask, check_finite=check_finite,
-                             skip_masked=True)
+    be = backends.select(backend, (q, k, v), "exact")
+    batch = be.inputs(q, k, v, scale=scale, key_padding_mask=key_padding_mask, check_finite=check_finite,
+                      skip_masked=True)
+    backends.check_dtype(be, batch.dtype)
     B, n = batch.q.shape[:2]
     # outputs and (with a mask) a zeroed copy of v; the tiles are small
-    check_memory({"outputs": B * n * (2 * batch.dv + 1) * batch.dtype.itemsize}, {"outputs": ("n", n)})
-    out, lse = backends.get(name).exact_batch(batch, causal=causal)
-    return _finish(batch, out, lse, return_lse)
+    be.check_memory({"outputs": B * n * (2 * batch.dv + 1) * batch.dtype.itemsize}, {"outputs": ("n", n)})
+    out, lse = be.exact(batch, causal=causal)
+    return be.finish(batch, out, lse, return_lse)
 
 
 def fmm_attention(q, k, v, *, causal=False, block_size=_config.DEFAULT_BLOCK_SIZE, rank=_config.DEFAULT_RANK,
@@ -166,8 +153,9 @@ def fmm_attention(q, k, v, *, causal=False, block_size=_config.DEFAULT_BLOCK_SIZ
     check_finite : bool, optional
         Reject NaN or infinity in ``q``, ``k``, ``v`` (default), at the positions
         ``key_padding_mask`` marks valid: padding may hold anything.
-    backend : {"auto", "cpu", "cuda"}, optional
-        ``"auto"`` runs on the GPU when the inputs live there, else on the CPU.
+    backend : {"auto", "cpu", "cuda"} or a registered name, optional
+        ``"auto"`` runs on the GPU when the inputs live there, else on the CPU; any name
+        registered with :func:`fmm_attention.backends.register_backend` is accepted too.
     cluster_iters : int, optional
         Lloyd iterations of ``coarsening="cluster"`` (0 gives mean coarsening); ignored
         otherwise. Each costs ``O(n p d)`` per level whose boxes hold at most 128 tokens
@@ -230,62 +218,76 @@ def fmm_attention(q, k, v, *, causal=False, block_size=_config.DEFAULT_BLOCK_SIZ
             count_scaling=count_scaling, query_coarsening=query_coarsening, scale=scale,
             key_padding_mask=key_padding_mask, return_lse=return_lse, check_finite=check_finite, backend=backend,
             cluster_iters=cluster_iters, refine=refine, global_tokens=global_tokens, return_stats=return_stats)
-    causal = check_bool(causal, "causal")
     return_lse = check_bool(return_lse, "return_lse")
     return_stats = check_bool(return_stats, "return_stats")
-    coarsening, count_scaling, query_coarsening = check_fmm_options(
-        coarsening=coarsening, count_scaling=count_scaling, query_coarsening=query_coarsening, causal=causal
+    options = FMMOptions.create(
+        causal=causal, block_size=block_size, rank=rank, coarsening=coarsening, count_scaling=count_scaling,
+        query_coarsening=query_coarsening, scale=scale, cluster_iters=cluster_iters, refine=refine,
+        global_tokens=global_tokens,
     )
-    cluster_iters, refine = check_accuracy_options(
-        cluster_iters=cluster_iters, refine=refine, query_coarsening=query_coarsening
-    )
-    name = backends.resolve(backend, q, k, v)
-    if name == "cuda":
-        if coarsening == "cluster" or refine or global_tokens is not None or return_stats:
-            raise ValueError(
-                "coarsening='cluster', refine, global_tokens and return_stats are not supported by the "
-                "CUDA backend yet; use backend='cpu'"
-            )
-        return backends.get("cuda").fmm_attention(
-            q, k, v, causal=causal, block_size=block_size, rank=rank, coarsening=coarsening,
-            count_scaling=count_scaling, query_coarsening=query_coarsening, scale=scale,
-            key_padding_mask=key_padding_mask, return_lse=return_lse, check_finite=check_finite,
-        )
-    batch = attention_inputs(q, k, v, scale=scale, key_padding_mask=key_padding_mask, check_finite=check_finite,
-                             skip_masked=True)
-    tree = build_tree(batch.n, block_size=block_size, rank=rank, causal=causal)
-    stats_coarsening = coarsening if isinstance(coarsening, str) else "learned"
-    if isinstance(coarsening, LearnedCoarsening):
-        if tree.block_size < block_size:
-            # block_size was clamped (it exceeds the sequence): the weights must still fit the
-            # tree asked for, but no far key exists in either, so nothing is coarsened
-            coarsening.check_tree(_build_tree(batch.n, block_size, tree.rank, causal), batch.d, batch.dv)
-            coarsening = "mean"
-        else:
-            coarsening.check_tree(tree, batch.d, batch.dv)
-    global_tokens = check_global_tokens(global_tokens, batch.n)
-    asked_refine, refine = refine, min(refine, batch.n)  # n extra keys split every far box: more changes nothing
+    be = backends.select(backend, (q, k, v), "fmm", options, return_stats=return_stats)
+    batch = be.inputs(q, k, v, scale=options.scale, key_padding_mask=key_padding_mask, check_finite=check_finite,
+                      skip_masked=True)
+    backends.check_dtype(be, batch.dtype)
+    asked, (tree, options) = options, plan(batch, options)
     parts = fmm_call_bytes(
-        tree, batch=batch.q.shape[0], d=batch.d, dv=batch.dv, itemsize=batch.dtype.itemsize, refine=refine,
-        query_coarsening=query_coarsening, n_globals=len(global_tokens), coarsening=coarsening,
+        tree, batch=batch.q.shape[0], d=batch.d, dv=batch.dv, itemsize=batch.dtype.itemsize, refine=options.refine,
+        query_coarsening=options.query_coarsening, n_globals=len(options.global_tokens),
+        coarsening=options.coarsening,
     )
-    refine_shown = asked_refine if asked_refine == refine else f"{asked_refine} (clamped to n = {refine})"
-    check_memory(parts, {"refinement": ("refine", refine_shown), "block buffers": ("block_size", tree.block_size),
-                         "outputs": ("n", batch.n), "coarse buffers": ("n", batch.n),
-                         "tree and key plan": ("n", batch.n)})
-    out, lse, plan = backends.get(name).fmm(
-        batch, tree, coarsening=coarsening, count_scaling=count_scaling, query_coarsening=query_coarsening,
-        cluster_iters=cluster_iters, refine=refine, global_tokens=global_tokens,
-    )
-    result = _finish(batch, out, lse, return_lse)
+    refine_shown = refine if refine == options.refine else f"{refine} (clamped to n = {options.refine})"
+    be.check_memory(parts, {"refinement": ("refine", refine_shown), "block buffers": ("block_size", tree.block_size),
+                            "outputs": ("n", batch.n), "coarse buffers": ("n", batch.n),
+                            "tree and key plan": ("n", batch.n)})
+    out, lse, key_plan = be.fmm(batch, tree, options)
+    result = be.finish(batch, out, lse, return_lse)
     if not return_stats:
         return result
     stats = fmm_stats(
-        tree, plan, batch_size=batch.q.shape[0], d=batch.d, dv=batch.dv,
-        coarsening=stats_coarsening, cluster_iters=cluster_iters,
-        refine=refine, query_coarsening=query_coarsening, valid=batch.valid,
+        tree, key_plan, batch_size=batch.q.shape[0], d=batch.d, dv=batch.dv,
+        coarsening=asked.coarsening_name, cluster_iters=options.cluster_iters,
+        refine=options.refine, query_coarsening=options.query_coarsening, valid=batch.valid,
     )
     return (*result, stats) if return_lse else (result, stats)
+
+
+def plan(batch, options):
+    """Plan an FMA call: its tree, and its options fitted to the sequence.
+
+    Parameters
+    ----------
+    batch : Batch
+        The validated inputs (their ``n``, ``d``, ``dv``).
+    options : FMMOptions
+
+    Returns
+    -------
+    tree : Tree
+        :func:`fmm_attention.build_tree` of the call (``block_size`` clamped to the sequence).
+    options : FMMOptions
+        ``refine`` clamped to ``n`` (more changes nothing), global tokens checked against
+        ``n``, and a :class:`~fmm_attention.LearnedCoarsening` checked against the tree
+        (replaced by ``"mean"`` when the clamped block holds every key: nothing is coarsened).
+
+    Raises
+    ------
+    ValueError
+        Weights that do not fit the tree, global tokens outside ``[0, n)``.
+    """
+    tree = build_tree(batch.n, block_size=options.block_size, rank=options.rank, causal=options.causal)
+    changes = {}
+    if options.coarsening_name == "learned":
+        if tree.block_size < options.block_size:
+            # block_size was clamped (it exceeds the sequence): the weights must still fit the
+            # tree asked for, but no far key exists in either, so nothing is coarsened
+            options.coarsening.check_tree(_build_tree(batch.n, options.block_size, tree.rank, options.causal),
+                                          batch.d, batch.dv)
+            changes["coarsening"] = "mean"
+        else:
+            options.coarsening.check_tree(tree, batch.d, batch.dv)
+    changes["global_tokens"] = check_global_tokens(options.global_tokens, batch.n)
+    changes["refine"] = min(options.refine, batch.n)  # n extra keys split every far box: more changes nothing
+    return tree, options.replace(**changes)
 
 
 def fastformer_attention(q, k, v, w_q, w_k, *, causal=False, scale=None, key_padding_mask=None,
@@ -326,8 +328,9 @@ def fastformer_attention(q, k, v, w_q, w_k, *, causal=False, scale=None, key_pad
     check_finite : bool, optional
         Reject NaN or infinity in ``q``, ``k``, ``v``, ``w_q``, ``w_k`` (default), at every
         position, masked ones included: an invalid position's ``v`` row still makes its output.
-    backend : {"auto", "cpu", "cuda"}, optional
-        ``"auto"`` runs on the GPU when the inputs live there, else on the CPU.
+    backend : {"auto", "cpu", "cuda"} or a registered name, optional
+        ``"auto"`` runs on the GPU when the inputs live there, else on the CPU; any name
+        registered with :func:`fmm_attention.backends.register_backend` is accepted too.
 
     Returns
     -------
@@ -381,24 +384,15 @@ def fastformer_attention(q, k, v, w_q, w_k, *, causal=False, scale=None, key_pad
                                           check_finite=check_finite, backend=backend)
     causal = check_bool(causal, "causal")
     return_pools = check_bool(return_pools, "return_pools")
-    name = backends.resolve(backend, q, k, v, w_q, w_k)
-    if name == "cuda":
-        return backends.get("cuda").fastformer_attention(
-            q, k, v, w_q, w_k, causal=causal, scale=scale, key_padding_mask=key_padding_mask,
-            return_pools=return_pools, check_finite=check_finite,
-        )
-    batch = attention_inputs(q, k, v, scale=scale, key_padding_mask=key_padding_mask, check_finite=check_finite)
+    be = backends.select(backend, (q, k, v, w_q, w_k), "fastformer")
+    batch = be.inputs(q, k, v, scale=scale, key_padding_mask=key_padding_mask, check_finite=check_finite)
+    backends.check_dtype(be, batch.dtype)
     if batch.dv != batch.d:
         raise ValueError(
             f"v must have the feature dim d = {batch.d} of q (u = kg * v is element-wise), got "
             f"v of shape {batch.lead_shape + (batch.n, batch.dv)}"
         )
-    w_q = attention_vector(w_q, "w_q", batch, check_finite)  # check_finite: checked by attention_inputs
-    w_k = attention_vector(w_k, "w_k", batch, check_finite)
-    out, qg, kg = backends.get(name).fastformer_batch(batch, w_q, w_k, causal=causal, return_pools=return_pools)
-    out = batch.restore(out)
-    if not return_pools:
-        return out
-    if causal:
-        return out, batch.restore(qg), batch.restore(kg)
-    return out, qg.reshape(batch.lead_shape + (batch.d,)), kg.reshape(batch.lead_shape + (batch.d,))
+    w_q = be.vector(w_q, "w_q", batch, check_finite)  # check_finite: checked by inputs
+    w_k = be.vector(w_k, "w_k", batch, check_finite)
+    out, qg, kg = be.fastformer(batch, w_q, w_k, causal=causal, return_pools=return_pools)
+    return be.finish_pools(batch, out, qg, kg, causal=causal, return_pools=return_pools)

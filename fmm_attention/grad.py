@@ -31,12 +31,11 @@ from ._validate import (
     as_array,
     attention_inputs,
     attention_vector,
-    check_accuracy_options,
     check_bool,
-    check_fmm_options,
     check_global_tokens,
 )
 from .coarsening import LearnedCoarsening
+from .options import FMMOptions
 from .tree import build_tree
 
 __all__ = [
@@ -119,16 +118,19 @@ class FastformerGradients(NamedTuple):
 
 
 # ---------------------------------------------------------------- shared pieces
-def _cpu_only(backend, *arrays):
-    name = backends.resolve(backend, *arrays)
-    if name != "cpu":
-        raise ValueError(
-            "gradients are not supported by the CUDA backend yet (it declares no backward); "
-            "use backend='cpu' with host arrays"
-        )
-    from . import cpu
+def _cpu_only(backend, *arrays, options=None):
+    """Select the backend of the forward; it must declare ``"backward"`` in the registry.
 
-    return cpu
+    The pullbacks run the CPU backward kernels on the forward's host residuals, so only a
+    host backend can serve them; today that is ``"cpu"``.
+    """
+    chosen = backends.select(backend, arrays, "backward", options)
+    if chosen.name != "cpu":
+        raise backends.BackendNotSupportedError(
+            f"backend {chosen.name!r} ({chosen.title}) declares a backward, but the pullbacks run the CPU "
+            "backward kernels; use backend='cpu'"
+        )
+    return chosen
 
 
 def _cotangent(value, name, batch, tail, *, required=True):
@@ -267,13 +269,13 @@ def fmm_attention_vjp(q, k, v, *, causal=False, block_size=_config.DEFAULT_BLOCK
     """
     causal = check_bool(causal, "causal")
     return_lse = check_bool(return_lse, "return_lse")
-    coarsening, count_scaling, query_coarsening = check_fmm_options(
-        coarsening=coarsening, count_scaling=count_scaling, query_coarsening=query_coarsening, causal=causal
+    options = FMMOptions.create(
+        causal=causal, block_size=block_size, rank=rank, coarsening=coarsening, count_scaling=count_scaling,
+        query_coarsening=query_coarsening, scale=scale, cluster_iters=cluster_iters, refine=refine,
+        global_tokens=global_tokens,
     )
-    cluster_iters, refine = check_accuracy_options(
-        cluster_iters=cluster_iters, refine=refine, query_coarsening=query_coarsening
-    )
-    cpu = _cpu_only(backend, q, k, v)
+    coarsening, count_scaling, query_coarsening = options.coarsening, options.count_scaling, options.query_coarsening
+    cpu = _cpu_only(backend, q, k, v, options=options)
     if isinstance(coarsening, str) and coarsening == "cluster":
         raise ValueError(
             "coarsening='cluster' has no backward yet (its group assignments are not exposed by the "
@@ -284,10 +286,7 @@ def fmm_attention_vjp(q, k, v, *, causal=False, block_size=_config.DEFAULT_BLOCK
     if isinstance(coarsening, LearnedCoarsening):
         coarsening.check_tree(tree, batch.d, batch.dv)
     global_tokens = check_global_tokens(global_tokens, batch.n)
-    out, lse, plan = cpu.fmm(
-        batch, tree, coarsening=coarsening, count_scaling=count_scaling, query_coarsening=query_coarsening,
-        cluster_iters=cluster_iters, refine=refine, global_tokens=global_tokens,
-    )
+    out, lse, plan = cpu.fmm(batch, tree, options.replace(global_tokens=global_tokens))
     from .cpu.backward_ops import FMMResiduals, fmm_backward
 
     res = FMMResiduals.build(batch, tree, plan if refine > 0 else None, coarsening=coarsening,

@@ -19,15 +19,14 @@ Inputs and outputs
   :func:`synchronize` waits for them (for timings).
 
 Nothing here imports :mod:`numba.cuda` at import time: :mod:`._device` does, on first use.
+The functions here are the public ones with ``backend="cuda"``: validation, options and
+dispatch live once, in :mod:`fmm_attention.api` and the registered CUDA backend object
+(:mod:`fmm_attention.backends`).
 """
 
 from __future__ import annotations
 
 from .. import _config
-from .._validate import check_bool
-from .._validate import check_fmm_options
-from ..coarsening import LearnedCoarsening
-from ..tree import build_tree
 from . import _device
 
 __all__ = ["require", "synchronize", "exact_attention", "fmm_attention", "fastformer_attention"]
@@ -90,14 +89,10 @@ def exact_attention(q, k, v, *, causal=False, scale=None, key_padding_mask=None,
         Invalid inputs (see :func:`fmm_attention.exact_attention`); device inputs also need
         one dtype (float32/float64) and C-contiguity.
     """
-    from .exact import exact
+    from ..api import exact_attention as _exact
 
-    require()
-    causal = check_bool(causal, "causal")
-    return_lse = check_bool(return_lse, "return_lse")
-    batch = _device.inputs(q, k, v, scale=scale, key_padding_mask=key_padding_mask, check_finite=check_finite)
-    out, lse = exact(batch, causal=causal)
-    return batch.finish(out, lse, return_lse)
+    return _exact(q, k, v, causal=causal, scale=scale, key_padding_mask=key_padding_mask, return_lse=return_lse,
+                  check_finite=check_finite, backend="cuda")
 
 
 def fmm_attention(q, k, v, *, causal=False, block_size=_config.DEFAULT_BLOCK_SIZE, rank=_config.DEFAULT_RANK,
@@ -138,28 +133,11 @@ def fmm_attention(q, k, v, *, causal=False, block_size=_config.DEFAULT_BLOCK_SIZ
     TypeError, ValueError
         As :func:`fmm_attention.fmm_attention`.
     """
-    from .fma import fmm
+    from ..api import fmm_attention as _fmm
 
-    require()
-    causal = check_bool(causal, "causal")
-    return_lse = check_bool(return_lse, "return_lse")
-    coarsening, count_scaling, query_coarsening = check_fmm_options(
-        coarsening=coarsening, count_scaling=count_scaling, query_coarsening=query_coarsening, causal=causal
-    )
-    if not (isinstance(coarsening, LearnedCoarsening) or coarsening == "mean"):
-        raise ValueError(
-            f"the CUDA backend supports coarsening='mean' or a LearnedCoarsening, got {coarsening!r}; "
-            "use backend='cpu'"
-        )
-    batch = _device.inputs(q, k, v, scale=scale, key_padding_mask=key_padding_mask, check_finite=check_finite)
-    tree = build_tree(batch.n, block_size=block_size, rank=rank, causal=causal)
-    if isinstance(coarsening, LearnedCoarsening):
-        coarsening.check_tree(tree, batch.d, batch.dv)
-    if batch.batch == 0:
-        return batch.finish(_device.empty((0, batch.n, batch.dv), batch.dtype),
-                            _device.empty((0, batch.n), batch.dtype), return_lse)
-    out, lse = fmm(batch, tree, coarsening=coarsening, count_scaling=count_scaling, query_coarsening=query_coarsening)
-    return batch.finish(out, lse, return_lse)
+    return _fmm(q, k, v, causal=causal, block_size=block_size, rank=rank, coarsening=coarsening,
+                count_scaling=count_scaling, query_coarsening=query_coarsening, scale=scale,
+                key_padding_mask=key_padding_mask, return_lse=return_lse, check_finite=check_finite, backend="cuda")
 
 
 def fastformer_attention(q, k, v, w_q, w_k, *, causal=False, scale=None, key_padding_mask=None,
@@ -198,31 +176,7 @@ def fastformer_attention(q, k, v, w_q, w_k, *, causal=False, scale=None, key_pad
     TypeError, ValueError
         As :func:`fmm_attention.fastformer_attention`.
     """
-    from .fastformer import attention_vector, fastformer
+    from ..api import fastformer_attention as _fastformer
 
-    require()
-    causal = check_bool(causal, "causal")
-    return_pools = check_bool(return_pools, "return_pools")
-    batch = _device.inputs(q, k, v, scale=scale, key_padding_mask=key_padding_mask, check_finite=check_finite)
-    if batch.dv != batch.d:
-        raise ValueError(
-            f"v must have the feature dim d = {batch.d} of q (u = kg * v is element-wise), got "
-            f"v of shape {batch.lead_shape + (batch.n, batch.dv)}"
-        )
-    check_finite = check_bool(check_finite, "check_finite")
-    w_q = attention_vector(w_q, "w_q", batch, check_finite)
-    w_k = attention_vector(w_k, "w_k", batch, check_finite)
-    B, n, d, lead = batch.batch, batch.n, batch.d, batch.lead_shape
-    pool_shape = (B, n, d) if causal else (B, d)
-    if B == 0:
-        out = _device.empty((B, n, d), batch.dtype)
-        qg, kg = _device.empty(pool_shape, batch.dtype), _device.empty(pool_shape, batch.dtype)
-    else:
-        out, qg, kg = fastformer(batch, w_q, w_k, causal=causal)
-    results = [out.reshape(lead + (n, d))]
-    if return_pools:
-        tail = (n, d) if causal else (d,)
-        results += [qg.reshape(lead + tail), kg.reshape(lead + tail)]
-    if not batch.on_device:
-        results = [r.copy_to_host() for r in results]
-    return tuple(results) if return_pools else results[0]
+    return _fastformer(q, k, v, w_q, w_k, causal=causal, scale=scale, key_padding_mask=key_padding_mask,
+                       return_pools=return_pools, check_finite=check_finite, backend="cuda")
