@@ -307,7 +307,7 @@ class FMMDecoder:
             fname = "dv" if name == "v" else "d"
             if arr.ndim != len(lead) + 2 or arr.shape[: len(lead)] != lead or arr.shape[-1] != feat:
                 raise ValueError(
-                    f"{name} must have shape (batch_shape..., t, {fname}) = {lead + ('t', feat)}, got {arr.shape}"
+                    f"{name} must have shape (*batch_shape, t, {fname}) = {lead + ('t', feat)}, got {arr.shape}"
                 )
             if t is None:
                 t = arr.shape[-2]
@@ -334,7 +334,7 @@ class FMMDecoder:
             if valid.dtype != np.bool_:
                 raise TypeError(f"{mask_name} must be a bool array (True = valid token), got dtype {valid.dtype}")
             if valid.shape != lead + (t,):
-                raise ValueError(f"{mask_name} must have shape (batch_shape..., t) = {lead + (t,)}, got {valid.shape}")
+                raise ValueError(f"{mask_name} must have shape (*batch_shape, t) = {lead + (t,)}, got {valid.shape}")
             valid = np.ascontiguousarray(valid).reshape(self._B, t)
             if not valid.flags.writeable:
                 valid = valid.copy()

@@ -215,7 +215,7 @@ def exact_attention_vjp(q, k, v, *, causal=False, scale=None, key_padding_mask=N
     return_lse = check_bool(return_lse, "return_lse")
     cpu = _cpu_only(backend, q, k, v)
     batch = attention_inputs(q, k, v, scale=scale, key_padding_mask=key_padding_mask, check_finite=check_finite)
-    out, lse = cpu.exact_batch(batch, causal=causal)
+    out, lse = cpu.exact(batch, causal=causal)
 
     def pullback(g_out, g_lse=None):
         from .cpu.backward_ops import exact_backward
@@ -362,7 +362,7 @@ def fastformer_attention_vjp(q, k, v, w_q, w_k, *, causal=False, scale=None, key
     # own writable copies (B, d): broadcast views are read-only, which Numba types apart
     wq = np.array(attention_vector(w_q, "w_q", batch, check_finite), dtype=batch.dtype, order="C")
     wk = np.array(attention_vector(w_k, "w_k", batch, check_finite), dtype=batch.dtype, order="C")
-    out, _, _ = cpu.fastformer_batch(batch, wq, wk, causal=causal, return_pools=False)
+    out, _, _ = cpu.fastformer(batch, wq, wk, causal=causal, return_pools=False)
 
     def pullback(g_out):
         from .cpu.backward_fastformer import fastformer_backward
