@@ -90,6 +90,69 @@ def _analysis(dtype):
     compare(q, k, v, block_size=_M, rank=_P, key_padding_mask=_mask())
 
 
+def _finite(dtype):
+    # Arrays above _config.FINITE_PARALLEL_MIN_BYTES take a parallel kernel; reach it on a
+    # small array by lowering the threshold for this one call.
+    from . import _config
+    from .cpu.finite import all_finite
+
+    saved = _config.FINITE_PARALLEL_MIN_BYTES
+    _config.FINITE_PARALLEL_MIN_BYTES = 0
+    try:
+        all_finite(np.ones(1000, dtype=dtype))
+    finally:
+        _config.FINITE_PARALLEL_MIN_BYTES = saved
+
+
+def _gradients(dtype):
+    from .coarsening import LearnedCoarsening
+    from .grad import exact_attention_vjp, fastformer_attention_vjp, fmm_attention_vjp
+    from .tree import build_tree
+
+    q, k, v = _inputs(dtype)
+    tree = build_tree(_N, block_size=_M, rank=_P)
+    weights = [np.full((lv.rank * _D, 1, lv.box_size), 1.0 / lv.box_size) for lv in tree.levels]
+    fma_options = [dict(), dict(coarsening=LearnedCoarsening(weights, weights))]
+    for causal in (False, True):
+        for mask in (None, _mask()):
+            out, pullback = exact_attention_vjp(q, k, v, causal=causal, key_padding_mask=mask)
+            pullback(np.ones_like(out))
+            for options in fma_options:
+                out, pullback = fmm_attention_vjp(q, k, v, causal=causal, block_size=_M, rank=_P,
+                                                  key_padding_mask=mask, **options)
+                pullback(np.ones_like(out))
+    out, pullback = fmm_attention_vjp(q, k, v, block_size=_M, rank=_P, query_coarsening=True)
+    pullback(np.ones_like(out))
+    w_q, w_k = np.random.default_rng(1).standard_normal((2, _D)).astype(dtype)
+    for causal in (False, True):
+        out, pullback = fastformer_attention_vjp(q, k, v, w_q, w_k, causal=causal, key_padding_mask=_mask())
+        pullback(np.ones_like(out))
+
+
+def _decode(dtype):
+    from . import _config
+    from .coarsening import LearnedCoarsening
+    from .decode import FMMDecoder
+    from .tree import build_tree
+
+    q, k, v = _inputs(dtype)
+    tree = build_tree(_N, block_size=_M, rank=_P)
+    weights = [np.full((lv.rank * _D, 1, lv.box_size), 1.0 / lv.box_size) for lv in tree.levels]
+    saved = _config.DECODE_PARALLEL_MIN_WORK
+    for parallel_min_work in (saved, 0):  # the serial step kernels and their parallel twins
+        _config.DECODE_PARALLEL_MIN_WORK = parallel_min_work
+        try:
+            for method, coarsening in (("fmm", "mean"), ("fmm", LearnedCoarsening(weights, weights)),
+                                       ("exact", "mean")):
+                dec = FMMDecoder(batch_shape=(2,), d=_D, block_size=_M, rank=_P, coarsening=coarsening,
+                                 dtype=np.dtype(dtype), method=method)
+                dec.prefill(q[:, :40], k[:, :40], v[:, :40], key_padding_mask=_mask()[:, :40])
+                for t in range(40, 44):
+                    dec.step(q[:, t : t + 1], k[:, t : t + 1], v[:, t : t + 1])
+        finally:
+            _config.DECODE_PARALLEL_MIN_WORK = saved
+
+
 #: Variant name -> (function of the dtype, dtypes it is compiled for).
 VARIANTS = {
     "exact": (_exact, DTYPES),
@@ -100,6 +163,9 @@ VARIANTS = {
     "fma-refine": (_fma_calls(refine=8), DTYPES),
     "fma-global-tokens": (_fma_calls(global_tokens=[0, _N - 1]), DTYPES),
     "fastformer": (_fastformer, DTYPES),
+    "finite-check": (_finite, DTYPES),
+    "gradients": (_gradients, DTYPES),
+    "decode": (_decode, DTYPES),
     "analysis": (_analysis, ("float64",)),
 }
 
@@ -112,6 +178,9 @@ _DESCRIPTIONS = {
     "fma-refine": "FMA, adaptive refinement: causal or not, masked",
     "fma-global-tokens": "FMA with global tokens: causal or not, masked",
     "fastformer": "Fastformer: causal or not, masked, with pools",
+    "finite-check": "the check_finite pass of large arrays (parallel)",
+    "gradients": "the VJPs: exact, FMA (mean, learned, coarse queries), Fastformer; masked",
+    "decode": "FMMDecoder: FMA (mean, learned) and exact decode, serial and parallel steps",
     "analysis": "the analysis of the analyze command (float64 only)",
 }
 

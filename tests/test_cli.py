@@ -432,6 +432,10 @@ def test_compile_variants_cover_the_api(capsys, monkeypatch):
     for name in ("exact_attention", "fmm_attention", "fastformer_attention"):
         monkeypatch.setattr(api, name, record(name))
     monkeypatch.setattr(analysis, "compare", record("compare"))
+    for variant in ("finite-check", "gradients", "decode"):  # they call the VJPs and the decoder, not these functions
+        monkeypatch.setitem(_compile.VARIANTS, variant, (
+            lambda dtype, variant=variant: seen.append((variant, np.dtype(dtype).name, {})),
+            _compile.VARIANTS[variant][1]))
     code, out, err = run_cli(["compile"], capsys)
     assert code == 0, err
     assert len([line for line in err.splitlines() if line.startswith("compile: variant ")]) == len(
@@ -455,6 +459,8 @@ def test_compile_variants_cover_the_api(capsys, monkeypatch):
         assert has("exact_attention", dtype, key_padding_mask=...)
         assert has("fmm_attention", dtype, query_coarsening=True, key_padding_mask=...)
     assert any(name == "compare" for name, _, _ in seen)
+    for variant in ("finite-check", "gradients", "decode"):
+        assert {dt for name, dt, _ in seen if name == variant} == {"float32", "float64"}
     assert "seconds" in out and "fma-learned" in out
 
 
