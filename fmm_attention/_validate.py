@@ -263,8 +263,8 @@ def check_accuracy_options(*, cluster_iters, refine, query_coarsening):
     return cluster_iters, refine
 
 
-def check_global_tokens(global_tokens, n):
-    """Sorted unique token indices in ``[0, n)`` as a tuple (empty for ``None``)."""
+def global_token_indices(global_tokens):
+    """Sorted unique integer token indices as a tuple (empty for ``None``); the range is not checked."""
     if global_tokens is None:
         return ()
     arr = np.asarray(global_tokens)
@@ -272,9 +272,30 @@ def check_global_tokens(global_tokens, n):
         arr = arr[None]
     if arr.ndim != 1 or (arr.size and arr.dtype.kind not in "iu"):
         raise TypeError(f"global_tokens must be a 1-D sequence of integer token indices, got {global_tokens!r}")
-    if arr.size and (arr.min() < 0 or arr.max() >= n):
-        raise ValueError(f"global_tokens must lie in [0, n) = [0, {n}), got min {arr.min()} and max {arr.max()}")
     return tuple(int(i) for i in np.unique(arr))
+
+
+def check_global_tokens(global_tokens, n):
+    """Sorted unique token indices in ``[0, n)`` as a tuple (empty for ``None``)."""
+    tokens = global_token_indices(global_tokens)
+    if tokens and (tokens[0] < 0 or tokens[-1] >= n):
+        raise ValueError(f"global_tokens must lie in [0, n) = [0, {n}), got min {tokens[0]} and max {tokens[-1]}")
+    return tokens
+
+
+def check_vector_shape(shape, name, d, lead):
+    """An additive-attention vector's shape must be ``(..., d)``, broadcasting to ``lead``."""
+    if len(shape) < 1 or shape[-1] != d:
+        raise ValueError(f"{name} must have shape (..., d) with d = {d} (the feature dim of q), got {shape}")
+    try:
+        fits = np.broadcast_shapes(shape[:-1], lead) == lead
+    except ValueError:
+        fits = False
+    if not fits:
+        raise ValueError(
+            f"{name} of shape {shape} does not broadcast against the leading dims {lead} of q: "
+            f"expected (..., {d}) with leading dims broadcastable to {lead}, e.g. one vector per head"
+        )
 
 
 def attention_vector(w, name, batch, check_finite):
@@ -282,17 +303,7 @@ def attention_vector(w, name, batch, check_finite):
     arr = as_array(w, name)
     float_dtype((name, arr))
     d, lead = batch.d, batch.lead_shape
-    if arr.ndim < 1 or arr.shape[-1] != d:
-        raise ValueError(f"{name} must have shape (..., d) with d = {d} (the feature dim of q), got {arr.shape}")
-    try:
-        fits = np.broadcast_shapes(arr.shape[:-1], lead) == lead
-    except ValueError:
-        fits = False
-    if not fits:
-        raise ValueError(
-            f"{name} of shape {arr.shape} does not broadcast against the leading dims {lead} of q: "
-            f"expected (..., {d}) with leading dims broadcastable to {lead}, e.g. one vector per head"
-        )
+    check_vector_shape(arr.shape, name, d, lead)
     arr = arr.astype(batch.dtype, copy=False)
     if check_finite:
         check_finite_array(arr, name)

@@ -13,8 +13,6 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-import numpy as np
-
 from . import _config
 from ._validate import (
     check_accuracy_options,
@@ -22,25 +20,10 @@ from ._validate import (
     check_fmm_options,
     check_power_of_two,
     check_scale,
+    global_token_indices,
 )
 
 __all__ = ["FMMOptions"]
-
-
-def _global_token_indices(global_tokens):
-    """Sort and deduplicate integer token indices into a tuple.
-
-    The range ``[0, n)`` is checked per call, when ``n`` is known (by
-    :func:`fmm_attention._validate.check_global_tokens`).
-    """
-    if global_tokens is None:
-        return ()
-    arr = np.asarray(global_tokens)
-    if arr.ndim == 0:
-        arr = arr[None]
-    if arr.ndim != 1 or (arr.size and arr.dtype.kind not in "iu"):
-        raise TypeError(f"global_tokens must be a 1-D sequence of integer token indices, got {global_tokens!r}")
-    return tuple(int(i) for i in np.unique(arr))
 
 
 @dataclass(frozen=True)
@@ -116,7 +99,7 @@ class FMMOptions:
             scale = check_scale(scale, 1)  # d is not known yet: only the value is checked here
         return cls(causal=causal, block_size=block_size, rank=rank, coarsening=coarsening,
                    count_scaling=count_scaling, query_coarsening=query_coarsening, scale=scale,
-                   cluster_iters=cluster_iters, refine=refine, global_tokens=_global_token_indices(global_tokens))
+                   cluster_iters=cluster_iters, refine=refine, global_tokens=global_token_indices(global_tokens))
 
     @property
     def coarsening_name(self):

@@ -32,7 +32,7 @@ import operator
 import numpy as np
 
 from .. import _config
-from .._validate import check_bool, check_scale, float_dtype
+from .._validate import check_bool, check_scale, check_vector_shape, float_dtype
 from . import _chunks
 
 _LEAD_INDEX = "abceghijklmopqrstuvwxyz"  # blockwise index letters for leading axes (n, d, f taken)
@@ -174,17 +174,7 @@ def _lazy_vector(w, name, inputs):
     w = _as_dask(w, name)
     float_dtype((name, w))
     d, lead = inputs.d, inputs.lead_shape
-    if w.ndim < 1 or w.shape[-1] != d:
-        raise ValueError(f"{name} must have shape (..., d) with d = {d} (the feature dim of q), got {w.shape}")
-    try:
-        fits = np.broadcast_shapes(w.shape[:-1], lead) == lead
-    except ValueError:
-        fits = False
-    if not fits:
-        raise ValueError(
-            f"{name} of shape {w.shape} does not broadcast against the leading dims {lead} of q: "
-            f"expected (..., {d}) with leading dims broadcastable to {lead}, e.g. one vector per head"
-        )
+    check_vector_shape(tuple(w.shape), name, d, lead)
     w = da.broadcast_to(w.astype(inputs.dtype), lead + (d,))
     return w.rechunk(inputs.chunks[:-1] + (-1,))
 
