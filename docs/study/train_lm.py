@@ -49,8 +49,8 @@ MASK_ID = 256  # bytes 0..255 are the characters; one more symbol for masked pos
 VOCAB = 257
 MASK_RATE = 0.15
 
-SMALL = dict(d_model=64, n_layers=2, n_heads=2, seq_len=1024, batch=4, steps=250, lr=3e-3, warmup=25,
-             block_size=32, rank=4, eval_every=25, val_windows=16, seeds=(0, 1))
+SMALL = dict(d_model=64, n_layers=2, n_heads=2, seq_len=1024, batch=8, steps=300, lr=3e-3, warmup=25,
+             block_size=32, rank=4, eval_every=25, val_windows=32, seeds=(0, 1))
 FULL = dict(d_model=256, n_layers=4, n_heads=4, seq_len=2048, batch=16, steps=5000, lr=1e-3, warmup=200,
             block_size=64, rank=4, eval_every=250, val_windows=128, seeds=(0, 1, 2))
 
@@ -159,7 +159,7 @@ def window_attention(q, k, v, *, block_size, causal):
     j = (block - 1) * m + torch.arange(3 * m)[None, None, :]
     allowed = (j >= 0) & (j < n)
     if causal:
-        allowed &= j <= i
+        allowed = allowed & (j <= i)
     scores = scores.masked_fill(~allowed, float("-inf"))
     out = torch.softmax(scores, dim=-1) @ vn
     return out.reshape(*lead, nb * m, v.shape[-1])[..., :n, :]
@@ -339,11 +339,12 @@ def train_one(task, kind, seed, cfg, *, log=print, return_model=False):
 
 
 def runs(cfg, tasks, attentions):
-    for task in tasks:
-        for kind in attentions:
-            if kind == "fma-learned-cq" and task == "causal":
-                continue
-            for seed in cfg["seeds"]:
+    """Seed by seed, so that a study cut short still has every attention once."""
+    for seed in cfg["seeds"]:
+        for task in tasks:
+            for kind in attentions:
+                if kind == "fma-learned-cq" and task == "causal":
+                    continue
                 yield task, kind, seed
 
 
