@@ -187,6 +187,7 @@ class Attention(torch.nn.Module):
         self.last_qkv = None  # the most recent q, k, v (for checking against the NumPy API)
 
     def core(self, q, k, v):
+        """The attention of ``q``, ``k``, ``v`` (``(batch, heads, n, d_head)``)."""
         if self.kind == "exact":
             return fmt.exact_attention(q, k, v, causal=self.causal)
         if self.kind == "fma-mean":
@@ -200,6 +201,7 @@ class Attention(torch.nn.Module):
         raise ValueError(f"unknown attention {self.kind!r}; expected one of {ATTENTIONS}")
 
     def forward(self, x):
+        """Project ``x`` (``(batch, n, d_model)``), attend per head, project back."""
         b, n, c = x.shape
         qkv = _BackwardEnd.apply(self.qkv(x))
         t0 = time.perf_counter()
@@ -212,6 +214,8 @@ class Attention(torch.nn.Module):
 
 
 class Block(torch.nn.Module):
+    """Pre-LayerNorm transformer block: attention, then a 4x GELU MLP, each residual."""
+
     def __init__(self, kind, cfg, causal):
         super().__init__()
         c = cfg["d_model"]
@@ -220,6 +224,7 @@ class Block(torch.nn.Module):
         self.mlp = torch.nn.Sequential(torch.nn.Linear(c, 4 * c), torch.nn.GELU(), torch.nn.Linear(4 * c, c))
 
     def forward(self, x):
+        """The block applied to ``x`` (``(batch, n, d_model)``)."""
         x = x + self.attn(self.ln1(x))
         return x + self.mlp(self.ln2(x))
 
@@ -239,6 +244,7 @@ class CharModel(torch.nn.Module):
         torch.nn.init.normal_(self.pos.weight, std=0.02)
 
     def forward(self, idx):
+        """Logits ``(batch, n, VOCAB)`` for the symbols ``idx`` (``(batch, n)``)."""
         x = self.tok(idx) + self.pos(torch.arange(idx.shape[1]))
         for blk in self.blocks:
             x = blk(x)
@@ -266,10 +272,12 @@ def reset_peak_rss():
 
 
 def bits(loss_nats):
+    """Nats to bits."""
     return loss_nats / math.log(2)
 
 
 def evaluate(model, val_batches):
+    """Validation loss in bits per predicted character (every target that is not -100)."""
     model.eval()
     total, count = 0.0, 0
     with torch.no_grad():
@@ -351,7 +359,7 @@ def runs(cfg, tasks, attentions):
 
 # ---------------------------------------------------------------- report
 def report(out, static):
-    """``training_study_table.rst`` (a list-table) and ``training_study_curves.png``."""
+    """``training_study_table.inc`` (a list-table, included by the page) and ``training_study_curves.png``."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -385,12 +393,13 @@ def report(out, static):
         ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(static / "training_study_curves.png", dpi=80)
-    (static / "training_study_table.rst").write_text("\n".join(rows) + "\n")
-    print(f"wrote {static / 'training_study_table.rst'} and {static / 'training_study_curves.png'}")
+    (static / "training_study_table.inc").write_text("\n".join(rows) + "\n")
+    print(f"wrote {static / 'training_study_table.inc'} and {static / 'training_study_curves.png'}")
 
 
 # ---------------------------------------------------------------- command line
 def main(argv=None):
+    """The command line (see the module docstring)."""
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", required=True, help="folder for one JSON file per run")
     ap.add_argument("--full", action="store_true", help="the full size (GPU-class time; see FULL)")
