@@ -400,7 +400,7 @@ def report(out, static):
             vals = np.array([r["val_bits"] for r in rs])
             spread = (vals.max() - vals.min()) / 2
             extra = np.array([r["peak_rss_mib"] - r["base_rss_mib"] for r in rs])
-            rows += [f"   * - {task}", f"     - {kind}", f"     - {vals.mean():.3f} ± {spread:.3f} ({len(rs)} seeds)",
+            rows += [f"   * - {task}", f"     - {kind}", f"     - {vals.mean():.3f} ± {spread:.3f} ({len(rs)} seed{'s' if len(rs) > 1 else ''})",
                      "     - " + " / ".join(f"{r['step_seconds']:.2f}" for r in rs),
                      "     - " + " / ".join(f"{100 * r['attention_share']:.0f} %" for r in rs),
                      "     - " + " / ".join(f"{x:.0f}" for x in extra)]
@@ -409,6 +409,7 @@ def report(out, static):
             ax.plot(steps, curves.mean(0), label=kind)
             ax.fill_between(steps, curves.min(0), curves.max(0), alpha=0.2)
         ax.set_title({"causal": "autoregressive (next char)", "masked": "bidirectional (masked chars)"}[task])
+        ax.set_ylim(top=uni_bits + 0.8)  # the first evaluations (8 bits at step 0) would flatten the rest
         ax.set_xlabel("step")
         ax.set_ylabel("validation bits per char")
         ax.legend(fontsize=7)
