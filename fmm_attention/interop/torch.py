@@ -171,20 +171,22 @@ class FMMAttention(torch.nn.Module):
         Feature dims of keys and values (``dv = d`` by default).
     block_size, rank : int, optional
         ``m`` and ``p`` of :func:`fmm_attention.fmm_attention`.
-    causal, count_scaling, scale : optional
-        Forwarded to every call.
+    causal, count_scaling, query_coarsening, scale : optional
+        Forwarded to every call (``query_coarsening=True``: the O(n) coarse-query variant,
+        bidirectional only).
     dtype : torch.dtype, optional
         Of the parameters (float64 by default, as :class:`~fmm_attention.LearnedCoarsening`
         stores them).
     """
 
     def __init__(self, seq_len, d, dv=None, *, block_size=_config.DEFAULT_BLOCK_SIZE, rank=_config.DEFAULT_RANK,
-                 causal=False, count_scaling=True, scale=None, dtype=torch.float64):
+                 causal=False, count_scaling=True, query_coarsening=False, scale=None, dtype=torch.float64):
         super().__init__()
         dv = d if dv is None else dv
         tree = build_tree(seq_len, block_size=block_size, rank=rank, causal=causal)
         self.seq_len, self.block_size, self.rank = seq_len, block_size, rank
         self.causal, self.count_scaling, self.scale = causal, count_scaling, scale
+        self.query_coarsening = query_coarsening
 
         def means(channels, level):
             w = np.zeros((level.rank * channels, 1, level.box_size))
@@ -206,7 +208,7 @@ class FMMAttention(torch.nn.Module):
         coarsening; differentiable in the inputs and every parameter.
         """
         options = dict(causal=self.causal, block_size=self.block_size, rank=self.rank,
-                       count_scaling=self.count_scaling, scale=self.scale)
+                       count_scaling=self.count_scaling, query_coarsening=self.query_coarsening, scale=self.scale)
         params = [*self.key_weights, *self.value_weights, *self.key_bias, *self.value_bias]
         out, lse = _FMM.apply(q, k, v, _mask(key_padding_mask), options, len(self.key_weights), *params)
         return (out, lse) if return_lse else out

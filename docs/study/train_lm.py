@@ -1,0 +1,477 @@
+"""Training study: character-level language models with FMA against exact attention and peers.
+
+A small pre-LayerNorm transformer (PyTorch embeddings, MLPs, optimiser) whose attention goes
+through :mod:`fmm_attention.interop.torch`, trained on the source files of Python's standard
+library (split into train and validation by file), on two tasks:
+
+* ``causal``: next character, validation loss in bits per character;
+* ``masked``: 15 % of the characters replaced by a mask symbol and predicted from both
+  sides (bidirectional attention), bits per masked character.
+
+Attentions, same model, steps and tokens: ``exact``; ``fma-mean``; ``fma-learned`` (trainable
+grouped-convolution coarsening, the paper's); ``fma-learned-cq`` (learned coarsening with
+coarse queries, O(n), masked task only: the library has no causal coarse queries);
+``window`` (the FMA near field alone, implemented here with torch ops: the library has no
+windowed attention); ``fastformer``.
+
+One command runs the study (every task, attention and seed, each in its own process so its
+peak memory is its own) and writes JSON results; ``--report`` turns them into the docs'
+table and plot::
+
+    python docs/study/train_lm.py --out /tmp/study-runs/small            # < 1 h on 2 loaded cores
+    python docs/study/train_lm.py --out /tmp/study-runs/small --report docs/_static
+    python docs/study/train_lm.py --full --out runs/full                 # bigger model and context
+
+Needs torch (extra ``[torch]``) and matplotlib (for ``--report``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import pathlib
+import subprocess
+import sys
+import sysconfig
+import time
+import zlib
+
+import numba
+import numpy as np
+import torch
+
+from fmm_attention.interop import torch as fmt
+
+ATTENTIONS = ("exact", "fma-mean", "fma-learned", "fma-learned-cq", "window", "fastformer")
+TASKS = ("causal", "masked")
+MASK_ID = 256  # bytes 0..255 are the characters; one more symbol for masked positions
+VOCAB = 257
+MASK_RATE = 0.15
+
+SMALL = dict(d_model=64, n_layers=2, n_heads=2, seq_len=1024, batch=4, steps=200, lr=3e-3, warmup=20,
+             block_size=32, rank=4, eval_every=20, val_windows=16, seeds=(0, 1))
+FULL = dict(d_model=256, n_layers=4, n_heads=4, seq_len=2048, batch=16, steps=5000, lr=1e-3, warmup=200,
+            block_size=64, rank=4, eval_every=250, val_windows=128, seeds=(0, 1, 2))
+
+
+# ---------------------------------------------------------------- data
+def corpus_files(root=None):
+    """The standard library's ``.py`` files (sorted relative paths), split by a hash of the path.
+
+    About one file in ten goes to validation (``crc32(path) % 10 == 0``): whole files, so
+    no validation window shares a file with the training data, and the split is the same on
+    every machine with the same Python version.
+    """
+    root = pathlib.Path(root or sysconfig.get_paths()["stdlib"])
+    files = sorted(
+        p.relative_to(root).as_posix() for p in root.rglob("*.py")
+        if not {"site-packages", "dist-packages", "__pycache__"} & set(p.parts)
+    )
+    val = [f for f in files if zlib.crc32(f.encode()) % 10 == 0]
+    train = [f for f in files if zlib.crc32(f.encode()) % 10 != 0]
+    return root, train, val
+
+
+def load_stream(root, files):
+    """The files' bytes joined by newlines, as one uint8 array (bytes are the characters)."""
+    return np.frombuffer(b"\n".join((root / f).read_bytes() for f in files), dtype=np.uint8)
+
+
+def masked_inputs(tokens, gen):
+    """``(inputs, targets)``: targets keep the masked characters only (``-100`` elsewhere)."""
+    masked = torch.rand(tokens.shape, generator=gen) < MASK_RATE
+    inputs = torch.where(masked, torch.full_like(tokens, MASK_ID), tokens)
+    targets = torch.where(masked, tokens, torch.full_like(tokens, -100))
+    return inputs, targets
+
+
+def make_batch(stream, offsets, seq_len, task, gen):
+    """Windows of the stream starting at ``offsets``: causal, shifted by one; masked, masked."""
+    idx = offsets[:, None] + np.arange(seq_len + 1)[None, :]
+    tokens = torch.from_numpy(stream[idx].astype(np.int64))
+    if task == "causal":
+        return tokens[:, :-1], tokens[:, 1:]
+    return masked_inputs(tokens[:, :-1], gen)
+
+
+# ---------------------------------------------------------------- timing of the attention
+class _Timer:
+    """Wall time spent inside attention, forward and backward (reset per step)."""
+
+    def __init__(self):
+        self.seconds = 0.0
+        self._back_start = None
+
+
+TIMER = _Timer()
+
+
+class _BackwardEnd(torch.autograd.Function):
+    """Identity on the projected q, k, v: its backward runs after the attention's."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, g):
+        if TIMER._back_start is not None:
+            TIMER.seconds += time.perf_counter() - TIMER._back_start
+            TIMER._back_start = None
+        return g
+
+
+class _BackwardStart(torch.autograd.Function):
+    """Identity on the attention's output: its backward runs just before the attention's."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, g):
+        TIMER._back_start = time.perf_counter()
+        return g
+
+
+# ---------------------------------------------------------------- attentions
+def window_attention(q, k, v, *, block_size, causal):
+    """FMA's near field alone (blocks ``I-1, I, I+1``; causal: ``I-1`` and keys ``j <= i``
+    of ``I``), with torch ops: the local baseline at the same near field as FMA.
+    """
+    *lead, n, d = q.shape
+    m = block_size
+    nb = -(-n // m)
+    pad = nb * m - n
+
+    def blocks(x):
+        return torch.nn.functional.pad(x, (0, 0, 0, pad)).reshape(*lead, nb, m, x.shape[-1])
+
+    qb, kb, vb = blocks(q), blocks(k), blocks(v)
+    zeros = (0, 0, 0, 0, 1, 1)  # one empty block on each side of the block axis
+    kp, vp = torch.nn.functional.pad(kb, zeros), torch.nn.functional.pad(vb, zeros)
+    kn = torch.cat([kp[..., 0:nb, :, :], kp[..., 1 : nb + 1, :, :], kp[..., 2 : nb + 2, :, :]], dim=-2)
+    vn = torch.cat([vp[..., 0:nb, :, :], vp[..., 1 : nb + 1, :, :], vp[..., 2 : nb + 2, :, :]], dim=-2)
+    scores = (qb @ kn.transpose(-1, -2)) * d**-0.5  # (..., nb, m, 3m)
+    block = torch.arange(nb)[:, None, None]
+    i = block * m + torch.arange(m)[None, :, None]
+    j = (block - 1) * m + torch.arange(3 * m)[None, None, :]
+    allowed = (j >= 0) & (j < n)
+    if causal:
+        allowed = allowed & (j <= i)
+    scores = scores.masked_fill(~allowed, float("-inf"))
+    out = torch.softmax(scores, dim=-1) @ vn
+    return out.reshape(*lead, nb * m, v.shape[-1])[..., :n, :]
+
+
+class Attention(torch.nn.Module):
+    """Multi-head self-attention whose core is one of :data:`ATTENTIONS`."""
+
+    def __init__(self, kind, cfg, causal):
+        super().__init__()
+        c, h = cfg["d_model"], cfg["n_heads"]
+        self.kind, self.causal, self.h, self.dh = kind, causal, h, c // h
+        self.m, self.p = cfg["block_size"], cfg["rank"]
+        self.qkv = torch.nn.Linear(c, 3 * c)
+        self.proj = torch.nn.Linear(c, c)
+        if kind in ("fma-learned", "fma-learned-cq"):
+            if kind == "fma-learned-cq" and causal:
+                raise ValueError("fma-learned-cq is bidirectional only (coarse queries mix in future tokens)")
+            self.fmm = fmt.FMMAttention(cfg["seq_len"], self.dh, block_size=self.m, rank=self.p, causal=causal,
+                                        query_coarsening=kind == "fma-learned-cq", dtype=torch.float32)
+        if kind == "fastformer":
+            self.w_q = torch.nn.Parameter(torch.randn(h, self.dh) * self.dh**-0.5)
+            self.w_k = torch.nn.Parameter(torch.randn(h, self.dh) * self.dh**-0.5)
+        self.last_qkv = None  # the most recent q, k, v (for checking against the NumPy API)
+
+    def core(self, q, k, v):
+        """The attention of ``q``, ``k``, ``v`` (``(batch, heads, n, d_head)``)."""
+        if self.kind == "exact":
+            return fmt.exact_attention(q, k, v, causal=self.causal)
+        if self.kind == "fma-mean":
+            return fmt.fmm_attention(q, k, v, causal=self.causal, block_size=self.m, rank=self.p)
+        if self.kind in ("fma-learned", "fma-learned-cq"):
+            return self.fmm(q, k, v)
+        if self.kind == "window":
+            return window_attention(q, k, v, block_size=self.m, causal=self.causal)
+        if self.kind == "fastformer":
+            return fmt.fastformer_attention(q, k, v, self.w_q, self.w_k, causal=self.causal)
+        raise ValueError(f"unknown attention {self.kind!r}; expected one of {ATTENTIONS}")
+
+    def forward(self, x):
+        """Project ``x`` (``(batch, n, d_model)``), attend per head, project back."""
+        b, n, c = x.shape
+        qkv = _BackwardEnd.apply(self.qkv(x))
+        t0 = time.perf_counter()
+        q, k, v = (t.contiguous() for t in qkv.view(b, n, 3, self.h, self.dh).permute(2, 0, 3, 1, 4))
+        self.last_qkv = (q.detach(), k.detach(), v.detach())
+        out = self.core(q, k, v)
+        out = out.transpose(1, 2).reshape(b, n, c)
+        TIMER.seconds += time.perf_counter() - t0
+        return self.proj(_BackwardStart.apply(out))
+
+
+class Block(torch.nn.Module):
+    """Pre-LayerNorm transformer block: attention, then a 4x GELU MLP, each residual."""
+
+    def __init__(self, kind, cfg, causal):
+        super().__init__()
+        c = cfg["d_model"]
+        self.ln1, self.ln2 = torch.nn.LayerNorm(c), torch.nn.LayerNorm(c)
+        self.attn = Attention(kind, cfg, causal)
+        self.mlp = torch.nn.Sequential(torch.nn.Linear(c, 4 * c), torch.nn.GELU(), torch.nn.Linear(4 * c, c))
+
+    def forward(self, x):
+        """The block applied to ``x`` (``(batch, n, d_model)``)."""
+        x = x + self.attn(self.ln1(x))
+        return x + self.mlp(self.ln2(x))
+
+
+class CharModel(torch.nn.Module):
+    """Embeddings (characters and absolute positions), pre-LN blocks, tied output layer."""
+
+    def __init__(self, kind, cfg, causal):
+        super().__init__()
+        c = cfg["d_model"]
+        self.tok = torch.nn.Embedding(VOCAB, c)
+        self.pos = torch.nn.Embedding(cfg["seq_len"], c)
+        self.blocks = torch.nn.ModuleList(Block(kind, cfg, causal) for _ in range(cfg["n_layers"]))
+        self.ln = torch.nn.LayerNorm(c)
+        # small embeddings (GPT-2's 0.02): the tied output layer starts near uniform logits
+        torch.nn.init.normal_(self.tok.weight, std=0.02)
+        torch.nn.init.normal_(self.pos.weight, std=0.02)
+
+    def forward(self, idx):
+        """Logits ``(batch, n, VOCAB)`` for the symbols ``idx`` (``(batch, n)``)."""
+        x = self.tok(idx) + self.pos(torch.arange(idx.shape[1]))
+        for blk in self.blocks:
+            x = blk(x)
+        return self.ln(x) @ self.tok.weight.T
+
+
+# ---------------------------------------------------------------- one run
+def rss_mib(field):
+    """``VmRSS`` or ``VmHWM`` (peak) of this process, MiB (Linux ``/proc``; NaN elsewhere)."""
+    try:
+        for line in pathlib.Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return float("nan")
+
+
+def reset_peak_rss():
+    """Restart the peak (``VmHWM``) at the current RSS (Linux >= 4.0; ignored elsewhere)."""
+    try:
+        pathlib.Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass
+
+
+def bits(loss_nats):
+    """Nats to bits."""
+    return loss_nats / math.log(2)
+
+
+def evaluate(model, val_batches):
+    """Validation loss in bits per predicted character (every target that is not -100)."""
+    model.eval()
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for inputs, targets in val_batches:
+            logits = model(inputs)
+            loss = torch.nn.functional.cross_entropy(logits.reshape(-1, VOCAB), targets.reshape(-1),
+                                                     ignore_index=-100, reduction="sum")
+            total += loss.item()
+            count += int((targets != -100).sum())
+    model.train()
+    return bits(total / count)
+
+
+def train_one(task, kind, seed, cfg, *, log=print, return_model=False):
+    """Train one model; returns the result dict (and the model when ``return_model``)."""
+    causal = task == "causal"
+    torch.manual_seed(seed)
+    root, train_files, val_files = corpus_files(cfg.get("stdlib"))
+    train_stream, val_stream = load_stream(root, train_files), load_stream(root, val_files)
+    n, b = cfg["seq_len"], cfg["batch"]
+    # validation: the same windows (evenly spaced) and masks for every attention and seed
+    val_gen = torch.Generator().manual_seed(12345)
+    starts = np.linspace(0, len(val_stream) - n - 2, cfg["val_windows"]).astype(np.int64)
+    val_batches = [make_batch(val_stream, starts[i : i + b], n, task, val_gen) for i in range(0, len(starts), b)]
+
+    model = CharModel(kind, cfg, causal)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg["lr"], weight_decay=0.01, betas=(0.9, 0.95))
+    steps, warmup = cfg["steps"], cfg["warmup"]
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
+    rng = np.random.default_rng(seed)
+    gen = torch.Generator().manual_seed(seed)
+    curve, step_times, attn_times = [], [], []
+    curve.append((0, float("nan"), evaluate(model, val_batches)))
+    base_rss = rss_mib("VmRSS")
+    for step in range(steps):
+        if step == 1:  # the first step loads compiled kernels; the peak is measured after it
+            reset_peak_rss()
+        inputs, targets = make_batch(train_stream, rng.integers(0, len(train_stream) - n - 2, b), n, task, gen)
+        TIMER.seconds, TIMER._back_start = 0.0, None
+        t0 = time.perf_counter()
+        logits = model(inputs)
+        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, VOCAB), targets.reshape(-1), ignore_index=-100)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        step_times.append(time.perf_counter() - t0)
+        attn_times.append(TIMER.seconds)
+        if (step + 1) % cfg["eval_every"] == 0 or step + 1 == steps:
+            val = evaluate(model, val_batches)
+            curve.append((step + 1, bits(loss.item()), val))
+            log(f"{task} {kind} seed {seed} step {step + 1}: train {bits(loss.item()):.3f} val {val:.3f} bits/char, "
+                f"{np.median(step_times[1:] or step_times):.3f} s/step")
+    timed = slice(1, None) if steps > 1 else slice(None)  # the first step loads compiled kernels
+    result = dict(
+        task=task, attention=kind, seed=seed, config={k: v for k, v in cfg.items() if k != "seeds"},
+        val_bits=curve[-1][2], curve=curve,
+        step_seconds=float(np.median(step_times[timed])),
+        attention_share=float(np.sum(attn_times[timed]) / np.sum(step_times[timed])),
+        base_rss_mib=base_rss, peak_rss_mib=rss_mib("VmHWM"),
+        torch_threads=torch.get_num_threads(), numba_threads=numba.get_num_threads(), n_train_chars=len(train_stream), n_val_chars=len(val_stream),
+        n_train_files=len(train_files), n_val_files=len(val_files), python=sys.version.split()[0],
+        parameters=sum(p.numel() for p in model.parameters()),
+    )
+    return (result, model) if return_model else result
+
+
+def runs(cfg, tasks, attentions):
+    """Seed by seed, so that a study cut short still has every attention once."""
+    for seed in cfg["seeds"]:
+        for task in tasks:
+            for kind in attentions:
+                if kind == "fma-learned-cq" and task == "causal":
+                    continue
+                yield task, kind, seed
+
+
+# ---------------------------------------------------------------- report
+def count_baselines(stdlib=None):
+    """Validation bits/char of the train split's unigram and bigram counts (add-one smoothed).
+
+    What a model that ignores context (unigram) or sees one previous character (bigram)
+    reaches: the floor any trained model has to beat to show it uses context.
+    """
+    root, train_files, val_files = corpus_files(stdlib)
+    train, val = load_stream(root, train_files).astype(np.int64), load_stream(root, val_files).astype(np.int64)
+    uni = np.bincount(train, minlength=256) + 1.0
+    big = np.bincount(train[:-1] * 256 + train[1:], minlength=256 * 256).reshape(256, 256) + 1.0
+    uni_bits = -np.mean(np.log2(uni[val] / uni.sum()))
+    big_bits = -np.mean(np.log2(big[val[:-1], val[1:]] / big.sum(axis=1)[val[:-1]]))
+    return float(uni_bits), float(big_bits)
+
+
+def report(out, static):
+    """``training_study_table.inc`` (a list-table, included by the page) and ``training_study_curves.png``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    results = [json.loads(p.read_text()) for p in sorted(pathlib.Path(out).glob("*.json"))]
+    results.sort(key=lambda r: r["seed"])
+    static = pathlib.Path(static)
+    rows = [".. list-table::", "   :header-rows: 1", "",
+            "   * - task", "     - attention", "     - validation bits/char (mean ± spread)",
+            "     - s/step (per seed)", "     - attention share (per seed)",
+            "     - peak RSS over start, MiB (per seed)"]
+    uni_bits, big_bits = count_baselines(results[0]["config"].get("stdlib"))
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+    for ax, task in zip(axes, TASKS):
+        ax.axhline(uni_bits, color="gray", ls=":", lw=1, label=f"unigram counts ({uni_bits:.2f})")
+        if task == "causal":
+            ax.axhline(big_bits, color="gray", ls="--", lw=1, label=f"bigram counts ({big_bits:.2f})")
+        for kind in ATTENTIONS:
+            rs = [r for r in results if r["task"] == task and r["attention"] == kind]
+            if not rs:
+                continue
+            vals = np.array([r["val_bits"] for r in rs])
+            spread = (vals.max() - vals.min()) / 2
+            extra = np.array([r["peak_rss_mib"] - r["base_rss_mib"] for r in rs])
+            rows += [f"   * - {task}", f"     - {kind}", f"     - {vals.mean():.3f} ± {spread:.3f} ({len(rs)} seed{'s' if len(rs) > 1 else ''})",
+                     "     - " + " / ".join(f"{r['step_seconds']:.2f}" for r in rs),
+                     "     - " + " / ".join(f"{100 * r['attention_share']:.0f} %" for r in rs),
+                     "     - " + " / ".join(f"{x:.0f}" for x in extra)]
+            steps = np.array([c[0] for c in rs[0]["curve"]])
+            curves = np.array([[c[2] for c in r["curve"]] for r in rs])
+            ax.plot(steps, curves.mean(0), label=kind)
+            ax.fill_between(steps, curves.min(0), curves.max(0), alpha=0.2)
+        ax.set_title({"causal": "autoregressive (next char)", "masked": "bidirectional (masked chars)"}[task])
+        ax.set_ylim(top=uni_bits + 0.8)  # the first evaluations (8 bits at step 0) would flatten the rest
+        ax.set_xlabel("step")
+        ax.set_ylabel("validation bits per char")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(static / "training_study_curves.png", dpi=80)
+    rows += ["", f"Reference (no training): the train split's unigram counts give {uni_bits:.3f} bits/char on "
+             f"the validation files, its bigram counts {big_bits:.3f}."]
+    (static / "training_study_table.inc").write_text("\n".join(rows) + "\n")
+    print(f"wrote {static / 'training_study_table.inc'} and {static / 'training_study_curves.png'}")
+
+
+# ---------------------------------------------------------------- command line
+def main(argv=None):
+    """The command line (see the module docstring)."""
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--out", required=True, help="folder for one JSON file per run")
+    ap.add_argument("--full", action="store_true", help="the full size (GPU-class time; see FULL)")
+    ap.add_argument("--tasks", nargs="+", default=list(TASKS), choices=TASKS)
+    ap.add_argument("--attentions", nargs="+", default=list(ATTENTIONS), choices=ATTENTIONS)
+    ap.add_argument("--steps", type=int, help="override the number of steps")
+    ap.add_argument("--seeds", type=int, nargs="+", help="override the seeds")
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch and Numba threads per run (1: on a shared, loaded machine one thread per "
+                         "run was 4-6x faster per step than two, measured at load average 13 on 2 cores)")
+    ap.add_argument("--report", metavar="STATIC", help="write the table and plot from --out's results there")
+    ap.add_argument("--one", nargs=3, metavar=("TASK", "ATTENTION", "SEED"), help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    out = pathlib.Path(args.out)
+    if args.report:
+        return report(out, args.report)
+    cfg = dict(FULL if args.full else SMALL)
+    if args.steps:
+        cfg["steps"] = args.steps
+        cfg["eval_every"] = min(cfg["eval_every"], args.steps)
+    if args.seeds:
+        cfg["seeds"] = tuple(args.seeds)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.set_num_threads(args.threads)
+    numba.set_num_threads(min(args.threads, numba.config.NUMBA_NUM_THREADS))
+    if args.one:  # one run, in this process (the driver below starts one process per run)
+        task, kind, seed = args.one
+        result = train_one(task, kind, int(seed), cfg, log=lambda s: print(s, flush=True))
+        (out / f"{task}-{kind}-{seed}.json").write_text(json.dumps(result, indent=1))
+        return
+    t0 = time.time()
+    load0 = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    base = [sys.executable, __file__, "--out", str(out), "--threads", str(args.threads)]
+    base += ["--full"] if args.full else []
+    if args.steps:
+        base += ["--steps", str(args.steps)]
+    if args.seeds:
+        base += ["--seeds", *map(str, args.seeds)]
+    for task, kind, seed in runs(cfg, args.tasks, args.attentions):
+        if (out / f"{task}-{kind}-{seed}.json").exists():
+            print(f"{task} {kind} seed {seed}: done before, kept", flush=True)
+            continue
+        subprocess.run(base + ["--one", task, kind, str(seed)], check=True)
+    load1 = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    summary = dict(wall_seconds=time.time() - t0, loadavg_start=load0, loadavg_end=load1, cpus=os.cpu_count())
+    (out / "wall.txt").write_text(json.dumps(summary) + "\n")
+    print(f"study done in {summary['wall_seconds'] / 60:.1f} min (1-min load average {load0:.1f} -> {load1:.1f})")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,100 @@
+"""The training study (docs/study/train_lm.py): a tiny model trained a few steps through the
+PyTorch adapter; its learned coarsening, saved as a state dict and loaded into
+``LearnedCoarsening``, reproduces the model's attention outputs in the NumPy API. Also the
+corpus split and the windowed baseline against a dense reference. Skipped without torch.
+"""
+
+import importlib.util
+import pathlib
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from fmm_attention import LearnedCoarsening
+from fmm_attention import fmm_attention as np_fmm_attention
+
+SCRIPT = pathlib.Path(__file__).resolve().parents[1] / "docs" / "study" / "train_lm.py"
+
+
+@pytest.fixture(scope="module")
+def study():
+    if not SCRIPT.is_file():
+        pytest.skip("docs/ is not part of this installation")
+    spec = importlib.util.spec_from_file_location("train_lm", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def tiny(study, **over):
+    cfg = dict(study.SMALL, d_model=8, n_heads=2, n_layers=1, seq_len=64, batch=2, steps=3, lr=3e-2, warmup=1,
+               block_size=4, rank=2, eval_every=3, val_windows=2)
+    cfg.update(over)
+    return cfg
+
+
+def test_corpus_split_is_by_file_and_deterministic(study):
+    root, train, val = study.corpus_files()
+    assert train and val and not set(train) & set(val)
+    assert 0.05 < len(val) / (len(train) + len(val)) < 0.15
+    assert study.corpus_files()[1:] == (train, val)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_window_attention_is_the_fma_near_field(study, causal):
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 19, 3, generator=gen, dtype=torch.float64) for _ in range(3))
+    m = 4
+    i, j = np.arange(19)[:, None], np.arange(19)[None, :]
+    allowed = np.abs(i // m - j // m) <= 1
+    if causal:
+        allowed &= (j <= i) & (i // m - j // m <= 1)
+    s = (q @ k.transpose(-1, -2)) * 3**-0.5
+    dense = torch.softmax(s.masked_fill(~torch.from_numpy(allowed), float("-inf")), -1) @ v
+    got = study.window_attention(q, k, v, block_size=m, causal=causal)
+    torch.testing.assert_close(got, dense)
+
+
+@pytest.mark.parametrize(("task", "kind"), [("causal", "fma-learned"), ("masked", "fma-learned-cq")])
+def test_trained_coarsening_reproduces_attention_in_numpy(study, tmp_path, task, kind):
+    cfg = tiny(study)
+    result, model = study.train_one(task, kind, 0, cfg, log=lambda s: None, return_model=True)
+    assert np.isfinite(result["val_bits"])
+    attn = model.blocks[0].attn
+    start = study.fmt.FMMAttention(cfg["seq_len"], attn.dh, block_size=cfg["block_size"], rank=cfg["rank"],
+                                   causal=task == "causal", dtype=torch.float32)
+    # training moved the weights away from their sub-box-mean start (else the check is the mean's)
+    assert any(not torch.equal(a, b) for a, b in zip(attn.fmm.parameters(), start.parameters()))
+
+    # the study's checkpoint format: the model's state dict, Conv1d layouts unchanged
+    torch.save(model.state_dict(), tmp_path / "model.pt")
+    state = torch.load(tmp_path / "model.pt")
+    prefix = "blocks.0.attn.fmm."
+    groups = [[state[f"{prefix}{name}.{i}"].numpy() for i in range(len(attn.fmm.key_weights))]
+              for name in ("key_weights", "value_weights", "key_bias", "value_bias")]
+    coarsening = LearnedCoarsening(*groups)
+
+    inputs = torch.randint(0, 256, (2, cfg["seq_len"]), generator=torch.Generator().manual_seed(1))
+    model.eval()
+    with torch.no_grad():
+        x = model.tok(inputs) + model.pos(torch.arange(cfg["seq_len"]))
+        x = model.blocks[0].ln1(x)
+        q, k, v = attn.qkv(x).view(2, cfg["seq_len"], 3, attn.h, attn.dh).permute(2, 0, 3, 1, 4)
+        torch_out = attn.core(q.contiguous(), k.contiguous(), v.contiguous())
+    np_out = np_fmm_attention(q.numpy(), k.numpy(), v.numpy(), causal=task == "causal",
+                              block_size=cfg["block_size"], rank=cfg["rank"], coarsening=coarsening,
+                              query_coarsening=kind == "fma-learned-cq")
+    assert np_out.dtype == np.float32
+    np.testing.assert_allclose(torch_out.numpy(), np_out, rtol=1e-5, atol=1e-6)
+    # and the mean coarsening would not have reproduced it
+    mean = np_fmm_attention(q.numpy(), k.numpy(), v.numpy(), causal=task == "causal",
+                            block_size=cfg["block_size"], rank=cfg["rank"],
+                            query_coarsening=kind == "fma-learned-cq")
+    assert not np.allclose(torch_out.numpy(), mean, rtol=1e-5, atol=1e-6)
+
+
+def test_learned_coarse_queries_refuse_the_causal_task(study):
+    with pytest.raises(ValueError, match="bidirectional"):
+        study.CharModel("fma-learned-cq", tiny(study), causal=True)
