@@ -33,6 +33,7 @@ from . import _config
 from ._validate import attention_inputs, check_bool, check_choice, check_fmm_options
 from .api import fmm_attention
 from .coarsening import LearnedCoarsening
+from .perf import _progress
 from .cpu._blocks import jit
 from .cpu._launch import launch_guard
 from .tree import build_tree
@@ -695,7 +696,9 @@ def compare(q, k, v, *, causal=False, block_size=_config.DEFAULT_BLOCK_SIZE, ran
         FMA's options, as in :func:`fmm_attention.fmm_attention`; ``coarsening`` must be
         ``"mean"`` (learned coarsening has no token-level attention matrix).
     progress : callable, optional
-        Wraps the iterable of heads to report progress, e.g. ``tqdm.tqdm``.
+        Called as ``progress(label)`` after each head (the package's one progress
+        contract, see :mod:`fmm_attention.perf`), ``label`` naming the head (``"head 3"``);
+        with tqdm: ``bar = tqdm.tqdm(total=n_heads)`` and ``progress=lambda label: bar.update()``.
 
     Returns
     -------
@@ -747,19 +750,18 @@ def compare(q, k, v, *, causal=False, block_size=_config.DEFAULT_BLOCK_SIZE, ran
     >>> round(float(head.level_mass.sum()), 6)
     1.0
     """
-    if progress is not None and not callable(progress):
-        raise TypeError(f"progress must be None or a callable that wraps an iterable (e.g. tqdm.tqdm), "
-                        f"got {type(progress).__name__}")
+    progress = _progress(progress)
     setup = _setup("compare", q, k, v, causal=causal, block_size=block_size, rank=rank,
                    coarsening=coarsening, count_scaling=count_scaling, query_coarsening=query_coarsening,
                    scale=scale, key_padding_mask=key_padding_mask, check_finite=check_finite)
     options = {key: value for key, value in setup.options.items() if key != "coarsening"}
     fma_out = fmm_attention(setup.q, setup.k, setup.v, key_padding_mask=setup.valid if setup.has_mask else None,
                             check_finite=False, backend="cpu", **options)
-    heads = range(setup.n_heads)
-    if progress is not None:
-        heads = progress(heads)
-    reports = tuple(_compare_head(setup, b, fma_out[b]) for b in heads)
+    reports = []
+    for b in range(setup.n_heads):
+        reports.append(_compare_head(setup, b, fma_out[b]))
+        progress(f"head {b}")
+    reports = tuple(reports)
     box_sizes = (setup.tree.block_size,) + tuple(level.box_size for level in setup.tree.levels)
     return CompareReport(reports, setup.lead_shape, dict(setup.options), box_sizes)
 

@@ -17,7 +17,8 @@ import numpy as np
 import pytest
 
 import fmm_attention
-from fmm_attention import _analyze, _bench, _compile, _config, _perf, _workloads, api, cli
+from fmm_attention import _cli, _config, api, cli, perf
+from fmm_attention._cli import _common, analyze as _analyze, bench as _bench, compile as _compile
 
 
 def run_cli(argv, capsys):
@@ -242,12 +243,12 @@ def test_version(capsys):
 
 def test_prog_is_the_name_called_by(monkeypatch):
     monkeypatch.setattr(sys, "argv", ["/usr/local/bin/fmm-attention", "demo"])
-    assert cli.default_prog() == "fmm-attention"
+    assert _cli.default_prog() == "fmm-attention"
     monkeypatch.setattr(sys, "argv", [str(Path(fmm_attention.__file__).parent / "__main__.py"), "demo"])
-    assert cli.default_prog() == "python -m fmm_attention"
+    assert _cli.default_prog() == "python -m fmm_attention"
 
 
-@pytest.mark.parametrize("command", [None, *cli.COMMANDS])
+@pytest.mark.parametrize("command", [None, *_cli.COMMANDS])
 def test_help_is_plain_text_with_defaults(command, capsys):
     code, out, _ = run_cli(["--help"] if command is None else [command, "--help"], capsys)
     assert code == 0
@@ -269,7 +270,7 @@ class _Tty(io.StringIO):
 
 def test_progress_is_one_line_per_step_without_a_tty():
     stream = io.StringIO()
-    progress = _workloads.Progress(3, "demo", unit="row", stream=stream)
+    progress = _common.Progress(3, "demo", unit="row", stream=stream)
     for label in "abc":
         progress.update(label)
     progress.close()
@@ -280,8 +281,9 @@ def test_progress_is_one_line_per_step_without_a_tty():
 
 def test_progress_rewrites_one_line_on_a_tty():
     stream = _Tty()
-    progress = _workloads.Progress(2, "analyze", unit="head", stream=stream)
-    assert list(progress.wrap(range(2))) == [0, 1]
+    progress = _common.Progress(2, "analyze", unit="head", stream=stream)
+    for _ in range(2):
+        progress.update()
     progress.close()
     text = stream.getvalue()
     assert "\n" not in text and text.count("\r") == 4 and "analyze: head 2/2" in text
@@ -290,16 +292,16 @@ def test_progress_rewrites_one_line_on_a_tty():
 
 def test_progress_can_be_disabled():
     stream = io.StringIO()
-    progress = _workloads.Progress(2, "x", stream=stream, enabled=False)
+    progress = _common.Progress(2, "x", stream=stream, enabled=False)
     progress.update()
     progress.close()
     assert stream.getvalue() == "" and progress.done == 1
 
 
 def test_one_progress_implementation():
-    # every command reports through _workloads.Progress; none keeps its own
+    # every command reports through _cli._common.Progress; none keeps its own
     package = Path(fmm_attention.__file__).parent
-    for module in ("_demo", "_bench", "_analyze", "_compile", "cli"):
+    for module in ("_cli/demo", "_cli/bench", "_cli/analyze", "_cli/compile", "_cli/__init__", "cli"):
         source = (package / f"{module}.py").read_text()
         assert "tqdm" not in source and "\\r" not in source, module
 
@@ -330,10 +332,10 @@ def test_demo_times_best_of_k_and_shows_progress(capsys, monkeypatch):
 
 def test_best_time_max_time_caps_the_runs():
     runs = []
-    assert _perf.best_time(lambda: runs.append(1), repeat=5, max_time=0.0) >= 0
+    assert perf.best_time(lambda: runs.append(1), repeat=5, max_time=0.0) >= 0
     assert len(runs) == 1
     runs.clear()
-    _perf.best_time(lambda: runs.append(1), repeat=4)
+    perf.best_time(lambda: runs.append(1), repeat=4)
     assert len(runs) == 4
 
 
@@ -355,11 +357,11 @@ def test_bench_scaling_honours_backend_and_repeat(capsys, monkeypatch):
 
     def fake_study(**kw):
         seen.append(kw)
-        for n in _perf.DEFAULT_SCALING_NS:
-            kw["progress"](n, 1e-3)
-        return _perf.Scaling(_perf.DEFAULT_SCALING_NS, np.ones(len(_perf.DEFAULT_SCALING_NS)), 1.0)
+        for n in perf.DEFAULT_SCALING_NS:
+            kw["progress"](f"fma n={n}: 1.0 ms")
+        return perf.Scaling(perf.DEFAULT_SCALING_NS, np.ones(len(perf.DEFAULT_SCALING_NS)), 1.0)
 
-    monkeypatch.setattr(_perf, "scaling_study", fake_study)
+    monkeypatch.setattr(perf, "scaling_study", fake_study)
     monkeypatch.setattr(_bench, "_require_backend", lambda backend: None)
     code, out, err = run_cli(["bench", "--scaling", "--backend", "cuda", "--repeat", "7", "--d", "16"], capsys)
     assert code == 0, err
@@ -369,7 +371,7 @@ def test_bench_scaling_honours_backend_and_repeat(capsys, monkeypatch):
                                                                (32, 2)}
     assert "FMA default" in out and "FMA 32/2" in out
     assert len([line for line in err.splitlines() if line.startswith("bench: size ")]) == 4 * len(
-        _perf.DEFAULT_SCALING_NS)
+        perf.DEFAULT_SCALING_NS)
 
 
 def test_time_methods_alternates_order_and_splits_slow_runs(monkeypatch):
@@ -484,10 +486,10 @@ def test_compile_really_compiles_a_subset(capsys):
 
 
 def test_user_input_turns_only_validation_errors_into_usage_errors():
-    with pytest.raises(_workloads.UsageError, match="x: boom"):
-        with _workloads.user_input("x: "):
+    with pytest.raises(_common.UsageError, match="x: boom"):
+        with _common.user_input("x: "):
             raise ValueError("boom")
-    with pytest.raises(KeyError), _workloads.user_input():
+    with pytest.raises(KeyError), _common.user_input():
         raise KeyError("a bug keeps its traceback")
 
 

@@ -25,8 +25,8 @@ from pathlib import Path
 
 import numpy as np
 
-from . import _config
-from ._workloads import Progress, UsageError, check_fma_options, user_input
+from .. import _config
+from ._common import Progress, UsageError, check_fma_options, user_input
 
 #: Figures written by ``--plot`` (file name -> what it shows).
 FIGURES = {
@@ -170,7 +170,7 @@ def _load(path, layers, heads):
 
 def _check_inputs(path, q, k, v, mask, args):
     """The library's own checks of the arrays and options, made before any work."""
-    from ._validate import attention_inputs, check_fmm_options
+    from .._validate import attention_inputs, check_fmm_options
 
     with user_input(f"{path}: "):
         batch = attention_inputs(q, k, v, scale=args.scale, key_padding_mask=mask, check_finite=True)
@@ -358,7 +358,7 @@ def figure_error_by_head(values, row_labels, col_labels, title):
 
 
 def _plot(directory, q, k, mask, report, labels, indices, options):
-    from .analysis import attention_matrix, far_field_rank_study
+    from ..analysis import attention_matrix, far_field_rank_study
 
     directory.mkdir(parents=True, exist_ok=True)
     flat = lambda x: None if x is None else x.reshape((-1,) + x.shape[q.ndim - 2 :])  # noqa: E731
@@ -367,7 +367,7 @@ def _plot(directory, q, k, mask, report, labels, indices, options):
     label = f"head {labels[worst]}" if labels[worst] != "-" else "the input"
     head_mask = None if mf is None else mf[worst]
     common = dict(key_padding_mask=head_mask, **options)
-    from .tree import build_tree
+    from ..tree import build_tree
 
     figures = {
         "level_map.png": figure_level_map(build_tree(q.shape[-2], block_size=options["block_size"],
@@ -393,7 +393,7 @@ def _plot(directory, q, k, mask, report, labels, indices, options):
 # --------------------------------------------------------------------------- command
 def run(args):
     """Run the ``analyze`` command; returns the exit status."""
-    from .analysis import compare
+    from ..analysis import compare
 
     start = time.perf_counter()
     check_destinations(args)
@@ -404,7 +404,7 @@ def run(args):
     print(f"analyze: {args.file}: q {q.shape} {q.dtype}, {len(labels)} head(s) of n={q.shape[-2]}"
           + ("" if mask is None else ", with key_padding_mask"), flush=True)
     progress = Progress(len(labels), "analyze", unit="head", enabled=args.progress)
-    report = compare(q, k, v, key_padding_mask=mask, progress=progress.wrap, **options)
+    report = compare(q, k, v, key_padding_mask=mask, progress=lambda label: progress.update(), **options)
     progress.close()
     print(report.format(labels=labels))
     if args.json is not None:
@@ -417,7 +417,7 @@ def run(args):
         for path in _plot(args.plot, q, k, mask, report, labels, indices, options):
             print(f"wrote {path}")
     if args.accuracy:
-        from .accuracy import accuracy_vs_cost, default_settings, format_rows
+        from ..accuracy import accuracy_vs_cost, default_settings, format_rows
 
         progress = Progress(len(default_settings(q.shape[-2])), "analyze", unit="setting", enabled=args.progress)
         rows = accuracy_vs_cost(q, k, v, causal=args.causal, scale=args.scale, key_padding_mask=mask,
