@@ -567,3 +567,49 @@ def test_interrupt_is_one_line(capsys, monkeypatch):
     monkeypatch.setattr(_compile, "run", interrupted)
     code, _, err = run_cli(["compile"], capsys)
     assert code == 130 and err.strip() == "fmm-attention compile: interrupted"
+
+
+# --------------------------------------------------------------------------- bench: SDPA and backward
+def test_bench_says_when_torch_is_missing(monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "torch", None)  # as if torch were not installed
+    call, note = _bench.torch_sdpa("cpu")
+    assert call is None and "PyTorch is not installed" in note
+
+
+def test_bench_compares_exact_with_cpu_sdpa_when_torch_is_installed():
+    torch = pytest.importorskip("torch")
+    call, note = _bench.torch_sdpa("cpu")
+    assert call is not None and "CPU" in note and torch.__version__ in note
+    q, k, v = perf.random_inputs(64, 8, heads=1)
+    out = call(q, k, v)()
+    assert np.allclose(out.numpy()[0], api.exact_attention(q, k, v), atol=1e-5)
+
+
+def test_bench_backward_rows_time_forward_and_pullback(monkeypatch):
+    import fmm_attention.grad as grad
+
+    pulled = []
+
+    def fake_vjp(name):
+        def vjp(q, k, v, **kw):
+            return v, lambda g: pulled.append((name, g.shape))
+
+        return vjp
+
+    monkeypatch.setattr(grad, "exact_attention_vjp", fake_vjp("exact"))
+    monkeypatch.setattr(grad, "fmm_attention_vjp", fake_vjp("fma"))
+    monkeypatch.setattr(api, "exact_attention", lambda q, k, v, **kw: v)
+    monkeypatch.setattr(api, "fmm_attention", lambda q, k, v, **kw: v)
+
+    def fake_clock(fn, **kw):  # fn: partial(pullback, g) or partial(forward, q, k, v)
+        fn()
+        return 0.004 if len(fn.args) == 1 else 0.002
+
+    monkeypatch.setattr(_bench, "best_time", fake_clock)
+    progress = _common.Progress(2, "bench", enabled=False)
+    rows = _bench._bench_backward(_bench_args(n=[64, 128]), ("32/2", 32, 2), progress)
+    assert [(r[0], r[1]) for r in rows] == [(64, "exact"), (64, "fma 32/2"), (128, "exact"), (128, "fma 32/2")]
+    assert all(r[2:] == ["2.00", "4.00", "2.00"] for r in rows)  # forward ms, backward ms, backward / forward
+    assert ("exact", (1, 64, 64)) in pulled and ("fma", (1, 128, 64)) in pulled and progress.done == 2

@@ -28,6 +28,7 @@ PUBLIC_MODULES = [
     "fmm_attention.backends",
     "fmm_attention.cli",
     "fmm_attention.cuda",
+    "fmm_attention.perf",
 ]
 
 USER_PAGES = sorted(p for p in DOCS.glob("*.rst") if p.name not in DEVELOPER_PAGES)

@@ -122,8 +122,8 @@ def test_peak_memory_counts_numba_and_foreign_allocations():
     @njit(parallel=True, cache=False)
     def scratch(n, parts):
         total = 0.0
-        for i in prange(parts):
-            buf = np.ones(n // parts + i - i)  # allocated by Numba's runtime inside the kernel, freed before returning
+        for _ in prange(parts):
+            buf = np.ones(n // parts)  # allocated by Numba's runtime inside the kernel, freed before returning
             total += buf.sum()
         return total
 
