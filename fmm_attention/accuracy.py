@@ -278,8 +278,8 @@ def accuracy_vs_cost(q, k, v, settings=None, *, causal=False, scale=None, key_pa
 
 def format_rows(rows):
     """The rows of :func:`accuracy_vs_cost` as a text table."""
-    from .perf import format_table
+    from .perf import format_table as table
 
     body = [[r.label, f"{100 * r.keys_fraction:.1f}%", f"{r.median:.3f}", f"{r.p90:.3f}", f"{r.oracle_median:.3f}",
              "yes" if r.median < r.oracle_median else "no"] for r in rows]
-    return format_table(body, ["setting", "keys/query", "median err", "p90 err", "top-k oracle median", "beats oracle"])
+    return table(body, ["setting", "keys/query", "median err", "p90 err", "top-k oracle median", "beats oracle"])
