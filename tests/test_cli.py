@@ -48,10 +48,12 @@ def no_work(monkeypatch):
     def forbidden(*args, **kwargs):
         raise AssertionError("the command started working before rejecting its input")
 
-    for name in ("exact_attention", "fmm_attention", "fastformer_attention"):
-        monkeypatch.setattr(api, name, forbidden)
+    # imported before api is patched: a first import here would bind the stub for good
+    # (analysis takes fmm_attention from api at import), failing later tests of other files
     import fmm_attention.analysis as analysis
 
+    for name in ("exact_attention", "fmm_attention", "fastformer_attention"):
+        monkeypatch.setattr(api, name, forbidden)
     monkeypatch.setattr(analysis, "compare", forbidden)
     monkeypatch.setattr(_bench, "matmul_rate", forbidden)
 

@@ -121,7 +121,7 @@ def torch_sdpa(backend):
     try:
         import torch
     except ImportError:
-        return None, "PyTorch is not installed here: no SDPA comparison (pip install torch, or the 'bench' extra)"
+        return None, "PyTorch is not installed here: no SDPA comparison (install it: the 'torch' extra)"
     if backend == "cuda" and not torch.cuda.is_available():
         return None, f"PyTorch {torch.__version__} here has no CUDA: no SDPA comparison on the GPU"
     device = "cuda" if backend == "cuda" else "cpu"
