@@ -513,7 +513,8 @@ import importlib, json, pkgutil, sys
 import numpy as np
 from numba.core.registry import CPUDispatcher
 import fmm_attention.cpu as cpu
-from fmm_attention import analysis, cli
+from fmm_attention import cli
+from fmm_attention.analysis import bounds
 
 assert cli.main(["compile", "--no-progress"]) == 0
 kernels = {}
@@ -522,7 +523,7 @@ for info in pkgutil.iter_modules(cpu.__path__):
     for name, obj in vars(module).items():
         if isinstance(obj, CPUDispatcher) and obj.targetoptions.get("parallel") and obj.__module__ == module.__name__:
             kernels[f"{info.name}.{name}"] = obj
-kernels["analysis._bound_kernel"] = analysis._bound_kernel
+kernels["analysis._bound_kernel"] = bounds._bound_kernel
 report = {}
 for name, kernel in kernels.items():
     report[name] = sorted({str(getattr(t, "dtype", "")) for sig in kernel.signatures for t in sig} - {""})

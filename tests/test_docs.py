@@ -24,6 +24,7 @@ PUBLIC_MODULES = [
     "fmm_attention.tree",
     "fmm_attention.coarsening",
     "fmm_attention.analysis",
+    "fmm_attention.analysis.figures",
     "fmm_attention.accuracy",
     "fmm_attention.backends",
     "fmm_attention.cli",
