@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from fmm_attention import exact_attention, fmm_attention
-from fmm_attention._analyze import (
+from fmm_attention.analysis.figures import (
     _figure,
     figure_attention,
     figure_error_by_level,

@@ -17,7 +17,7 @@ import time
 import numpy as np
 
 from fmm_attention import FMMDecoder, fmm_attention
-from fmm_attention._workloads import table
+from fmm_attention.perf import format_table
 
 D = 64
 N_STEPS = 1000
@@ -78,7 +78,7 @@ def main(max_log2=20):
             f"{t_total / t_forward:.2f}",
         ])
         del q, k, v, dec, ex
-    print(table(rows, [
+    print(format_table(rows, [
         "T", "FMA step us", "vs T=2**10", "exact step us", "exact/FMA", "FMA state KiB", "KV cache MiB",
         "KV/FMA bytes", "prefill+1k steps ms", "fmm(T+1k) ms", "ratio",
     ]))

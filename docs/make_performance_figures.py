@@ -13,7 +13,7 @@ All timings of one run are taken in one process, one after the other (best of se
 calls, at least one second per point, and best over ``--rounds`` rounds), so the ratios
 between methods are meaningful even on a shared machine; the machine and its load average are recorded with the data and
 printed on the figures. Peak memory is measured in a fresh interpreter per point
-(:func:`fmm_attention._perf.peak_memory`).
+(:func:`fmm_attention.perf.memory_study`).
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from fmm_attention import _perf  # noqa: E402
+from fmm_attention import perf  # noqa: E402
 
 STATIC = ROOT / "docs" / "_static"
 D, BLOCK_SIZE, RANK = 64, 32, 2
@@ -95,7 +95,7 @@ def load_average():
 
 def available(method):
     try:
-        _perf.method_call(method, *_perf.random_inputs(16, 8))
+        perf.method_call(method, *perf.random_inputs(16, 8))
     except NotImplementedError:
         return False
     return True
@@ -108,18 +108,18 @@ def measure_times(causal, log):
         if not available(method) or (causal and options.get("query_coarsening")):
             continue
         options = dict(options, causal=causal, block_size=BLOCK_SIZE, rank=RANK)
-        _perf.method_call(method, *_perf.random_inputs(256, D), **options)()  # JIT warm-up
+        perf.method_call(method, *perf.random_inputs(256, D), **options)()  # JIT warm-up
         times[label] = {}
     for n in FMA_NS:
-        q, k, v = _perf.random_inputs(n, D)
+        q, k, v = perf.random_inputs(n, D)
         for label in times:
             method, options = METHODS[label]
             if method == "exact" and n > max(EXACT_NS):
                 continue
-            fn = _perf.method_call(method, q, k, v, causal=causal, block_size=BLOCK_SIZE, rank=RANK, **options)
+            fn = perf.method_call(method, q, k, v, causal=causal, block_size=BLOCK_SIZE, rank=RANK, **options)
             fn()  # plans the tree of this n
             big = method == "exact" and n >= 8192
-            times[label][n] = _perf.best_time(fn, repeat=1 if big else 3, min_time=0.0 if big else 1.0)
+            times[label][n] = perf.best_time(fn, repeat=1 if big else 3, min_time=0.0 if big else 1.0)
             log(f"causal={causal} {label:20s} n={n:8d}: {times[label][n] * 1e3:10.2f} ms")
     return times
 
@@ -132,8 +132,8 @@ def measure_memory(log):
             continue
         memory[label] = {}
         for n in EXACT_MEMORY_NS if method == "exact" else MEMORY_NS:
-            m = _perf.peak_memory(n, method=method, d=D, block_size=BLOCK_SIZE, rank=RANK, **options)
-            memory[label][n] = {"extra": m.extra, "io_bytes": m.io_bytes, "baseline": m.baseline}
+            m = perf.memory_study(n, method=method, d=D, block_size=BLOCK_SIZE, rank=RANK, **options)
+            memory[label][n] = {"extra": m.extra, "io_bytes": m.io_bytes, "peak": m.peak}
             log(f"{label:20s} n={n:8d}: extra {m.extra / 2**20:8.1f} MiB, ratio {m.ratio:.3f}")
     return memory
 
@@ -179,9 +179,9 @@ def summary(data):
                 continue
             ns, t = _series(times[label])
             common = np.isin(ns, exact_ns)
-            cross = _perf.crossover(ns[common], exact_t[np.isin(exact_ns, ns)], t[common])
+            cross = perf.crossover(ns[common], exact_t[np.isin(exact_ns, ns)], t[common])
             big = ns >= 16384
-            slope = _perf.loglog_slope(ns[big], t[big]) if big.sum() >= 2 else float("nan")
+            slope = perf.loglog_slope(ns[big], t[big]) if big.sum() >= 2 else float("nan")
             at = {int(n): t_ for n, t_ in zip(ns, t)}
             speedup = exact_t[-1] / at[int(exact_ns[-1])]
             cross_text = "none in range" if cross is None else f"n = {cross:,.0f}"

@@ -278,7 +278,7 @@ def accuracy_vs_cost(q, k, v, settings=None, *, causal=False, scale=None, key_pa
 
 def format_rows(rows):
     """The rows of :func:`accuracy_vs_cost` as a text table."""
-    from ._workloads import table
+    from .perf import format_table as table
 
     body = [[r.label, f"{100 * r.keys_fraction:.1f}%", f"{r.median:.3f}", f"{r.p90:.3f}", f"{r.oracle_median:.3f}",
              "yes" if r.median < r.oracle_median else "no"] for r in rows]

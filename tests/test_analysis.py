@@ -433,3 +433,11 @@ def test_compare_rejects_a_progress_that_is_not_callable(progress):
     q, k, v = _inputs((2, 32, 4))
     with pytest.raises(TypeError, match="progress must be None or a callable"):
         compare(q, k, v, block_size=4, rank=2, progress=progress)
+
+
+def test_compare_reports_progress_by_the_one_contract():
+    # progress(label) once after each head, like accuracy_vs_cost and perf.scaling_study
+    q, k, v = _inputs((3, 32, 4))
+    labels = []
+    compare(q, k, v, block_size=4, rank=2, progress=labels.append)
+    assert labels == ["head 0", "head 1", "head 2"]

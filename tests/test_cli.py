@@ -17,7 +17,8 @@ import numpy as np
 import pytest
 
 import fmm_attention
-from fmm_attention import _analyze, _bench, _compile, _config, _perf, _workloads, api, cli
+from fmm_attention import _cli, _config, api, cli, perf
+from fmm_attention._cli import _common, analyze as _analyze, bench as _bench, compile as _compile
 
 
 def run_cli(argv, capsys):
@@ -47,10 +48,12 @@ def no_work(monkeypatch):
     def forbidden(*args, **kwargs):
         raise AssertionError("the command started working before rejecting its input")
 
-    for name in ("exact_attention", "fmm_attention", "fastformer_attention"):
-        monkeypatch.setattr(api, name, forbidden)
+    # imported before api is patched: a first import here would bind the stub for good
+    # (analysis takes fmm_attention from api at import), failing later tests of other files
     import fmm_attention.analysis as analysis
 
+    for name in ("exact_attention", "fmm_attention", "fastformer_attention"):
+        monkeypatch.setattr(api, name, forbidden)
     monkeypatch.setattr(analysis, "compare", forbidden)
     monkeypatch.setattr(_bench, "matmul_rate", forbidden)
 
@@ -242,12 +245,12 @@ def test_version(capsys):
 
 def test_prog_is_the_name_called_by(monkeypatch):
     monkeypatch.setattr(sys, "argv", ["/usr/local/bin/fmm-attention", "demo"])
-    assert cli.default_prog() == "fmm-attention"
+    assert _cli.default_prog() == "fmm-attention"
     monkeypatch.setattr(sys, "argv", [str(Path(fmm_attention.__file__).parent / "__main__.py"), "demo"])
-    assert cli.default_prog() == "python -m fmm_attention"
+    assert _cli.default_prog() == "python -m fmm_attention"
 
 
-@pytest.mark.parametrize("command", [None, *cli.COMMANDS])
+@pytest.mark.parametrize("command", [None, *_cli.COMMANDS])
 def test_help_is_plain_text_with_defaults(command, capsys):
     code, out, _ = run_cli(["--help"] if command is None else [command, "--help"], capsys)
     assert code == 0
@@ -269,7 +272,7 @@ class _Tty(io.StringIO):
 
 def test_progress_is_one_line_per_step_without_a_tty():
     stream = io.StringIO()
-    progress = _workloads.Progress(3, "demo", unit="row", stream=stream)
+    progress = _common.Progress(3, "demo", unit="row", stream=stream)
     for label in "abc":
         progress.update(label)
     progress.close()
@@ -280,8 +283,9 @@ def test_progress_is_one_line_per_step_without_a_tty():
 
 def test_progress_rewrites_one_line_on_a_tty():
     stream = _Tty()
-    progress = _workloads.Progress(2, "analyze", unit="head", stream=stream)
-    assert list(progress.wrap(range(2))) == [0, 1]
+    progress = _common.Progress(2, "analyze", unit="head", stream=stream)
+    for _ in range(2):
+        progress.update()
     progress.close()
     text = stream.getvalue()
     assert "\n" not in text and text.count("\r") == 4 and "analyze: head 2/2" in text
@@ -290,16 +294,16 @@ def test_progress_rewrites_one_line_on_a_tty():
 
 def test_progress_can_be_disabled():
     stream = io.StringIO()
-    progress = _workloads.Progress(2, "x", stream=stream, enabled=False)
+    progress = _common.Progress(2, "x", stream=stream, enabled=False)
     progress.update()
     progress.close()
     assert stream.getvalue() == "" and progress.done == 1
 
 
 def test_one_progress_implementation():
-    # every command reports through _workloads.Progress; none keeps its own
+    # every command reports through _cli._common.Progress; none keeps its own
     package = Path(fmm_attention.__file__).parent
-    for module in ("_demo", "_bench", "_analyze", "_compile", "cli"):
+    for module in ("_cli/demo", "_cli/bench", "_cli/analyze", "_cli/compile", "_cli/__init__", "cli"):
         source = (package / f"{module}.py").read_text()
         assert "tqdm" not in source and "\\r" not in source, module
 
@@ -330,10 +334,10 @@ def test_demo_times_best_of_k_and_shows_progress(capsys, monkeypatch):
 
 def test_best_time_max_time_caps_the_runs():
     runs = []
-    assert _perf.best_time(lambda: runs.append(1), repeat=5, max_time=0.0) >= 0
+    assert perf.best_time(lambda: runs.append(1), repeat=5, max_time=0.0) >= 0
     assert len(runs) == 1
     runs.clear()
-    _perf.best_time(lambda: runs.append(1), repeat=4)
+    perf.best_time(lambda: runs.append(1), repeat=4)
     assert len(runs) == 4
 
 
@@ -355,11 +359,11 @@ def test_bench_scaling_honours_backend_and_repeat(capsys, monkeypatch):
 
     def fake_study(**kw):
         seen.append(kw)
-        for n in _perf.DEFAULT_SCALING_NS:
-            kw["progress"](n, 1e-3)
-        return _perf.Scaling(_perf.DEFAULT_SCALING_NS, np.ones(len(_perf.DEFAULT_SCALING_NS)), 1.0)
+        for n in perf.DEFAULT_SCALING_NS:
+            kw["progress"](f"fma n={n}: 1.0 ms")
+        return perf.Scaling(perf.DEFAULT_SCALING_NS, np.ones(len(perf.DEFAULT_SCALING_NS)), 1.0)
 
-    monkeypatch.setattr(_perf, "scaling_study", fake_study)
+    monkeypatch.setattr(perf, "scaling_study", fake_study)
     monkeypatch.setattr(_bench, "_require_backend", lambda backend: None)
     code, out, err = run_cli(["bench", "--scaling", "--backend", "cuda", "--repeat", "7", "--d", "16"], capsys)
     assert code == 0, err
@@ -369,7 +373,7 @@ def test_bench_scaling_honours_backend_and_repeat(capsys, monkeypatch):
                                                                (32, 2)}
     assert "FMA default" in out and "FMA 32/2" in out
     assert len([line for line in err.splitlines() if line.startswith("bench: size ")]) == 4 * len(
-        _perf.DEFAULT_SCALING_NS)
+        perf.DEFAULT_SCALING_NS)
 
 
 def test_time_methods_alternates_order_and_splits_slow_runs(monkeypatch):
@@ -484,10 +488,10 @@ def test_compile_really_compiles_a_subset(capsys):
 
 
 def test_user_input_turns_only_validation_errors_into_usage_errors():
-    with pytest.raises(_workloads.UsageError, match="x: boom"):
-        with _workloads.user_input("x: "):
+    with pytest.raises(_common.UsageError, match="x: boom"):
+        with _common.user_input("x: "):
             raise ValueError("boom")
-    with pytest.raises(KeyError), _workloads.user_input():
+    with pytest.raises(KeyError), _common.user_input():
         raise KeyError("a bug keeps its traceback")
 
 
@@ -509,7 +513,8 @@ import importlib, json, pkgutil, sys
 import numpy as np
 from numba.core.registry import CPUDispatcher
 import fmm_attention.cpu as cpu
-from fmm_attention import analysis, cli
+from fmm_attention import cli
+from fmm_attention.analysis import bounds
 
 assert cli.main(["compile", "--no-progress"]) == 0
 kernels = {}
@@ -518,7 +523,7 @@ for info in pkgutil.iter_modules(cpu.__path__):
     for name, obj in vars(module).items():
         if isinstance(obj, CPUDispatcher) and obj.targetoptions.get("parallel") and obj.__module__ == module.__name__:
             kernels[f"{info.name}.{name}"] = obj
-kernels["analysis._bound_kernel"] = analysis._bound_kernel
+kernels["analysis._bound_kernel"] = bounds._bound_kernel
 report = {}
 for name, kernel in kernels.items():
     report[name] = sorted({str(getattr(t, "dtype", "")) for sig in kernel.signatures for t in sig} - {""})
@@ -565,3 +570,49 @@ def test_interrupt_is_one_line(capsys, monkeypatch):
     monkeypatch.setattr(_compile, "run", interrupted)
     code, _, err = run_cli(["compile"], capsys)
     assert code == 130 and err.strip() == "fmm-attention compile: interrupted"
+
+
+# --------------------------------------------------------------------------- bench: SDPA and backward
+def test_bench_says_when_torch_is_missing(monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "torch", None)  # as if torch were not installed
+    call, note = _bench.torch_sdpa("cpu")
+    assert call is None and "PyTorch is not installed" in note
+
+
+def test_bench_compares_exact_with_cpu_sdpa_when_torch_is_installed():
+    torch = pytest.importorskip("torch")
+    call, note = _bench.torch_sdpa("cpu")
+    assert call is not None and "CPU" in note and torch.__version__ in note
+    q, k, v = perf.random_inputs(64, 8, heads=1)
+    out = call(q, k, v)()
+    assert np.allclose(out.numpy()[0], api.exact_attention(q, k, v), atol=1e-5)
+
+
+def test_bench_backward_rows_time_forward_and_pullback(monkeypatch):
+    import fmm_attention.grad as grad
+
+    pulled = []
+
+    def fake_vjp(name):
+        def vjp(q, k, v, **kw):
+            return v, lambda g: pulled.append((name, g.shape))
+
+        return vjp
+
+    monkeypatch.setattr(grad, "exact_attention_vjp", fake_vjp("exact"))
+    monkeypatch.setattr(grad, "fmm_attention_vjp", fake_vjp("fma"))
+    monkeypatch.setattr(api, "exact_attention", lambda q, k, v, **kw: v)
+    monkeypatch.setattr(api, "fmm_attention", lambda q, k, v, **kw: v)
+
+    def fake_clock(fn, **kw):  # fn: partial(pullback, g) or partial(forward, q, k, v)
+        fn()
+        return 0.004 if len(fn.args) == 1 else 0.002
+
+    monkeypatch.setattr(_bench, "best_time", fake_clock)
+    progress = _common.Progress(2, "bench", enabled=False)
+    rows = _bench._bench_backward(_bench_args(n=[64, 128]), ("32/2", 32, 2), progress)
+    assert [(r[0], r[1]) for r in rows] == [(64, "exact"), (64, "fma 32/2"), (128, "exact"), (128, "fma 32/2")]
+    assert all(r[2:] == ["2.00", "4.00", "2.00"] for r in rows)  # forward ms, backward ms, backward / forward
+    assert ("exact", (1, 64, 64)) in pulled and ("fma", (1, 128, 64)) in pulled and progress.done == 2

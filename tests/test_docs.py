@@ -24,10 +24,12 @@ PUBLIC_MODULES = [
     "fmm_attention.tree",
     "fmm_attention.coarsening",
     "fmm_attention.analysis",
+    "fmm_attention.analysis.figures",
     "fmm_attention.accuracy",
     "fmm_attention.backends",
     "fmm_attention.cli",
     "fmm_attention.cuda",
+    "fmm_attention.perf",
 ]
 
 USER_PAGES = sorted(p for p in DOCS.glob("*.rst") if p.name not in DEVELOPER_PAGES)

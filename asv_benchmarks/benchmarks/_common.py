@@ -26,7 +26,7 @@ except ImportError:  # not installed: benchmark the checkout this suite belongs 
     import fmm_attention  # noqa: F401
 
 import fmm_attention._config  # noqa: E402
-from fmm_attention import _perf  # noqa: E402
+from fmm_attention import perf  # noqa: E402
 
 FULL = os.environ.get("FMM_ATTENTION_BENCH_FULL", "").strip().lower() in ("1", "true", "yes", "on")
 
@@ -82,7 +82,7 @@ def inputs(n, dtype, backend="cpu", d=D):
     key = (n, dtype, backend, d)
     if key not in _inputs:
         _inputs.clear()
-        arrays = _perf.random_inputs(n, d, dtype=dtype)
+        arrays = perf.random_inputs(n, d, dtype=dtype)
         if backend == "cuda":
             from numba import cuda
 
@@ -104,12 +104,12 @@ def warm(method, dtype, backend="cpu", **options):
     key = (method, dtype, backend, tuple(sorted(options.items())))
     if key in _warmed:
         return
-    arrays = _perf.random_inputs(256, D, dtype=dtype)
+    arrays = perf.random_inputs(256, D, dtype=dtype)
     if backend == "cuda":
         from numba import cuda
 
         arrays = tuple(cuda.to_device(a) for a in arrays)
-    _perf.method_call(method, *arrays, backend=backend, **options)()
+    perf.method_call(method, *arrays, backend=backend, **options)()
     synchronize(backend)
     _warmed.add(key)
 

@@ -8,7 +8,6 @@ of the issue's targets (backward at most 2.5x the forward)::
 """
 
 import sys
-import time
 
 import numpy as np
 
@@ -21,15 +20,14 @@ except ImportError:  # run as a script
 
 from fmm_attention import exact_attention, fmm_attention
 from fmm_attention.grad import exact_attention_vjp, fmm_attention_vjp
+from fmm_attention.perf import best_time, peak_memory, random_inputs
 
 D = 64
 
 
 def _inputs(n, dtype="float32", seed=0):
-    rng = np.random.default_rng(seed)
-    q, k, v = (rng.standard_normal((n, D)).astype(dtype) for _ in range(3))
-    g = rng.standard_normal((n, D)).astype(dtype)
-    return q, k, v, g
+    """``q, k, v`` and a cotangent ``g`` from the package's one input generator."""
+    return random_inputs(n, D, dtype=dtype, seed=seed, cotangent=True)
 
 
 class ExactBackward:
@@ -65,22 +63,13 @@ class FMMBackward:
         self.pullback(self.g)
 
 
-def _best(fn, repeat):
-    times = []
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return min(times)
-
-
 def _row(name, forward, vjp, repeat):
     """``(name, forward s, backward s, ratio)``: best of ``repeat`` runs of each."""
     _, pullback = vjp()
     g = np.ones_like(forward())
     pullback(g)  # compiled and warm
-    tf = _best(forward, repeat)
-    tb = _best(lambda: pullback(g), repeat)
+    tf = best_time(forward, repeat=repeat)
+    tb = best_time(lambda: pullback(g), repeat=repeat)
     return name, tf, tb, tb / tf
 
 
@@ -113,41 +102,18 @@ def ratio_table(repeat=3, quick=False):
     return rows
 
 
-def peak_memory(n, block_size=32, rank=2):
-    """Peak resident memory of FMA forward + backward over the bytes of ``q, k, v, out``, the
-    cotangent and the three gradients (the issue's target: at most 3). Linux only: the
-    resident set (``/proc/self/statm``) is sampled every 2 ms by a thread; run it in a fresh
-    process with the kernels already compiled (the cache), so compilation is not counted.
+def memory_ratio(n, block_size=32, rank=2):
+    """:func:`fmm_attention.perf.peak_memory` of FMA forward + backward, plus the inputs and
+    cotangent, over the bytes of ``q, k, v, out``, the cotangent and the three gradients
+    (the issue's target: at most 3). Run it in a fresh process with the kernels already
+    compiled (the cache), so that memory freed by earlier work stays out of the figure.
     """
-    import os
-    import threading
-
-    page = os.sysconf("SC_PAGE_SIZE")
-
-    def rss():
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * page
-
     opts = dict(block_size=block_size, rank=rank)
     q, k, v, g = _inputs(4096)
     fmm_attention_vjp(q, k, v, **opts)[1](g)  # load the compiled kernels
     q, k, v, g = _inputs(n)
-    base = rss()
-    peak = [base]
-    done = threading.Event()
-
-    def watch():
-        while not done.is_set():
-            peak[0] = max(peak[0], rss())
-            done.wait(0.002)
-
-    watcher = threading.Thread(target=watch)
-    watcher.start()
-    _, pullback = fmm_attention_vjp(q, k, v, **opts)
-    pullback(g)
-    done.set()
-    watcher.join()
-    return (4 * q.nbytes + peak[0] - base) / (8 * q.nbytes)
+    peak = peak_memory(lambda: fmm_attention_vjp(q, k, v, **opts)[1](g))
+    return (4 * q.nbytes + peak) / (8 * q.nbytes)
 
 
 if __name__ == "__main__":
@@ -159,7 +125,7 @@ if __name__ == "__main__":
     parser.add_argument("--memory", type=int, metavar="N", help="only the peak-memory ratio of FMA at n = N")
     args = parser.parse_args()
     if args.memory:
-        print(f"FMA n={args.memory} m=32 p=2: peak / (q, k, v, out, g, dq, dk, dv) = {peak_memory(args.memory):.2f}")
+        print(f"FMA n={args.memory} m=32 p=2: peak / (q, k, v, out, g, dq, dk, dv) = {memory_ratio(args.memory):.2f}")
         sys.exit()
     print(f"{'case':40s} {'forward ms':>11s} {'backward ms':>12s} {'ratio':>6s}")
     for name, tf, tb, r in ratio_table(args.repeat, args.quick):

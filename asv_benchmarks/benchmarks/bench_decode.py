@@ -20,8 +20,7 @@ N_POOL = 4096
 
 
 def _tokens(n, seed=0):
-    rng = np.random.default_rng(seed)
-    return [rng.standard_normal((n, c.D), dtype=np.float32) for _ in range(3)]
+    return c.perf.random_inputs(n, c.D, dtype=np.float32, seed=seed)
 
 
 def _decoder(method, T, q, k, v):

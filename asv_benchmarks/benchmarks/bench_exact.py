@@ -32,8 +32,8 @@ class ExactAttention:
         self._call(causal, backend)
 
     def track_gflops(self, n, causal, dtype, backend):
-        seconds = c._perf.best_time(lambda: self._call(causal, backend), repeat=1 if n >= 16384 else 3)
-        return c._perf.attention_flops("exact", n, d=c.D, causal=causal) / seconds / 1e9
+        seconds = c.perf.best_time(lambda: self._call(causal, backend), repeat=1 if n >= 16384 else 3)
+        return c.perf.attention_flops("exact", n, d=c.D, causal=causal) / seconds / 1e9
 
     track_gflops.unit = "GFLOP/s"
 

@@ -26,7 +26,7 @@ class FastformerAttention:
         c.require_backend(backend)
         c.warm("fastformer", dtype, backend, causal=causal)
         q, k, v = c.inputs(n, dtype, backend)
-        self.call = c._perf.method_call("fastformer", q, k, v, causal=causal, backend=backend)
+        self.call = c.perf.method_call("fastformer", q, k, v, causal=causal, backend=backend)
 
     def time_fastformer_attention(self, n, causal, dtype, backend):
         self.call()
@@ -44,7 +44,7 @@ class FastformerAttentionMemory:
         _require_fastformer()
         c.warm("fastformer", dtype, causal=causal)
         q, k, self.v = c.inputs(n, dtype)
-        self.call = c._perf.method_call("fastformer", q, k, self.v, causal=causal, backend="cpu")
+        self.call = c.perf.method_call("fastformer", q, k, self.v, causal=causal, backend="cpu")
 
     def peakmem_fastformer_attention(self, n, causal, dtype):
         self.call()

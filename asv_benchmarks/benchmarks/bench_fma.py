@@ -52,8 +52,8 @@ class FMMAttention:
         self._call(backend)
 
     def track_gflops(self, n, causal, query_coarsening, dtype, backend):
-        seconds = c._perf.best_time(lambda: self._call(backend), repeat=3)
-        flops = c._perf.attention_flops("fma", n, d=c.D, causal=causal, block_size=self.block_size, rank=self.rank,
+        seconds = c.perf.best_time(lambda: self._call(backend), repeat=3)
+        flops = c.perf.attention_flops("fma", n, d=c.D, causal=causal, block_size=self.block_size, rank=self.rank,
                                         query_coarsening=query_coarsening)
         return flops / seconds / 1e9
 
@@ -115,7 +115,7 @@ class BuildTree:
 
     def setup(self, n, causal, query_coarsening):
         _check_options(causal, query_coarsening)
-        c._perf._clear_plan_caches()  # asv re-runs setup before every timed call: each is cold
+        c.perf._clear_plan_caches()  # asv re-runs setup before every timed call: each is cold
 
     def time_build_tree(self, n, causal, query_coarsening):
         _plan(n, causal, query_coarsening, self.block_size, self.rank)

@@ -2,25 +2,20 @@
 
 All figures of one invocation are measured in the same process, one after the other, so
 ratios between them are meaningful even on a noisy machine; absolute times are not.
+Beside the NumPy baseline: PyTorch's ``scaled_dot_product_attention`` on the same inputs
+when torch is installed (the ``bench`` extra; said so when it is not), and the backward
+passes of :mod:`fmm_attention.grad` against their forwards.
 """
 
 from __future__ import annotations
 
+from functools import partial
+
 import numpy as np
 
-from . import _config, api
-from ._workloads import (
-    Progress,
-    UsageError,
-    best_time,
-    check_fma_options,
-    fma_logits,
-    matmul_rate,
-    numpy_attention,
-    positive_int,
-    random_qkv,
-    table,
-)
+from .. import _config, api
+from ..perf import best_time, fma_logits, format_table, matmul_rate, random_inputs
+from ._common import Progress, UsageError, check_fma_options, positive_int
 
 #: The FMA configurations timed by default, each labelled in the output: the library's
 #: default and the 32/2 of the performance targets (docs: performance), which the
@@ -46,7 +41,22 @@ def add_arguments(parser):
     parser.add_argument("--scaling", action="store_true",
                         help="instead: fit the log-log slope of FMA time from n=16384 to 1,048,576 "
                              "(honours --d, --backend, --repeat and the configurations)")
+    parser.add_argument("--no-backward", dest="backward", action="store_false",
+                        help="leave out the backward rows (fmm_attention.grad's pullbacks against their forwards)")
     parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress on stderr")
+
+
+def numpy_attention(q, k, v, *, tile=1024):
+    """Plain NumPy exact attention in query tiles: ``q @ k.T``, max, exp, ``@ v`` (the baseline)."""
+    scale = q.dtype.type(1.0 / np.sqrt(q.shape[-1]))
+    out = np.empty(q.shape[:-1] + (v.shape[-1],), dtype=q.dtype)
+    for h in range(q.shape[0]):
+        for i0 in range(0, q.shape[1], tile):
+            s = (q[h, i0 : i0 + tile] * scale) @ k[h].T
+            s -= s.max(axis=1, keepdims=True)
+            np.exp(s, out=s)
+            out[h, i0 : i0 + tile] = (s @ v[h]) / s.sum(axis=1, keepdims=True)
+    return out
 
 
 def configs(args):
@@ -67,7 +77,7 @@ def _require_backend(backend):
     if config.ENABLE_CUDASIM:
         raise UsageError("--backend cuda with NUMBA_ENABLE_CUDASIM=1 would time numba's CUDA simulator, "
                          "not a GPU; unset it to benchmark a GPU")
-    from . import cuda
+    from .. import cuda
 
     try:
         cuda.require()
@@ -76,8 +86,8 @@ def _require_backend(backend):
 
 
 def check(args):
-    """Reject bad options before any work (:class:`~fmm_attention._workloads.UsageError`)."""
-    from ._perf import DEFAULT_SCALING_NS
+    """Reject bad options before any work (:class:`~fmm_attention._cli._common.UsageError`)."""
+    from ..perf import DEFAULT_SCALING_NS
 
     for _, m, p in configs(args):
         for n in DEFAULT_SCALING_NS[-1:] if args.scaling else args.n:
@@ -90,18 +100,6 @@ def _fmm(q, k, v, args, block_size, rank, **kw):
                              check_finite=False, **kw)
 
 
-def _timer(args):
-    """``best_time`` that waits for the GPU before reading the clock when timing CUDA."""
-    if args.backend != "cuda":
-        return best_time
-    from . import cuda
-
-    def timed(fn, **kw):
-        return best_time(lambda: (fn(), cuda.synchronize()), **kw)
-
-    return timed
-
-
 def _on_backend(args, *arrays):
     """The inputs where the backend computes: device arrays for CUDA (no host round trip)."""
     if args.backend != "cuda":
@@ -111,22 +109,36 @@ def _on_backend(args, *arrays):
     return tuple(cuda.to_device(a) for a in arrays)
 
 
-def _torch_sdpa_time(q, k, v, timer):
-    """PyTorch's scaled_dot_product_attention on the same float32 inputs on the GPU, or None."""
+def torch_sdpa(backend):
+    """PyTorch's ``scaled_dot_product_attention`` where ``backend`` computes, or why not.
+
+    Returns ``(make_call, note)``: ``make_call(q, k, v)`` gives a no-argument callable of
+    SDPA on those (float32, ``(heads, n, d)``) inputs, CPU tensors sharing the arrays'
+    memory, or copies on the GPU, which waits for the GPU before returning; ``note`` says
+    which torch ran. ``make_call`` is ``None`` when torch is not installed, or has no CUDA
+    for ``backend="cuda"``, and ``note`` then says so.
+    """
     try:
         import torch
     except ImportError:
-        return None
-    if not torch.cuda.is_available():
-        return None
-    tq, tk, tv = (torch.as_tensor(x, device="cuda")[None] for x in (q, k, v))
-    fn = lambda: (torch.nn.functional.scaled_dot_product_attention(tq, tk, tv), torch.cuda.synchronize())  # noqa: E731
-    fn()
-    return timer(fn, repeat=1)
+        return None, "PyTorch is not installed here: no SDPA comparison (install it: the 'torch' extra)"
+    if backend == "cuda" and not torch.cuda.is_available():
+        return None, f"PyTorch {torch.__version__} here has no CUDA: no SDPA comparison on the GPU"
+    device = "cuda" if backend == "cuda" else "cpu"
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+
+    def make_call(q, k, v):
+        tq, tk, tv = (torch.from_numpy(np.ascontiguousarray(x)).to(device)[None] for x in (q, k, v))
+        if device == "cuda":
+            return lambda: (sdpa(tq, tk, tv), torch.cuda.synchronize())
+        return lambda: sdpa(tq, tk, tv)
+
+    threads = "" if device == "cuda" else f", {torch.get_num_threads()} torch threads"
+    return make_call, f"PyTorch {torch.__version__} scaled_dot_product_attention on the {device.upper()}{threads}"
 
 
 def _scaling(args):
-    from ._perf import DEFAULT_SCALING_NS, scaling_study
+    from ..perf import DEFAULT_SCALING_NS, scaling_study
 
     runs = [(label, m, p, coarse) for label, m, p in configs(args) for coarse in (False, True)]
     progress = Progress(len(runs) * len(DEFAULT_SCALING_NS), "bench", unit="size", enabled=args.progress)
@@ -135,7 +147,7 @@ def _scaling(args):
         kind = "coarse queries" if coarse else "fine queries"
         ns, times, slope = scaling_study(
             query_coarsening=coarse, block_size=m, rank=p, d=args.d, backend=args.backend, repeat=args.repeat,
-            progress=lambda n, t, kind=kind, label=label: progress.update(f"fma {label} {kind} n={n}"))
+            progress=lambda step, kind=kind, label=label: progress.update(f"{label} {kind}: {step}"))
         progress.close()
         print(f"FMA {label}, {kind}: " + ", ".join(f"n={n}: {t * 1e3:.1f} ms" for n, t in zip(ns, times)))
         print(f"  fitted log-log slope: {slope:.3f}")
@@ -152,29 +164,28 @@ def run(args):
     print(f"float32, d={args.d}, one head, backend={args.backend}, FMA block_size/rank: "
           f"{', '.join(label for label, _, _ in tracked)}\n")
     # warm the JIT on a tiny input so compile time stays out of the figures
-    wq, wk, wv = random_qkv(256, args.d)
+    wq, wk, wv = random_inputs(256, args.d, heads=1)
     api.exact_attention(wq, wk, wv, backend=args.backend)
     for _, m, p in tracked:
         _fmm(wq, wk, wv, args, m, p)
-    timer = _timer(args)
-    sdpa = []
-    progress = Progress(len(args.n), "bench", unit="size", enabled=args.progress)
+    timer = partial(best_time, backend=args.backend)
+    sdpa_call, sdpa_note = torch_sdpa(args.backend)
+    backward = args.backward and args.backend == "cpu"
+    progress = Progress(len(args.n) * (2 if backward else 1), "bench", unit="size", enabled=args.progress)
     timings = []
     for n in args.n:
-        q, k, v = random_qkv(n, args.d)
+        q, k, v = random_inputs(n, args.d, heads=1)
         dq, dk, dv = _on_backend(args, q, k, v)
-        calls = {"numpy": lambda: numpy_attention(q, k, v),
-                 "exact": lambda: api.exact_attention(dq, dk, dv, backend=args.backend, check_finite=False)}
+        calls = {"numpy": partial(numpy_attention, q, k, v),
+                 "exact": partial(api.exact_attention, dq, dk, dv, backend=args.backend, check_finite=False)}
+        if sdpa_call is not None:
+            calls["sdpa"] = sdpa_call(q, k, v)
         for label, m, p in tracked:
-            calls[f"fma {label}"] = lambda m=m, p=p: _fmm(dq, dk, dv, args, m, p)
+            calls[f"fma {label}"] = partial(_fmm, dq, dk, dv, args, m, p)
         best = _time_methods(args, timer, n, calls)
-        if args.backend == "cuda":
-            t_fm = best[f"fma {tracked[0][0]}"]
-            t_sdpa = _torch_sdpa_time(q[0], k[0], v[0], timer)
-            if t_sdpa is not None:
-                sdpa.append([n, f"{t_sdpa * 1e3:.1f}", f"{t_fm * 1e3:.2f}", f"{t_sdpa / t_fm:.0f}"])
         timings.append((n, best))
         progress.update(f"n={n}")
+    backward_rows = _bench_backward(args, tracked[0], progress) if backward else []
     progress.close()
     # The matmul rate is taken before and after the timings and the higher one is used:
     # a rate depressed by a passing load would flatter FMA's share of it.
@@ -194,26 +205,64 @@ def run(args):
                 f"{t_np / t_ex:.2f}", f"{t_np / t_fm:.0f}",
                 f"{exact_flops / t_ex / 1e9:.1f}", f"{fma_flops / t_fm / 1e9:.1f}", f"{100 * fma_flops / t_fm / rate:.0f}%",
             ])
-    print(table(rows, ["n", "fma m/p", "numpy ms", "exact ms", "fma ms", "numpy/exact", "numpy/fma",
-                       "exact GF/s", "fma GF/s", "fma/matmul"]))
+    print(format_table(rows, ["n", "fma m/p", "numpy ms", "exact ms", "fma ms", "numpy/exact", "numpy/fma",
+                              "exact GF/s", "fma GF/s", "fma/matmul"]))
     print("\nFLOPs: 4 d per logit (q.k and p.v); FMA's logits counted from its tree. NumPy and exact "
           "attention do not depend on m/p: their figures repeat on each row of an n.")
-    if sdpa:
-        print(f"\nPyTorch scaled_dot_product_attention on the same GPU, float32 (fma {tracked[0][0]}):")
-        print(table(sdpa, ["n", "sdpa ms", "fma ms", "sdpa/fma"]))
-    elif args.backend == "cuda":
-        print("\n(PyTorch with CUDA is not installed here: no SDPA comparison)")
+    if sdpa_call is not None:
+        label = tracked[0][0]
+        print(f"\n{sdpa_note}, float32, the same inputs, timed in the same rounds (fma {label}):")
+        sdpa_rows = [[n, f"{best['sdpa'] * 1e3:.1f}", f"{best['exact'] * 1e3:.1f}", f"{best['sdpa'] / best['exact']:.2f}",
+                      f"{4.0 * args.d * n * n / best['sdpa'] / 1e9:.1f}", f"{best[f'fma {label}'] * 1e3:.2f}",
+                      f"{best['sdpa'] / best[f'fma {label}']:.1f}"] for n, best in timings]
+        print(format_table(sdpa_rows, ["n", "sdpa ms", "exact ms", "sdpa/exact", "sdpa GF/s", "fma ms", "sdpa/fma"]))
+    else:
+        print(f"\n({sdpa_note})")
+    if backward_rows:
+        print("\nBackward (fmm_attention.grad): the pullback alone against the plain forward of the same call, "
+              f"float32, bidirectional (fma {tracked[0][0]})")
+        print(format_table(backward_rows, ["n", "method", "forward ms", "backward ms", "backward/forward"]))
+    elif args.backward:
+        print(f"\n(no backward rows: the {args.backend} backend has no backward pass)")
     _bench_fastformer(args)
     if args.backend == "cpu":
         _bench_cluster_upward(args)
     return 0
 
 
+def _bench_backward(args, config, progress):
+    """Rows ``[n, method, forward ms, backward ms, ratio]`` of exact attention and one FMA
+    configuration at each ``n``: the plain forward call against the pullback of its VJP
+    (:mod:`fmm_attention.grad`), each the best of its runs, measured one after the other."""
+    from ..grad import exact_attention_vjp, fmm_attention_vjp
+
+    label, m, p = config
+    fma = dict(block_size=m, rank=p, check_finite=False)
+    methods = [("exact", partial(api.exact_attention, check_finite=False), partial(exact_attention_vjp, check_finite=False)),
+               (f"fma {label}", partial(api.fmm_attention, **fma), partial(fmm_attention_vjp, **fma))]
+    wq, wk, wv, wg = random_inputs(256, args.d, heads=1, cotangent=True)
+    for _, _, vjp in methods:  # compile the backward kernels outside the timings
+        vjp(wq, wk, wv)[1](wg)
+    rows = []
+    for n in args.n:
+        q, k, v, g = random_inputs(n, args.d, heads=1, cotangent=True)
+        for name, forward, vjp in methods:
+            # the O(n^2) method runs fewer times at large n, as in the main table
+            runs = dict(repeat=args.repeat, min_time=0.25) if name != "exact" or n <= 4096 else dict(repeat=1)
+            _, pullback = vjp(q, k, v)
+            t_fwd = best_time(partial(forward, q, k, v), **runs)
+            t_bwd = best_time(partial(pullback, g), **runs)
+            rows.append([n, name, f"{t_fwd * 1e3:.2f}", f"{t_bwd * 1e3:.2f}", f"{t_bwd / t_fwd:.2f}"])
+            del pullback
+        progress.update(f"backward n={n}")
+    return rows
+
+
 def _time_methods(args, timer, n, calls):
     """Best times of each method at one ``n`` (a dict like ``calls``), in two rounds.
 
-    ``calls`` maps names to no-argument callables: ``"numpy"``, ``"exact"`` and one or more
-    FMA configurations (names starting with ``"fma"``). The second round runs the methods
+    ``calls`` maps names to no-argument callables: ``"numpy"``, ``"exact"``, optionally
+    ``"sdpa"`` (PyTorch) and one or more FMA configurations (names starting with ``"fma"``). The second round runs the methods
     in the opposite order, so none is always timed right after another's heavy work. The
     O(n^2) methods get fewer runs at large n (a NumPy run at n = 65536 takes about 30 s):
     their runs are split between the rounds, and a method with a single run is timed in the
@@ -226,7 +275,8 @@ def _time_methods(args, timer, n, calls):
     order = list(calls)
     for round_ in range(2):
         for name in order if round_ == 0 else order[::-1]:
-            clock = best_time if name == "numpy" else timer
+            # NumPy and torch wait for their own work; only the library's calls may need a GPU sync
+            clock = best_time if name in ("numpy", "sdpa") else timer
             if name.startswith("fma"):
                 t = clock(calls[name], repeat=args.repeat, min_time=0.25)
             else:
@@ -245,13 +295,13 @@ def _bench_cluster_upward(args):
     plain FMA (mean coarsening) is timed beside it. Run with ``NUMBA_NUM_THREADS=1`` for
     single-thread figures.
     """
-    from . import cpu
-    from ._validate import attention_inputs
-    from .tree import build_tree
+    from .. import cpu
+    from .._validate import attention_inputs
+    from ..tree import build_tree
 
     n = max(args.n)
     label, m, p = configs(args)[0]
-    q, k, v = random_qkv(n, args.d)
+    q, k, v = random_inputs(n, args.d, heads=1)
     options = dict(block_size=m, rank=p, check_finite=False)
     api.fmm_attention(q[:, :512], k[:, :512], v[:, :512], coarsening="cluster", **options)
     batch = attention_inputs(q, k, v, scale=None, key_padding_mask=None, check_finite=False)
@@ -259,32 +309,38 @@ def _bench_cluster_upward(args):
     t_plain = best_time(lambda: api.fmm_attention(q, k, v, **options), repeat=args.repeat)
     rows = []
     for iters in (1, 3, 8):
-        t_up = best_time(lambda: cpu.coarse_buffers(batch, tree, "cluster", True, cluster_iters=iters), repeat=args.repeat)
-        t_all = best_time(lambda: api.fmm_attention(q, k, v, coarsening="cluster", cluster_iters=iters, **options),
+        t_up = best_time(partial(cpu.coarse_buffers, batch, tree, "cluster", True, cluster_iters=iters),
+                         repeat=args.repeat)
+        t_all = best_time(partial(api.fmm_attention, q, k, v, coarsening="cluster", cluster_iters=iters, **options),
                           repeat=args.repeat)
         rows.append([n, iters, f"{t_up * 1e3:.1f}", f"{(t_all - t_up) * 1e3:.1f}", f"{t_up / (t_all - t_up):.2f}",
                      f"{t_plain * 1e3:.1f}", f"{t_up / t_plain:.2f}"])
     print(f"\nCluster coarsening (float32, one head, m/p {label}): upward pass against the rest of the call and plain FMA")
-    print(table(rows, ["n", "cluster_iters", "upward ms", "attention ms", "upward / attention", "plain FMA ms",
-                       "upward / plain FMA"]))
+    print(format_table(rows, ["n", "cluster_iters", "upward ms", "attention ms", "upward / attention",
+                              "plain FMA ms", "upward / plain FMA"]))
+
+
+def _read_once(*arrays):
+    """Read every element of ``arrays`` once (a sum each): the memory-bound yardstick."""
+    return [x.sum() for x in arrays]
 
 
 def _bench_fastformer(args):
     """Fastformer against the time of reading its inputs once (a memory-bound yardstick)."""
     rows = []
-    w = np.random.default_rng(2).standard_normal((2, args.d)).astype(np.float32)
-    api.fastformer_attention(*random_qkv(256, args.d), w[0], w[1], backend=args.backend)
-    api.fastformer_attention(*random_qkv(256, args.d), w[0], w[1], causal=True, backend=args.backend)
-    timer = _timer(args)
+    small = random_inputs(256, args.d, heads=1, fastformer=True)
+    api.fastformer_attention(*small, backend=args.backend)
+    api.fastformer_attention(*small, causal=True, backend=args.backend)
+    timer = partial(best_time, backend=args.backend)
     for n in args.n:
-        q, k, v = random_qkv(n, args.d)
+        q, k, v, w_q, w_k = random_inputs(n, args.d, heads=1, fastformer=True)
         moved = 4.0 * q.nbytes  # q, k, v read once, u written once
-        t_read = best_time(lambda: (q.sum(), k.sum(), v.sum()), repeat=args.repeat)
-        dq, dk, dv, w0, w1 = _on_backend(args, q, k, v, w[0], w[1])
+        t_read = best_time(partial(_read_once, q, k, v), repeat=args.repeat)
+        dq, dk, dv, w0, w1 = _on_backend(args, q, k, v, w_q, w_k)
         for causal in (False, True):
-            t = timer(lambda: api.fastformer_attention(dq, dk, dv, w0, w1, causal=causal, backend=args.backend,
-                                                       check_finite=False), repeat=args.repeat)
+            t = timer(partial(api.fastformer_attention, dq, dk, dv, w0, w1, causal=causal, backend=args.backend,
+                              check_finite=False), repeat=args.repeat)
             rows.append([n, "causal" if causal else "bidirectional", f"{t * 1e3:.2f}", f"{moved / t / 1e9:.1f}",
                          f"{t_read * 1e3:.2f}", f"{t / t_read:.1f}"])
     print("\nFastformer (float32, one head): bytes = q, k, v read once + output written once")
-    print(table(rows, ["n", "variant", "ms", "GB/s", "read q,k,v ms", "time / read"]))
+    print(format_table(rows, ["n", "variant", "ms", "GB/s", "read q,k,v ms", "time / read"]))

@@ -1,27 +1,19 @@
 """``python -m fmm_attention demo``: the library's main job on a built-in workload.
 
 Random inputs up to n = 65536 and a real sample (three MiniLM heads shipped with the
-package): for each method, its best time over a few runs, peak memory of its NumPy
-allocations and relative error against exact attention.
+package): for each method, its best time over a few runs, its peak memory
+(:func:`fmm_attention.perf.peak_memory`: the resident set's rise during the call, Numba's
+buffers included) and its relative error against exact attention.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-from . import _config, api
-from .accuracy import ACCURATE
-from ._workloads import (
-    Progress,
-    best_time,
-    check_fma_options,
-    peak_memory,
-    positive_float,
-    positive_int,
-    random_qkv,
-    real_sample,
-    table,
-)
+from .. import _config, api
+from ..accuracy import ACCURATE
+from ..perf import best_time, format_table, peak_memory, random_inputs
+from ._common import Progress, check_fma_options, positive_float, positive_int, real_sample
 
 #: Length of the real sample shipped with the package.
 REAL_N = 512
@@ -60,12 +52,10 @@ def _methods(args, *, real=False):
     if real:  # its gain shows on real attention; random inputs' attention is nearly uniform
         methods.append(("fma accurate (docs: accuracy)", lambda q, k, v: api.fmm_attention(
             q, k, v, causal=args.causal, global_tokens=[0, q.shape[-2] - 1], **ACCURATE)))
-    rng = np.random.default_rng(5)
-    w = rng.standard_normal((2, 512)) / 8
 
     def fastformer(q, k, v):
-        d = q.shape[-1]
-        return api.fastformer_attention(q, k, v, w[0, :d].astype(q.dtype), w[1, :d].astype(q.dtype), causal=args.causal)
+        w_q, w_k = random_inputs(1, q.shape[-1], dtype=q.dtype, fastformer=True)[3:5]
+        return api.fastformer_attention(q, k, v, w_q, w_k, causal=args.causal)
 
     methods.append(("fastformer", fastformer))
     return methods
@@ -93,7 +83,7 @@ def _measure(args, name, fn, q, k, v, ref):
 
 
 def check(args):
-    """Reject bad options before any work (:class:`~fmm_attention._workloads.UsageError`)."""
+    """Reject bad options before any work (:class:`~fmm_attention._cli._common.UsageError`)."""
     for n in sorted(set(args.n) | {REAL_N}):
         check_fma_options(n, block_size=args.block_size, rank=args.rank, causal=args.causal)
 
@@ -105,18 +95,19 @@ def run(args):
     real_methods = _methods(args, real=True)
     print("fmm_attention demo: relative error = ||out - exact|| / ||exact|| (Frobenius); "
           f"time = best of up to {args.repeat} runs (the runs column; no run starts after "
-          f"{args.max_time:g} s on a row); peak = NumPy allocations (tracemalloc)")
+          f"{args.max_time:g} s on a row); peak = the resident set's rise during one call, output and "
+          "Numba's buffers included")
     progress = Progress(len(real_methods) + len(args.n) * len(methods) + len(real_methods), "demo",
                         enabled=args.progress)
     # compiles once, then Numba's on-disk cache makes this fast (python -m fmm_attention compile)
-    wq, wk, wv = random_qkv(128, args.d)
+    wq, wk, wv = random_inputs(128, args.d, heads=1)
     for name, fn in real_methods:
         fn(wq, wk, wv)
         progress.update(f"warm-up {name}")
 
     rows = []
     for n in args.n:
-        q, k, v = random_qkv(n, args.d)
+        q, k, v = random_inputs(n, args.d, heads=1)
         ref = None
         for name, fn in methods:
             out, row = _measure(args, name, fn, q, k, v, ref)
@@ -134,7 +125,7 @@ def run(args):
         progress.update(f"{name} real sample")
     progress.close()
     print(f"\nRandom Gaussian inputs, one head, d={args.d}, float32 (attention is nearly uniform):")
-    print(table(rows, HEADERS))
+    print(format_table(rows, HEADERS))
     print(f"\nReal attention inputs: {provenance}, n={q.shape[-2]}, d={q.shape[-1]}, float32:")
-    print(table(real_rows, HEADERS))
+    print(format_table(real_rows, HEADERS))
     return 0

@@ -1,8 +1,10 @@
-"""Shared pieces of the commands: inputs, baselines, timers, counts, the progress line and the table.
+"""What every command shares: the usage error, the progress line, argument types, the sample.
 
-Every command reports progress through :class:`Progress` and prints results with
-:func:`table`; a command raises :class:`UsageError` for a mistake of the user, which
-:func:`fmm_attention.cli.main` prints as one line (exit status 2).
+Every command reports progress through :class:`Progress` (its ``update`` is the package's
+one ``progress=`` contract: a callable called with a label after each step) and prints
+results with :func:`fmm_attention.perf.format_table`; a command raises :class:`UsageError`
+for a mistake of the user, which :func:`fmm_attention._cli.main` prints as one line (exit
+status 2).
 """
 
 from __future__ import annotations
@@ -11,25 +13,13 @@ import argparse
 import contextlib
 import sys
 import time
-import tracemalloc
 from importlib import resources
 
 import numpy as np
 
-from ._perf import best_time, fma_logits, random_inputs  # noqa: F401  (one timer, logit count, generator)
-
 
 class UsageError(Exception):
     """A mistake in the command line or the input it names: reported in one line, exit status 2."""
-
-
-def random_qkv(n, d=64, *, heads=1, dtype=np.float32, seed=0):
-    """Standard-normal ``q, k, v`` of shape ``(heads, n, d)`` (:func:`._perf.random_inputs`).
-
-    One input generator for every command, the asv suite and the docs: the same seed gives
-    the same data everywhere.
-    """
-    return random_inputs(n, d, heads=heads, dtype=dtype, seed=seed)
 
 
 def real_sample():
@@ -37,40 +27,6 @@ def real_sample():
     with resources.files("fmm_attention").joinpath("data/minilm_sample.npz").open("rb") as fh:
         data = np.load(fh)
         return data["q"], data["k"], data["v"], f"all-MiniLM-L6-v2 on {data['source']} (layer, head) {data['layer_head'].tolist()}"
-
-
-def numpy_attention(q, k, v, *, tile=1024):
-    """Plain NumPy exact attention in query tiles: ``q @ k.T``, max, exp, ``@ v`` (the baseline)."""
-    scale = q.dtype.type(1.0 / np.sqrt(q.shape[-1]))
-    out = np.empty(q.shape[:-1] + (v.shape[-1],), dtype=q.dtype)
-    for h in range(q.shape[0]):
-        for i0 in range(0, q.shape[1], tile):
-            s = (q[h, i0 : i0 + tile] * scale) @ k[h].T
-            s -= s.max(axis=1, keepdims=True)
-            np.exp(s, out=s)
-            out[h, i0 : i0 + tile] = (s @ v[h]) / s.sum(axis=1, keepdims=True)
-    return out
-
-
-def peak_memory(fn):
-    """Peak bytes of NumPy allocations made while ``fn()`` runs (``tracemalloc``).
-
-    Counts arrays allocated through NumPy (outputs, coarse buffers, plans); the kernels'
-    per-thread scratch (a few blocks' keys) is allocated by Numba's runtime and not seen.
-    """
-    tracemalloc.start()
-    try:
-        fn()
-        return tracemalloc.get_traced_memory()[1]
-    finally:
-        tracemalloc.stop()
-
-
-def matmul_rate(n=2048, dtype=np.float32):
-    """NumPy's matmul FLOP rate (flop/s) on an ``n x n`` product."""
-    a = np.random.default_rng(1).standard_normal((n, n)).astype(dtype)
-    a @ a
-    return 2.0 * n**3 / best_time(lambda: a @ a, repeat=5, min_time=0.2)
 
 
 class Progress:
@@ -110,7 +66,13 @@ class Progress:
         return bool(isatty and isatty())
 
     def update(self, label=""):
-        """Count one step done; ``label`` says which."""
+        """Count one step done; ``label`` says which.
+
+        This is the package's one ``progress=`` contract, so ``progress=bar.update`` can
+        be passed to :func:`~fmm_attention.perf.scaling_study`,
+        :func:`~fmm_attention.analysis.compare` or
+        :func:`~fmm_attention.accuracy.accuracy_vs_cost`.
+        """
         self.done += 1
         if not self.enabled:
             return
@@ -122,24 +84,11 @@ class Progress:
         else:
             print(text, file=self.stream, flush=True)
 
-    def wrap(self, iterable):
-        """Yield the items of ``iterable``, counting a step after each (a ``progress=`` wrapper)."""
-        for item in iterable:
-            yield item
-            self.update()
-
     def close(self):
         """End the progress: clear the line on a terminal."""
         if self.enabled and self._width and self._tty():
             print("\r" + " " * self._width + "\r", end="", file=self.stream, flush=True)
         self._width = 0
-
-
-def table(rows, headers):
-    """Format rows (lists of str) as an aligned text table."""
-    widths = [max(len(str(x)) for x in col) for col in zip(headers, *rows)]
-    line = lambda r: "  ".join(str(x).rjust(w) for x, w in zip(r, widths))  # noqa: E731
-    return "\n".join([line(headers), line(["-" * w for w in widths])] + [line(r) for r in rows])
 
 
 @contextlib.contextmanager
@@ -169,7 +118,7 @@ def positive_int(text):
 
 def check_fma_options(n, *, block_size, rank, causal=False):
     """Validate FMA's ``block_size``/``rank`` for a length ``n`` with the library (its plan)."""
-    from .tree import build_tree
+    from ..tree import build_tree
 
     with user_input("invalid --block-size/--rank: "):
         build_tree(int(n), block_size=block_size, rank=rank, causal=causal)

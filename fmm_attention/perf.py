@@ -1,14 +1,23 @@
-"""Performance studies: FLOP counts, time scaling, peak memory and a per-phase profile.
+"""Measuring helpers: one input generator, one timer, one memory probe, FLOP counts, studies.
 
-These functions back ``python -m fmm_attention bench --scaling``, the asv suite
-(``asv_benchmarks/``) and the figures of ``docs/performance.rst``. They measure the public
+These functions back the ``bench`` and ``demo`` commands, the asv suite
+(``asv_benchmarks/``) and the figures of :doc:`performance`. They measure the public
 functions exactly as a user calls them; nothing here changes how a kernel runs.
 
-Timings are the best of a few runs in one process, so that ratios between figures taken in
-one call are meaningful on a noisy machine; absolute times depend on the machine and its load.
-Peak memory is measured in a fresh interpreter per figure (the process's resident-set high
-water mark), so that it covers every allocation: NumPy arrays, Numba's runtime buffers, the
-plan, and the Python objects built while planning.
+* **Inputs**: :func:`random_inputs` is the one generator: the same ``seed`` gives the same
+  ``q, k, v`` (and Fastformer vectors, and a cotangent) in every command, benchmark and figure.
+* **Time**: :func:`best_time` is the one timer (best of a few runs; CUDA calls are
+  synchronized before the clock is read). Ratios between figures taken in one process are
+  meaningful on a noisy machine; absolute times depend on the machine and its load.
+* **Memory**: :func:`peak_memory` is the one probe: the rise of the process's resident set
+  during a call at its peak, which counts every allocation (NumPy arrays, the arrays of
+  Numba's runtime, the plan, Python objects, and what ``tracemalloc`` cannot see: memory
+  taken outside Python's allocators by BLAS, the threading layer or C's ``malloc``).
+  :func:`memory_study` runs it in a fresh interpreter.
+* **Progress**: every ``progress=`` option of the package (:func:`scaling_study`,
+  :func:`fmm_attention.analysis.compare`, :func:`fmm_attention.accuracy.accuracy_vs_cost`)
+  follows one contract: a callable called once after each step with one ``str`` argument
+  saying which step ended.
 
 FMA's ``block_size`` and ``rank`` default to the library's (``fmm_attention``'s own
 defaults); the performance targets' 32/2 is passed explicitly where it is measured.
@@ -16,6 +25,9 @@ defaults); the performance targets' 32/2 is passed explicitly where it is measur
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import gc
 import json
 import math
 import os
@@ -29,16 +41,58 @@ import numpy as np
 
 from . import _config
 
+__all__ = [
+    "DEFAULT_SCALING_NS",
+    "METHODS",
+    "random_inputs",
+    "method_call",
+    "best_time",
+    "matmul_rate",
+    "peak_memory",
+    "memory_study",
+    "PeakMemory",
+    "exact_logits",
+    "fma_logits",
+    "attention_flops",
+    "loglog_slope",
+    "crossover",
+    "scaling_study",
+    "Scaling",
+    "profile_phases",
+    "format_table",
+]
+
 #: Sequence lengths of the scaling target: 16,384 to 1,048,576, doubling.
 DEFAULT_SCALING_NS = tuple(2**e for e in range(14, 21))
 
-#: Methods known to :func:`scaling_study`, :func:`peak_memory` and :func:`attention_flops`.
+#: Methods known to :func:`method_call`, :func:`scaling_study`, :func:`memory_study` and
+#: :func:`attention_flops`.
 METHODS = ("exact", "fma", "fastformer")
 
 
+def _progress(progress):
+    """``progress`` checked against the package's one contract; a no-op for ``None``.
+
+    The contract: ``progress`` is ``None`` or a callable taking one ``str``, called once
+    after each step of the work with a short description of the step that ended.
+    """
+    if progress is None:
+        return lambda label: None
+    if not callable(progress):
+        raise TypeError("progress must be None or a callable called as progress(label) after each step, "
+                        f"got {type(progress).__name__}")
+    return progress
+
+
 # ---------------------------------------------------------------- inputs and calls
-def random_inputs(n, d=64, *, dv=None, heads=None, dtype=np.float32, seed=0):
-    """Standard-normal ``q, k, v`` drawn directly in ``dtype`` (no float64 temporaries).
+def random_inputs(n, d=64, *, dv=None, heads=None, dtype=np.float32, seed=0, fastformer=False, cotangent=False):
+    """Standard-normal ``q, k, v``: the one input generator of the commands, asv and the docs.
+
+    Drawn directly in ``dtype`` (no float64 temporaries), ``q``, ``k`` then ``v`` from
+    ``numpy.random.default_rng(seed)``; the same ``seed`` gives the same arrays whatever
+    the other options, and ``heads=1`` gives the same numbers as ``heads=None`` with a
+    leading dim of 1. Fastformer's vectors and the cotangent come from their own streams
+    (seeded ``[seed, 1]`` and ``[seed, 2]``), so asking for them changes no other array.
 
     Parameters
     ----------
@@ -53,19 +107,41 @@ def random_inputs(n, d=64, *, dv=None, heads=None, dtype=np.float32, seed=0):
     dtype : numpy dtype, optional
         ``float32`` or ``float64``.
     seed : int, optional
+        Seed of the generator.
+    fastformer : bool, optional
+        Also return Fastformer's attention vectors ``w_q, w_k`` of shape ``(d,)``, drawn
+        with standard deviation ``1 / sqrt(d)`` (logits ``q . w`` of unit variance).
+    cotangent : bool, optional
+        Also return a standard-normal output cotangent ``g`` shaped like ``v`` (for the
+        pullbacks of :mod:`fmm_attention.grad`).
 
     Returns
     -------
-    q, k, v : ndarray
+    tuple of ndarray
+        ``q, k, v``, then ``w_q, w_k`` if ``fastformer``, then ``g`` if ``cotangent``.
+
+    Examples
+    --------
+    >>> from fmm_attention.perf import random_inputs
+    >>> q, k, v = random_inputs(128, 16, heads=2)
+    >>> q.shape, q.dtype.name
+    ((2, 128, 16), 'float32')
+    >>> bool((random_inputs(128, 16)[0] == q[0]).all())    # heads=1 or None: the same numbers
+    True
     """
     dtype = np.dtype(dtype)
-    rng = np.random.default_rng(seed)
-    lead = () if heads is None else (heads,)
+    lead = () if heads is None else (int(heads),)
     dv = d if dv is None else dv
-    q = rng.standard_normal(lead + (n, d), dtype=dtype)
-    k = rng.standard_normal(lead + (n, d), dtype=dtype)
-    v = rng.standard_normal(lead + (n, dv), dtype=dtype)
-    return q, k, v
+    rng = np.random.default_rng(seed)
+    arrays = [rng.standard_normal(lead + (n, d), dtype=dtype), rng.standard_normal(lead + (n, d), dtype=dtype),
+              rng.standard_normal(lead + (n, dv), dtype=dtype)]
+    if fastformer:
+        w = np.random.default_rng([seed, 1]).standard_normal((2, d), dtype=dtype)
+        w *= dtype.type(1.0 / math.sqrt(d))
+        arrays += [w[0], w[1]]
+    if cotangent:
+        arrays.append(np.random.default_rng([seed, 2]).standard_normal(lead + (n, dv), dtype=dtype))
+    return tuple(arrays)
 
 
 def method_call(method, q, k, v, *, causal=False, block_size=_config.DEFAULT_BLOCK_SIZE, rank=_config.DEFAULT_RANK,
@@ -76,12 +152,16 @@ def method_call(method, q, k, v, *, causal=False, block_size=_config.DEFAULT_BLO
     ----------
     method : {"exact", "fma", "fastformer"}
         :func:`~fmm_attention.exact_attention`, :func:`~fmm_attention.fmm_attention` or
-        ``fastformer_attention`` (with random attention vectors ``w_q, w_k`` drawn once).
-    q, k, v : ndarray
+        :func:`~fmm_attention.fastformer_attention` (with the attention vectors of
+        :func:`random_inputs` for ``seed``).
+    q, k, v : array_like
+        Inputs (host arrays, or device arrays for ``backend="cuda"``).
     causal : bool, optional
+        Causal attention.
     block_size, rank, query_coarsening : optional
         FMA options (ignored by the other methods).
     backend : {"cpu", "cuda", "auto"}, optional
+        Where the kernels run.
     seed : int, optional
         Seed of Fastformer's attention vectors.
 
@@ -94,8 +174,6 @@ def method_call(method, q, k, v, *, causal=False, block_size=_config.DEFAULT_BLO
     ------
     ValueError
         Unknown ``method``.
-    NotImplementedError
-        ``"fastformer"`` when this build has no ``fastformer_attention``.
     """
     from . import api
 
@@ -105,12 +183,9 @@ def method_call(method, q, k, v, *, causal=False, block_size=_config.DEFAULT_BLO
         return lambda: api.fmm_attention(q, k, v, causal=causal, block_size=block_size, rank=rank,
                                          query_coarsening=query_coarsening, backend=backend)
     if method == "fastformer":
-        fastformer = getattr(api, "fastformer_attention", None)
-        if fastformer is None:
-            raise NotImplementedError("fastformer_attention is not available in this build")
-        rng = np.random.default_rng(seed)
-        w_q, w_k = (rng.standard_normal(q.shape[-1]).astype(q.dtype) for _ in range(2))
-        return lambda: fastformer(q, k, v, w_q, w_k, causal=causal, backend=backend)
+        d = q.shape[-1]
+        w_q, w_k = random_inputs(1, d, dtype=q.dtype, seed=seed, fastformer=True)[3:5]
+        return lambda: api.fastformer_attention(q, k, v, w_q, w_k, causal=causal, backend=backend)
     raise ValueError(f"method must be one of {', '.join(map(repr, METHODS))}; got {method!r}")
 
 
@@ -118,8 +193,8 @@ def method_call(method, q, k, v, *, causal=False, block_size=_config.DEFAULT_BLO
 CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
 
 
-def best_time(fn, *, repeat=3, min_time=0.0, max_runs=100, clock="wall", max_time=math.inf):
-    """Best time (seconds) of ``fn()`` over at least ``repeat`` runs.
+def best_time(fn, *, repeat=3, min_time=0.0, max_runs=100, clock="wall", max_time=math.inf, backend="cpu"):
+    """Best time (seconds) of ``fn()`` over at least ``repeat`` runs: the one timer.
 
     Fast functions run more often: runs continue until ``min_time`` seconds have been spent
     (at most ``max_runs`` runs), which makes the best time robust on a loaded machine. Slow
@@ -142,12 +217,24 @@ def best_time(fn, *, repeat=3, min_time=0.0, max_runs=100, clock="wall", max_tim
         one worker thread (``NUMBA_NUM_THREADS=1``) it is the work a call does.
     max_time : float, optional
         Start no run after this many seconds have been spent (overrides ``repeat``).
+    backend : {"cpu", "cuda"}, optional
+        ``"cuda"``: wait for the GPU after each call, before the clock is read, so that
+        the time covers the kernels and not only their launch.
 
     Returns
     -------
     float
+
+    Examples
+    --------
+    >>> from fmm_attention.perf import best_time
+    >>> best_time(lambda: sum(range(1000)), repeat=5) > 0
+    True
     """
+    if clock not in CLOCKS:
+        raise ValueError(f"clock must be one of {', '.join(map(repr, CLOCKS))}; got {clock!r}")
     timer = CLOCKS[clock]
+    fn = _synchronized(fn, backend)
     best, spent, runs = math.inf, 0.0, 0
     while runs == 0 or (spent < max_time and (runs < int(repeat) or (spent < min_time and runs < max_runs))):
         t0 = timer()
@@ -155,6 +242,74 @@ def best_time(fn, *, repeat=3, min_time=0.0, max_runs=100, clock="wall", max_tim
         elapsed = timer() - t0
         best, spent, runs = min(best, elapsed), spent + elapsed, runs + 1
     return best
+
+
+def _synchronized(fn, backend):
+    if backend != "cuda":
+        return fn
+
+    def call():
+        from . import cuda
+
+        out = fn()
+        cuda.synchronize()
+        return out
+
+    return call
+
+
+def matmul_rate(n=2048, *, dtype=np.float32, repeat=5, min_time=0.2):
+    """NumPy's matrix-product rate (FLOP/s) on an ``n x n`` product: the yardstick of ``bench``.
+
+    Parameters
+    ----------
+    n : int, optional
+        Size of the square matrices.
+    dtype : numpy dtype, optional
+        ``float32`` (SGEMM) or ``float64`` (DGEMM).
+    repeat, min_time : optional
+        As :func:`best_time`.
+
+    Returns
+    -------
+    float
+        ``2 n**3`` divided by the best time of ``a @ a``.
+    """
+    a = random_inputs(n, n, dtype=dtype, seed=1)[0]
+    a @ a
+    return 2.0 * n**3 / best_time(lambda: a @ a, repeat=repeat, min_time=min_time)
+
+
+def format_table(rows, headers):
+    """Rows of values as an aligned, right-justified text table under ``headers``.
+
+    Parameters
+    ----------
+    rows : sequence of sequence
+        One sequence of values (formatted with ``str``) per row.
+    headers : sequence of str
+        Column titles.
+
+    Returns
+    -------
+    str
+        The header line, a rule of dashes and one line per row.
+
+    Examples
+    --------
+    >>> from fmm_attention.perf import format_table
+    >>> print(format_table([[1024, "0.5"], [4096, "2.1"]], ["n", "ms"]))
+       n   ms
+    ----  ---
+    1024  0.5
+    4096  2.1
+    """
+    widths = [max(len(str(x)) for x in col) for col in zip(headers, *rows)]
+
+    def line(row):
+        return "  ".join(str(x).rjust(w) for x, w in zip(row, widths))
+
+    return "\n".join([line(headers), line(["-" * w for w in widths])] + [line(r) for r in rows])
 
 
 # ---------------------------------------------------------------- FLOP counts
@@ -195,7 +350,7 @@ def fma_logits(n, *, block_size=_config.DEFAULT_BLOCK_SIZE, rank=_config.DEFAULT
 
     Examples
     --------
-    >>> from fmm_attention._perf import fma_logits
+    >>> from fmm_attention.perf import fma_logits
     >>> fma_logits(256, block_size=64, rank=64) == 256 * 256   # rank >= N/4: FMA is exact
     True
     """
@@ -338,7 +493,8 @@ def scaling_study(ns=DEFAULT_SCALING_NS, *, method="fma", query_coarsening=False
         run, so the times include planning (``fmm_attention.build_tree``).
     seed : int, optional
     progress : callable, optional
-        Called as ``progress(n, seconds)`` after each ``n``.
+        Called as ``progress(label)`` after each ``n`` (the package's one progress
+        contract), ``label`` naming the method, ``n`` and its time.
 
     Returns
     -------
@@ -347,10 +503,11 @@ def scaling_study(ns=DEFAULT_SCALING_NS, *, method="fma", query_coarsening=False
 
     Examples
     --------
-    >>> from fmm_attention._perf import scaling_study
+    >>> from fmm_attention.perf import scaling_study
     >>> ns, times, slope = scaling_study([4096, 8192, 16384], repeat=1)  # doctest: +SKIP
     """
     ns = tuple(int(n) for n in ns)
+    progress = _progress(progress)
     options = dict(causal=causal, block_size=block_size, rank=rank, query_coarsening=query_coarsening,
                    backend=backend, seed=seed)
     warm = random_inputs(min(256, min(ns)), d, dtype=dtype, seed=seed)
@@ -364,27 +521,12 @@ def scaling_study(ns=DEFAULT_SCALING_NS, *, method="fma", query_coarsening=False
             def fn(_call=fn):
                 _clear_plan_caches()
                 return _call()
-        t = best_time(_synchronized(fn, backend), repeat=repeat, min_time=min_time, clock=clock)
+        t = best_time(fn, repeat=repeat, min_time=min_time, clock=clock, backend=backend)
         times.append(t)
-        if progress is not None:
-            progress(n, t)
+        progress(f"{method} n={n}: {t * 1e3:.1f} ms")
         del q, k, v, fn
     times = np.array(times)
     return Scaling(ns, times, loglog_slope(ns, times))
-
-
-def _synchronized(fn, backend):
-    if backend != "cuda":
-        return fn
-
-    def call():
-        from . import cuda
-
-        out = fn()
-        cuda.synchronize()
-        return out
-
-    return call
 
 
 def crossover(ns, slow, fast):
@@ -414,82 +556,156 @@ def crossover(ns, slow, fast):
 
 
 # ---------------------------------------------------------------- memory
-class PeakMemory(NamedTuple):
-    """Result of :func:`peak_memory` (bytes)."""
-
-    #: Resident set after allocating the inputs and an output-sized array (and the JIT warm-up).
-    baseline: int
-    #: Resident-set high-water mark once the call has run.
-    peak: int
-    #: Bytes of ``q``, ``k``, ``v`` and the output together.
-    io_bytes: int
-
-    @property
-    def extra(self):
-        """Peak memory above the baseline (bytes): what the call needs beyond its inputs and output."""
-        return self.peak - self.baseline
-
-    @property
-    def ratio(self):
-        """``extra / io_bytes``: the memory target of issue 6 is at most 2."""
-        return self.extra / self.io_bytes
-
-
-def _max_rss():
-    """The process's resident-set high-water mark in bytes."""
+def _status_bytes(field):
+    """A ``kB`` field of ``/proc/self/status`` in bytes (``VmRSS``, ``VmHWM``), or None."""
     try:
         with open("/proc/self/status") as fh:
             for line in fh:
-                if line.startswith("VmHWM:"):
+                if line.startswith(field + ":"):
                     return int(line.split()[1]) * 1024
     except OSError:
         pass
+    return None
+
+
+def _reset_high_water():
+    """Reset the resident-set high-water mark to the current resident set (Linux >= 4.0)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as fh:
+            fh.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def _lifetime_max_rss():
+    """The process's lifetime resident-set high-water mark in bytes (``getrusage``)."""
     import resource
 
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return rss if sys.platform == "darwin" else rss * 1024
 
 
-def _peak_memory_here(n, method, d, dtype, causal, block_size, rank, query_coarsening, seed):
-    """Child side of :func:`peak_memory` (a fresh interpreter): returns a dict of bytes."""
+def _release_free_heap():
+    """Give freed heap memory back to the system (glibc ``malloc_trim``), so that a call
+    reusing what earlier work freed has to fault it in again and is counted."""
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.malloc_trim(ctypes.c_size_t(0))
+    except (OSError, AttributeError):
+        pass
+
+
+def peak_memory(fn):
+    """Peak memory of ``fn()`` in bytes: how far the resident set rose above its start.
+
+    The one memory probe of the package. It reads the operating system's account of the
+    process's resident memory, so it counts every allocation the call touches: NumPy
+    arrays, the arrays Numba's runtime allocates inside compiled kernels, the plan, Python
+    objects, and memory taken outside Python's allocators (BLAS workspaces, the threading
+    layer, C's ``malloc``), which ``tracemalloc`` does not see. Before the call the garbage
+    collector runs, freed heap memory is returned to the system (glibc) and the
+    high-water mark is reset to the current resident set; the result is the high-water
+    mark after the call minus the resident set before it. Pages allocated but never
+    written are not resident and not counted; the call's output is counted (it was
+    allocated during the call).
+
+    On Linux the high-water mark is reset through ``/proc/self/clear_refs``. Elsewhere it
+    cannot be reset, and the figure is the growth of the process's lifetime high-water
+    mark: exact in a fresh process (as :func:`memory_study` runs it), a lower bound after
+    larger earlier work.
+
+    Parameters
+    ----------
+    fn : callable
+        Called once with no arguments.
+
+    Returns
+    -------
+    int
+        Bytes, at least 0.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from fmm_attention.perf import peak_memory
+    >>> round(peak_memory(lambda: np.ones(2**22)) / 2**20)   # MiB: 2**22 float64 written
+    32
+    """
+    gc.collect()
+    _release_free_heap()
+    if _reset_high_water():
+        start = _status_bytes("VmRSS")
+        fn()
+        peak = _status_bytes("VmHWM")
+    else:
+        start = _lifetime_max_rss()
+        fn()
+        peak = _lifetime_max_rss()
+    return max(0, peak - start)
+
+
+class PeakMemory(NamedTuple):
+    """Result of :func:`memory_study` (bytes)."""
+
+    #: :func:`peak_memory` of the call: the resident set's rise while it ran, its output included.
+    peak: int
+    #: Bytes of the call's output (and ``lse`` where the method returns one).
+    out_bytes: int
+    #: Bytes of ``q``, ``k``, ``v`` and the output together.
+    io_bytes: int
+
+    @property
+    def extra(self):
+        """Working memory of the call beyond its inputs and output (bytes)."""
+        return self.peak - self.out_bytes
+
+    @property
+    def ratio(self):
+        """``extra / io_bytes``: the memory target of the performance page is at most 2."""
+        return self.extra / self.io_bytes
+
+
+def _memory_study_here(n, method, d, dtype, causal, block_size, rank, query_coarsening, seed):
+    """Child side of :func:`memory_study` (a fresh interpreter): returns a dict of bytes."""
     options = dict(causal=causal, block_size=block_size, rank=rank, query_coarsening=query_coarsening,
                    backend="cpu", seed=seed)
     method_call(method, *random_inputs(256, d, dtype=dtype, seed=seed), **options)()  # JIT warm-up
     q, k, v = random_inputs(n, d, dtype=dtype, seed=seed)
-    reference_out = np.empty_like(v)
-    reference_out.fill(0)  # touch every page, as the call will for its output
-    baseline = _max_rss()
-    del reference_out
     fn = method_call(method, q, k, v, **options)
-    out = fn()
-    peak = _max_rss()
-    io_bytes = q.nbytes + k.nbytes + v.nbytes + out.nbytes
-    return {"baseline": baseline, "peak": peak, "io_bytes": io_bytes}
+    result = {}
+    peak = peak_memory(lambda: result.setdefault("out", fn()))  # cold: the plan is built inside
+    out = result["out"]
+    out_bytes = sum(x.nbytes for x in out) if isinstance(out, tuple) else out.nbytes
+    return {"peak": peak, "out_bytes": out_bytes, "io_bytes": q.nbytes + k.nbytes + v.nbytes + out_bytes}
 
 
-def peak_memory(n, *, method="fma", d=64, dtype=np.float32, query_coarsening=False, causal=False,
-                block_size=_config.DEFAULT_BLOCK_SIZE, rank=_config.DEFAULT_RANK, seed=0, python=None, timeout=None):
-    """Peak memory of one call above a baseline of its inputs and output, in a fresh interpreter.
+def memory_study(n, *, method="fma", d=64, dtype=np.float32, query_coarsening=False, causal=False,
+                 block_size=_config.DEFAULT_BLOCK_SIZE, rank=_config.DEFAULT_RANK, seed=0, python=None,
+                 timeout=None):
+    """:func:`peak_memory` of one cold call of one head, measured in a fresh interpreter.
 
-    The child process warms the JIT on a small input, allocates one head of ``q, k, v``
-    and an output-sized array (written, so that its pages are resident), records the
-    resident-set high-water mark as the baseline, frees the output-sized array and makes the
-    call (cold: its plan is built inside the call). The call's own output replaces the
-    freed array, so ``peak - baseline`` is the working memory the call needs beyond its
-    inputs and output. Linux reads ``VmHWM``; other systems ``ru_maxrss``.
+    The child process warms the JIT on a small input, draws one head of ``q, k, v`` with
+    :func:`random_inputs` and measures the call with :func:`peak_memory` (cold: its plan is
+    built inside the call). A fresh process keeps memory freed by earlier work out of
+    the figure.
 
     Parameters
     ----------
     n : int
         Sequence length.
     method : {"fma", "exact", "fastformer"}, optional
+        The public function measured.
     d : int, optional
         Head dim (``dv = d``).
     dtype : numpy dtype, optional
+        Dtype of the inputs.
     query_coarsening, causal : bool, optional
+        FMA's O(n) variant; causal attention.
     block_size, rank : int, optional
         FMA's ``m`` and ``p``.
     seed : int, optional
+        Seed of :func:`random_inputs`.
     python : str, optional
         Interpreter of the child; ``sys.executable`` by default.
     timeout : float, optional
@@ -498,7 +714,7 @@ def peak_memory(n, *, method="fma", d=64, dtype=np.float32, query_coarsening=Fal
     Returns
     -------
     PeakMemory
-        ``baseline``, ``peak``, ``io_bytes``; ``extra`` and ``ratio`` as properties.
+        ``peak``, ``out_bytes``, ``io_bytes``; ``extra`` and ``ratio`` as properties.
 
     Raises
     ------
@@ -507,17 +723,19 @@ def peak_memory(n, *, method="fma", d=64, dtype=np.float32, query_coarsening=Fal
 
     Examples
     --------
-    >>> from fmm_attention._perf import peak_memory
-    >>> mem = peak_memory(1 << 20, query_coarsening=True)  # doctest: +SKIP
+    >>> from fmm_attention.perf import memory_study
+    >>> mem = memory_study(1 << 20, query_coarsening=True)  # doctest: +SKIP
     >>> mem.ratio <= 2.0  # doctest: +SKIP
     True
     """
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {', '.join(map(repr, METHODS))}; got {method!r}")
     args = dict(n=int(n), method=method, d=int(d), dtype=np.dtype(dtype).name, causal=bool(causal),
                 block_size=int(block_size), rank=int(rank), query_coarsening=bool(query_coarsening), seed=int(seed))
     code = (
         "import json, sys\n"
-        "from fmm_attention._perf import _peak_memory_here\n"
-        "print(json.dumps(_peak_memory_here(**json.loads(sys.argv[1]))))\n"
+        "from fmm_attention.perf import _memory_study_here\n"
+        "print(json.dumps(_memory_study_here(**json.loads(sys.argv[1]))))\n"
     )
     env = dict(os.environ)
     package_root = str(Path(__file__).resolve().parents[1])  # import this very copy of the package
@@ -525,9 +743,9 @@ def peak_memory(n, *, method="fma", d=64, dtype=np.float32, query_coarsening=Fal
     proc = subprocess.run([python or sys.executable, "-c", code, json.dumps(args)], capture_output=True,
                           text=True, env=env, timeout=timeout)
     if proc.returncode != 0:
-        raise RuntimeError(f"peak_memory child failed (exit {proc.returncode}):\n{proc.stderr[-4000:]}")
+        raise RuntimeError(f"memory_study child failed (exit {proc.returncode}):\n{proc.stderr[-4000:]}")
     result = json.loads(proc.stdout.strip().splitlines()[-1])
-    return PeakMemory(result["baseline"], result["peak"], result["io_bytes"])
+    return PeakMemory(result["peak"], result["out_bytes"], result["io_bytes"])
 
 
 # ---------------------------------------------------------------- profile
@@ -566,10 +784,8 @@ def profile_phases(n, *, query_coarsening=False, causal=False, d=64, dtype=np.fl
     _clear_plan_caches()
     t0 = time.perf_counter()
     tree = build_tree(n, block_size=block_size, rank=rank, causal=causal)
-    if query_coarsening:
-        tree.near_plan, tree.box_tables
-    else:
-        tree.key_plan
+    # the plans are cached properties: reading them builds them, inside the timed span
+    _ = (tree.near_plan, tree.box_tables) if query_coarsening else tree.key_plan
     plan = time.perf_counter() - t0
     fn = method_call("fma", q, k, v, **options)
     fn()

@@ -15,8 +15,9 @@ import time
 
 import numpy as np
 
-from . import _config
-from ._workloads import Progress, UsageError, table
+from .. import _config
+from ..perf import format_table, random_inputs
+from ._common import Progress, UsageError
 
 DTYPES = ("float32", "float64")
 
@@ -27,8 +28,6 @@ _N, _D, _M, _P = 64, 8, 8, 2
 
 def _inputs(dtype):
     # One generator for every command (perf.random_inputs): here a leading dim of 2 heads.
-    from ._perf import random_inputs
-
     return random_inputs(_N, _D, heads=2, dtype=dtype, seed=0)
 
 
@@ -39,7 +38,7 @@ def _mask():
 
 
 def _exact(dtype):
-    from .api import exact_attention
+    from ..api import exact_attention
 
     q, k, v = _inputs(dtype)
     exact_attention(q, k, v)
@@ -49,7 +48,7 @@ def _exact(dtype):
 
 def _fma_calls(**options):
     def run(dtype):
-        from .api import fmm_attention
+        from ..api import fmm_attention
 
         q, k, v = _inputs(dtype)
         for causal in (False, True) if not options.get("query_coarsening") else (False,):
@@ -60,9 +59,9 @@ def _fma_calls(**options):
 
 
 def _learned(dtype):
-    from .api import fmm_attention
-    from .coarsening import LearnedCoarsening
-    from .tree import build_tree
+    from ..api import fmm_attention
+    from ..coarsening import LearnedCoarsening
+    from ..tree import build_tree
 
     q, k, v = _inputs(dtype)
     tree = build_tree(_N, block_size=_M, rank=_P)
@@ -73,10 +72,10 @@ def _learned(dtype):
 
 
 def _fastformer(dtype):
-    from .api import fastformer_attention
+    from ..api import fastformer_attention
 
     q, k, v = _inputs(dtype)
-    w_q, w_k = np.random.default_rng(1).standard_normal((2, _D)).astype(dtype)
+    w_q, w_k = random_inputs(_N, _D, dtype=dtype, fastformer=True)[3:5]
     for causal in (False, True):
         fastformer_attention(q, k, v, w_q, w_k, causal=causal)
         fastformer_attention(q, k, v, w_q, w_k, causal=causal, key_padding_mask=_mask(), return_pools=True)
@@ -84,7 +83,7 @@ def _fastformer(dtype):
 
 def _analysis(dtype):
     # The analysis computes in float64 whatever the input dtype: one variant covers both.
-    from .analysis import compare
+    from ..analysis import compare
 
     q, k, v = _inputs(dtype)
     compare(q, k, v, block_size=_M, rank=_P, key_padding_mask=_mask())
@@ -93,8 +92,8 @@ def _analysis(dtype):
 def _finite(dtype):
     # Arrays above _config.FINITE_PARALLEL_MIN_BYTES take a parallel kernel; reach it on a
     # small array by lowering the threshold for this one call.
-    from . import _config
-    from .cpu.finite import all_finite
+    from .. import _config
+    from ..cpu.finite import all_finite
 
     saved = _config.FINITE_PARALLEL_MIN_BYTES
     _config.FINITE_PARALLEL_MIN_BYTES = 0
@@ -105,9 +104,9 @@ def _finite(dtype):
 
 
 def _gradients(dtype):
-    from .coarsening import LearnedCoarsening
-    from .grad import exact_attention_vjp, fastformer_attention_vjp, fmm_attention_vjp
-    from .tree import build_tree
+    from ..coarsening import LearnedCoarsening
+    from ..grad import exact_attention_vjp, fastformer_attention_vjp, fmm_attention_vjp
+    from ..tree import build_tree
 
     q, k, v = _inputs(dtype)
     tree = build_tree(_N, block_size=_M, rank=_P)
@@ -123,17 +122,17 @@ def _gradients(dtype):
                 pullback(np.ones_like(out))
     out, pullback = fmm_attention_vjp(q, k, v, block_size=_M, rank=_P, query_coarsening=True)
     pullback(np.ones_like(out))
-    w_q, w_k = np.random.default_rng(1).standard_normal((2, _D)).astype(dtype)
+    w_q, w_k = random_inputs(_N, _D, dtype=dtype, fastformer=True)[3:5]
     for causal in (False, True):
         out, pullback = fastformer_attention_vjp(q, k, v, w_q, w_k, causal=causal, key_padding_mask=_mask())
         pullback(np.ones_like(out))
 
 
 def _decode(dtype):
-    from . import _config
-    from .coarsening import LearnedCoarsening
-    from .decode import FMMDecoder
-    from .tree import build_tree
+    from .. import _config
+    from ..coarsening import LearnedCoarsening
+    from ..decode import FMMDecoder
+    from ..tree import build_tree
 
     q, k, v = _inputs(dtype)
     tree = build_tree(_N, block_size=_M, rank=_P)
@@ -215,7 +214,7 @@ def run(args):
     names = list(VARIANTS) if args.only is None else list(dict.fromkeys(args.only))
     todo = jobs(names, list(dict.fromkeys(args.dtype)))
     if args.list:
-        print(table([[name, _DESCRIPTIONS[name], ", ".join(VARIANTS[name][1])] for name in VARIANTS],
+        print(format_table([[name, _DESCRIPTIONS[name], ", ".join(VARIANTS[name][1])] for name in VARIANTS],
                     ["variant", "what it compiles", "dtypes"]))
         return 0
     if not todo:
@@ -231,7 +230,7 @@ def run(args):
         rows.append([name, dtype, f"{seconds:.1f}"])
         progress.update(f"{name} {dtype}: {seconds:.1f} s")
     progress.close()
-    print(table(rows, ["variant", "dtype", "seconds"]))
+    print(format_table(rows, ["variant", "dtype", "seconds"]))
     print(f"done in {time.perf_counter() - start:.1f} s. A variant's seconds count what the variants above it had "
           "not compiled yet (kernels are shared), or the time to load it when it was cached already.")
     return 0
