@@ -10,7 +10,7 @@ backend's name: every backend is called the same way.
 
 from __future__ import annotations
 
-from . import _config, backends
+from . import _config, _shapes, backends
 from ._stats import fmm_stats
 from ._validate import check_bool, check_global_tokens
 from .distributed import is_dask
@@ -20,32 +20,57 @@ from .tree import _build_tree, build_tree, fmm_call_bytes
 __all__ = ["exact_attention", "fastformer_attention", "fmm_attention"]
 
 
-def exact_attention(q, k, v, *, causal=False, scale=None, key_padding_mask=None, return_lse=False,
-                    check_finite=True, backend="auto"):
+def exact_attention(q, k, v, *, causal=False, scale=None, key_padding_mask=None, attn_mask=None, attn_bias=None,
+                    window=None, query_offset=None, return_lse=False, check_finite=True, backend="auto"):
     """Exact softmax attention, streamed in tiles with an online softmax (O(n d) memory).
 
-    Computes ``softmax(scale * q @ k.T + mask) @ v`` for every leading index without ever
-    forming the ``(n, n)`` matrix. The conventions shared by every function (shapes,
-    masks, dtypes) are in :doc:`/semantics`.
+    Computes ``softmax(scale * q @ k.T + bias + mask) @ v`` for every leading index without
+    ever forming the ``(n_q, n_k)`` matrix. The conventions shared by every function (shapes,
+    masks, alignment, dtypes) are in :doc:`/semantics`, with a table against PyTorch,
+    FlashAttention and JAX.
 
     Parameters
     ----------
-    q, k : array_like, shape (..., n, d)
-        Queries and keys. Leading dims (batch, heads) must match across ``q``, ``k``, ``v``.
-    v : array_like, shape (..., n, dv)
-        Values; ``dv`` may differ from ``d``.
+    q : array_like, shape (..., Hq, n_q, d)
+        Queries.
+    k : array_like, shape (..., Hk, n_k, d)
+        Keys. The dims before the head axis broadcast against those of ``q`` (NumPy's
+        rules); ``Hq = g * Hk`` groups the query heads (grouped-query and multi-query
+        attention): query head ``h`` reads key/value head ``h // g``. Neither copies ``k``
+        or ``v``.
+    v : array_like, shape (..., Hk, n_k, dv)
+        Values, with the leading dims of ``k``; ``dv`` may differ from ``d``.
     causal : bool, optional
-        Query ``i`` attends only to keys ``j <= i``.
+        Query ``i`` sits at position ``t_i = query_offset + i`` of the keys and attends
+        only to keys ``j <= t_i``. The offset defaults to ``n_k - n_q``: the queries are
+        aligned to the **end** of the keys (FlashAttention >= 2.1), so one decode step is
+        the last row of the full causal attention.
     scale : float, optional
         Logit scale; ``1 / sqrt(d)`` by default.
-    key_padding_mask : array_like of bool, shape (..., n), optional
-        ``True`` marks a valid position (token). Invalid keys get zero weight whatever
+    key_padding_mask : array_like of bool, shape (..., n_k), optional
+        ``True`` marks a valid position (token); it broadcasts against the output's
+        leading dims (size-1 head or batch axes). Invalid keys get zero weight whatever
         ``k`` and ``v`` hold there (NaN and infinity included), so no valid position's
         output depends on them. A query with no valid key gets a zero output and
         ``lse = -inf``. Outputs at invalid positions are computed from their ``q`` rows;
         callers normally discard them (with non-finite ``q`` there they are undefined).
+    attn_mask : array_like of bool, shape (..., n_q, n_k), optional
+        ``True`` = query ``i`` may attend to key ``j`` (PyTorch's boolean convention),
+        broadcastable to ``(..., Hq, n_q, n_k)``. Read in place with strides: a mask with
+        size-1 axes is never expanded. Combines (and) with ``causal``,
+        ``key_padding_mask`` and ``window``.
+    attn_bias : array_like of float, shape (..., n_q, n_k), optional
+        Added to the (scaled) logits, broadcastable like ``attn_mask``, read in place;
+        ``-inf`` masks a pair, NaN and ``+inf`` are rejected.
+    window : (int or None, int or None), optional
+        ``(left, right)``: query ``t`` sees keys ``t - left <= j <= t + right`` (``None``: no
+        bound on that side), a sliding window without an ``(n, n)`` mask; with ``causal``
+        the right side is 0. Positions as for ``causal``.
+    query_offset : int, optional
+        Position of query 0 in the key sequence, ``0 <= query_offset <= n_k - n_q``;
+        replaces the default ``n_k - n_q`` of ``causal`` and ``window``.
     return_lse : bool, optional
-        Also return the log-sum-exp of each query's logits, shape ``(..., n)``.
+        Also return the log-sum-exp of each query's logits, shape ``(..., n_q)``.
     check_finite : bool, optional
         Reject NaN or infinity in ``q``, ``k``, ``v`` with a ``ValueError`` (default), at the
         positions ``key_padding_mask`` marks valid: padding may hold anything. Turning it off
@@ -56,18 +81,21 @@ def exact_attention(q, k, v, *, causal=False, scale=None, key_padding_mask=None,
 
     Returns
     -------
-    out : ndarray, shape (..., n, dv)
-        In the dtype of the inputs: float32 stays float32, float64 stays float64; float16
-        is computed in float32, wider floats in float64.
-    lse : ndarray, shape (..., n)
+    out : ndarray, shape (..., Hq, n_q, dv)
+        The broadcast leading dims. In the dtype of the inputs: float32 stays float32,
+        float64 stays float64; float16 is computed in float32, wider floats in float64.
+    lse : ndarray, shape (..., Hq, n_q)
         Only with ``return_lse=True``.
 
     Raises
     ------
     TypeError
-        Non-float inputs (integer, bool, complex), a non-bool mask or option.
+        Non-float inputs (integer, bool, complex), a non-bool mask or option, a non-integer
+        ``query_offset`` or window side.
     ValueError
-        Mismatched shapes, an empty sequence, NaN/inf with ``check_finite``, unknown options.
+        Shapes that do not broadcast, ``Hq`` not a multiple of ``Hk``, an empty sequence,
+        ``n_q > n_k`` with ``causal`` and no ``query_offset``, an offset out of range, masks
+        or biases that do not broadcast, NaN/inf with ``check_finite``, unknown options.
 
     See Also
     --------
@@ -81,22 +109,50 @@ def exact_attention(q, k, v, *, causal=False, scale=None, key_padding_mask=None,
     >>> q, k, v = rng.standard_normal((3, 2, 128, 16))
     >>> exact_attention(q, k, v, causal=True).shape
     (2, 128, 16)
+
+    Grouped heads, and one decode step (the last row of the causal attention):
+
+    >>> q8 = rng.standard_normal((8, 128, 16))  # 8 query heads over the 2 key heads
+    >>> exact_attention(q8, k, v).shape
+    (8, 128, 16)
+    >>> step = exact_attention(q[:, -1:], k, v, causal=True)
+    >>> bool(np.allclose(step, exact_attention(q, k, v, causal=True)[:, -1:]))
+    True
     """
     if is_dask(q, k, v, key_padding_mask):  # lazy in, lazy out: never computed on the client
+        _no_dask(attn_mask=attn_mask, attn_bias=attn_bias, window=window, query_offset=query_offset)
         from .distributed import dask as _dask
         return _dask.exact_attention(q, k, v, causal=causal, scale=scale, key_padding_mask=key_padding_mask,
                                      return_lse=return_lse, check_finite=check_finite, backend=backend)
     causal = check_bool(causal, "causal")
     return_lse = check_bool(return_lse, "return_lse")
-    be = backends.select(backend, (q, k, v), "exact")
+    window = _shapes.check_window(window)
+    features = _shapes.call_features(q, k, v, causal=causal, query_offset=query_offset, attn_mask=attn_mask,
+                                     attn_bias=attn_bias, window=window)
+    be = backends.select(backend, (q, k, v), "exact", features=features)
     batch = be.inputs(q, k, v, scale=scale, key_padding_mask=key_padding_mask, check_finite=check_finite,
-                      skip_masked=True)
+                      skip_masked=True, causal=causal, query_offset=query_offset)
     backends.check_dtype(be, batch.dtype)
-    B, n = batch.q.shape[:2]
+    pairwise = {}
+    if attn_mask is not None:
+        pairwise["attn_mask"] = _shapes.pair_term(attn_mask, "attn_mask", batch.layout)
+    if attn_bias is not None:
+        pairwise["attn_bias"] = _shapes.pair_term(attn_bias, "attn_bias", batch.layout, dtype=batch.dtype)
+    if window is not None:
+        pairwise["window"] = window
+    B, n_q = batch.size if hasattr(batch, "layout") else batch.q.shape[0], batch.n
     # outputs and (with a mask) a zeroed copy of v; the tiles are small
-    be.check_memory({"outputs": B * n * (2 * batch.dv + 1) * batch.dtype.itemsize}, {"outputs": ("n", n)})
-    out, lse = be.exact(batch, causal=causal)
+    be.check_memory({"outputs": (B * n_q * (batch.dv + 1) + batch.v.size) * batch.dtype.itemsize},
+                    {"outputs": ("n", n_q)})
+    out, lse = be.exact(batch, causal=causal, **pairwise)
     return be.finish(batch, out, lse, return_lse)
+
+
+def _no_dask(**options):
+    """The Dask adapter runs self-attention of one shape: refuse the options it lacks."""
+    given = [name for name, value in options.items() if value is not None]
+    if given:
+        raise ValueError(f"{', '.join(given)} is not supported with Dask arrays yet; compute the inputs first")
 
 
 def fmm_attention(q, k, v, *, causal=False, block_size=_config.DEFAULT_BLOCK_SIZE, rank=_config.DEFAULT_RANK,

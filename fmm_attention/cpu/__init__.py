@@ -51,14 +51,34 @@ def _masked_rows_zeroed(x, valid):
     return np.where(valid[:, :, None], x, x.dtype.type(0))
 
 
-def exact_batch(batch, *, causal):
-    """Exact softmax attention of a validated batch."""
-    out, lse = _outputs(batch)
-    key_bias, _, has_mask = _key_bias(batch)
+def exact_batch(batch, *, causal, attn_mask=None, attn_bias=None, window=None):
+    """Exact softmax attention of a validated batch (a :class:`~fmm_attention._shapes.ShapedBatch`,
+    or a plain ``Batch``).
+
+    ``attn_mask``, ``attn_bias``: :class:`~fmm_attention._shapes.PairTerm` or ``None``;
+    ``window``: ``(left, right)`` with ``None`` for an unbounded side, or ``None``.
+    """
+    from .._shapes import PairTerm, as_shaped
+
+    batch = as_shaped(batch)
+    layout = batch.layout
+    B, n_q, n_k = layout.size, layout.n_q, layout.n_k
+    out = np.empty((B, n_q, batch.dv), dtype=batch.dtype)
+    lse = np.empty((B, n_q), dtype=batch.dtype)
     # masked keys are selected out inside the kernel; masked values must be made finite here
     v = _masked_rows_zeroed(batch.v, batch.valid)
+    has_pad = batch.pad is not None
+    pad = batch.pad if has_pad else np.ones((1, 1), dtype=np.bool_)
+    mask = attn_mask if attn_mask is not None else PairTerm.empty(np.bool_, B)
+    bias = attn_bias if attn_bias is not None else PairTerm.empty(batch.dtype, B)
+    unbounded = n_q + n_k + abs(layout.query_offset) + 1  # farther than any key
+    left, right = (unbounded, unbounded) if window is None else (
+        unbounded if x is None else x for x in window)
     with _launch_guard(calls_blas=True):
-        exact_kernel(batch.q, batch.k, v, key_bias, has_mask, batch.dtype.type(batch.scale), causal, out, lse)
+        exact_kernel(batch.q, batch.k, v, layout.q_index, layout.kv_index, pad, has_pad,
+                     mask.flat, mask.offset, mask.si, mask.sj, attn_mask is not None,
+                     bias.flat, bias.offset, bias.si, bias.sj, attn_bias is not None,
+                     batch.dtype.type(batch.scale), causal, layout.query_offset, left, right, out, lse)
     return out, lse
 
 
