@@ -156,7 +156,7 @@ def resolve(q_shape, k_shape, v_shape, *, causal=False, query_offset=None, posit
         hq, hk = q_lead[-1], k_lead[-1]
         if hq % hk:
             raise ValueError(
-                f"the number of query heads Hq = {hq} (q axis -3) must be a multiple of the key/value heads "
+                f"q and k leading dims: the number of query heads Hq = {hq} (q axis -3) must be a multiple of the key/value heads "
                 f"Hk = {hk} (k axis -3) for grouped heads; got q {q_shape}, k {k_shape}"
             )
         groups = hq // hk
