@@ -454,3 +454,91 @@ def materialise(batch):
     k = batch.k if same_k else batch.k[layout.kv_index]
     v = batch.v if same_k else batch.v[layout.kv_index]
     return Batch(q, k, v, batch.pad, batch.lead_shape, batch.dtype, batch.scale)
+
+
+def key_sets(per_entry, layout, name):
+    """Per key/value set values from per-output-entry ones, which must agree within a set.
+
+    FMA coarsens each key/value set once, so what shapes its coarse keys (the key mask,
+    the global tokens) must be the same for every output entry reading that set (every
+    query head of a group, every batch entry a broadcast key set serves).
+
+    Parameters
+    ----------
+    per_entry : ndarray (B, ...) or list of B tuples
+    layout : Layout
+    name : str
+        The argument, for the error.
+
+    Returns
+    -------
+    ndarray or list
+        One row (or tuple) per key/value set.
+    """
+    _, first = np.unique(layout.kv_index, return_index=True)
+    if isinstance(per_entry, np.ndarray):
+        shared = per_entry[first]
+        differs = np.flatnonzero((shared[layout.kv_index] != per_entry).reshape(layout.size, -1).any(axis=1))
+    else:
+        shared = [per_entry[i] for i in first]
+        differs = [b for b, kb in enumerate(layout.kv_index) if per_entry[b] != shared[kb]]
+    if len(differs):
+        b = int(differs[0])
+        kb = int(layout.kv_index[b])
+        raise ValueError(
+            f"{name} must be the same for every output entry that reads one key/value set (the query heads of a "
+            f"group, the batch entries a broadcast k serves): FMA coarsens each key set once; output entries "
+            f"{int(first[kb])} and {b} read key set {kb} with different {name}. Give {name} a size-1 axis "
+            "there, or broadcast k and v explicitly"
+        )
+    return shared
+
+
+def per_sequence_globals(global_tokens):
+    """Whether ``global_tokens`` is a per-sequence form (a bool array, or ints with ``ndim >= 2``)."""
+    if global_tokens is None or isinstance(global_tokens, (tuple, list, range)) and not any(
+            isinstance(x, (tuple, list, np.ndarray)) for x in global_tokens):
+        return False
+    arr = np.asarray(global_tokens)
+    return arr.dtype == np.bool_ or arr.ndim >= 2
+
+
+def global_token_sets(global_tokens, layout, pad):
+    """Per-sequence ``global_tokens`` as one sorted tuple of indices per output entry.
+
+    An int array broadcastable to ``(..., g)`` or a bool array broadcastable to
+    ``(..., n_k)`` (True = global). An index at or past ``n_k``, or at a key that
+    ``key_padding_mask`` marks invalid, is ignored for that sequence only, so padded
+    rows of an index table may hold any such filler.
+    """
+    arr = as_array(global_tokens, "global_tokens")
+    lead, n_k = layout.lead_shape, layout.n_k
+    if arr.dtype == np.bool_:
+        want = lead + (n_k,)
+        try:
+            fits = arr.ndim >= 1 and np.broadcast_shapes(arr.shape, want) == want
+        except ValueError:
+            fits = False
+        if not fits:
+            raise ValueError(f"global_tokens as a bool array must broadcast to {want} (..., n_k), got {arr.shape}")
+        flags = np.broadcast_to(arr, want).reshape(layout.size, n_k)
+    else:
+        if arr.dtype.kind not in "iu":
+            raise TypeError(f"global_tokens must hold integer token indices or bools, got dtype {arr.dtype}")
+        try:
+            idx = np.broadcast_to(arr, np.broadcast_shapes(arr.shape[:-1], lead) + arr.shape[-1:])
+        except ValueError:
+            raise ValueError(f"global_tokens of shape {arr.shape} does not broadcast to (..., g) with leading dims "
+                             f"{lead}") from None
+        if idx.shape[:-1] != lead:
+            raise ValueError(f"global_tokens of shape {arr.shape} does not broadcast to (..., g) with leading dims "
+                             f"{lead}")
+        if idx.size and idx.min() < 0:
+            raise ValueError(f"global_tokens must be >= 0, got {int(idx.min())}")
+        idx = idx.reshape(layout.size, -1)
+        flags = np.zeros((layout.size, n_k), dtype=np.bool_)
+        rows, cols = np.nonzero(idx < n_k)
+        flags[rows, idx[rows, cols]] = True
+    if pad is not None:
+        flags = flags & pad
+    return [tuple(int(j) for j in np.flatnonzero(row)) for row in flags]

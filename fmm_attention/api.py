@@ -158,7 +158,8 @@ def _no_dask(**options):
 def fmm_attention(q, k, v, *, causal=False, block_size=_config.DEFAULT_BLOCK_SIZE, rank=_config.DEFAULT_RANK,
                   coarsening="mean", count_scaling=True, query_coarsening=False, scale=None,
                   key_padding_mask=None, return_lse=False, check_finite=True, backend="auto",
-                  cluster_iters=3, refine=0, global_tokens=None, return_stats=False):
+                  cluster_iters=3, refine=0, global_tokens=None, return_stats=False, query_offset=None,
+                  attn_mask=None, attn_bias=None):
     """Fast Multipole Attention: exact near field, coarsened far field, one joint softmax.
 
     Each query attends exactly to the keys of its own block and the neighbouring blocks
@@ -169,12 +170,21 @@ def fmm_attention(q, k, v, *, causal=False, block_size=_config.DEFAULT_BLOCK_SIZ
 
     Parameters
     ----------
-    q, k : array_like, shape (..., n, d)
-        Queries and keys; leading dims (batch, heads) must match across ``q``, ``k``, ``v``.
-    v : array_like, shape (..., n, dv)
-        Values; ``dv`` may differ from ``d``.
+    q : array_like, shape (..., Hq, n_q, d)
+        Queries; ``n_q = n`` for self-attention. With ``n_q < n_k`` query ``i`` sits at
+        position ``t_i = query_offset + i`` of the key sequence (default offset
+        ``n_k - n_q``: the last positions) and gets exactly row ``t_i`` of FMA
+        self-attention over the keys, so prefill in chunks and decode steps give the
+        rows of the one-shot forward (fine queries; no ``refine`` or ``query_coarsening``).
+    k : array_like, shape (..., Hk, n_k, d)
+        Keys. The dims before the head axis broadcast against those of ``q``;
+        ``Hq = g * Hk`` groups the query heads (query head ``h`` reads key/value head
+        ``h // g``), and the coarse keys of each key head are computed once and shared by
+        its group, with no copy of ``k`` or ``v``.
+    v : array_like, shape (..., Hk, n_k, dv)
+        Values, with the leading dims of ``k``; ``dv`` may differ from ``d``.
     causal : bool, optional
-        Query ``i`` attends only to keys ``j <= i``.
+        Query ``i`` attends only to keys ``j <= t_i``.
     block_size : int, optional
         Finest box size ``m``, a power of two. Larger: more exact attention, slower. A
         block longer than the sequence is clamped to the smallest power of two ``>= n``
@@ -196,7 +206,9 @@ def fmm_attention(q, k, v, *, causal=False, block_size=_config.DEFAULT_BLOCK_SIZ
         Bidirectional only (``ValueError`` with ``causal=True``).
     scale : float, optional
         Logit scale; ``1 / sqrt(d)`` by default.
-    key_padding_mask : array_like of bool, shape (..., n), optional
+    key_padding_mask : array_like of bool, shape (..., n_k), optional
+        Broadcasts against the output's leading dims, but must be the same for every
+        query head of a group (the group shares one set of coarse keys).
         ``True`` marks a valid position (token). Invalid keys leave every near field,
         coarse mean and count, and invalid queries every coarse query and refinement
         score, so no valid position's output depends on what ``q``, ``k``, ``v`` hold at
@@ -225,11 +237,23 @@ def fmm_attention(q, k, v, *, causal=False, block_size=_config.DEFAULT_BLOCK_SIZ
         again while the added keys fit the budget. Only valid keys are charged. A budget of
         ``n`` covers every far key and gives exact attention; larger budgets are clamped to
         ``n`` (the same result). Default 0.
-    global_tokens : array_like of int, optional
+    global_tokens : array_like of int or bool, optional
         Token indices attended exactly by every query (causal: by queries at or after
-        them) and left out of coarsening, e.g. ``[0]`` for an attention sink.
+        them) and left out of coarsening, e.g. ``[0]`` for an attention sink. Per
+        sequence: an int array broadcastable to ``(..., g)`` (one row of indices per
+        leading index) or a bool array broadcastable to ``(..., n_k)``; an index at or
+        past ``n_k`` or at a padded key is ignored for that sequence only, so a padded
+        batch whose [SEP] tokens sit at different positions is one call. Per-sequence
+        tokens must agree within a group of query heads, and do not combine with
+        ``refine``.
     return_stats : bool, optional
         Also return an :class:`FMMStats` with keys per query and FLOPs by stage.
+    query_offset : int, optional
+        Position of query 0 in the key sequence, ``0 <= query_offset <= n_k - n_q``.
+    attn_mask, attn_bias : None
+        Not supported: a pairwise mask or bias has no coarse form (a far box's coarse key
+        stands for many keys at once). Passing one raises ``ValueError``; use
+        :func:`exact_attention`, or ``key_padding_mask`` and ``global_tokens``.
 
     Returns
     -------
@@ -267,7 +291,16 @@ def fmm_attention(q, k, v, *, causal=False, block_size=_config.DEFAULT_BLOCK_SIZ
     >>> bool(np.allclose(full, exact_attention(q, k, v)))
     True
     """
+    for name, value in (("attn_mask", attn_mask), ("attn_bias", attn_bias)):
+        if value is not None:
+            raise ValueError(
+                f"fmm_attention does not take {name}: a pairwise mask or bias has no coarse form (one coarse key "
+                "stands for a whole far box of keys). Use exact_attention for pairwise masks and biases, or "
+                "key_padding_mask / global_tokens / causal, which FMA supports"
+            )
+    per_sequence = _shapes.per_sequence_globals(global_tokens)
     if is_dask(q, k, v, key_padding_mask):  # lazy in, lazy out: never computed on the client
+        _no_dask(query_offset=query_offset, global_tokens=global_tokens if per_sequence else None)
         from .distributed import dask as _dask
         return _dask.fmm_attention(
             q, k, v, causal=causal, block_size=block_size, rank=rank, coarsening=coarsening,
@@ -279,28 +312,47 @@ def fmm_attention(q, k, v, *, causal=False, block_size=_config.DEFAULT_BLOCK_SIZ
     options = FMMOptions.create(
         causal=causal, block_size=block_size, rank=rank, coarsening=coarsening, count_scaling=count_scaling,
         query_coarsening=query_coarsening, scale=scale, cluster_iters=cluster_iters, refine=refine,
-        global_tokens=global_tokens,
+        global_tokens=None if per_sequence else global_tokens,
     )
-    be = backends.select(backend, (q, k, v), "fmm", options, return_stats=return_stats)
+    features = _shapes.call_features(q, k, v, causal=options.causal, query_offset=query_offset, positions=True,
+                                     per_sequence_global_tokens=per_sequence or None)
+    be = backends.select(backend, (q, k, v), "fmm", options, return_stats=return_stats, features=features)
+    if "cross_lengths" in features and (options.refine > 0 or options.query_coarsening):
+        raise ValueError(
+            f"{'refine > 0' if options.refine else 'query_coarsening=True'} needs every query of the sequence "
+            "(a block's refinement plan and coarse queries depend on all its queries): with n_q != n_k or "
+            "query_offset use fine queries and refine=0"
+        )
+    if return_stats and features - {"per_sequence_global_tokens"}:
+        raise ValueError("return_stats=True counts keys of self-attention with one key set per query set: it does "
+                         f"not combine with {', '.join(sorted(features - {'per_sequence_global_tokens'}))} yet")
+    if per_sequence and options.refine > 0:
+        raise ValueError("per-sequence global_tokens cannot be combined with refine > 0 yet; pass one shared "
+                         "1-D global_tokens, or refine=0")
     batch = be.inputs(q, k, v, scale=options.scale, key_padding_mask=key_padding_mask, check_finite=check_finite,
-                      skip_masked=True)
+                      skip_masked=True, causal=options.causal, query_offset=query_offset, positions=True)
     backends.check_dtype(be, batch.dtype)
+    entry_globals = (_shapes.global_token_sets(global_tokens, batch.layout, batch.pad) if per_sequence
+                     else None)
     asked, (tree, options) = options, plan(batch, options)
+    n_out = batch.size if hasattr(batch, "layout") else batch.q.shape[0]
+    n_globals = len(options.global_tokens) if entry_globals is None else max(map(len, entry_globals), default=0)
     parts = fmm_call_bytes(
-        tree, batch=batch.q.shape[0], d=batch.d, dv=batch.dv, itemsize=batch.dtype.itemsize, refine=options.refine,
-        query_coarsening=options.query_coarsening, n_globals=len(options.global_tokens),
+        tree, batch=n_out, d=batch.d, dv=batch.dv, itemsize=batch.dtype.itemsize, refine=options.refine,
+        query_coarsening=options.query_coarsening, n_globals=n_globals,
         coarsening=options.coarsening,
     )
     refine_shown = refine if refine == options.refine else f"{refine} (clamped to n = {options.refine})"
     be.check_memory(parts, {"refinement": ("refine", refine_shown), "block buffers": ("block_size", tree.block_size),
                             "outputs": ("n", batch.n), "coarse buffers": ("n", batch.n),
                             "tree and key plan": ("n", batch.n)})
-    out, lse, key_plan = be.fmm(batch, tree, options)
+    out, lse, key_plan = be.fmm(batch, tree, options, **({} if entry_globals is None
+                                                         else {"entry_globals": entry_globals}))
     result = be.finish(batch, out, lse, return_lse)
     if not return_stats:
         return result
     stats = fmm_stats(
-        tree, key_plan, batch_size=batch.q.shape[0], d=batch.d, dv=batch.dv,
+        tree, key_plan, batch_size=n_out, d=batch.d, dv=batch.dv,
         coarsening=asked.coarsening_name, cluster_iters=options.cluster_iters,
         refine=options.refine, query_coarsening=options.query_coarsening, valid=batch.valid,
     )
@@ -330,19 +382,20 @@ def plan(batch, options):
     ValueError
         Weights that do not fit the tree, global tokens outside ``[0, n)``.
     """
-    tree = build_tree(batch.n, block_size=options.block_size, rank=options.rank, causal=options.causal)
+    n = batch.k.shape[1]  # the tree is the keys': queries sit at positions in it
+    tree = build_tree(n, block_size=options.block_size, rank=options.rank, causal=options.causal)
     changes = {}
     if options.coarsening_name == "learned":
         if tree.block_size < options.block_size:
             # block_size was clamped (it exceeds the sequence): the weights must still fit the
             # tree asked for, but no far key exists in either, so nothing is coarsened
-            options.coarsening.check_tree(_build_tree(batch.n, options.block_size, tree.rank, options.causal),
+            options.coarsening.check_tree(_build_tree(n, options.block_size, tree.rank, options.causal),
                                           batch.d, batch.dv)
             changes["coarsening"] = "mean"
         else:
             options.coarsening.check_tree(tree, batch.d, batch.dv)
-    changes["global_tokens"] = check_global_tokens(options.global_tokens, batch.n)
-    changes["refine"] = min(options.refine, batch.n)  # n extra keys split every far box: more changes nothing
+    changes["global_tokens"] = check_global_tokens(options.global_tokens, n)
+    changes["refine"] = min(options.refine, n)  # n extra keys split every far box: more changes nothing
     return tree, options.replace(**changes)
 
 
@@ -362,8 +415,11 @@ def fastformer_attention(q, k, v, w_q, w_k, *, causal=False, scale=None, key_pad
     Parameters
     ----------
     q, k, v : array_like, shape (..., n, d)
-        Queries, keys and values, all with the same leading dims and the same ``d``
-        (``v`` is multiplied element-wise by the global key).
+        Queries, keys and values with the same ``n`` and ``d`` (``v`` is multiplied
+        element-wise by the global key). The leading dims of ``q`` and ``k`` broadcast
+        (``k`` and ``v`` share theirs); ``Hq = g * Hk`` repeats each key head for ``g``
+        query heads. The kernels read one row set per leading index, so a broadcast
+        input is copied once to the output's leading dims.
     w_q, w_k : array_like, shape (..., d)
         Additive-attention vectors, broadcasting against the leading dims of ``q``: ``(d,)``
         for one shared vector, ``(h, d)`` for one per head with ``q`` of shape
@@ -440,8 +496,13 @@ def fastformer_attention(q, k, v, w_q, w_k, *, causal=False, scale=None, key_pad
                                           check_finite=check_finite, backend=backend)
     causal = check_bool(causal, "causal")
     return_pools = check_bool(return_pools, "return_pools")
-    be = backends.select(backend, (q, k, v, w_q, w_k), "fastformer")
-    batch = be.inputs(q, k, v, scale=scale, key_padding_mask=key_padding_mask, check_finite=check_finite)
+    features = _shapes.call_features(q, k, v, same_length=True)
+    be = backends.select(backend, (q, k, v, w_q, w_k), "fastformer", features=features)
+    batch = be.inputs(q, k, v, scale=scale, key_padding_mask=key_padding_mask, check_finite=check_finite,
+                      same_length=True)
+    if hasattr(batch, "layout"):
+        # the kernels read one q, k, v row set per entry: broadcast leading dims are copied once
+        batch = _shapes.materialise(batch)
     backends.check_dtype(be, batch.dtype)
     if batch.dv != batch.d:
         raise ValueError(

@@ -336,7 +336,7 @@ class CPUBackend(Backend):
         """
         return self._kernels().exact_batch(batch, causal=causal, **pairwise)
 
-    def fmm(self, batch, tree, options):
+    def fmm(self, batch, tree, options, entry_globals=None):
         """FMA with the CPU kernels (see :meth:`Backend.fmm`).
 
         Parameters
@@ -344,11 +344,13 @@ class CPUBackend(Backend):
         batch : Batch
         tree : Tree
         options : FMMOptions
+        entry_globals : list of tuple, optional
+            Per-sequence global tokens, one tuple per output entry.
         """
         return self._kernels().fmm(
             batch, tree, coarsening=options.coarsening, count_scaling=options.count_scaling,
             query_coarsening=options.query_coarsening, cluster_iters=options.cluster_iters, refine=options.refine,
-            global_tokens=options.global_tokens,
+            global_tokens=options.global_tokens, entry_globals=entry_globals,
         )
 
     def fastformer(self, batch, w_q, w_k, *, causal, return_pools):

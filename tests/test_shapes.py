@@ -242,3 +242,123 @@ def test_errors_name_the_argument():
         exact_attention(rand(94, 3, 4, 8, 4), rand(95, 2, 2, 6, 4), rand(96, 2, 2, 6, 4))
     with pytest.raises(ValueError, match="k and v"):
         exact_attention(q, k, v[:, :5])
+
+
+# ------------------------------------------------------------------ FMA
+from fmm_attention import backends, fmm_attention  # noqa: E402
+
+FMA = dict(block_size=8, rank=2)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_fma_grouped_heads_equal_repeated_kv_bitwise(causal):
+    q = rand(100, 2, 4, 70, 4)
+    k, v = rand(101, 2, 2, 70, 4), rand(102, 2, 2, 70, 3)
+    pad = np.ones((2, 1, 70), bool)
+    pad[1, 0, 60:] = False  # right-padded second sequence, shared by all its heads
+    kw = dict(FMA, causal=causal, key_padding_mask=pad, global_tokens=[0], return_lse=True)
+    got = fmm_attention(q, k, v, **kw)
+    want = fmm_attention(q, np.repeat(k, 2, axis=1), np.repeat(v, 2, axis=1), **kw)
+    np.testing.assert_array_equal(got[0], want[0])
+    np.testing.assert_array_equal(got[1], want[1])
+    # a size-1 batch of keys serves both query batches
+    got = fmm_attention(q, k[:1], v[:1], **FMA, causal=causal)
+    np.testing.assert_array_equal(got, fmm_attention(q, np.repeat(k[:1], 2, axis=1).repeat(2, axis=0),
+                                                     np.repeat(v[:1], 2, axis=1).repeat(2, axis=0), **FMA,
+                                                     causal=causal))
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_fma_prefill_chunks_and_decode_give_rows_of_the_one_shot_forward(causal):
+    """shapes-and-decoding.md: query i gets row query_offset + i of FMA over the keys."""
+    n = 77  # three far levels at m = 8; chunk edges inside and on block boundaries
+    q, k, v = rand(110, 2, n, 4), rand(111, 2, n, 4), rand(112, 2, n, 4)
+    pad = np.ones((2, n), bool)
+    pad[1, 70:] = False
+    kw = dict(FMA, causal=causal, key_padding_mask=pad, global_tokens=[3], return_lse=True)
+    full, full_lse = fmm_attention(q, k, v, **kw)
+    for lo, hi in ((0, 5), (5, 16), (16, 45), (45, 77)):
+        out, lse = fmm_attention(q[:, lo:hi], k, v, query_offset=lo, **kw)
+        np.testing.assert_allclose(out, full[:, lo:hi], rtol=1e-12, atol=1e-14)
+        np.testing.assert_allclose(lse, full_lse[:, lo:hi], rtol=1e-12)
+    last, _ = fmm_attention(q[:, -3:], k, v, **kw)  # default offset: the last positions
+    np.testing.assert_allclose(last, full[:, -3:], rtol=1e-12, atol=1e-14)
+    if causal:  # a decode step sees only the keys so far: the row of the one-shot forward
+        for t in (8, 31, 64):
+            step, _ = fmm_attention(q[:, t : t + 1], k[:, : t + 1], v[:, : t + 1], **dict(kw, key_padding_mask=pad[
+                :, : t + 1]))
+            np.testing.assert_allclose(step[:, 0], full[:, t], rtol=1e-12, atol=1e-14)
+
+
+def test_fma_per_sequence_global_tokens_one_call():
+    """A padded batch whose [SEP] tokens sit at different positions: one call equals the
+    per-sequence calls with 1-D global_tokens."""
+    n = 64
+    q, k, v = rand(120, 3, 2, n, 4), rand(121, 3, 2, n, 4), rand(122, 3, 2, n, 4)
+    lengths = (64, 50, 37)
+    pad = np.arange(n)[None, :] < np.array(lengths)[:, None]
+    sep = np.array([[0, 63], [0, 49], [0, 36]])  # [CLS] and [SEP] of each sequence
+    table = np.array([[0, 63], [0, 49], [0, 36]])[:, None, :]  # (3, 1, g): shared by the heads
+    for causal in (False, True):
+        kw = dict(FMA, causal=causal, return_lse=True)
+        got = fmm_attention(q, k, v, key_padding_mask=pad[:, None], global_tokens=table, **kw)
+        flags = np.zeros((3, 1, n), bool)
+        flags[np.arange(3), 0, sep[:, 1]] = True
+        flags[:, 0, 0] = True
+        as_bool = fmm_attention(q, k, v, key_padding_mask=pad[:, None], global_tokens=flags, **kw)
+        np.testing.assert_array_equal(got[0], as_bool[0])
+        for b in range(3):
+            want = fmm_attention(q[b], k[b], v[b], key_padding_mask=pad[b], global_tokens=list(sep[b]), **kw)
+            np.testing.assert_allclose(got[0][b], want[0], rtol=1e-12, atol=1e-14)
+            np.testing.assert_allclose(got[1][b], want[1], rtol=1e-12)
+    # an index past a sequence's valid keys (filler in a padded table) is ignored there only
+    filler = np.array([[0, 63], [0, 63], [0, 99]])[:, None, :]
+    got = fmm_attention(q, k, v, key_padding_mask=pad[:, None], global_tokens=filler, **FMA)
+    want = fmm_attention(q[1:2], k[1:2], v[1:2], key_padding_mask=pad[1:2, None], global_tokens=[0], **FMA)
+    np.testing.assert_allclose(got[1:2], want, rtol=1e-12, atol=1e-14)
+
+
+def test_fma_rejects_pairwise_and_bad_shapes():
+    q, k, v = rand(130, 4, 16, 4), rand(131, 2, 16, 4), rand(132, 2, 16, 4)
+    for name in ("attn_mask", "attn_bias"):
+        with pytest.raises(ValueError, match=f"does not take {name}.*no coarse form"):
+            fmm_attention(q, k, v, **FMA, **{name: np.ones((16, 16), bool if name == "attn_mask" else float)})
+    with pytest.raises(ValueError, match="query_offset"):
+        fmm_attention(rand(133, 2, 20, 4), k, v, **FMA)  # more queries than key positions
+    with pytest.raises(ValueError, match="query_offset"):
+        fmm_attention(q[:, :4], k, v, query_offset=13, **FMA)
+    with pytest.raises(ValueError, match="refine > 0"):
+        fmm_attention(q[:, :4], k, v, refine=4, **FMA)
+    with pytest.raises(ValueError, match="query_coarsening"):
+        fmm_attention(q[:, :4], k, v, query_coarsening=True, **FMA)
+    with pytest.raises(ValueError, match="multiple of the key/value heads"):
+        fmm_attention(rand(134, 3, 16, 4), k, v, **FMA)
+    per_head = np.ones((4, 16), bool)
+    per_head[1, 5] = False  # query heads 0 and 1 share key head 0 but not its mask
+    with pytest.raises(ValueError, match="key_padding_mask must be the same"):
+        fmm_attention(q, k, v, key_padding_mask=per_head, **FMA)
+    exact_attention(q, k, v, key_padding_mask=per_head)  # exact attention takes it
+    with pytest.raises(ValueError, match="global_tokens must be the same"):
+        fmm_attention(q, k, v, global_tokens=np.array([[0], [1], [0], [0]]), **FMA)
+    with pytest.raises(ValueError, match="global_tokens must be >= 0"):
+        fmm_attention(q, k, v, global_tokens=np.array([[-1]]), **FMA)
+
+
+def test_cuda_backend_declares_shape_features_unsupported():
+    cuda = backends.get_backend("cuda")
+    for feature in backends.SHAPE_FEATURES:
+        assert cuda.not_supported("exact", features=frozenset({feature})) == backends.SHAPE_FEATURES[feature]
+        assert backends.get_backend("cpu").not_supported("exact", features=frozenset({feature})) is None
+    with pytest.raises(backends.BackendNotSupportedError, match=r"'cuda'.*grouped heads.*backend='cpu'"):
+        exact_attention(rand(140, 4, 8, 4), rand(141, 2, 8, 4), rand(142, 2, 8, 4), backend="cuda")
+
+
+def test_fastformer_broadcast_leading_dims():
+    from fmm_attention import fastformer_attention
+
+    q, k, v = rand(150, 2, 3, 16, 4), rand(151, 1, 3, 16, 4), rand(152, 1, 3, 16, 4)
+    w_q, w_k = rand(153, 4), rand(154, 4)
+    for causal in (False, True):
+        got = fastformer_attention(q, k, v, w_q, w_k, causal=causal)
+        want = fastformer_attention(q, np.repeat(k, 2, axis=0), np.repeat(v, 2, axis=0), w_q, w_k, causal=causal)
+        np.testing.assert_array_equal(got, want)
