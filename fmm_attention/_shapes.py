@@ -156,8 +156,8 @@ def resolve(q_shape, k_shape, v_shape, *, causal=False, query_offset=None, posit
         hq, hk = q_lead[-1], k_lead[-1]
         if hq % hk:
             raise ValueError(
-                f"q and k leading dims: the number of query heads Hq = {hq} (q axis -3) must be a multiple of the key/value heads "
-                f"Hk = {hk} (k axis -3) for grouped heads; got q {q_shape}, k {k_shape}"
+                f"q and k leading dims: the number of query heads Hq = {hq} (q axis -3) must be a multiple of "
+                f"the key/value heads Hk = {hk} (k axis -3) for grouped heads; got q {q_shape}, k {k_shape}"
             )
         groups = hq // hk
         k_heads = k_lead[:-1] + (hq,)
@@ -406,8 +406,8 @@ def padding_masks(key_padding_mask, layout):
         fits = False
     if not fits:
         raise ValueError(
-            f"key_padding_mask of shape {mask.shape} does not broadcast to {want} (the output's leading dims, "
-            "then n_k); size-1 head or batch axes broadcast"
+            f"key_padding_mask must have shape (..., n_k) broadcastable to {want} (the output's leading dims, "
+            f"then n_k; size-1 head or batch axes broadcast), got {mask.shape}"
         )
     return np.ascontiguousarray(np.broadcast_to(mask, want)).reshape(layout.size, layout.n_k)
 
@@ -542,3 +542,60 @@ def global_token_sets(global_tokens, layout, pad):
     if pad is not None:
         flags = flags & pad
     return [tuple(int(j) for j in np.flatnonzero(row)) for row in flags]
+
+
+def square_problem(batch, g, lse, delta, *, causal):
+    """Exact attention's backward on a :class:`ShapedBatch` as self-attention of one shape.
+
+    The backward kernels take one ``q``, ``k``, ``v`` row set per entry and ``n_q = n_k``.
+    Row sets are gathered per output entry, and the queries are embedded at their key
+    positions (``query_offset + i``) in a sequence of ``N = max(n_k, n_q)`` rows; the other
+    rows carry ``g = 0``, ``delta = 0`` and ``lse = -inf``, so every weight of theirs is 0
+    and they add nothing. Without ``causal`` and with ``n_q > n_k`` the keys are padded with
+    invalid ones instead.
+
+    Returns
+    -------
+    square : Batch
+    g, lse, delta : ndarray
+        Embedded ``(B, N, dv)``, ``(B, N)``, ``(B, N)``.
+    rows : slice
+        The query rows of the square problem.
+    """
+    layout = batch.layout
+    B, n_q, n_k = layout.size, layout.n_q, layout.n_k
+    q, k, v = batch.q[layout.q_index], batch.k[layout.kv_index], batch.v[layout.kv_index]
+    valid = batch.pad
+    if n_q == n_k and layout.query_offset == 0:
+        return Batch(q, k, v, valid, layout.lead_shape, batch.dtype, batch.scale), g, lse, delta, slice(0, n_q)
+    N = max(n_k, n_q)
+    start = layout.query_offset if causal else 0
+    rows = slice(start, start + n_q)
+
+    def embed(x, length, at, fill=0):
+        full = np.full((B, length) + x.shape[2:], fill, dtype=x.dtype)
+        full[:, at] = x
+        return full
+
+    if N > n_k:  # more queries than keys (not causal): invalid keys pad the key sequence
+        k, v = embed(k, N, slice(0, n_k)), embed(v, N, slice(0, n_k))
+        valid = embed(np.ones((B, n_k), np.bool_) if valid is None else valid, N, slice(0, n_k), fill=False)
+    q = embed(q, N, rows)
+    square = Batch(q, k, v, valid, layout.lead_shape, batch.dtype, batch.scale)
+    return square, embed(g, N, rows), embed(lse, N, rows, fill=-np.inf), embed(delta, N, rows), rows
+
+
+def reduce_to_inputs(batch, dq, dk, dv, rows):
+    """Gradients of the square problem back to the caller's ``q``, ``k``, ``v`` shapes:
+    query rows taken, key padding dropped, and sums over the output entries that read one
+    row set (a group of query heads, a broadcast batch), in entry order."""
+    layout = batch.layout
+    n_k = layout.n_k
+    out = []
+    for grad, index, lead in ((dq[:, rows], layout.q_index, layout.q_lead),
+                              (dk[:, :n_k], layout.kv_index, layout.k_lead),
+                              (dv[:, :n_k], layout.kv_index, layout.k_lead)):
+        total = np.zeros((_prod(lead),) + grad.shape[1:], dtype=grad.dtype)
+        np.add.at(total, index, grad)
+        out.append(total.reshape(lead + grad.shape[1:]))
+    return out

@@ -362,3 +362,41 @@ def test_fastformer_broadcast_leading_dims():
         got = fastformer_attention(q, k, v, w_q, w_k, causal=causal)
         want = fastformer_attention(q, np.repeat(k, 2, axis=0), np.repeat(v, 2, axis=0), w_q, w_k, causal=causal)
         np.testing.assert_array_equal(got, want)
+
+
+# ------------------------------------------------------------------ gradients
+def _numeric_vjp(f, x, g, eps=1e-6):
+    grad = np.zeros_like(x)
+    for idx in np.ndindex(*x.shape):
+        xp, xm = x.copy(), x.copy()
+        xp[idx] += eps
+        xm[idx] -= eps
+        grad[idx] = ((f(xp) - f(xm)) * g).sum() / (2 * eps)
+    return grad
+
+
+@pytest.mark.parametrize("causal, n_q, offset", [(False, 3, None), (True, 3, None), (True, 2, 1), (False, 7, None)])
+def test_exact_vjp_grouped_heads_and_cross_lengths(causal, n_q, offset):
+    from fmm_attention import exact_attention_vjp
+
+    q, k, v = rand(160, 1, 4, n_q, 3), rand(161, 1, 2, 5, 3), rand(162, 1, 2, 5, 2)
+    pad = np.array([True, True, False, True, True])
+    kw = dict(causal=causal, query_offset=offset, key_padding_mask=pad)
+    out, pullback = exact_attention_vjp(q, k, v, **kw)
+    np.testing.assert_array_equal(out, exact_attention(q, k, v, **kw))
+    g = rand(163, *out.shape)
+    dq, dk, dv = pullback(g)
+    assert dq.shape == q.shape and dk.shape == k.shape and dv.shape == v.shape
+    np.testing.assert_allclose(dq, _numeric_vjp(lambda x: exact_attention(x, k, v, **kw), q, g), atol=1e-7)
+    np.testing.assert_allclose(dk, _numeric_vjp(lambda x: exact_attention(q, x, v, **kw), k, g), atol=1e-7)
+    np.testing.assert_allclose(dv, _numeric_vjp(lambda x: exact_attention(q, k, x, **kw), v, g), atol=1e-7)
+
+
+def test_vjp_refuses_pairwise_terms():
+    from fmm_attention import exact_attention_vjp
+
+    q = rand(170, 4, 3)
+    for name, value in (("attn_mask", np.ones((4, 4), bool)), ("attn_bias", np.zeros((4, 4))),
+                        ("window", (1, 1))):
+        with pytest.raises(NotImplementedError, match=name):
+            exact_attention_vjp(q, q, q, **{name: value})
