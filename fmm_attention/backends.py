@@ -39,6 +39,17 @@ __all__ = [
 OPERATIONS = ("exact", "fmm", "fastformer", "backward", "decode")
 #: The FMA features a backend may declare in :attr:`Backend.fmm_features`.
 FMM_FEATURES = ("refine", "global_tokens", "query_coarsening", "return_stats")
+#: The shape and mask features a backend may declare in :attr:`Backend.shape_features`
+#: (``shared/spec/shapes-and-decoding.md``), with the phrase an error names them by.
+SHAPE_FEATURES = {
+    "broadcast": "broadcast leading dims",
+    "grouped_heads": "grouped heads (Hq = g * Hk)",
+    "cross_lengths": "n_q != n_k or query_offset",
+    "attn_mask": "attn_mask",
+    "attn_bias": "attn_bias",
+    "window": "window",
+    "per_sequence_global_tokens": "per-sequence global_tokens",
+}
 
 
 class BackendNotSupportedError(ValueError):
@@ -88,6 +99,9 @@ class Backend:
     fmm_features : frozenset of str
         ``"refine"`` (``refine > 0``), ``"global_tokens"``, ``"query_coarsening"``,
         ``"return_stats"``.
+    shape_features : frozenset of str
+        The keys of :data:`SHAPE_FEATURES` it runs: broadcasting, grouped heads, queries
+        and keys of different lengths, pairwise masks and biases, windows.
     dtypes : tuple of numpy.dtype
         The dtypes it computes in.
     """
@@ -97,10 +111,11 @@ class Backend:
     supports = frozenset()
     coarsenings = frozenset({"mean"})
     fmm_features = frozenset()
+    shape_features = frozenset()
     dtypes = KERNEL_DTYPES
 
     # ------------------------------------------------------------ capabilities
-    def not_supported(self, op, options=None, *, return_stats=False):
+    def not_supported(self, op, options=None, *, return_stats=False, features=frozenset()):
         """Why this backend cannot run ``op`` with ``options``, or ``None`` if it can.
 
         Parameters
@@ -111,6 +126,8 @@ class Backend:
             The FMA options (for ``"fmm"`` and ``"backward"`` of FMA).
         return_stats : bool, optional
             Whether the call asks for :class:`~fmm_attention.FMMStats`.
+        features : frozenset of str, optional
+            The shape features the call uses (keys of :data:`SHAPE_FEATURES`).
 
         Returns
         -------
@@ -119,6 +136,9 @@ class Backend:
         """
         if op not in self.supports:
             return {"backward": "gradients (backward)", "decode": "decoding"}.get(op, f"{op} attention")
+        for feature in sorted(features):
+            if feature not in self.shape_features:
+                return SHAPE_FEATURES.get(feature, feature)
         if options is None:
             return None
         if options.coarsening_name not in self.coarsenings:
@@ -154,7 +174,7 @@ class Backend:
         """Raise ``RuntimeError`` when the backend cannot run on this machine (default: it can)."""
 
     # ------------------------------------------------------------ host defaults
-    def inputs(self, q, k, v, *, scale, key_padding_mask, check_finite, skip_masked=False):
+    def inputs(self, q, k, v, *, scale, key_padding_mask, check_finite, skip_masked=False, **layout):
         """Validate ``q``, ``k``, ``v`` and the mask into a batch this backend's operations take.
 
         Parameters
@@ -163,16 +183,20 @@ class Backend:
             As for the public functions.
         skip_masked : bool, optional
             Do not check masked positions for finiteness (exact and FMA: they get zero weight).
+        **layout
+            ``causal``, ``query_offset``, ``positions``, ``same_length`` of
+            :func:`fmm_attention._shapes.resolve`.
 
         Returns
         -------
-        Batch
-            Contiguous ``(B, n, .)`` arrays in the computation dtype.
+        ShapedBatch
+            Contiguous ``(B, n, .)`` arrays in the computation dtype, each at its own batch
+            size (broadcasting and grouped heads copy nothing).
         """
-        from ._validate import attention_inputs
+        from ._shapes import attention_inputs
 
         return attention_inputs(q, k, v, scale=scale, key_padding_mask=key_padding_mask, check_finite=check_finite,
-                                skip_masked=skip_masked)
+                                skip_masked=skip_masked, **layout)
 
     def vector(self, w, name, batch, check_finite):
         """Validate a Fastformer vector ``(..., d)`` into ``(B, d)`` for ``batch``.
@@ -291,6 +315,7 @@ class CPUBackend(Backend):
     supports = frozenset({"exact", "fmm", "fastformer", "backward", "decode"})
     coarsenings = frozenset({"mean", "cluster", "learned"})
     fmm_features = frozenset(FMM_FEATURES)
+    shape_features = frozenset(SHAPE_FEATURES)
 
     @staticmethod
     def _kernels():
@@ -298,17 +323,20 @@ class CPUBackend(Backend):
 
         return cpu
 
-    def exact(self, batch, *, causal):
+    def exact(self, batch, *, causal, **pairwise):
         """Exact attention with the CPU kernels (see :meth:`Backend.exact`).
 
         Parameters
         ----------
         batch : Batch
         causal : bool
+        **pairwise
+            ``attn_mask``, ``attn_bias`` (:class:`~fmm_attention._shapes.PairTerm`) and
+            ``window`` (``(left, right)``).
         """
-        return self._kernels().exact_batch(batch, causal=causal)
+        return self._kernels().exact_batch(batch, causal=causal, **pairwise)
 
-    def fmm(self, batch, tree, options):
+    def fmm(self, batch, tree, options, entry_globals=None):
         """FMA with the CPU kernels (see :meth:`Backend.fmm`).
 
         Parameters
@@ -316,11 +344,13 @@ class CPUBackend(Backend):
         batch : Batch
         tree : Tree
         options : FMMOptions
+        entry_globals : list of tuple, optional
+            Per-sequence global tokens, one tuple per output entry.
         """
         return self._kernels().fmm(
             batch, tree, coarsening=options.coarsening, count_scaling=options.count_scaling,
             query_coarsening=options.query_coarsening, cluster_iters=options.cluster_iters, refine=options.refine,
-            global_tokens=options.global_tokens,
+            global_tokens=options.global_tokens, entry_globals=entry_globals,
         )
 
     def fastformer(self, batch, w_q, w_k, *, causal, return_pools):
@@ -367,7 +397,7 @@ class CUDABackend(Backend):
         """Raise ``RuntimeError`` without numba-cuda or a usable GPU (the simulator passes)."""
         self._device().require()
 
-    def inputs(self, q, k, v, *, scale, key_padding_mask, check_finite, skip_masked=False):
+    def inputs(self, q, k, v, *, scale, key_padding_mask, check_finite, skip_masked=False, **layout):
         """Validate and place the inputs on the device (host arrays are copied in).
 
         Parameters
@@ -375,6 +405,9 @@ class CUDABackend(Backend):
         q, k, v, scale, key_padding_mask, check_finite, skip_masked
             As for :meth:`Backend.inputs` (``skip_masked`` is ignored: device inputs are
             checked at every position, as before).
+        **layout
+            Ignored: the device batch has one shape for ``q``, ``k``, ``v``, and the
+            registry refuses every shape feature first (:attr:`shape_features` is empty).
         """
         return self._device().inputs(q, k, v, scale=scale, key_padding_mask=key_padding_mask,
                                      check_finite=check_finite)
@@ -600,7 +633,7 @@ def resolve(backend, *arrays):
     return get_backend(backend).name
 
 
-def select(backend, arrays, op, options=None, *, return_stats=False):
+def select(backend, arrays, op, options=None, *, return_stats=False, features=frozenset()):
     """The backend object that runs ``op``, checked against what it declares.
 
     Parameters
@@ -615,6 +648,8 @@ def select(backend, arrays, op, options=None, *, return_stats=False):
         FMA options to check.
     return_stats : bool, optional
         Whether statistics are asked for.
+    features : frozenset of str, optional
+        The shape features of the call (:data:`SHAPE_FEATURES`).
 
     Returns
     -------
@@ -631,10 +666,11 @@ def select(backend, arrays, op, options=None, *, return_stats=False):
         The backend cannot run on this machine (e.g. CUDA without a GPU).
     """
     chosen = get_backend(resolve(backend, *arrays))
-    reason = chosen.not_supported(op, options, return_stats=return_stats)
+    reason = chosen.not_supported(op, options, return_stats=return_stats, features=features)
     if reason is not None:
         others = [name for name, b in _REGISTRY.items()
-                  if b is not chosen and b.not_supported(op, options, return_stats=return_stats) is None]
+                  if b is not chosen and b.not_supported(op, options, return_stats=return_stats, features=features)
+                  is None]
         hint = f"; use backend={others[0]!r}" if others else ""
         if others and chosen.owns(*arrays):
             hint += " with host arrays"

@@ -149,8 +149,8 @@ def _cotangent(value, name, batch, tail, *, required=True):
         raise ValueError(f"{name} must have the shape of the output {want}, got {arr.shape}")
     if not np.isfinite(arr).all():
         raise ValueError(f"{name} contains NaN or infinity")
-    B = batch.q.shape[0]
-    return np.ascontiguousarray(arr, dtype=batch.dtype).reshape((B, batch.n) + tail)
+    # -1: the output entries (a broadcast or grouped batch has more of them than q has rows)
+    return np.ascontiguousarray(arr, dtype=batch.dtype).reshape((-1, batch.n) + tail)
 
 
 def _delta(batch, out, g, g_lse):
@@ -176,14 +176,18 @@ def _pullback_inputs(batch, out, lse, g_out, g_lse):
 
 # ---------------------------------------------------------------- exact attention
 def exact_attention_vjp(q, k, v, *, causal=False, scale=None, key_padding_mask=None, return_lse=False,
-                        check_finite=True, backend="auto"):
+                        check_finite=True, backend="auto", query_offset=None, attn_mask=None, attn_bias=None,
+                        window=None):
     """:func:`~fmm_attention.exact_attention` and its pullback.
 
     Parameters
     ----------
-    q, k, v, causal, scale, key_padding_mask, return_lse, check_finite, backend
-        As for :func:`~fmm_attention.exact_attention`; only ``backend="cpu"`` (or ``"auto"``
-        with host arrays) has a backward.
+    q, k, v, causal, scale, key_padding_mask, return_lse, check_finite, backend, query_offset
+        As for :func:`~fmm_attention.exact_attention`, broadcast leading dims, grouped heads
+        and ``n_q != n_k`` included (the gradients of a shared ``k``/``v`` head are summed
+        over its group); only ``backend="cpu"`` (or ``"auto"`` with host arrays) has a backward.
+    attn_mask, attn_bias, window
+        Not differentiable yet: passing one raises ``NotImplementedError``.
 
     Returns
     -------
@@ -211,18 +215,26 @@ def exact_attention_vjp(q, k, v, *, causal=False, scale=None, key_padding_mask=N
     >>> dq.shape
     (64, 8)
     """
+    from . import _shapes
+
     causal = check_bool(causal, "causal")
     return_lse = check_bool(return_lse, "return_lse")
+    for name, value in (("attn_mask", attn_mask), ("attn_bias", attn_bias), ("window", window)):
+        if value is not None:
+            raise NotImplementedError(f"exact_attention_vjp has no backward for {name} yet (the backward kernels "
+                                      "take no pairwise terms); key_padding_mask and causal are differentiable")
     cpu = _cpu_only(backend, q, k, v)
-    batch = attention_inputs(q, k, v, scale=scale, key_padding_mask=key_padding_mask, check_finite=check_finite)
+    batch = _shapes.attention_inputs(q, k, v, scale=scale, key_padding_mask=key_padding_mask,
+                                     check_finite=check_finite, causal=causal, query_offset=query_offset)
     out, lse = cpu.exact(batch, causal=causal)
 
     def pullback(g_out, g_lse=None):
         from .cpu.backward_ops import exact_backward
 
         g, delta = _pullback_inputs(batch, out, lse, g_out, g_lse)
-        dq, dk, dv = exact_backward(batch, causal, g, lse, delta)
-        return AttentionGradients(_restore(batch, dq), _restore(batch, dk), _restore(batch, dv))
+        square, g, lse_sq, delta, rows = _shapes.square_problem(batch, g, lse, delta, causal=causal)
+        dq, dk, dv = exact_backward(square, causal, g, lse_sq, delta)
+        return AttentionGradients(*_shapes.reduce_to_inputs(batch, dq, dk, dv, rows))
 
     result = (batch.restore(out), batch.restore(lse, last_dim=False)) if return_lse else batch.restore(out)
     return result, pullback

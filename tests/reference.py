@@ -33,6 +33,56 @@ def exact_reference(q, k, v, *, causal=False, scale=None, valid=None):
     return p @ v, lse
 
 
+def cross_reference(q, k, v, *, causal=False, scale=None, valid=None, attn_mask=None, attn_bias=None,
+                    window=None, query_offset=None):
+    """Dense softmax attention of one head with queries and keys of any lengths.
+
+    q (n_q, d), k (n_k, d), v (n_k, dv); ``valid`` (n_k,) bool; ``attn_mask`` (n_q, n_k)
+    bool (True = may attend) and ``attn_bias`` (n_q, n_k) float, both broadcastable;
+    ``window = (left, right)`` with None for an unbounded side. Query ``i`` sits at key
+    position ``t_i = query_offset + i``, the offset ``n_k - n_q`` by default (queries
+    aligned to the end of the keys, ``shared/spec/shapes-and-decoding.md``). Returns
+    ``(out, lse)``.
+    """
+    q, k, v = (np.asarray(x, dtype=np.float64) for x in (q, k, v))
+    n_q, d = q.shape
+    n_k = k.shape[0]
+    scale = 1 / np.sqrt(d) if scale is None else scale
+    offset = n_k - n_q if query_offset is None else query_offset
+    t = offset + np.arange(n_q)[:, None]
+    j = np.arange(n_k)[None, :]
+    allowed = np.ones((n_q, n_k), bool)
+    if valid is not None:
+        allowed &= np.asarray(valid, bool)[None, :]
+    if causal:
+        allowed &= j <= t
+    if window is not None:
+        left, right = window
+        if left is not None:
+            allowed &= j >= t - left
+        if right is not None:
+            allowed &= j <= t + right
+    if attn_mask is not None:
+        allowed &= np.broadcast_to(np.asarray(attn_mask, bool), (n_q, n_k))
+    logits = scale * q @ k.T
+    if attn_bias is not None:
+        logits = logits + np.broadcast_to(np.asarray(attn_bias, np.float64), (n_q, n_k))
+    p, lse = softmax_rows(np.where(allowed, logits, -np.inf))
+    return p @ v, lse
+
+
+def broadcast_heads(q, k, v):
+    """Copy ``k``, ``v`` (..., Hk, n, .) to the query heads (..., Hq, n, .) and broadcast every
+    leading dim: the dense form of grouped heads (query head ``h`` reads ``h // g``)."""
+    q, k, v = (np.asarray(x) for x in (q, k, v))
+    if q.ndim >= 3 and k.ndim >= 3 and q.shape[-3] != k.shape[-3] and k.shape[-3] != 1:
+        g = q.shape[-3] // k.shape[-3]
+        k, v = np.repeat(k, g, axis=-3), np.repeat(v, g, axis=-3)
+    lead = np.broadcast_shapes(q.shape[:-2], k.shape[:-2])
+    return (np.broadcast_to(q, lead + q.shape[-2:]), np.broadcast_to(k, lead + k.shape[-2:]),
+            np.broadcast_to(v, lead + v.shape[-2:]))
+
+
 def padded_length(n, m):
     N = 4 * m
     while N < n:

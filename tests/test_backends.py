@@ -203,7 +203,8 @@ def test_options_are_hashable_and_equal_for_equal_values():
     (dict(cluster_iters=1.5), TypeError, "cluster_iters must be a non-negative integer"),
     (dict(count_scaling=1), TypeError, "count_scaling must be True or False"),
     (dict(scale=float("nan")), ValueError, "scale must be finite"),
-    (dict(global_tokens=[[0]]), TypeError, "global_tokens must be a 1-D sequence"),
+    # (a 2-D table is per-sequence global tokens, shapes-and-decoding.md)
+    (dict(global_tokens=[0.5]), TypeError, "global_tokens must be a 1-D sequence"),
 ])
 def test_options_reject_bad_values_with_the_public_messages(kwargs, error, message):
     with pytest.raises(error, match=message):

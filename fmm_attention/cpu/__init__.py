@@ -45,14 +45,34 @@ def _masked_rows_zeroed(x, valid):
     return np.where(valid[:, :, None], x, x.dtype.type(0))
 
 
-def exact_batch(batch, *, causal):
-    """Exact softmax attention of a validated batch."""
-    out, lse = _outputs(batch)
-    key_bias, _, has_mask = _key_bias(batch)
+def exact_batch(batch, *, causal, attn_mask=None, attn_bias=None, window=None):
+    """Exact softmax attention of a validated batch (a :class:`~fmm_attention._shapes.ShapedBatch`,
+    or a plain ``Batch``).
+
+    ``attn_mask``, ``attn_bias``: :class:`~fmm_attention._shapes.PairTerm` or ``None``;
+    ``window``: ``(left, right)`` with ``None`` for an unbounded side, or ``None``.
+    """
+    from .._shapes import PairTerm, as_shaped
+
+    batch = as_shaped(batch)
+    layout = batch.layout
+    B, n_q, n_k = layout.size, layout.n_q, layout.n_k
+    out = np.empty((B, n_q, batch.dv), dtype=batch.dtype)
+    lse = np.empty((B, n_q), dtype=batch.dtype)
     # masked keys are selected out inside the kernel; masked values must be made finite here
     v = _masked_rows_zeroed(batch.v, batch.valid)
+    has_pad = batch.pad is not None
+    pad = batch.pad if has_pad else np.ones((1, 1), dtype=np.bool_)
+    mask = attn_mask if attn_mask is not None else PairTerm.empty(np.bool_, B)
+    bias = attn_bias if attn_bias is not None else PairTerm.empty(batch.dtype, B)
+    unbounded = n_q + n_k + abs(layout.query_offset) + 1  # farther than any key
+    left, right = (unbounded, unbounded) if window is None else (
+        unbounded if x is None else x for x in window)
     with _launch_guard(calls_blas=True):
-        exact_kernel(batch.q, batch.k, v, key_bias, has_mask, batch.dtype.type(batch.scale), causal, out, lse)
+        exact_kernel(batch.q, batch.k, v, layout.q_index, layout.kv_index, pad, has_pad,
+                     mask.flat, mask.offset, mask.si, mask.sj, attn_mask is not None,
+                     bias.flat, bias.offset, bias.si, bias.sj, attn_bias is not None,
+                     batch.dtype.type(batch.scale), causal, layout.query_offset, left, right, out, lse)
     return out, lse
 
 
@@ -62,7 +82,7 @@ def coarse_buffers(batch, tree, coarsening, count_scaling, *, cluster_iters=0, c
     ``coarse_valid`` (B, n) marks the tokens that may enter coarsening (valid keys minus
     global tokens); ``None`` takes the batch's key validity.
     """
-    B = batch.q.shape[0]
+    B = batch.k.shape[0]  # one upward pass per key/value set (grouped heads share it)
     dtype = batch.dtype
     kc = np.zeros((B, tree.n_coarse, batch.d), dtype=dtype)
     vc = np.zeros((B, tree.n_coarse, batch.dv), dtype=dtype)
@@ -91,17 +111,40 @@ def coarse_buffers(batch, tree, coarsening, count_scaling, *, cluster_iters=0, c
                 args = (level.box_size, level.rank, level.offset)
                 learned_upward_level(batch.k, valid, has_mask, kw[i], kb[i], *args, kc)
                 learned_upward_level(batch.v, valid, has_mask, vw[i], vb[i], *args, vc)
-                box_counts_bias(valid, has_mask, batch.n, *args, count_scaling, kc, vc, cbias)
+                box_counts_bias(valid, has_mask, batch.k.shape[1], *args, count_scaling, kc, vc, cbias)
     return kc, vc, cbias
 
 
-def _coarse_validity(batch, global_tokens):
-    """Tokens allowed into coarsening: valid keys that are not global tokens (or None)."""
-    if not global_tokens:
+def _coarse_validity(batch, global_tokens, key_globals=None):
+    """Tokens allowed into coarsening: valid keys that are not global tokens (or None).
+
+    ``key_globals``: per-sequence global tokens, one tuple per key/value set (or None).
+    """
+    if not global_tokens and not (key_globals and any(key_globals)):
         return None
-    valid = np.ones((batch.q.shape[0], batch.n), dtype=np.bool_) if batch.valid is None else batch.valid.copy()
-    valid[:, list(global_tokens)] = False
+    valid = np.ones(batch.k.shape[:2], dtype=np.bool_) if batch.valid is None else batch.valid.copy()
+    if key_globals is None:
+        valid[:, list(global_tokens)] = False
+    else:
+        for b, tokens in enumerate(key_globals):
+            valid[b, list(tokens)] = False
     return valid
+
+
+def _stacked_plans(tree, with_far, entry_globals):
+    """Per-entry key plans ``(seg_lo, seg_hi, segments, max_keys)`` for per-sequence global
+    tokens: one plan per distinct token set, laid out per output entry."""
+    plans = {tokens: tree.plan(with_far=with_far, global_tokens=tokens) for tokens in set(entry_globals)}
+    width = max(p[1].shape[0] for p in plans.values())
+    B = len(entry_globals)
+    segments = np.zeros((B, width, 3), dtype=np.int64)
+    seg_lo = np.empty((B, tree.n_blocks), dtype=np.int64)
+    seg_hi = np.empty((B, tree.n_blocks), dtype=np.int64)
+    for b, tokens in enumerate(entry_globals):
+        ptr, segs, _ = plans[tokens]
+        segments[b, : segs.shape[0]] = segs
+        seg_lo[b], seg_hi[b] = ptr[:-1], ptr[1:]
+    return seg_lo, seg_hi, segments, max(p[2] for p in plans.values())
 
 
 def refine_capacity(tree, base, budget, n_globals):
@@ -139,8 +182,14 @@ def _refined_plan(batch, tree, base, kc, vc, cbias, key_bias, has_mask, scale, b
     return seg_lo, seg_hi, out, max_keys
 
 
-def fmm(batch, tree, *, coarsening, count_scaling, query_coarsening, cluster_iters=0, refine=0, global_tokens=()):
-    """Fast Multipole Attention of a validated batch along ``tree``.
+def fmm(batch, tree, *, coarsening, count_scaling, query_coarsening, cluster_iters=0, refine=0, global_tokens=(),
+        entry_globals=None):
+    """Fast Multipole Attention of a validated batch along ``tree`` (the tree of the keys).
+
+    ``batch`` may be a :class:`~fmm_attention._shapes.ShapedBatch`: grouped heads and
+    broadcast leading dims share one upward pass per key/value set and index it; queries
+    at positions ``query_offset + i`` get those rows of the self-attention over the keys.
+    ``entry_globals``: per-sequence global tokens, one tuple per output entry (or None).
 
     Returns
     -------
@@ -149,20 +198,33 @@ def fmm(batch, tree, *, coarsening, count_scaling, query_coarsening, cluster_ite
         The key plan executed (shared ``(1, ...)`` or per entry ``(B, ...)``) and which
         coarse rows ``(B, C)`` hold a valid token, for statistics.
     """
-    out, lse = _outputs(batch)
-    B = batch.q.shape[0]
+    from .._shapes import as_shaped, key_sets, materialise
+
+    batch = as_shaped(batch)
+    if (refine > 0 or query_coarsening) and (batch.layout.broadcasts or batch.layout.groups > 1):
+        # refinement and coarse queries read one key set per query set: copy the shared ones
+        batch = as_shaped(materialise(batch))
+    layout = batch.layout
+    key_globals = None if entry_globals is None else key_sets(entry_globals, layout, "global_tokens")
+    if batch.pad is not None:
+        key_sets(batch.pad, layout, "key_padding_mask")  # one mask per key set: coarse keys are shared
+    B = layout.size
+    out = np.empty((B, layout.n_q, batch.dv), dtype=batch.dtype)
+    lse = np.empty((B, layout.n_q), dtype=batch.dtype)
     dtype = batch.dtype
     scale = dtype.type(batch.scale)
     key_bias, _, has_mask = _key_bias(batch)
     kc, vc, cbias = coarse_buffers(batch, tree, coarsening, count_scaling, cluster_iters=cluster_iters,
-                                   coarse_valid=_coarse_validity(batch, global_tokens))
-    base = tree.plan(with_far=not query_coarsening, global_tokens=global_tokens)
-    if refine > 0:
+                                   coarse_valid=_coarse_validity(batch, global_tokens, key_globals))
+    if entry_globals is not None:
+        seg_lo, seg_hi, segments, max_keys = _stacked_plans(tree, not query_coarsening, entry_globals)
+    elif refine > 0:
+        base = tree.plan(with_far=not query_coarsening, global_tokens=global_tokens)
         seg_lo, seg_hi, segments, max_keys = _refined_plan(
             batch, tree, base, kc, vc, cbias, key_bias, has_mask, scale, refine, global_tokens
         )
     else:
-        ptr, shared_segments, max_keys = base
+        ptr, shared_segments, max_keys = tree.plan(with_far=not query_coarsening, global_tokens=global_tokens)
         seg_lo, seg_hi, segments = ptr[None, :-1], ptr[None, 1:], shared_segments[None]
     with _launch_guard():
         if query_coarsening:
@@ -186,7 +248,7 @@ def fmm(batch, tree, *, coarsening, count_scaling, query_coarsening, cluster_ite
         else:
             inherit = (False, np.zeros((1, 1), dtype), np.zeros((1, 1), dtype), np.zeros((1, 1, 1), dtype))
         block_attention(
-            batch.q, batch.k, batch.v, key_bias, has_mask, kc, vc, cbias, seg_lo, seg_hi, segments, max_keys,
+            batch.q, batch.k, batch.v, layout.q_index, layout.kv_index, layout.query_offset, key_bias, has_mask, kc, vc, cbias, seg_lo, seg_hi, segments, max_keys,
             tree.block_size, scale, tree.causal, *inherit, _config.FMA_CHUNKS_PER_THREAD * numba.get_num_threads(),
             out, lse,
         )

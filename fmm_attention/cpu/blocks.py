@@ -17,7 +17,7 @@ from ._tiles import gemm_tiles, panel_width
 
 @jit(parallel=True)
 def block_attention(
-    q, k, v, key_bias, has_mask, kc, vc, cbias, seg_lo, seg_hi, segments, max_keys, block_size,
+    q, k, v, q_index, kv_index, q_start, key_bias, has_mask, kc, vc, cbias, seg_lo, seg_hi, segments, max_keys, block_size,
     scale, causal, inherit, inh_max, inh_sum, inh_num, n_chunks, out, lse,
 ):
     """Joint softmax of every query block over its planned keys.
@@ -37,11 +37,21 @@ def block_attention(
     ``inherit`` (coarse queries) the block's far field arrives as a ready partial
     ``(inh_max, inh_sum, inh_num)`` and is merged into the same softmax. Work buffers are
     allocated once per chunk of blocks (``n_chunks`` chunks, a few per thread).
+
+    Output entry ``b`` reads the queries ``q[q_index[b]]`` and the keys, values, coarse
+    rows and key bias of ``kv_index[b]`` (grouped heads and broadcast leading dims copy
+    nothing). Query ``i`` sits at key position ``q_start + i`` (``n_q = q.shape[1]`` of them):
+    only the blocks holding such positions run, and block rows without a query score as
+    padding and are never written, so each query gets exactly the row of its position in
+    the self-attention over the keys.
     """
-    n_batch, n, d = q.shape
+    n_batch = q_index.shape[0]
+    n_q, d = q.shape[1], q.shape[2]
+    n = k.shape[1]
     dv = v.shape[2]
-    n_blocks = seg_lo.shape[1]
     shared = seg_lo.shape[0] == 1
+    blk_first = q_start // block_size
+    n_blocks = (q_start + n_q - 1) // block_size + 1 - blk_first  # blocks holding queries
     n_jobs = n_batch * n_blocks
     max_segments = np.max(seg_hi - seg_lo)
     n_chunks = max(1, min(n_jobs, n_chunks))
@@ -63,11 +73,15 @@ def block_attention(
         n_prev = 0
         for job in range(chunk * n_jobs // n_chunks, (chunk + 1) * n_jobs // n_chunks):
             b = job // n_blocks
-            blk = job % n_blocks
+            blk = blk_first + job % n_blocks
+            bq = q_index[b]
+            bk = kv_index[b]
             p = 0 if shared else b
             i0 = blk * block_size
             i1 = min(n, i0 + block_size)
             rows = i1 - i0
+            r0 = max(i0, q_start) - i0  # block rows holding queries: r0 <= row < r1
+            r1 = min(i1, q_start + n_q) - i0
             # Keys: the gathered rows first, then the direct token runs. Segments are
             # gathered last to first (coarsest level first), so consecutive blocks of a
             # chunk share a prefix (blocks of one level-l box share levels >= l) that is
@@ -82,10 +96,10 @@ def block_attention(
                 if kind == TOKEN and not has_mask:
                     continue
                 same_prefix = (
-                    same_prefix and n_slots < n_prev and prev[n_slots, 0] == b and prev[n_slots, 1] == kind
+                    same_prefix and n_slots < n_prev and prev[n_slots, 0] == bk and prev[n_slots, 1] == kind
                     and prev[n_slots, 2] == start and prev[n_slots, 3] == count
                 )
-                prev[n_slots, 0] = b
+                prev[n_slots, 0] = bk
                 prev[n_slots, 1] = kind
                 prev[n_slots, 2] = start
                 prev[n_slots, 3] = count
@@ -94,21 +108,21 @@ def block_attention(
                     n_gathered += count
                     continue
                 if kind == TOKEN:
-                    gathered_keys[n_gathered : n_gathered + count] = k[b, start : start + count]
-                    gathered_vals[n_gathered : n_gathered + count] = v[b, start : start + count]
+                    gathered_keys[n_gathered : n_gathered + count] = k[bk, start : start + count]
+                    gathered_vals[n_gathered : n_gathered + count] = v[bk, start : start + count]
                     for t in range(count):
                         col = n_gathered + t
                         positions[col] = start + t
-                        bias[col] = key_bias[b, start + t]
+                        bias[col] = key_bias[bk, start + t]
                         if bias[col] == -np.inf:  # masked tokens may hold anything: zero them
                             gathered_keys[col] = 0
                             gathered_vals[col] = 0
                 else:
-                    gathered_keys[n_gathered : n_gathered + count] = kc[b, start : start + count]
-                    gathered_vals[n_gathered : n_gathered + count] = vc[b, start : start + count]
+                    gathered_keys[n_gathered : n_gathered + count] = kc[bk, start : start + count]
+                    gathered_vals[n_gathered : n_gathered + count] = vc[bk, start : start + count]
                     for t in range(count):
                         positions[n_gathered + t] = -1
-                        bias[n_gathered + t] = cbias[b, start + t]
+                        bias[n_gathered + t] = cbias[bk, start + t]
                 n_gathered += count
             n_prev = n_slots
             nk = n_gathered
@@ -126,8 +140,11 @@ def block_attention(
                             bias[nk + t] = 0
                         nk += count
             for i in range(rows):
-                for e in range(d):
-                    queries_t[e, i] = q[b, i0 + i, e] * scale
+                if r0 <= i < r1:
+                    for e in range(d):
+                        queries_t[e, i] = q[bq, i0 + i - q_start, e] * scale
+                else:  # a position without a query (prefill chunk or decode): padding
+                    queries_t[:, i] = 0
             if rows < width:  # the last block: padding queries score 0 and are never written
                 queries_t[:, rows:] = 0
             # scores[key, query], gathered keys then token runs (row offsets into k)
@@ -136,7 +153,7 @@ def block_attention(
             for r in range(n_runs):
                 start = runs[r, 0]
                 count = runs[r, 1]
-                gemm_tiles(count, width, d, k, (b * n + start) * d, d, 1, queries_t, 0, width,
+                gemm_tiles(count, width, d, k, (bk * n + start) * d, d, 1, queries_t, 0, width,
                            scores, key * width, width, False)
                 key += count
             floor_max = inh_max[b, blk] if inherit else -np.inf
@@ -147,10 +164,10 @@ def block_attention(
             for r in range(n_runs):
                 start = runs[r, 0]
                 count = runs[r, 1]
-                gemm_tiles(dv, width, count, v, (b * n + start) * dv, 1, dv, scores, key * width, width,
+                gemm_tiles(dv, width, count, v, (bk * n + start) * dv, 1, dv, scores, key * width, width,
                            out_t, 0, width, True)
                 key += count
-            for i in range(rows):
+            for i in range(r0, r1):
                 total = col_sum[i]
                 carry = 0.0
                 if inherit and inh_max[b, blk] > -np.inf:
@@ -160,8 +177,8 @@ def block_attention(
                     inv = 1.0 / total
                     for e in range(dv):
                         extra = carry * inh_num[b, blk, e] if inherit else 0.0
-                        out[b, i0 + i, e] = (out_t[e, i] + extra) * inv
-                    lse[b, i0 + i] = col_max[i] + np.log(total)
+                        out[b, i0 + i - q_start, e] = (out_t[e, i] + extra) * inv
+                    lse[b, i0 + i - q_start] = col_max[i] + np.log(total)
                 else:
-                    out[b, i0 + i] = 0
-                    lse[b, i0 + i] = -np.inf
+                    out[b, i0 + i - q_start] = 0
+                    lse[b, i0 + i - q_start] = -np.inf

@@ -426,8 +426,9 @@ def fma_chunk(chunk, halo_left, halo_right, exports, export_dest, totals, total_
     lse = np.empty((B, n_local), dtype=dtype)
     none = (np.zeros((1, 1), dtype), np.zeros((1, 1), dtype), np.zeros((1, 1, 1), dtype))
     with launch_guard():
+        ids = np.arange(B, dtype=np.int64)  # one query and key set per entry, no offset
         block_attention(
-            q_local, k_local, v_local, key_bias, has_mask, kc, vc, cbias, ptr[None, :-1], ptr[None, 1:],
+            q_local, k_local, v_local, ids, ids, 0, key_bias, has_mask, kc, vc, cbias, ptr[None, :-1], ptr[None, 1:],
             segments[None], max_keys, m, dtype.type(meta["scale"]), tree.causal, False, *none,
             _config.FMA_CHUNKS_PER_THREAD * numba.get_num_threads(), out, lse,
         )
