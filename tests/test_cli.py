@@ -479,7 +479,7 @@ def test_compile_really_compiles_a_subset(capsys):
     assert code == 0, err
     assert err == ""
     assert "fastformer  float64" in out
-    for kernel in (kernels.chunk_partials, kernels.modulate, kernels.causal_kernel):
+    for kernel in (kernels.chunk_partials, kernels.modulate, kernels.causal_queries, kernels.causal_keys):
         assert any("float64" in str(sig) for sig in kernel.signatures), kernel
 
 
