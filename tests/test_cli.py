@@ -483,8 +483,28 @@ def test_compile_really_compiles_a_subset(capsys):
     assert code == 0, err
     assert err == ""
     assert "fastformer  float64" in out
-    for kernel in (kernels.chunk_partials, kernels.modulate, kernels.causal_kernel):
+    for kernel in (kernels.chunk_partials, kernels.modulate, kernels.causal_queries, kernels.causal_keys):
         assert any("float64" in str(sig) for sig in kernel.signatures), kernel
+
+
+@pytest.mark.slow
+def test_compile_jobs_runs_each_dtype_in_its_own_process(capsys, monkeypatch):
+    """``--jobs 2``: both dtypes compiled (in spawned workers), rows in the requested order."""
+    from fmm_attention.cpu import finite
+
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(Path(fmm_attention.__file__).parents[1]),
+                                                                    os.environ.get("PYTHONPATH")])))
+    before = set(finite._max_exponent.signatures)
+    code, out, err = run_cli(["compile", "--only", "finite-check", "--jobs", "2", "--no-progress"], capsys)
+    assert code == 0, err
+    lines = [line.split() for line in out.splitlines() if line.startswith("finite-check")]
+    assert [line[1] for line in lines] == ["float32", "float64"]
+    assert set(finite._max_exponent.signatures) == before  # the work ran in the workers
+
+
+def test_compile_jobs_must_be_positive(capsys):
+    code, _, err = run_cli(["compile", "--only", "finite-check", "--jobs", "0", "--no-progress"], capsys)
+    assert_usage_error(code, err, "--jobs must be at least 1")
 
 
 def test_user_input_turns_only_validation_errors_into_usage_errors():
@@ -516,7 +536,7 @@ import fmm_attention.cpu as cpu
 from fmm_attention import cli
 from fmm_attention.analysis import bounds
 
-assert cli.main(["compile", "--no-progress"]) == 0
+assert cli.main(["compile", "--no-progress", "--jobs", "1"]) == 0  # in this process
 kernels = {}
 for info in pkgutil.iter_modules(cpu.__path__):
     module = importlib.import_module(f"fmm_attention.cpu.{info.name}")

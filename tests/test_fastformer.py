@@ -85,6 +85,45 @@ def test_chunk_length_does_not_change_the_result(rng, monkeypatch):
             np.testing.assert_allclose(got, want, rtol=1e-13)
 
 
+def test_causal_scan_chunks_do_not_change_the_result(rng, monkeypatch):
+    """The causal scan carries each pool's state across chunk boundaries, masked runs too."""
+    q, k, v, w_q, w_k = make_inputs(rng, (2,), 29, 4)
+    valid = rng.random((2, 29)) < 0.6
+    valid[0, :7] = False  # chunks (of 1, 2, 5) that start masked, before any valid position
+    valid[1, 9:17] = False  # a masked run across chunk boundaries after valid positions
+    want = fastformer_reference(q[0], k[0], v[0], w_q, w_k, causal=True, valid=valid[0])
+    results = []
+    for chunk in (1, 2, 5, 29, 4096):
+        monkeypatch.setattr(_config, "FASTFORMER_CHUNK", chunk)
+        results.append(fastformer_attention(q, k, v, w_q, w_k, causal=True, key_padding_mask=valid,
+                                            return_pools=True))
+    for result in results:
+        for got, ref in zip(result, want):
+            np.testing.assert_allclose(got[0], ref, rtol=1e-12, atol=1e-12 * np.abs(ref).max())
+        for got, first in zip(result, results[0]):
+            np.testing.assert_allclose(got, first, rtol=1e-13, atol=1e-14)
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["bidirectional", "causal"])
+def test_result_does_not_depend_on_the_thread_count(rng, monkeypatch, causal):
+    """Chunks are fixed by the chunk length, not by the threads: bitwise the same results."""
+    import numba
+
+    monkeypatch.setattr(_config, "FASTFORMER_CHUNK", 4)
+    q, k, v, w_q, w_k = make_inputs(rng, (3,), 37, 4, dtype=np.float32)
+    before = numba.get_num_threads()
+    results = []
+    try:
+        for threads in sorted({1, before}):
+            numba.set_num_threads(threads)
+            results.append(fastformer_attention(q, k, v, w_q, w_k, causal=causal, return_pools=True))
+    finally:
+        numba.set_num_threads(before)
+    for result in results[1:]:
+        for got, want in zip(result, results[0]):
+            np.testing.assert_array_equal(got, want)
+
+
 # --- leading dims ----------------------------------------------------------------------
 
 

@@ -6,6 +6,10 @@ and learned coarsening, refinement, global tokens, Fastformer, the analysis), in
 and float64. Calling the public functions compiles exactly the signatures that later
 calls dispatch to. Numba writes the machine code to its on-disk cache, so later processes
 load it in a fraction of the time; ``NUMBA_CACHE_DIR`` sets where that cache lives.
+
+Compiling is single-threaded, so ``--jobs`` runs the dtypes in separate processes at once
+(each dtype's kernels are their own specialisations: the processes share almost no work);
+they write to the same on-disk cache. ``--jobs 1`` compiles in this process.
 """
 
 from __future__ import annotations
@@ -192,6 +196,9 @@ def add_arguments(parser):
                         help="compile only these variants (default: all): " + ", ".join(VARIANTS))
     parser.add_argument("--list", action="store_true", help="list the variants and exit, compiling nothing")
     parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress on stderr")
+    parser.add_argument("--jobs", type=int, default=None, metavar="N",
+                        help="processes compiling at once, one dtype each (default: one per dtype, at most the "
+                             "CPU count; 1 compiles in this process)")
 
 
 def _cache_location():
@@ -209,6 +216,35 @@ def jobs(names, dtypes):
     return [(name, dtype) for name in names for dtype in dtypes if dtype in VARIANTS[name][1]]
 
 
+def _compile_group(todo):
+    """Compile ``(variant, dtype)`` jobs in order; returns ``[(variant, dtype, seconds)]``.
+
+    Module level, so a worker process of :func:`run` can call it.
+    """
+    done = []
+    for name, dtype in todo:
+        t0 = time.perf_counter()
+        VARIANTS[name][0](np.dtype(dtype))
+        done.append((name, dtype, time.perf_counter() - t0))
+    return done
+
+
+def _in_processes(groups, n_jobs, progress):
+    """Run each group of jobs in a fresh (spawned) process, ``n_jobs`` at once."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+
+    rows = []
+    with ProcessPoolExecutor(max_workers=n_jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+        futures = [pool.submit(_compile_group, group) for group in groups]
+        for future in as_completed(futures):
+            for name, dtype, seconds in future.result():
+                rows.append((name, dtype, seconds))
+                progress.update(f"{name} {dtype}: {seconds:.1f} s")
+    order = {job: i for i, job in enumerate(job for group in groups for job in group)}
+    return sorted(rows, key=lambda row: order[row[:2]])
+
+
 def run(args):
     """Run the ``compile`` command; returns the exit status."""
     names = list(VARIANTS) if args.only is None else list(dict.fromkeys(args.only))
@@ -220,17 +256,21 @@ def run(args):
     if not todo:
         raise UsageError(f"nothing to compile: variant(s) {', '.join(names)} have no {'/'.join(args.dtype)} variant")
     print(f"compiling {len(todo)} variant(s); cache: {_cache_location()}", flush=True)
+    groups = [[job for job in todo if job[1] == dtype] for dtype in dict.fromkeys(dtype for _, dtype in todo)]
+    n_jobs = min(len(groups), os.cpu_count() or 1) if args.jobs is None else args.jobs
+    if n_jobs < 1:
+        raise UsageError(f"--jobs must be at least 1, got {n_jobs}")
     progress = Progress(len(todo), "compile", unit="variant", enabled=args.progress)
-    rows = []
     start = time.perf_counter()
-    for name, dtype in todo:
-        t0 = time.perf_counter()
-        VARIANTS[name][0](np.dtype(dtype))
-        seconds = time.perf_counter() - t0
-        rows.append([name, dtype, f"{seconds:.1f}"])
-        progress.update(f"{name} {dtype}: {seconds:.1f} s")
+    if n_jobs == 1 or len(groups) == 1:
+        done = []
+        for name, dtype in todo:
+            done += _compile_group([(name, dtype)])
+            progress.update(f"{name} {dtype}: {done[-1][2]:.1f} s")
+    else:
+        done = _in_processes(groups, n_jobs, progress)
     progress.close()
-    print(format_table(rows, ["variant", "dtype", "seconds"]))
+    print(format_table([[name, dtype, f"{seconds:.1f}"] for name, dtype, seconds in done], ["variant", "dtype", "seconds"]))
     print(f"done in {time.perf_counter() - start:.1f} s. A variant's seconds count what the variants above it had "
           "not compiled yet (kernels are shared), or the time to load it when it was cached already.")
     return 0

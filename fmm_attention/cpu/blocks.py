@@ -57,9 +57,17 @@ def block_attention(
     n_chunks = max(1, min(n_jobs, n_chunks))
     panel = panel_width(q)
     width = -(-block_size // panel) * panel  # queries per block, padded
+    # Every product reads its first operand from a flat array, so gemm_tiles compiles once
+    # per dtype: a 2-D gathered buffer and a 3-D k were two specialisations of the whole
+    # micro-kernel set, the larger part of this kernel's first-call compile time.
+    k_flat = k.reshape(k.size)
+    v_flat = v.reshape(v.size)
+    kc_flat = kc.reshape(kc.size)
+    vc_flat = vc.reshape(vc.size)
+    n_coarse = kc.shape[1]
     for chunk in prange(n_chunks):
-        gathered_keys = np.empty((max_keys, d), dtype=q.dtype)
-        gathered_vals = np.empty((max_keys, dv), dtype=q.dtype)
+        gathered_keys = np.empty(max_keys * d, dtype=q.dtype)  # row-major (key, feature)
+        gathered_vals = np.empty(max_keys * dv, dtype=q.dtype)
         bias = np.empty(max_keys, dtype=q.dtype)
         positions = np.empty(max_keys, dtype=np.int64)
         queries_t = np.zeros((d, width), dtype=q.dtype)  # scaled queries, transposed
@@ -107,22 +115,31 @@ def block_attention(
                 if same_prefix:
                     n_gathered += count
                     continue
+                # explicit copies: a slice assignment compiles a broadcast and its
+                # shape-mismatch error (string formatting) into the kernel
                 if kind == TOKEN:
-                    gathered_keys[n_gathered : n_gathered + count] = k[bk, start : start + count]
-                    gathered_vals[n_gathered : n_gathered + count] = v[bk, start : start + count]
                     for t in range(count):
                         col = n_gathered + t
                         positions[col] = start + t
                         bias[col] = key_bias[bk, start + t]
-                        if bias[col] == -np.inf:  # masked tokens may hold anything: zero them
-                            gathered_keys[col] = 0
-                            gathered_vals[col] = 0
+                        live = bias[col] != -np.inf  # masked tokens may hold anything: zero them
+                        for e in range(d):
+                            gathered_keys[col * d + e] = k[bk, start + t, e] if live else 0
+                        for e in range(dv):
+                            gathered_vals[col * dv + e] = v[bk, start + t, e] if live else 0
                 else:
-                    gathered_keys[n_gathered : n_gathered + count] = kc[bk, start : start + count]
-                    gathered_vals[n_gathered : n_gathered + count] = vc[bk, start : start + count]
                     for t in range(count):
                         positions[n_gathered + t] = -1
                         bias[n_gathered + t] = cbias[bk, start + t]
+                    # consecutive coarse rows: one flat, vectorised copy each
+                    src = (bk * n_coarse + start) * d
+                    dst = n_gathered * d
+                    for x in range(count * d):
+                        gathered_keys[dst + x] = kc_flat[src + x]
+                    src = (bk * n_coarse + start) * dv
+                    dst = n_gathered * dv
+                    for x in range(count * dv):
+                        gathered_vals[dst + x] = vc_flat[src + x]
                 n_gathered += count
             n_prev = n_slots
             nk = n_gathered
@@ -144,16 +161,18 @@ def block_attention(
                     for e in range(d):
                         queries_t[e, i] = q[bq, i0 + i - q_start, e] * scale
                 else:  # a position without a query (prefill chunk or decode): padding
-                    queries_t[:, i] = 0
-            if rows < width:  # the last block: padding queries score 0 and are never written
-                queries_t[:, rows:] = 0
+                    for e in range(d):
+                        queries_t[e, i] = 0
+            for e in range(d):  # the last block: padding queries score 0 and are never written
+                for i in range(rows, width):
+                    queries_t[e, i] = 0
             # scores[key, query], gathered keys then token runs (row offsets into k)
             gemm_tiles(n_gathered, width, d, gathered_keys, 0, d, 1, queries_t, 0, width, scores, 0, width, False)
             key = n_gathered
             for r in range(n_runs):
                 start = runs[r, 0]
                 count = runs[r, 1]
-                gemm_tiles(count, width, d, k, (bk * n + start) * d, d, 1, queries_t, 0, width,
+                gemm_tiles(count, width, d, k_flat, (bk * n + start) * d, d, 1, queries_t, 0, width,
                            scores, key * width, width, False)
                 key += count
             floor_max = inh_max[b, blk] if inherit else -np.inf
@@ -164,7 +183,7 @@ def block_attention(
             for r in range(n_runs):
                 start = runs[r, 0]
                 count = runs[r, 1]
-                gemm_tiles(dv, width, count, v, (bk * n + start) * dv, 1, dv, scores, key * width, width,
+                gemm_tiles(dv, width, count, v_flat, (bk * n + start) * dv, 1, dv, scores, key * width, width,
                            out_t, 0, width, True)
                 key += count
             for i in range(r0, r1):
@@ -180,5 +199,6 @@ def block_attention(
                         out[b, i0 + i - q_start, e] = (out_t[e, i] + extra) * inv
                     lse[b, i0 + i - q_start] = col_max[i] + np.log(total)
                 else:
-                    out[b, i0 + i - q_start] = 0
+                    for e in range(dv):
+                        out[b, i0 + i - q_start, e] = 0
                     lse[b, i0 + i - q_start] = -np.inf

@@ -11,9 +11,13 @@ over ``(batch, chunk)`` jobs and leaves one ``(max, sum, weighted sum)`` partial
 read of each input: ``b_i = k_i . (s qg * w_k)`` and ``sum_i e_i p_i = qg * sum_i e_i k_i``,
 so ``p`` is never formed. A third parallel pass, :func:`modulate`, writes ``u``.
 
-Causal: :func:`causal_kernel` walks each sequence once with running maxima (online
-softmax: the running sums are rescaled whenever the maximum grows), in parallel over the
-leading dims. Weights are ``exp(logit - running max) <= 1``, so logits of any size are safe.
+Causal: a chunked scan (:func:`_causal`), parallel along the sequence as well as over the
+leading dims. Each pool is an online softmax (running maximum, running sums rescaled
+whenever it grows, so weights are ``exp(logit - running max) <= 1`` and logits of any size
+are safe); the state entering each chunk is the log-sum-exp merge of the partials of the
+chunks before it, so every chunk runs its stretch of the scan independently. The earlier
+kernel walked each sequence on one thread: at n = 2**20 with one head the second core
+idled.
 """
 
 import numpy as np
@@ -73,70 +77,156 @@ def chunk_partials(x, w, valid, has_mask, chunk, part_max, part_sum, part_vec):
 @jit(parallel=True)
 def modulate(kg, v, chunk, out):
     """``out[b, i] = kg[b] * v[b, i]``, in parallel over ``(batch, chunk)`` jobs."""
-    n_batch, n, _ = v.shape
+    n_batch, n, d = v.shape
     n_chunks = (n + chunk - 1) // chunk
     for job in prange(n_batch * n_chunks):
         b = job // n_chunks
         i0 = (job % n_chunks) * chunk
-        i1 = min(n, i0 + chunk)
-        out[b, i0:i1] = v[b, i0:i1] * kg[b]
+        # explicit loops: the row expression out[b, i0:i1] = v[b, i0:i1] * kg[b] built a
+        # temporary of the whole chunk first, an extra write and read of it
+        for i in range(i0, min(n, i0 + chunk)):
+            for e in range(d):
+                out[b, i, e] = kg[b, e] * v[b, i, e]
+
+
+@jit()
+def _online_add(acc, top, total, logit, x):
+    """Add ``exp(logit) x`` to the running softmax sums ``(top, total, acc)``; returns the new
+    ``(top, total)``, ``acc`` updated in place.
+
+    One exponential per step: one of the two factors of the usual update is ``exp(0) = 1``
+    (the running maximum either stays, or moves to ``logit``).
+    """
+    if logit > top:  # also the first term: top = -inf, shrink = 0
+        shrink = np.exp(top - logit)
+        for e in range(acc.size):
+            acc[e] = acc[e] * shrink + x[e]
+        return logit, total * shrink + 1
+    weight = np.exp(logit - top)
+    for e in range(acc.size):
+        acc[e] += weight * x[e]
+    return top, total + weight
+
+
+@jit()
+def exclusive_scan(part_max, part_sum, part_vec, carry_max, carry_sum, carry_vec):
+    """Carry into every chunk: the log-sum-exp merge of the partials of the chunks before it.
+
+    ``carry[b, c]`` merges ``part[b, :c]`` in order (``(-inf, 0, 0)`` for ``c = 0``); serial,
+    ``O(B C d)``.
+    """
+    n_batch, n_chunks, d = part_vec.shape
+    for b in range(n_batch):
+        top = part_max.dtype.type(-np.inf)
+        total = part_max.dtype.type(0)
+        acc = np.zeros(d, dtype=part_vec.dtype)
+        for c in range(n_chunks):
+            carry_max[b, c] = top
+            carry_sum[b, c] = total
+            carry_vec[b, c] = acc
+            m = part_max[b, c]
+            if m == -np.inf:
+                continue
+            new = max(top, m)
+            old = np.exp(top - new)
+            own = np.exp(m - new)
+            total = total * old + part_sum[b, c] * own
+            for e in range(d):
+                acc[e] = acc[e] * old + part_vec[b, c, e] * own
+            top = new
 
 
 @jit(parallel=True)
-def causal_kernel(q, k, v, w_q, w_k, valid, has_mask, store_pools, out, qg_out, kg_out):
-    """Causal Fastformer in one pass per sequence, with online-softmax running sums.
+def causal_queries(q, k, w_q, w_k, valid, has_mask, chunk, carry_max, carry_sum, carry_vec, store_pools,
+                   p, logits_k, qg_out, part_max, part_sum, part_vec):
+    """Causal scan, second pass: prefix query pools, ``p_i``, ``b_i`` and per-chunk key partials.
 
-    ``w_q``, ``w_k`` (B, d) carry the scale. Writes ``out`` (B, n, d) and, when
-    ``store_pools``, the prefix pools ``qg_out``, ``kg_out`` (B, n, d). A position with no
-    valid position at or before it gets zero pools and a zero output.
+    ``carry_*`` (B, C[, d]) is the query pool state entering each chunk (from
+    :func:`exclusive_scan` of :func:`chunk_partials`). Each ``(batch, chunk)`` job
+    continues the online softmax from its carry, writes ``p_i = qg_i * k_i`` to ``p`` (zero at
+    masked positions), ``b_i = p_i . w_k`` to ``logits_k`` (``-inf`` at masked positions), the
+    prefix pools to ``qg_out`` when ``store_pools`` (zero before the first valid position),
+    and its chunk's key softmax partial ``(max, sum, sum_i exp(b_i - max) p_i)``.
     """
     n_batch, n, d = q.shape
-    zero = q.dtype.type(0)
-    neg_inf = q.dtype.type(-np.inf)
-    for b in prange(n_batch):
-        q_acc = np.zeros(d, dtype=q.dtype)  # sum_j exp(a_j - a_max) q_j
-        k_acc = np.zeros(d, dtype=q.dtype)  # sum_j exp(b_j - b_max) p_j
-        qg = np.zeros(d, dtype=q.dtype)
-        p = np.empty(d, dtype=q.dtype)
-        a_max = neg_inf
-        b_max = neg_inf
-        a_sum = zero
-        b_sum = zero
-        for i in range(n):
+    n_chunks = carry_max.shape[1]
+    for job in prange(n_batch * n_chunks):
+        b = job // n_chunks
+        c = job % n_chunks
+        i0 = c * chunk
+        i1 = min(n, i0 + chunk)
+        acc = carry_vec[b, c].copy()
+        top = carry_max[b, c]
+        total = carry_sum[b, c]
+        qg = acc / total if total > 0 else np.zeros(d, dtype=q.dtype)  # a masked first row keeps the carry
+        k_top = q.dtype.type(-np.inf)
+        for i in range(i0, i1):
             if not has_mask or valid[b, i]:
-                a = zero
+                a = q.dtype.type(0)
                 for e in range(d):
                     a += q[b, i, e] * w_q[b, e]
-                new_max = max(a_max, a)
-                shrink = np.exp(a_max - new_max)  # 0 at the first valid position
-                weight = np.exp(a - new_max)
-                a_max = new_max
-                a_sum = a_sum * shrink + weight
-                inv = 1 / a_sum
-                logit = zero
+                top, total = _online_add(acc, top, total, a, q[b, i])
+                inv = 1 / total
+                logit = q.dtype.type(0)
                 for e in range(d):
-                    q_acc[e] = q_acc[e] * shrink + weight * q[b, i, e]
-                    qg[e] = q_acc[e] * inv
-                    p[e] = qg[e] * k[b, i, e]
-                    logit += p[e] * w_k[b, e]
-                new_max = max(b_max, logit)
-                shrink = np.exp(b_max - new_max)
-                weight = np.exp(logit - new_max)
-                b_max = new_max
-                b_sum = b_sum * shrink + weight
+                    qg[e] = acc[e] * inv
+                    p[b, i, e] = qg[e] * k[b, i, e]
+                    logit += p[b, i, e] * w_k[b, e]
+                logits_k[b, i] = logit
+                k_top = max(k_top, logit)
+            else:
+                logits_k[b, i] = -np.inf
+                p[b, i] = 0
+            if store_pools:
+                if total > 0:
+                    qg_out[b, i] = qg
+                else:
+                    qg_out[b, i] = 0
+        part_max[b, c] = k_top
+        part_sum[b, c] = 0
+        part_vec[b, c] = 0
+        if k_top == -np.inf:
+            continue
+        weights = logits_k[b, i0:i1] - k_top
+        exp_inplace(weights)
+        part_sum[b, c] = weights.sum()
+        vec = part_vec[b, c]
+        for i in range(i1 - i0):
+            for e in range(d):
+                vec[e] += weights[i] * p[b, i0 + i, e]
+
+
+@jit(parallel=True)
+def causal_keys(v, valid, has_mask, chunk, carry_max, carry_sum, carry_vec, store_pools, logits_k, out, kg_out):
+    """Causal scan, last pass: prefix key pools ``kg_i`` and ``u_i = kg_i * v_i``.
+
+    ``out`` holds ``p_i`` on entry (from :func:`causal_queries`) and ``u_i`` on return: each
+    row is read before it is overwritten. ``carry_*`` is the key pool state entering each
+    chunk. A position with no valid position at or before it gets zero pools and output.
+    """
+    n_batch, n, d = v.shape
+    n_chunks = carry_max.shape[1]
+    for job in prange(n_batch * n_chunks):
+        b = job // n_chunks
+        c = job % n_chunks
+        i0 = c * chunk
+        i1 = min(n, i0 + chunk)
+        acc = carry_vec[b, c].copy()
+        top = carry_max[b, c]
+        total = carry_sum[b, c]
+        for i in range(i0, i1):
+            if not has_mask or valid[b, i]:
+                top, total = _online_add(acc, top, total, logits_k[b, i], out[b, i])
+            if total > 0:
+                inv = 1 / total
                 for e in range(d):
-                    k_acc[e] = k_acc[e] * shrink + weight * p[e]
-            if b_sum > 0:
-                inv = 1 / b_sum
-                for e in range(d):
-                    out[b, i, e] = k_acc[e] * inv * v[b, i, e]
+                    kg = acc[e] * inv
+                    out[b, i, e] = kg * v[b, i, e]
                     if store_pools:
-                        qg_out[b, i, e] = qg[e]
-                        kg_out[b, i, e] = k_acc[e] * inv
+                        kg_out[b, i, e] = kg
             else:
                 out[b, i] = 0
                 if store_pools:
-                    qg_out[b, i] = 0
                     kg_out[b, i] = 0
 
 
@@ -163,6 +253,28 @@ def _pool(x, w, valid, has_mask, chunk):
     part_vec = np.empty((n_batch, n_chunks, d), dtype=x.dtype)
     chunk_partials(x, w, valid, has_mask, chunk, part_max, part_sum, part_vec)
     return merge_partials(part_max, part_sum, part_vec)
+
+
+def _causal(q, k, v, w_q, w_k, valid, has_mask, chunk, store_pools, out, qg_out, kg_out):
+    """Causal Fastformer as a chunked scan, every pass parallel over ``(batch, chunk)`` jobs.
+
+    Query pool: chunk partials (:func:`chunk_partials`), carries into each chunk
+    (:func:`exclusive_scan`), then :func:`causal_queries` continues the online softmax from
+    its carry through the chunk, writing ``p_i`` into ``out`` and the key logits. Key pool:
+    the same scan over ``p`` (:func:`causal_keys` overwrites ``p_i`` by ``u_i``). The chunks
+    are fixed by ``chunk``, not by the thread count, so the result does not depend on it.
+    """
+    n_batch, n, d = q.shape
+    n_chunks = (n + chunk - 1) // chunk
+    parts = [np.empty((n_batch, n_chunks), q.dtype), np.empty((n_batch, n_chunks), q.dtype),
+             np.empty((n_batch, n_chunks, d), q.dtype)]
+    carry = [np.empty_like(x) for x in parts]
+    logits_k = np.empty((n_batch, n), q.dtype)
+    chunk_partials(q, w_q, valid, has_mask, chunk, *parts)
+    exclusive_scan(*parts, *carry)
+    causal_queries(q, k, w_q, w_k, valid, has_mask, chunk, *carry, store_pools, out, logits_k, qg_out, *parts)
+    exclusive_scan(*parts, *carry)
+    causal_keys(v, valid, has_mask, chunk, *carry, store_pools, logits_k, out, kg_out)
 
 
 def fastformer_batch(batch, w_q, w_k, *, causal, return_pools):
@@ -196,7 +308,7 @@ def fastformer_batch(batch, w_q, w_k, *, causal, return_pools):
             shape = batch.q.shape if return_pools else (1, 1, 1)
             qg, kg = np.empty(shape, dtype), np.empty(shape, dtype)
             w_k = (w_k * scale).astype(dtype, copy=False)
-            causal_kernel(batch.q, batch.k, batch.v, w_q, w_k, valid, has_mask, return_pools, out, qg, kg)
+            _causal(batch.q, batch.k, batch.v, w_q, w_k, valid, has_mask, chunk, return_pools, out, qg, kg)
             return (out, qg, kg) if return_pools else (out, None, None)
         qg = _pool(batch.q, w_q, valid, has_mask, chunk)
         # b_i = s (qg * k_i) . w_k = k_i . (s qg * w_k);  sum_i e_i p_i = qg * sum_i e_i k_i
