@@ -169,9 +169,12 @@ def fmm_attention(q, k, v, *, causal=False, block_size=_config.DEFAULT_BLOCK_SIZ
         again while the added keys fit the budget. Only valid keys are charged. A budget of
         ``n`` covers every far key and gives exact attention; larger budgets are clamped to
         ``n`` (the same result). Default 0.
-    global_tokens : array_like of int, optional
+    global_tokens : array_like of int or "auto", optional
         Token indices attended exactly by every query (causal: by queries at or after
-        them) and left out of coarsening, e.g. ``[0]`` for an attention sink.
+        them) and left out of coarsening, e.g. ``[0]`` for an attention sink. ``"auto"``
+        chooses a few (``_config.AUTO_GLOBAL_TOKENS``) per batch entry by estimated
+        attention mass, causally with ``causal=True`` (:mod:`fmm_attention.sinks`); CPU
+        backend, forward only.
     return_stats : bool, optional
         Also return an :class:`FMMStats` with keys per query and FLOPs by stage.
 
@@ -232,7 +235,7 @@ def fmm_attention(q, k, v, *, causal=False, block_size=_config.DEFAULT_BLOCK_SIZ
     asked, (tree, options) = options, plan(batch, options)
     parts = fmm_call_bytes(
         tree, batch=batch.q.shape[0], d=batch.d, dv=batch.dv, itemsize=batch.dtype.itemsize, refine=options.refine,
-        query_coarsening=options.query_coarsening, n_globals=len(options.global_tokens),
+        query_coarsening=options.query_coarsening, n_globals=_n_globals(options.global_tokens),
         coarsening=options.coarsening,
     )
     refine_shown = refine if refine == options.refine else f"{refine} (clamped to n = {options.refine})"
@@ -249,6 +252,11 @@ def fmm_attention(q, k, v, *, causal=False, block_size=_config.DEFAULT_BLOCK_SIZ
         refine=options.refine, query_coarsening=options.query_coarsening, valid=batch.valid,
     )
     return (*result, stats) if return_lse else (result, stats)
+
+
+def _n_globals(global_tokens):
+    """Global tokens of a call (``"auto"``: at most ``_config.AUTO_GLOBAL_TOKENS``), for the memory estimate."""
+    return _config.AUTO_GLOBAL_TOKENS if isinstance(global_tokens, str) else len(global_tokens)
 
 
 def plan(batch, options):

@@ -145,8 +145,45 @@ def _refined_plan(batch, tree, base, kc, vc, cbias, key_bias, has_mask, scale, b
     return seg_lo, seg_hi, out, max_keys
 
 
+def _auto_global_fmm(batch, tree, **options):
+    """FMA with ``global_tokens="auto"``: each entry's tokens chosen from its own inputs,
+    entries with the same choice computed together, the per-entry plans stacked.
+    """
+    import dataclasses
+
+    from ..sinks import auto_global_tokens
+
+    chosen = auto_global_tokens(batch.q, batch.k, batch.valid, block_size=tree.block_size, scale=batch.scale,
+                                causal=tree.causal)
+    out, lse = _outputs(batch)
+    groups = {}
+    for b, tokens in enumerate(chosen):
+        groups.setdefault(tokens, []).append(b)
+    B = batch.q.shape[0]
+    seg_lo = np.zeros((B, tree.n_blocks), dtype=np.int64)
+    seg_hi = np.zeros((B, tree.n_blocks), dtype=np.int64)
+    live = np.zeros((B, tree.n_coarse), dtype=np.bool_)
+    parts = []
+    for tokens, members in groups.items():
+        rows = np.array(members)
+        sub = dataclasses.replace(batch, q=batch.q[rows], k=batch.k[rows], v=batch.v[rows],
+                                  valid=None if batch.valid is None else batch.valid[rows], lead_shape=(rows.size,))
+        o, s, (lo, hi, segments, sub_live) = fmm(sub, tree, global_tokens=tokens, **options)
+        out[rows], lse[rows], live[rows] = o, s, sub_live
+        seg_lo[rows], seg_hi[rows] = lo, hi  # a shared plan (1, ...) broadcasts to the group
+        parts.append((rows, segments))
+    width = max(segments.shape[1] for _, segments in parts)
+    stacked = np.zeros((B, width, 3), dtype=np.int64)
+    for rows, segments in parts:
+        stacked[rows, : segments.shape[1]] = segments
+    return out, lse, (seg_lo, seg_hi, stacked, live)
+
+
 def fmm(batch, tree, *, coarsening, count_scaling, query_coarsening, cluster_iters=0, refine=0, global_tokens=()):
     """Fast Multipole Attention of a validated batch along ``tree``.
+
+    ``global_tokens="auto"`` chooses each entry's tokens from its inputs
+    (:func:`fmm_attention.sinks.auto_global_tokens`).
 
     Returns
     -------
@@ -155,6 +192,9 @@ def fmm(batch, tree, *, coarsening, count_scaling, query_coarsening, cluster_ite
         The key plan executed (shared ``(1, ...)`` or per entry ``(B, ...)``) and which
         coarse rows ``(B, C)`` hold a valid token, for statistics.
     """
+    if isinstance(global_tokens, str):  # "auto", validated by the options
+        return _auto_global_fmm(batch, tree, coarsening=coarsening, count_scaling=count_scaling,
+                                query_coarsening=query_coarsening, cluster_iters=cluster_iters, refine=refine)
     out, lse = _outputs(batch)
     B = batch.q.shape[0]
     dtype = batch.dtype
