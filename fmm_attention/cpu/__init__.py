@@ -132,7 +132,7 @@ def _refined_plan(batch, tree, base, kc, vc, cbias, key_bias, has_mask, scale, b
             batch.q, batch.k, batch.v, kc, vc, cbias, token_bias, is_global, ptr, segments,
             np.array([x.offset for x in lv], dtype=np.int64), np.array([x.rank for x in lv], dtype=np.int64),
             np.array([x.box_size for x in lv], dtype=np.int64), tree.block_size, scale, tree.causal,
-            budget, capacity, room, seg_lo, seg_hi, out,
+            budget, capacity, room, seg_lo, seg_hi, out, _config.FMA_CHUNKS_PER_THREAD * numba.get_num_threads(),
         )
     # the kernels' key buffers: the most keys any emitted block plan names (unused rows are 0)
     max_keys = int(out[:, :, 2].reshape(B, tree.n_blocks, capacity).sum(axis=2).max(initial=1))
