@@ -91,6 +91,11 @@ TREE_CACHE_SIZE = 64
 DEFAULT_BLOCK_SIZE = 64
 DEFAULT_RANK = 4
 
+#: ``global_tokens="auto"`` (:mod:`fmm_attention.sinks`): keys chosen per batch entry, and
+#: the queries sampled to estimate the bidirectional far-field attention mass of each key.
+AUTO_GLOBAL_TOKENS = 2
+AUTO_GLOBAL_QUERIES = 32
+
 #: Most bytes one call may allocate (estimated before allocating; a larger call raises a
 #: ``ValueError`` naming the argument to reduce). ``None``: the machine's physical memory.
 MAX_CALL_BYTES = None

@@ -264,9 +264,15 @@ def check_accuracy_options(*, cluster_iters, refine, query_coarsening):
 
 
 def global_token_indices(global_tokens):
-    """Sorted unique integer token indices as a tuple (empty for ``None``); the range is not checked."""
+    """Sorted unique integer token indices as a tuple (empty for ``None``), or ``"auto"``
+    (chosen per call from the inputs, :mod:`fmm_attention.sinks`); the range is not checked.
+    """
     if global_tokens is None:
         return ()
+    if isinstance(global_tokens, str):
+        if global_tokens == "auto":
+            return "auto"
+        raise ValueError(f"global_tokens must be token indices or 'auto', got {global_tokens!r}")
     arr = np.asarray(global_tokens)
     if arr.ndim == 0:
         arr = arr[None]
@@ -276,8 +282,10 @@ def global_token_indices(global_tokens):
 
 
 def check_global_tokens(global_tokens, n):
-    """Sorted unique token indices in ``[0, n)`` as a tuple (empty for ``None``)."""
+    """Sorted unique token indices in ``[0, n)`` as a tuple (empty for ``None``), or ``"auto"``."""
     tokens = global_token_indices(global_tokens)
+    if tokens == "auto":
+        return tokens
     if tokens and (tokens[0] < 0 or tokens[-1] >= n):
         raise ValueError(f"global_tokens must lie in [0, n) = [0, {n}), got min {tokens[0]} and max {tokens[-1]}")
     return tokens

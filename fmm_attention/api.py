@@ -237,7 +237,7 @@ def fmm_attention(q, k, v, *, causal=False, block_size=_config.DEFAULT_BLOCK_SIZ
         again while the added keys fit the budget. Only valid keys are charged. A budget of
         ``n`` covers every far key and gives exact attention; larger budgets are clamped to
         ``n`` (the same result). Default 0.
-    global_tokens : array_like of int or bool, optional
+    global_tokens : array_like of int or bool, or "auto", optional
         Token indices attended exactly by every query (causal: by queries at or after
         them) and left out of coarsening, e.g. ``[0]`` for an attention sink. Per
         sequence: an int array broadcastable to ``(..., g)`` (one row of indices per
@@ -245,7 +245,10 @@ def fmm_attention(q, k, v, *, causal=False, block_size=_config.DEFAULT_BLOCK_SIZ
         past ``n_k`` or at a padded key is ignored for that sequence only, so a padded
         batch whose [SEP] tokens sit at different positions is one call. Per-sequence
         tokens must agree within a group of query heads, and do not combine with
-        ``refine``.
+        ``refine``. ``"auto"`` chooses a few (``_config.AUTO_GLOBAL_TOKENS``) per batch
+        entry by estimated attention mass, causally with ``causal=True``
+        (:mod:`fmm_attention.sinks`); CPU backend, forward only, self-attention
+        (``n_q == n_k``).
     return_stats : bool, optional
         Also return an :class:`FMMStats` with keys per query and FLOPs by stage.
     query_offset : int, optional
@@ -326,6 +329,9 @@ def fmm_attention(q, k, v, *, causal=False, block_size=_config.DEFAULT_BLOCK_SIZ
     if return_stats and features - {"per_sequence_global_tokens"}:
         raise ValueError("return_stats=True counts keys of self-attention with one key set per query set: it does "
                          f"not combine with {', '.join(sorted(features - {'per_sequence_global_tokens'}))} yet")
+    if isinstance(options.global_tokens, str) and "cross_lengths" in features:
+        raise ValueError('global_tokens="auto" chooses sinks from the self-attention of the sequence: with '
+                         "n_q != n_k or query_offset pass the indices")
     if per_sequence and options.refine > 0:
         raise ValueError("per-sequence global_tokens cannot be combined with refine > 0 yet; pass one shared "
                          "1-D global_tokens, or refine=0")
@@ -336,7 +342,7 @@ def fmm_attention(q, k, v, *, causal=False, block_size=_config.DEFAULT_BLOCK_SIZ
                      else None)
     asked, (tree, options) = options, plan(batch, options)
     n_out = batch.size if hasattr(batch, "layout") else batch.q.shape[0]
-    n_globals = len(options.global_tokens) if entry_globals is None else max(map(len, entry_globals), default=0)
+    n_globals = _n_globals(options.global_tokens) if entry_globals is None else max(map(len, entry_globals), default=0)
     parts = fmm_call_bytes(
         tree, batch=n_out, d=batch.d, dv=batch.dv, itemsize=batch.dtype.itemsize, refine=options.refine,
         query_coarsening=options.query_coarsening, n_globals=n_globals,
@@ -357,6 +363,11 @@ def fmm_attention(q, k, v, *, causal=False, block_size=_config.DEFAULT_BLOCK_SIZ
         refine=options.refine, query_coarsening=options.query_coarsening, valid=batch.valid,
     )
     return (*result, stats) if return_lse else (result, stats)
+
+
+def _n_globals(global_tokens):
+    """Global tokens of a call (``"auto"``: at most ``_config.AUTO_GLOBAL_TOKENS``), for the memory estimate."""
+    return _config.AUTO_GLOBAL_TOKENS if isinstance(global_tokens, str) else len(global_tokens)
 
 
 def plan(batch, options):

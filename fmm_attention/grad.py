@@ -298,6 +298,9 @@ def fmm_attention_vjp(q, k, v, *, causal=False, block_size=_config.DEFAULT_BLOCK
     if isinstance(coarsening, LearnedCoarsening):
         coarsening.check_tree(tree, batch.d, batch.dv)
     global_tokens = check_global_tokens(global_tokens, batch.n)
+    if isinstance(global_tokens, str):
+        raise ValueError("global_tokens='auto' has no backward: pass the indices it chooses "
+                         "(fmm_attention.sinks.auto_global_tokens), which the gradient holds fixed")
     out, lse, plan = cpu.fmm(batch, tree, options.replace(global_tokens=global_tokens))
     from .cpu.backward_ops import FMMResiduals, fmm_backward
 

@@ -100,3 +100,15 @@ def test_issue13_topk_per_query_budgets():
     for i in (0, 5, 17, 47):
         np.testing.assert_allclose(out[i], topk_attention(q[:, i : i + 1].repeat(48, 1), k, v, keys=int(budgets[i]))[0, 0],
                                    atol=1e-13)
+
+
+def test_issue17_rows_report_time_against_exact():
+    # issue 17: settings are judged by error against time, not keys alone
+    q, k, v = qkv(64)
+    settings = [("coarse", dict(block_size=4, rank=1)), ("refined", dict(block_size=4, rank=1, refine=8))]
+    rows = accuracy_vs_cost(q, k, v, settings, repeats=2, dtype=np.float32)
+    assert all(np.isfinite(r.time_ratio) and r.time_ratio > 0 and r.seconds > 0 for r in rows)
+    assert "time / exact" in format_rows(rows)
+    untimed = accuracy_vs_cost(q, k, v, settings, repeats=0)
+    assert all(np.isnan(r.time_ratio) for r in untimed) and "time / exact" not in format_rows(untimed)
+    np.testing.assert_allclose([r.median for r in rows], [r.median for r in untimed], rtol=1e-4)

@@ -175,11 +175,45 @@ def _refined_plan(batch, tree, base, kc, vc, cbias, key_bias, has_mask, scale, b
             batch.q, batch.k, batch.v, kc, vc, cbias, token_bias, is_global, ptr, segments,
             np.array([x.offset for x in lv], dtype=np.int64), np.array([x.rank for x in lv], dtype=np.int64),
             np.array([x.box_size for x in lv], dtype=np.int64), tree.block_size, scale, tree.causal,
-            budget, capacity, room, seg_lo, seg_hi, out,
+            budget, capacity, room, seg_lo, seg_hi, out, _config.FMA_CHUNKS_PER_THREAD * numba.get_num_threads(),
         )
     # the kernels' key buffers: the most keys any emitted block plan names (unused rows are 0)
     max_keys = int(out[:, :, 2].reshape(B, tree.n_blocks, capacity).sum(axis=2).max(initial=1))
     return seg_lo, seg_hi, out, max_keys
+
+
+def _auto_global_fmm(batch, tree, **options):
+    """FMA with ``global_tokens="auto"``: each entry's tokens chosen from its own inputs,
+    entries with the same choice computed together, the per-entry plans stacked.
+    """
+    import dataclasses
+
+    from ..sinks import auto_global_tokens
+
+    chosen = auto_global_tokens(batch.q, batch.k, batch.valid, block_size=tree.block_size, scale=batch.scale,
+                                causal=tree.causal)
+    out, lse = _outputs(batch)
+    groups = {}
+    for b, tokens in enumerate(chosen):
+        groups.setdefault(tokens, []).append(b)
+    B = batch.q.shape[0]
+    seg_lo = np.zeros((B, tree.n_blocks), dtype=np.int64)
+    seg_hi = np.zeros((B, tree.n_blocks), dtype=np.int64)
+    live = np.zeros((B, tree.n_coarse), dtype=np.bool_)
+    parts = []
+    for tokens, members in groups.items():
+        rows = np.array(members)
+        sub = dataclasses.replace(batch, q=batch.q[rows], k=batch.k[rows], v=batch.v[rows],
+                                  valid=None if batch.valid is None else batch.valid[rows], lead_shape=(rows.size,))
+        o, s, (lo, hi, segments, sub_live) = fmm(sub, tree, global_tokens=tokens, **options)
+        out[rows], lse[rows], live[rows] = o, s, sub_live
+        seg_lo[rows], seg_hi[rows] = lo, hi  # a shared plan (1, ...) broadcasts to the group
+        parts.append((rows, segments))
+    width = max(segments.shape[1] for _, segments in parts)
+    stacked = np.zeros((B, width, 3), dtype=np.int64)
+    for rows, segments in parts:
+        stacked[rows, : segments.shape[1]] = segments
+    return out, lse, (seg_lo, seg_hi, stacked, live)
 
 
 def fmm(batch, tree, *, coarsening, count_scaling, query_coarsening, cluster_iters=0, refine=0, global_tokens=(),
@@ -191,6 +225,9 @@ def fmm(batch, tree, *, coarsening, count_scaling, query_coarsening, cluster_ite
     at positions ``query_offset + i`` get those rows of the self-attention over the keys.
     ``entry_globals``: per-sequence global tokens, one tuple per output entry (or None).
 
+    ``global_tokens="auto"`` chooses each entry's tokens from its inputs
+    (:func:`fmm_attention.sinks.auto_global_tokens`).
+
     Returns
     -------
     out, lse : ndarray
@@ -198,6 +235,11 @@ def fmm(batch, tree, *, coarsening, count_scaling, query_coarsening, cluster_ite
         The key plan executed (shared ``(1, ...)`` or per entry ``(B, ...)``) and which
         coarse rows ``(B, C)`` hold a valid token, for statistics.
     """
+    if isinstance(global_tokens, str):  # "auto", validated by the options; one row set per entry
+        from .._shapes import as_shaped, materialise
+
+        return _auto_global_fmm(materialise(as_shaped(batch)), tree, coarsening=coarsening, count_scaling=count_scaling,
+                                query_coarsening=query_coarsening, cluster_iters=cluster_iters, refine=refine)
     from .._shapes import as_shaped, key_sets, materialise
 
     batch = as_shaped(batch)
