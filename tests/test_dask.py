@@ -25,7 +25,7 @@ TOL = 1e-12
 
 @pytest.fixture(scope="module")
 def client():
-    cluster = distributed.LocalCluster(processes=True, n_workers=2, threads_per_worker=1, dashboard_address=None)
+    cluster = distributed.LocalCluster(processes=True, n_workers=2, threads_per_worker=1, dashboard_address=":0")
     with distributed.Client(cluster) as c:
         yield c
     cluster.close()

@@ -83,7 +83,7 @@ def run(n=2**22, d=32, chunk=2**19, workers=2, memory_limit="1.5GiB", block_size
     with dask.config.set({"distributed.scheduler.work-stealing": False,
                           "distributed.scheduler.bandwidth": bandwidth}), \
             distributed.LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
-                                     memory_limit=memory_limit, dashboard_address=None, env=env,
+                                     memory_limit=memory_limit, dashboard_address=":0", env=env,
                                      local_directory=local_directory) as cluster, \
             distributed.Client(cluster) as client:
         q, k, v = _inputs(n, d, chunk, dtype, seed)
