@@ -25,7 +25,7 @@ TOL = 1e-12
 
 @pytest.fixture(scope="module")
 def client():
-    cluster = distributed.LocalCluster(processes=True, n_workers=2, threads_per_worker=1, dashboard_address=None)
+    cluster = distributed.LocalCluster(processes=True, n_workers=2, threads_per_worker=1, dashboard_address=":0")
     with distributed.Client(cluster) as c:
         yield c
     cluster.close()
@@ -90,6 +90,42 @@ def test_fma_matches_numpy(client, causal):
     for (out, lse), (r_out, r_lse) in zip(dask.compute(*lazy), refs):
         assert _rel(out, r_out) < TOL
         assert _rel(lse, r_lse) < TOL
+
+
+def _learned(n, d, dv, block_size, rank, seed=3):
+    """Random learned coarsening (with biases) for the tree of ``(n, block_size, rank)``."""
+    rng = np.random.default_rng(seed)
+    levels = fa.build_tree(n, block_size=block_size, rank=rank).levels
+    kw = [rng.standard_normal((lv.rank * d, 1, lv.box_size)) / lv.box_size for lv in levels]
+    vw = [rng.standard_normal((lv.rank * dv, 1, lv.box_size)) / lv.box_size for lv in levels]
+    kb = [rng.standard_normal(lv.rank * d) for lv in levels]
+    vb = [rng.standard_normal(lv.rank * dv) for lv in levels]
+    return LearnedCoarsening(kw, vw, kb, vb)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_fma_learned_and_coarse_queries_match_numpy(client, causal):
+    # sequence chunks with learned coarsening (boxes inside a chunk and boxes spanning
+    # several: partial convolutions tree-reduced) and coarse queries (box partials passed
+    # down from boxes larger than a chunk)
+    q, k, v, mask = _data(dv=5)
+    cases = [{"block_size": 8, "rank": 2, "coarsening": _learned(1000, 8, 5, 8, 2)},
+             {"block_size": 16, "rank": 4, "coarsening": _learned(1000, 8, 5, 16, 4), "count_scaling": False}]
+    if not causal:  # coarse queries are bidirectional only
+        cases += [{"block_size": 8, "rank": 2, "query_coarsening": True},
+                  {"block_size": 16, "rank": 4, "query_coarsening": True, "count_scaling": False},
+                  {"block_size": 8, "rank": 2, "query_coarsening": True, "coarsening": _learned(1000, 8, 5, 8, 2)}]
+    for opts in cases:
+        for mk in (None, mask):  # one compute per case: each graph carries its inputs
+            opts = {**opts, "causal": causal, "return_lse": True}
+            ref = fa.fmm_attention(q, k, v, key_padding_mask=mk, **opts)
+            lazy = []
+            for chunks in CHUNKINGS + [(2, 64)]:
+                dq, dk, dv, dm = _lazy((q, k, v, mk), chunks)
+                lazy.append(fa.fmm_attention(dq, dk, dv, key_padding_mask=dm, **opts))
+            for out, lse in dask.compute(*lazy):
+                assert _rel(out, ref[0]) < TOL
+                assert _rel(lse, ref[1]) < TOL
 
 
 @pytest.mark.parametrize("causal", [False, True])
@@ -191,8 +227,9 @@ def test_invalid_fma_chunking_names_the_nearest_valid_size():
 def test_unsupported_sequence_options_raise_clearly():
     q, k, v, _ = _data(B=1, n=512)
     dq, dk, dv = (da.from_array(x, chunks=(1, 128, 8)) for x in (q, k, v))
-    with pytest.raises(ValueError, match="rechunk the sequence axis into one chunk"):
-        fa.fmm_attention(dq, dk, dv, block_size=8, rank=2, query_coarsening=True)
+    for opts in ({"coarsening": "cluster"}, {"refine": 4}, {"global_tokens": [3]}):
+        with pytest.raises(ValueError, match="rechunk the sequence axis into one chunk"):
+            fa.fmm_attention(dq, dk, dv, block_size=8, rank=2, **opts)
     with pytest.raises(ValueError, match="return_stats"):
         fa.fmm_attention(dq, dk, dv, return_stats=True)
     with pytest.raises(ValueError, match="same sequence length"):
@@ -268,8 +305,11 @@ def test_fma_tasks_receive_only_halos_and_coarse_rows():
     dq, dk, dv = (da.from_array(x, chunks=(1, chunk, d), name=nm) for x, nm in zip((q, k, v), names))
     dm = da.from_array(mask[:1], chunks=(1, chunk), name=names[3])
     chunk_kv = 2 * chunk * d * 8
-    for causal in (False, True):
-        out = fa.fmm_attention(dq, dk, dv, block_size=8, rank=2, causal=causal, key_padding_mask=dm)
+    learned = _learned(n, d, d, 8, 2)
+    cases = [{"causal": False}, {"causal": True}, {"causal": True, "coarsening": learned},
+             {"query_coarsening": True}, {"query_coarsening": True, "coarsening": learned}]
+    for opts in cases:
+        out = fa.fmm_attention(dq, dk, dv, block_size=8, rank=2, key_padding_mask=dm, **opts)
         foreign = _foreign_bytes(out, names)
         # halos (8 tokens a side) and the listed coarse rows: a small fraction of a chunk's k + v
         assert 0 < max(foreign.values()) < 0.2 * chunk_kv

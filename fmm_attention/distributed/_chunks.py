@@ -241,22 +241,35 @@ def fastformer_causal_out(chunk, w_q, w_k, scale, carry_alpha, carry_beta):
 
 
 # ---------------------------------------------------------------- FMA: upward pass
+def _block_sums(x, size):
+    """Float64 sums of ``size`` consecutive rows of ``x`` ``(B, c[, f])``; the last block may be short."""
+    B, c = x.shape[:2]
+    rows = -(-c // size)
+    if rows * size != c:
+        x = np.concatenate([x, np.zeros((B, rows * size - c) + x.shape[2:], dtype=x.dtype)], axis=1)
+    # in the input's own float dtype (a float64 accumulator over float32 halves the speed;
+    # the kernels sum float32 keys in float32 too), then float64 for everything above
+    acc = x.dtype if x.dtype.kind == "f" else np.float64
+    return x.reshape((B, rows, size) + x.shape[2:]).sum(axis=2, dtype=acc).astype(np.float64, copy=False)
+
+
 def sub_box_sums(k, v, valid, sizes):
     """Sums of keys/values and valid counts over aligned sub-boxes of each size in ``sizes``.
 
     ``sizes`` are powers of two dividing the chunk's nominal length, ascending; the chunk
     starts on a multiple of each. Returns ``{size: (ksum, vsum, count)}`` in float64 with
-    ``ceil(c / size)`` rows, built by pairwise merging (O(c d) for all sizes together).
+    ``ceil(c / size)`` rows: one vectorised pass over the tokens for the smallest size,
+    then pairwise merging of those sums (O(c d) for all sizes together). ``k`` and ``v``
+    must hold zeros at masked tokens.
     """
     B, c, _d = k.shape
+    size = sizes[0]
+    ksum, vsum = _block_sums(k, size), _block_sums(v, size)
     if valid is not None:
-        k = np.where(valid[..., None], k, 0)
-        v = np.where(valid[..., None], v, 0)
-        count = valid.astype(np.float64)
+        count = _block_sums(valid, size)
     else:
-        count = np.ones((B, c))
-    ksum, vsum = k.astype(np.float64), v.astype(np.float64)
-    size = 1
+        count = np.full((B, ksum.shape[1]), float(size))
+        count[:, -1] = c - size * (ksum.shape[1] - 1)
     out = {}
     for want in sizes:
         while size < want:
@@ -269,37 +282,101 @@ def sub_box_sums(k, v, valid, sizes):
             vsum = vsum[:, 0::2] + vsum[:, 1::2]
             count = count[:, 0::2] + count[:, 1::2]
             size *= 2
-        out[want] = (ksum, vsum, count)
+        out[want] = (ksum, vsum, np.ascontiguousarray(count))
     return out
 
 
-def chunk_upward(chunk, sizes, with_total):
-    """Upward pass of one chunk ``(q, k, v, valid)``: sub-box sums for ``sizes`` and, if asked, the chunk total."""
-    _, k, v, valid = chunk
-    sums = sub_box_sums(k, v, valid, sizes)
-    total = None
-    if with_total:
-        kt = np.where(valid[..., None], k, 0) if valid is not None else k
-        vt = np.where(valid[..., None], v, 0) if valid is not None else v
-        cnt = valid.sum(axis=1).astype(np.float64) if valid is not None else np.full(k.shape[0], float(k.shape[1]))
-        total = (kt.sum(axis=1, dtype=np.float64), vt.sum(axis=1, dtype=np.float64), cnt)
+def _zero_masked(x, valid):
+    return np.where(valid[..., None], x, 0) if valid is not None else x
+
+
+def learned_rows(x, weights, box_size, rank):
+    """Grouped-convolution sums (no bias) of aligned boxes of ``x`` ``(B, c, f)``, in float64.
+
+    ``weights`` ``(rank*f, box_size)`` in the ``Conv1d`` row order ``e*rank + t``. Returns
+    ``(B, ceil(c / box_size) * rank, f)``: row ``box*rank + t``, channel ``e`` is
+    ``sum_u weights[e*rank + t, u] * x[:, box*box_size + u, e]``. A box cut short by the end
+    of ``x`` sees only its first columns (padding enters as zeros). ``x`` must already hold
+    zeros at masked tokens.
+    """
+    B, c, f = x.shape
+    n_box = -(-c // box_size)
+    pad = n_box * box_size - c
+    x = x.astype(np.float64, copy=False)
+    if pad:
+        x = np.concatenate([x, np.zeros((B, pad, f))], axis=1)
+    w = np.asarray(weights, dtype=np.float64).reshape(f, rank, box_size)  # [e, t, u]
+    # one batched product per channel: (f, B*n_box, u) @ (f, u, t)
+    xs = x.reshape(B * n_box, box_size, f).transpose(2, 0, 1)
+    out = np.matmul(xs, w.transpose(0, 2, 1))  # (f, B*n_box, t)
+    return np.ascontiguousarray(out.reshape(f, B, n_box * rank).transpose(1, 2, 0))
+
+
+def _box_counts(valid, B, c, box_size):
+    if valid is None:
+        full = np.full(-(-c // box_size), float(box_size))
+        full[-1] = c - box_size * (full.size - 1)
+        return np.broadcast_to(full, (B, full.size)).copy()
+    pad = -c % box_size
+    v = np.concatenate([valid, np.zeros((B, pad), dtype=bool)], axis=1) if pad else valid
+    return v.reshape(B, -1, box_size).sum(axis=2).astype(np.float64)
+
+
+def chunk_upward(chunk, spec):
+    """Upward pass of one chunk ``(q, k, v, valid)``: its coarse-row sums and its totals.
+
+    ``spec`` says what to build (client-side metadata, see :func:`.dask._upward_spec`):
+
+    * ``sizes``: mean sub-box sums ``{size: (ksum, vsum, count)}`` for sub-boxes inside the chunk;
+    * ``learned_local``: ``[(level, box_size, rank, key_w, value_w)]`` for levels whose boxes
+      lie inside the chunk: ``{("L", level): (krows, vrows, count)}``, one row per (box, slot);
+    * ``total``: the chunk's contribution to the boxes larger than a chunk, a dict merged by
+      :func:`add_totals`: ``"mean"`` (sums, count), ``"q"`` (query sum, count; coarse
+      queries) and ``("L", level)`` (learned partial convolutions over the chunk's columns
+      ``learned_big``: ``[(level, rank, key_w_slice, value_w_slice)]``).
+
+    All sums are float64; they are finished (divided, biased) by the chunk that uses them.
+    """
+    q, k, v, valid = chunk
+    B, c, _ = k.shape
+    kz, vz = _zero_masked(k, valid), _zero_masked(v, valid)
+    sums = sub_box_sums(kz, vz, valid, spec["sizes"]) if spec["sizes"] else {}
+    for level, box_size, rank, kw, vw in spec["learned_local"]:
+        count = np.repeat(_box_counts(valid, B, c, box_size), rank, axis=1)
+        sums[("L", level)] = (learned_rows(kz, kw, box_size, rank), learned_rows(vz, vw, box_size, rank), count)
+    if not spec["total"]:
+        return sums, None
+    cnt = valid.sum(axis=1).astype(np.float64) if valid is not None else np.full(B, float(c))
+    total = {}
+    if spec["mean_total"]:  # from the largest sub-boxes: no second pass over the tokens
+        top = sums[spec["sizes"][-1]] if spec["sizes"] else sub_box_sums(kz, vz, valid, [c])[c]
+        total["mean"] = tuple(np.ascontiguousarray(x.sum(axis=1)) for x in top)
+    if spec["q_total"]:
+        total["q"] = (_zero_masked(q, valid).sum(axis=1, dtype=np.float64), cnt)
+    for level, rank, kw, vw in spec["learned_big"]:
+        total[("L", level)] = (learned_rows(kz, kw, c, rank), learned_rows(vz, vw, c, rank), cnt)
     return sums, total
 
 
 def export_rows(up, picks):
     """The rows of one chunk's upward pass another chunk lists: ``[(ksum, vsum, count), ...]``."""
     sums, _ = up
-    return [tuple(a[:, rows] for a in sums[size]) for size, rows in picks]
+    return [tuple(a[:, rows] for a in sums[key]) for key, rows in picks]
 
 
 def chunk_total(up):
-    """The chunk total of an upward pass (``(B, d)``, ``(B, dv)``, ``(B,)``)."""
+    """The chunk's totals of an upward pass (a dict, see :func:`chunk_upward`)."""
     return up[1]
 
 
 def add_totals(a, b):
-    """Sum of two sub-box totals (the tree reduction above the chunk size)."""
-    return tuple(x + y for x, y in zip(a, b))
+    """Sum of the totals of two neighbouring groups of chunks (the tree reduction above a chunk)."""
+    return {key: tuple(x + y for x, y in zip(a[key], b[key])) for key in a}
+
+
+def total_part(total, key):
+    """One entry of a reduced total (what a chunk needs of the pyramid, not all of it)."""
+    return total[key]
 
 
 # ---------------------------------------------------------------- FMA: per-chunk attention
@@ -319,7 +396,7 @@ def listed_boxes(tree, first, length):
     return out
 
 
-def _local_plan(tree, first, length, left, right, boxes, box_base):
+def _local_plan(tree, first, length, left, right, boxes, box_base, with_far=True):
     """Key plan of a chunk's query blocks in local coordinates (the library's segment order).
 
     Local token ``t`` is global token ``first - left + t``; local block ``left / m + j`` is
@@ -334,7 +411,7 @@ def _local_plan(tree, first, length, left, right, boxes, box_base):
     lo = np.maximum(0, (blocks - 1) * m)
     hi = np.minimum(n, (blocks + (1 if tree.causal else 2)) * m)
     columns = [(TOKEN, lo - base, hi - lo, np.ones(blocks.size, dtype=bool))]
-    for level, listed, start in zip(tree.levels, boxes, box_base):
+    for level, listed, start in zip(tree.levels if with_far else (), boxes, box_base):
         lists = level.interactions[(blocks * m) // level.box_size]
         for slot in range(lists.shape[1]):
             c = lists[:, slot]
@@ -357,7 +434,108 @@ def _local_plan(tree, first, length, left, right, boxes, box_base):
     return ptr, segments, max_keys
 
 
-def fma_chunk(chunk, halo_left, halo_right, exports, export_dest, totals, total_dest, meta):
+def _local_box_tables(tree, first, chunk, boxes, box_base):
+    """The coarse-query box tables of one chunk, in local numbering (cf. ``FMMTree.box_tables``).
+
+    Level ``l`` holds the chunk's ``chunk / w_l`` boxes when ``w_l <= chunk`` (nominal chunk
+    length: boxes past the last token get no query) and otherwise the one box containing the
+    chunk, so a box's parent is local row ``c // 2`` of the next level, as in the global
+    tables. ``interactions`` name rows of the local coarse buffer (``-1``: none).
+    """
+    n = tree.n
+    box_offset = np.zeros(tree.n_levels + 1, dtype=np.int64)
+    tables = []
+    for i, (level, listed, start) in enumerate(zip(tree.levels, boxes, box_base)):
+        w = level.box_size
+        n_box = chunk // w if w <= chunk else 1
+        glob = first // w + np.arange(n_box)
+        c = level.interactions[np.minimum(glob, level.n_boxes - 1)]
+        ok = (c >= 0) & (c * w < n)
+        where = np.searchsorted(listed, np.where(ok, c, 0))
+        tables.append(np.where(ok, start + where * level.rank, -1))
+        box_offset[i + 1] = box_offset[i] + n_box
+    return box_offset, np.ascontiguousarray(np.concatenate(tables), dtype=np.int64)
+
+
+def _coarse_query_partials(tree, q, valid, meta, q_totals, kc, vc, cbias, n_local_blocks, own_block):
+    """The far-field partials each of the chunk's query blocks inherits (coarse queries).
+
+    Coarse queries of the boxes inside the chunk come from its own tokens; those of the
+    larger boxes from the reduced query sums ``q_totals`` (one ``(qsum, count)`` per such
+    level, bottom up). Far partials and the downward pass then run on the local tables with
+    the backend's kernels, exactly as on one machine. Returns ``(inh_max, inh_sum, inh_num)``
+    per local block (halo blocks inherit nothing).
+    """
+    from ..cpu import coarse_queries, downward_pass, far_partials
+
+    B, c, d = q.shape
+    dv = vc.shape[2]
+    dtype = q.dtype
+    box_offset, interactions = _local_box_tables(tree, meta["first"], meta["chunk"], meta["boxes"], meta["box_base"])
+    local = [lv for lv in tree.levels if lv.box_size <= meta["chunk"]]
+    total = int(box_offset[-1])
+    qc = np.zeros((B, total, d), dtype=dtype)
+    q_count = np.zeros((B, total), dtype=np.int64)
+    has_mask = valid is not None
+    sizes = np.array([lv.box_size for lv in local], dtype=np.int64)
+    coarse_queries(q, valid if has_mask else np.zeros((1, 1), np.bool_), has_mask, sizes,
+                   np.ascontiguousarray(box_offset[: len(local) + 1]), qc, q_count)
+    for row, (qsum, cnt) in zip(range(int(box_offset[len(local)]), total), q_totals):
+        filled = cnt > 0
+        qc[:, row] = np.divide(qsum, cnt[:, None], out=np.zeros_like(qsum), where=filled[:, None])
+        q_count[:, row] = cnt.astype(np.int64)
+    ranks = np.array([lv.rank for lv in tree.levels], dtype=np.int64)
+    part_max = np.empty((B, total), dtype=dtype)
+    part_sum = np.empty((B, total), dtype=dtype)
+    part_num = np.empty((B, total, dv), dtype=dtype)
+    far_partials(qc, q_count, kc, vc, cbias, box_offset, ranks, interactions, dtype.type(meta["scale"]),
+                 part_max, part_sum, part_num)
+    downward_pass(box_offset, part_max, part_sum, part_num)
+    own = -(-c // tree.block_size)
+    inh_max = np.full((B, n_local_blocks), -np.inf, dtype=dtype)
+    inh_sum = np.zeros((B, n_local_blocks), dtype=dtype)
+    inh_num = np.zeros((B, n_local_blocks, dv), dtype=dtype)
+    blocks = slice(own_block, own_block + own)
+    inh_max[:, blocks], inh_sum[:, blocks], inh_num[:, blocks] = part_max[:, :own], part_sum[:, :own], part_num[:, :own]
+    return inh_max, inh_sum, inh_num
+
+
+def _coarse_rows(meta, exports, export_dest, totals, total_dest, B, d, dv, dtype):
+    """The local coarse buffer ``(kc, vc, cbias)`` from the received row sums.
+
+    Mean coarsening: sums over sub-boxes become means with bias ``log(count)``; learned:
+    convolution sums get their bias and ``log(valid(box) / r_l)``. Empty rows are masked.
+    """
+    rows = max(1, meta["n_rows"])
+    ksum = np.zeros((B, rows, d))
+    vsum = np.zeros((B, rows, dv))
+    count = np.zeros((B, rows))
+    for parts, dests in zip(exports, export_dest):
+        for (a, b, cnt), dest in zip(parts, dests):
+            ksum[:, dest], vsum[:, dest], count[:, dest] = a, b, cnt
+    for (a, b, cnt), dest in zip(totals, total_dest):
+        dest = np.atleast_1d(dest)
+        ksum[:, dest] = a.reshape(B, dest.size, d)
+        vsum[:, dest] = b.reshape(B, dest.size, dv)
+        count[:, dest] = cnt[:, None]
+    filled = count > 0
+    learned = meta["learned"]
+    if learned is None:
+        inv = np.divide(1.0, count, out=np.zeros_like(count), where=filled)
+        kc, vc = ksum * inv[..., None], vsum * inv[..., None]
+        per_row = count
+    else:
+        kbias, vbias, row_rank = learned
+        kc = np.where(filled[..., None], ksum + kbias[: rows], 0.0)
+        vc = np.where(filled[..., None], vsum + vbias[: rows], 0.0)
+        per_row = count / row_rank[: rows]
+    with np.errstate(divide="ignore"):
+        bias = np.log(np.where(filled, per_row, 1.0)) if meta["count_scaling"] else np.zeros_like(count)
+    cbias = np.where(filled, bias, -np.inf).astype(dtype)
+    return np.ascontiguousarray(kc, dtype=dtype), np.ascontiguousarray(vc, dtype=dtype), cbias
+
+
+def fma_chunk(chunk, halo_left, halo_right, exports, export_dest, totals, total_dest, q_totals, meta):
     """FMA outputs ``(out, lse)`` of one sequence chunk from its own tokens, halos and coarse rows.
 
     Parameters
@@ -367,12 +545,16 @@ def fma_chunk(chunk, halo_left, halo_right, exports, export_dest, totals, total_
     halo_left, halo_right : tuple or None
         ``(k, v, valid)`` of the ``m`` tokens before / after the chunk.
     exports, export_dest
-        Lists of sub-box sums sent by the chunks holding listed boxes, and for each the
-        rows of the local coarse buffer they fill.
+        Lists of row sums sent by the chunks holding listed boxes, and for each the rows of
+        the local coarse buffer they fill.
     totals, total_dest
-        Sums of the sub-boxes larger than a chunk (from the tree reduction) and their rows.
+        Sums over the boxes larger than a chunk (from the tree reduction) and their rows.
+    q_totals : list
+        Coarse queries only: ``(qsum, count)`` of the boxes larger than a chunk that hold
+        this chunk, bottom up (empty for fine queries).
     meta : dict
-        ``n, block_size, rank, causal, first, scale, count_scaling, boxes, box_base, n_rows``.
+        ``n, block_size, rank, causal, first, chunk, scale, count_scaling, query_coarsening,
+        learned, boxes, box_base, n_rows``.
     """
     from ..cpu import block_attention  # compiled on first use in each worker
     from ..cpu._launch import launch_guard
@@ -404,32 +586,23 @@ def fma_chunk(chunk, halo_left, halo_right, exports, export_dest, totals, total_
         key_bias = np.where(np.concatenate(vals, axis=1), 0.0, -np.inf).astype(dtype)
     else:
         key_bias = np.zeros((1, 1), dtype=dtype)
-    # coarse rows: means of the listed sub-boxes, bias log(count), masked when empty
-    rows = max(1, meta["n_rows"])
-    ksum = np.zeros((B, rows, d))
-    vsum = np.zeros((B, rows, dv))
-    count = np.zeros((B, rows))
-    for parts, dests in zip(exports, export_dest):
-        for (a, b, cnt), dest in zip(parts, dests):
-            ksum[:, dest], vsum[:, dest], count[:, dest] = a, b, cnt
-    for (a, b, cnt), dest in zip(totals, total_dest):
-        ksum[:, dest], vsum[:, dest], count[:, dest] = a, b, cnt
-    filled = count > 0
-    inv = np.divide(1.0, count, out=np.zeros_like(count), where=filled)
-    kc = np.ascontiguousarray(ksum * inv[..., None], dtype=dtype)
-    vc = np.ascontiguousarray(vsum * inv[..., None], dtype=dtype)
-    with np.errstate(divide="ignore"):
-        bias = np.log(np.where(filled, count, 1.0)) if meta["count_scaling"] else np.zeros_like(count)
-    cbias = np.where(filled, bias, -np.inf).astype(dtype)
-    ptr, segments, max_keys = _local_plan(tree, meta["first"], c, left, right, meta["boxes"], meta["box_base"])
+    kc, vc, cbias = _coarse_rows(meta, exports, export_dest, totals, total_dest, B, d, dv, dtype)
+    coarse_q = meta["query_coarsening"]
+    ptr, segments, max_keys = _local_plan(tree, meta["first"], c, left, right, meta["boxes"], meta["box_base"],
+                                          with_far=not coarse_q)
+    n_local_blocks = ptr.size - 1
+    if coarse_q:
+        inherit = (True, *_coarse_query_partials(tree, q, valid, meta, q_totals, kc, vc, cbias, n_local_blocks,
+                                                 left // m))
+    else:
+        inherit = (False, np.zeros((1, 1), dtype), np.zeros((1, 1), dtype), np.zeros((1, 1, 1), dtype))
     out = np.empty((B, n_local, dv), dtype=dtype)
     lse = np.empty((B, n_local), dtype=dtype)
-    none = (np.zeros((1, 1), dtype), np.zeros((1, 1), dtype), np.zeros((1, 1, 1), dtype))
     with launch_guard():
         ids = np.arange(B, dtype=np.int64)  # one query and key set per entry, no offset
         block_attention(
             q_local, k_local, v_local, ids, ids, 0, key_bias, has_mask, kc, vc, cbias, ptr[None, :-1], ptr[None, 1:],
-            segments[None], max_keys, m, dtype.type(meta["scale"]), tree.causal, False, *none,
+            segments[None], max_keys, m, dtype.type(meta["scale"]), tree.causal, *inherit,
             _config.FMA_CHUNKS_PER_THREAD * numba.get_num_threads(), out, lse,
         )
     return out[:, left : left + c], lse[:, left : left + c]

@@ -2,8 +2,9 @@
 
 Run ``python -m fmm_attention.distributed.bench --n 4194304`` (needs the ``[dask]`` extra).
 It starts a :class:`distributed.LocalCluster` of worker *processes* with a memory limit each,
-generates ``q``, ``k``, ``v`` lazily on the workers (one packed ``(n, 3, d)`` random array,
-so a chunk's ``q``, ``k``, ``v`` are born on the same worker, as from a fused projection),
+generates ``q``, ``k``, ``v`` lazily on the workers (one packed ``(3, n, d)`` random array
+chunked ``(3, C, d)``, so a chunk's ``q``, ``k``, ``v`` are born together on one worker, as
+from a fused projection, each a contiguous view of the block: no copy before the kernels),
 runs :func:`fmm_attention.fmm_attention` on it and reduces the output on the cluster (its
 column sums and a few sampled rows come back, never the output). It reports
 
@@ -12,8 +13,12 @@ column sums and a few sampled rows come back, never the output). It reports
 * the bytes moved between workers (the workers' ``transfer_incoming_log``, which the
   scheduler's transfers fill), against the bytes of ``k + v``;
 * each worker's peak resident memory (``ru_maxrss`` of the worker process);
-* the single-machine call on the same data (all cores in one process) and the largest
-  difference on the sampled rows.
+* the single-machine call on the same data (all cores in one process; the inputs are
+  generated again in this process from the same seed, never gathered from the cluster)
+  and the largest difference on the sampled rows.
+
+``--no-persist`` skips the second (persisted-inputs) run, for sizes where the inputs
+exceed the workers' memory; ``--local-directory`` is where workers spill.
 
 Numba uses one thread per worker process, so ``--workers`` processes use as many cores as
 the single-machine call does (``numba.get_num_threads()`` of this process).
@@ -44,12 +49,13 @@ def _reset_log(dask_worker):
 def _inputs(n, d, chunk, dtype, seed):
     import dask.array as da
 
-    packed = da.random.default_rng(seed).standard_normal((n, 3, d), chunks=(chunk, 3, d), dtype=dtype)
-    return packed[:, 0], packed[:, 1], packed[:, 2]
+    packed = da.random.default_rng(seed).standard_normal((3, n, d), chunks=(3, chunk, d), dtype=dtype)
+    return packed[0], packed[1], packed[2]
 
 
 def run(n=2**22, d=32, chunk=2**19, workers=2, memory_limit="1.5GiB", block_size=64, rank=4, causal=False,
-        dtype="float32", seed=0, n_samples=64, single=True, function="fmm", bandwidth="10MB"):
+        dtype="float32", seed=0, n_samples=64, single=True, function="fmm", bandwidth="10MB", persist=True,
+        local_directory=None):
     """Run the benchmark; returns a dict of measurements (see the module notes)."""
     import dask
     import distributed
@@ -77,12 +83,13 @@ def run(n=2**22, d=32, chunk=2**19, workers=2, memory_limit="1.5GiB", block_size
     with dask.config.set({"distributed.scheduler.work-stealing": False,
                           "distributed.scheduler.bandwidth": bandwidth}), \
             distributed.LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
-                                  memory_limit=memory_limit, dashboard_address=None, env=env) as cluster, \
+                                     memory_limit=memory_limit, dashboard_address=":0", env=env,
+                                     local_directory=local_directory) as cluster, \
             distributed.Client(cluster) as client:
         q, k, v = _inputs(n, d, chunk, dtype, seed)
         # warm-up on a small problem: numba loads (or compiles) the kernels in every worker
-        wq, wk, wv = _inputs(8 * chunk if function == "fmm" else 4 * 1024, d, chunk if function == "fmm" else 1024,
-                             dtype, seed)
+        # (same kernels and signatures as the real run, whatever its size)
+        wq, wk, wv = _inputs(2**16 if function == "fmm" else 4096, d, 2**13 if function == "fmm" else 1024, dtype, seed)
         client.compute(attend(wq, wk, wv).sum(axis=0)).result()
         client.run(_reset_log)
 
@@ -92,32 +99,40 @@ def run(n=2**22, d=32, chunk=2**19, workers=2, memory_limit="1.5GiB", block_size
         result["cluster_total_s"] = time.perf_counter() - start
         result["cluster_total_bytes_moved"] = sum(client.run(_incoming_bytes).values())
 
-        # the attention alone: inputs persisted on the workers first (generation not timed)
-        q, k, v = client.persist([q, k, v])
-        distributed.wait([q, k, v])
-        client.run(_reset_log)
-        out = attend(q, k, v)
-        start = time.perf_counter()
-        __, rows2 = client.compute([out.sum(axis=0), out[sample]], sync=True)
-        result["cluster_attention_s"] = time.perf_counter() - start
-        result["cluster_attention_bytes_moved"] = sum(client.run(_incoming_bytes).values())
-        result["bytes_moved_over_kv"] = result["cluster_attention_bytes_moved"] / result["kv_bytes"]
-        result["worker_peak_rss_bytes"] = sorted(client.run(_worker_peak_rss).values())
+        result["cluster_total_s_per_token_us"] = result["cluster_total_s"] / n * 1e6
         result["n_tasks"] = len(out.__dask_graph__())
-        assert np.array_equal(rows, rows2)
-        if single:
-            qn, kn, vn = (x.compute() for x in (q, k, v))  # the single machine holds everything
+        if persist:
+            # the attention alone: inputs persisted on the workers first (generation not timed)
+            q, k, v = client.persist([q, k, v])
+            distributed.wait([q, k, v])
+            client.run(_reset_log)
+            out = attend(q, k, v)
+            start = time.perf_counter()
+            __, rows2 = client.compute([out.sum(axis=0), out[sample]], sync=True)
+            result["cluster_attention_s"] = time.perf_counter() - start
+            result["cluster_attention_bytes_moved"] = sum(client.run(_incoming_bytes).values())
+            result["bytes_moved_over_kv"] = result["cluster_attention_bytes_moved"] / result["kv_bytes"]
+            assert np.array_equal(rows, rows2)
+        else:
+            result["bytes_moved_over_kv"] = result["cluster_total_bytes_moved"] / result["kv_bytes"]
+        result["worker_peak_rss_bytes"] = sorted(client.run(_worker_peak_rss).values())
     if single:
-        attend(qn[: 8 * chunk], kn[: 8 * chunk], vn[: 8 * chunk])  # warm-up (compile / load)
+        # the same inputs, generated again here (same seed and chunks): nothing comes from the cluster
+        qn, kn, vn = dask.compute(*_inputs(n, d, chunk, dtype, seed), scheduler="threads")
+        warm = min(n, 2**16) if function == "fmm" else 4096
+        attend(qn[:warm], kn[:warm], vn[:warm])  # warm-up (compile / load)
         start = time.perf_counter()
         ref = attend(qn, kn, vn)
         result["single_s"] = time.perf_counter() - start
+        del qn, kn, vn
         result["single_threads"] = numba.get_num_threads()
+        result["single_peak_rss_bytes"] = _worker_peak_rss()
         scale = float(np.abs(ref[sample]).max())
         result["max_rel_diff_sampled_rows"] = float(np.abs(rows - ref[sample]).max() / scale)
-        result["rel_diff_column_sums"] = float(np.abs(total - ref.sum(axis=0, dtype=np.float64)).max()
-                                               / np.abs(ref.sum(axis=0, dtype=np.float64)).max())
-        result["cluster_over_single"] = result["cluster_attention_s"] / result["single_s"]
+        ref_sum = ref.sum(axis=0, dtype=np.float64)
+        result["rel_diff_column_sums"] = float(np.abs(total - ref_sum).max() / np.abs(ref_sum).max())
+        timed = result.get("cluster_attention_s", result["cluster_total_s"])
+        result["cluster_over_single"] = timed / result["single_s"]
     return result
 
 
@@ -136,10 +151,13 @@ def main(argv=None):
     parser.add_argument("--function", choices=("fmm", "exact"), default="fmm")
     parser.add_argument("--bandwidth", default="10MB", help="the scheduler's network model")
     parser.add_argument("--no-single", action="store_true", help="skip the single-machine call")
+    parser.add_argument("--no-persist", action="store_true", help="skip the run with persisted inputs")
+    parser.add_argument("--local-directory", default=None, help="where workers spill")
     args = parser.parse_args(argv)
     res = run(n=args.n, d=args.d, chunk=args.chunk, workers=args.workers, memory_limit=args.memory_limit,
               block_size=args.block_size, rank=args.rank, causal=args.causal, dtype=args.dtype,
-              single=not args.no_single, function=args.function, bandwidth=args.bandwidth)
+              single=not args.no_single, function=args.function, bandwidth=args.bandwidth,
+              persist=not args.no_persist, local_directory=args.local_directory)
     print(json.dumps(res, indent=1))
 
 

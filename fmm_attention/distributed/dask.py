@@ -14,8 +14,9 @@ Two schemes, chosen by the chunking of the sequence axis (``-2``):
   - ``exact_attention``: every query chunk meets every key chunk (causal: those at or
     before it) in a partial ``(out, lse)`` task; the partials are merged through their
     log-sum-exp in a balanced tree (the ring-attention scheme, O(n^2 d / workers)).
-  - ``fmm_attention``: a per-chunk upward pass (sub-box sums and counts), a tree reduction
-    for the sub-boxes larger than a chunk, and per chunk one task with its own tokens,
+  - ``fmm_attention``: a per-chunk upward pass (sub-box sums and counts; learned: box
+    convolutions and partial convolutions; coarse queries: query sums), a tree reduction
+    for the boxes larger than a chunk, and per chunk one task with its own tokens,
     ``m``-token halos from its neighbours (causal: left only) and the coarse rows its
     interaction lists name. No task receives another chunk's tokens beyond a halo.
   - ``fastformer_attention``: the pools are tree-reduced per-chunk ``(max, sum, vector)``
@@ -429,8 +430,8 @@ def fmm_attention(q, k, v, *, causal=False, block_size=_config.DEFAULT_BLOCK_SIZ
     """:func:`fmm_attention.fmm_attention` on Dask arrays (lazy; see the module notes).
 
     One sequence chunk: every option of the NumPy function, applied per block. Sequence
-    chunks: mean coarsening with fine queries (causal or not, with masks, with or without
-    count scaling); chunks must all have the same power-of-two length ``>= 2 * block_size``
+    chunks: mean or learned coarsening, fine or coarse queries (causal or not, with masks,
+    with or without count scaling; not cluster coarsening, ``refine`` or ``global_tokens``); chunks must all have the same power-of-two length ``>= 2 * block_size``
     (the last may be shorter), otherwise a ``ValueError`` names the nearest valid size.
     ``return_stats`` is not available for Dask inputs.
     """
@@ -459,16 +460,18 @@ def fmm_attention(q, k, v, *, causal=False, block_size=_config.DEFAULT_BLOCK_SIZ
                       "global_tokens": global_tokens}
         res = _blockwise(_fmm_block, inputs, inputs.dv + return_lse, kwargs=kwargs, return_lse=return_lse)
         return _split_lse(res, inputs.dv, return_lse)
-    if not (isinstance(coarsening, str) and coarsening == "mean") or query_coarsening or refine or global_tokens is not None:
+    if (isinstance(coarsening, str) and coarsening == "cluster") or refine or global_tokens is not None:
         raise ValueError(
-            "fmm_attention on a Dask array chunked along the sequence supports coarsening='mean' with fine "
-            "queries (no refine, no global_tokens) so far; rechunk the sequence axis into one chunk "
-            "(q.rechunk({-2: -1})) to use the other options per block"
+            "fmm_attention on a Dask array chunked along the sequence supports mean and learned coarsening, "
+            "fine or coarse queries (no cluster coarsening, refine or global_tokens: they need every key of a "
+            "box at once); rechunk the sequence axis into one chunk (q.rechunk({-2: -1})) to use the other "
+            "options per block"
         )
     _check_cpu_backend(backend)
     chunk = check_fma_chunks(inputs.seq_chunks, tree.block_size)
-    return _fma_sequence(inputs, tree, chunk, count_scaling=count_scaling, return_lse=return_lse,
-                         check_finite=check_finite)
+    learned = coarsening if isinstance(coarsening, LearnedCoarsening) else None
+    return _fma_sequence(inputs, tree, chunk, count_scaling=count_scaling, learned=learned,
+                         query_coarsening=query_coarsening, return_lse=return_lse, check_finite=check_finite)
 
 
 def nearest_valid_chunk(size, block_size):
@@ -500,50 +503,104 @@ def check_fma_chunks(chunks, block_size):
     )
 
 
-def _fma_sequence(inputs, tree, chunk, *, count_scaling, return_lse, check_finite):
+def _upward_spec(tree, first, length, chunk, learned, query_coarsening):
+    """What the upward pass of chunk ``[first, first + length)`` builds (see :func:`_chunks.chunk_upward`).
+
+    Learned weights travel as delayed objects: the levels inside a chunk share one copy per
+    level; a level whose boxes are larger than a chunk sends each chunk only the columns of
+    its own tokens.
+    """
+    levels = tree.levels
+    big_sizes = [lv.sub_box_size for lv in levels if lv.sub_box_size > chunk] if learned is None else []
+    spec = {"sizes": [], "learned_local": [], "learned_big": [], "mean_total": bool(big_sizes),
+            "q_total": query_coarsening and any(lv.box_size > chunk for lv in levels)}
+    if learned is None:
+        spec["sizes"] = sorted({lv.sub_box_size for lv in levels if lv.sub_box_size <= chunk})
+    else:
+        for i, lv in enumerate(levels):
+            kw, vw = learned.key_weights[i][:, 0, :], learned.value_weights[i][:, 0, :]
+            if lv.box_size <= chunk:
+                spec["learned_local"].append((i, lv.box_size, lv.rank, _shared(kw), _shared(vw)))
+            else:
+                cols = slice(first % lv.box_size, first % lv.box_size + length)
+                spec["learned_big"].append((i, lv.rank, _shared(kw[:, cols]), _shared(vw[:, cols])))
+    spec["total"] = spec["mean_total"] or spec["q_total"] or bool(spec["learned_big"])
+    return spec
+
+
+def _shared(array):
+    """A NumPy array as one graph key (tokenised by content), not a literal in every task."""
+    import dask
+
+    return dask.delayed(np.ascontiguousarray(array), pure=True)
+
+
+def _fma_sequence(inputs, tree, chunk, *, count_scaling, learned, query_coarsening, return_lse, check_finite):
     m = tree.block_size
     n = inputs.n
     causal = tree.causal
     seq = inputs.seq_chunks
     n_chunks = len(seq)
     starts = inputs.starts()
-    # sub-box sizes served by the chunks' own upward pass vs by the tree reduction above them
-    sizes = sorted({lv.sub_box_size for lv in tree.levels if lv.sub_box_size <= chunk})
-    big = sorted({lv.sub_box_size for lv in tree.levels if lv.sub_box_size > chunk})
-    depth = {s: int(np.log2(s // chunk)) for s in big}
-    plans = [_chunk_sources(tree, int(starts[i]), seq[i], chunk, n_chunks) for i in range(n_chunks)]
+    plans = [_chunk_sources(tree, int(starts[i]), seq[i], chunk, n_chunks, learned is not None)
+             for i in range(n_chunks)]
+    specs = [_upward_spec(tree, int(starts[i]), seq[i], chunk, learned, query_coarsening) for i in range(n_chunks)]
+    depth = max([p["depth"] for p in plans] + [int(np.log2(lv.box_size // chunk)) if query_coarsening else 0
+                                                 for lv in tree.levels if lv.box_size > chunk], default=0)
+    with_total = specs[0]["total"]
     upward = _delayed(_chunks.chunk_upward)
     export = _delayed(_chunks.export_rows)
     total_of = _delayed(_chunks.chunk_total)
     add = _delayed(_chunks.add_totals)
+    part = _delayed(_chunks.total_part)
     attend = _delayed(_chunks.fma_chunk)
     halo = _delayed(_halo)
     blocks = inputs.delayed_blocks(check_finite)
     outs, lses = {}, {}
     for lead, row in blocks.items():
-        ups = [upward(c, sizes, bool(big)) for c in row]
-        # pyramid: level t holds the sums of 2**t consecutive chunks
-        pyramid = [[total_of(u) for u in ups]] if big else []
-        for _ in range(max(depth.values(), default=0)):
+        ups = [upward(c, spec) for c, spec in zip(row, specs)]
+        # pyramid: level t holds the totals of 2**t consecutive chunks (of the boxes larger than a chunk)
+        pyramid = [[total_of(u) for u in ups]] if with_total else []
+        for _ in range(depth):
             prev = pyramid[-1]
             pyramid.append([add(prev[g], prev[g + 1]) if g + 1 < len(prev) else prev[g] for g in range(0, len(prev), 2)])
         outs[lead], lses[lead] = [], []
         for i, ci in enumerate(row):
             plan = plans[i]
+            first = int(starts[i])
             left = halo(row[i - 1], -m) if i > 0 else None
             right = halo(row[i + 1], m) if i + 1 < n_chunks and not causal else None
             exports = [export(ups[j], picks) for j, picks, _ in plan["exports"]]
             dests = [dest for _, _, dest in plan["exports"]]
-            totals = [pyramid[depth[s]][g] for s, g, _ in plan["totals"]]
-            tdest = [dest for _, _, dest in plan["totals"]]
-            meta = {"n": n, "block_size": m, "rank": tree.rank, "causal": causal, "first": int(starts[i]), "scale": inputs.scale,
-                        "count_scaling": count_scaling, "boxes": plan["boxes"], "box_base": plan["box_base"],
-                        "n_rows": plan["n_rows"]}
-            res = attend(ci, left, right, exports, dests, totals, tdest, meta)
+            totals = [part(pyramid[t][g], key) for t, g, key, _ in plan["totals"]]
+            tdest = [dest for _, _, _, dest in plan["totals"]]
+            q_totals = [part(pyramid[int(np.log2(lv.box_size // chunk))][first // lv.box_size], "q")
+                        for lv in tree.levels if query_coarsening and lv.box_size > chunk]
+            meta = {"n": n, "block_size": m, "rank": tree.rank, "causal": causal, "first": first, "chunk": chunk,
+                    "scale": inputs.scale, "count_scaling": count_scaling, "query_coarsening": query_coarsening,
+                    "learned": _learned_row_biases(learned, tree, plan) if learned is not None else None,
+                    "boxes": plan["boxes"], "box_base": plan["box_base"], "n_rows": plan["n_rows"]}
+            res = attend(ci, left, right, exports, dests, totals, tdest, q_totals, meta)
             outs[lead].append(_delayed(operator.getitem)(res, 0))
             lses[lead].append(_delayed(operator.getitem)(res, 1))
     out = inputs.assemble(outs, (inputs.dv,))
     return (out, inputs.assemble(lses, ())) if return_lse else out
+
+
+def _learned_row_biases(learned, tree, plan):
+    """Per row of a chunk's local coarse buffer: the learned key/value bias and the level's rank."""
+    rows = max(1, plan["n_rows"])
+    kb = np.zeros((rows, learned.key_weights[0].shape[0] // tree.levels[0].rank))
+    vb = np.zeros((rows, learned.value_weights[0].shape[0] // tree.levels[0].rank))
+    rank = np.ones(rows)
+    for i, (lv, listed, base) in enumerate(zip(tree.levels, plan["boxes"], plan["box_base"])):
+        r = lv.rank
+        dest = base + np.arange(listed.size * r)
+        # bias[e*r + t] is slot t's channel e
+        kb[dest] = np.tile(learned.key_bias[i].reshape(-1, r).T, (listed.size, 1))
+        vb[dest] = np.tile(learned.value_bias[i].reshape(-1, r).T, (listed.size, 1))
+        rank[dest] = r
+    return kb, vb, rank
 
 
 def _halo(chunk, size):
@@ -552,46 +609,63 @@ def _halo(chunk, size):
     return tuple(None if x is None else np.ascontiguousarray(x[:, sl]) for x in chunk[1:])
 
 
-def _chunk_sources(tree, first, length, chunk, n_chunks):
+def _chunk_sources(tree, first, length, chunk, n_chunks, learned):
     """Where chunk ``[first, first + length)`` gets each coarse row it lists (client-side metadata).
 
-    Returns ``boxes``/``box_base`` (the local coarse buffer's layout), ``n_rows``, and the
-    row sources: ``exports`` ``[(chunk j, [(sub-box size, local rows)], [dest rows])]`` from
-    the chunks' upward passes, ``totals`` ``[(sub-box size, index, dest row)]`` from the
-    tree reduction.
+    Returns ``boxes``/``box_base`` (the local coarse buffer's layout: level ``l``'s ``i``-th
+    listed box at rows ``box_base[l] + i * r_l ...``), ``n_rows``, and the row sources:
+    ``exports`` ``[(chunk j, [(key, local rows)], [dest rows])]`` from the chunks' upward
+    passes, ``totals`` ``[(pyramid depth, index, key, dest rows)]`` from the tree reduction,
+    and ``depth``, the deepest pyramid level used. Mean coarsening's rows are sub-boxes
+    (key: the sub-box size); learned coarsening's are (box, slot) pairs (key ``("L", level)``).
     """
     boxes = _chunks.listed_boxes(tree, first, length)
     box_base, offset = [], 0
     by_chunk = {}
     totals = []
-    for level, listed in zip(tree.levels, boxes):
+    deepest = 0
+
+    def send(j, key, local, dest):
+        by_chunk.setdefault(int(j), ([], []))
+        by_chunk[int(j)][0].append((key, local))
+        by_chunk[int(j)][1].append(dest)
+
+    for li, (level, listed) in enumerate(zip(tree.levels, boxes)):
         box_base.append(offset)
-        r, s = level.rank, level.sub_box_size
+        r, s, w = level.rank, level.sub_box_size, level.box_size
         if listed.size == 0:
             continue
-        rows = (listed[:, None] * r + np.arange(r)[None, :]).ravel()  # global sub-box indices, local order
+        rows = (listed[:, None] * r + np.arange(r)[None, :]).ravel()  # global (box, slot) = sub-box rows
         dest = offset + np.arange(rows.size)
         offset += rows.size
-        if s <= chunk:
+        if learned and w <= chunk:
+            src = rows // r * w // chunk
+            for j in np.unique(src):
+                sel = src == j
+                send(j, ("L", li), rows[sel] - j * (chunk // w) * r, dest[sel])
+        elif learned:
+            t = int(np.log2(w // chunk))
+            deepest = max(deepest, t)
+            for b, dr in zip(listed, dest.reshape(-1, r)):
+                totals.append((t, int(b), ("L", li), dr))
+        elif s <= chunk:
             src = rows * s // chunk
             for j in np.unique(src):
                 # rows past the last real token stay masked (zero count): nobody sends them
                 held = -(-(min(chunk, tree.n - int(j) * chunk)) // s) if j < n_chunks else 0
                 local = rows - j * (chunk // s)
                 sel = (src == j) & (local < held)
-                if not sel.any():
-                    continue
-                local = local[sel]
-                by_chunk.setdefault(int(j), ([], []))
-                by_chunk[int(j)][0].append((s, local))
-                by_chunk[int(j)][1].append(dest[sel])
+                if sel.any():
+                    send(j, s, local[sel], dest[sel])
         else:
-            per = s // chunk
+            t = int(np.log2(s // chunk))
+            deepest = max(deepest, t)
             for g, dr in zip(rows, dest):
-                if g * per < n_chunks:
-                    totals.append((s, int(g), int(dr)))
+                if g * (s // chunk) < n_chunks:
+                    totals.append((t, int(g), "mean", int(dr)))
     exports = [(j, picks, dests) for j, (picks, dests) in sorted(by_chunk.items())]
-    return {"boxes": boxes, "box_base": box_base, "n_rows": offset, "exports": exports, "totals": totals}
+    return {"boxes": boxes, "box_base": box_base, "n_rows": offset, "exports": exports, "totals": totals,
+            "depth": deepest}
 
 
 __all__ = ["check_fma_chunks", "exact_attention", "fastformer_attention", "fmm_attention", "nearest_valid_chunk"]
