@@ -238,31 +238,6 @@ def padding_mask(key_padding_mask, lead_shape, n):
     return mask if mask.flags.writeable else mask.copy()  # read-only: see attention_inputs
 
 
-def check_fmm_options(*, coarsening, count_scaling, query_coarsening, causal):
-    """Validate FMA options shared by every backend; returns them normalised."""
-    from .coarsening import LearnedCoarsening  # coarsening imports this module
-
-    if not (isinstance(coarsening, LearnedCoarsening) or (isinstance(coarsening, str) and coarsening in ("mean", "cluster"))):
-        raise ValueError(f"coarsening must be 'mean', 'cluster' or a LearnedCoarsening, got {coarsening!r}")
-    count_scaling = check_bool(count_scaling, "count_scaling")
-    query_coarsening = check_bool(query_coarsening, "query_coarsening")
-    if query_coarsening and causal:
-        raise ValueError(
-            "query_coarsening=True cannot be combined with causal=True: a coarse query averages "
-            "future tokens into past outputs (use fine queries for causal attention)"
-        )
-    return coarsening, count_scaling, query_coarsening
-
-
-def check_accuracy_options(*, cluster_iters, refine, query_coarsening):
-    """Validate the training-free accuracy options; returns ``(cluster_iters, refine)``."""
-    cluster_iters = check_count(cluster_iters, "cluster_iters")
-    refine = check_count(refine, "refine")
-    if refine and query_coarsening:
-        raise ValueError("refine > 0 needs fine queries: it cannot be combined with query_coarsening=True")
-    return cluster_iters, refine
-
-
 def global_token_indices(global_tokens):
     """Sorted unique integer token indices as a tuple (empty for ``None``); the range is not checked."""
     if global_tokens is None:

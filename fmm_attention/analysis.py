@@ -30,7 +30,8 @@ import scipy.special
 from numba import prange
 
 from . import _config
-from ._validate import attention_inputs, check_bool, check_choice, check_fmm_options
+from ._validate import attention_inputs, check_bool, check_choice
+from .options import check_fmm_options
 from .api import fmm_attention
 from .coarsening import LearnedCoarsening
 from .cpu._blocks import jit

@@ -84,7 +84,10 @@ class Backend:
     supports : frozenset of str
         Operations: ``"exact"``, ``"fmm"``, ``"fastformer"``, ``"backward"``, ``"decode"``.
     coarsenings : frozenset of str
-        ``"mean"``, ``"cluster"``, ``"learned"`` (a :class:`~fmm_attention.LearnedCoarsening`).
+        Names of the coarsenings it implements itself (``"mean"``, ``"cluster"``,
+        ``"learned"``, ...). It also runs every coarsening that declares a kernel for its
+        name (:attr:`fmm_attention.coarsening.Coarsening.kernels`), which is how the CPU and
+        CUDA backends run theirs: a new coarsening declares the backends it runs on.
     fmm_features : frozenset of str
         ``"refine"`` (``refine > 0``), ``"global_tokens"``, ``"query_coarsening"``,
         ``"return_stats"``.
@@ -121,9 +124,9 @@ class Backend:
             return {"backward": "gradients (backward)", "decode": "decoding"}.get(op, f"{op} attention")
         if options is None:
             return None
-        if options.coarsening_name not in self.coarsenings:
-            shown = repr(options.coarsening) if isinstance(options.coarsening, str) else "a LearnedCoarsening"
-            return f"coarsening={shown}"
+        coarsening = options.coarsening
+        if not (coarsening.runs_on(self.name) or coarsening.name in self.coarsenings):
+            return coarsening.describe()
         wanted = {
             "refine": (options.refine > 0, "refine > 0"),
             "global_tokens": (bool(options.global_tokens), "global_tokens"),
@@ -289,7 +292,7 @@ class CPUBackend(Backend):
     name = "cpu"
     title = "Numba CPU kernels"
     supports = frozenset({"exact", "fmm", "fastformer", "backward", "decode"})
-    coarsenings = frozenset({"mean", "cluster", "learned"})
+    coarsenings = frozenset()  # every coarsening with a "cpu" kernel (Coarsening.kernels)
     fmm_features = frozenset(FMM_FEATURES)
 
     @staticmethod
@@ -345,7 +348,7 @@ class CUDABackend(Backend):
     name = "cuda"
     title = "CUDA kernels"
     supports = frozenset({"exact", "fmm", "fastformer"})
-    coarsenings = frozenset({"mean", "learned"})
+    coarsenings = frozenset()  # every coarsening with a "cuda" kernel (mean, learned)
     fmm_features = frozenset({"query_coarsening"})
 
     @staticmethod

@@ -20,6 +20,7 @@ import numpy as np
 
 from . import _config
 from ._validate import check_bool, check_power_of_two
+from .coarsening import as_coarsening
 
 __all__ = ["FMMTree", "Level", "build_tree", "padded_length"]
 
@@ -494,7 +495,7 @@ def fmm_call_bytes(tree, *, batch, d, dv, itemsize, refine=0, query_coarsening=F
     coarse queries and box partials), ``"refinement"`` (per-entry plans and the scoring
     work of the threads), ``"block buffers"`` (the block kernel's per-thread work buffers),
     ``"tree and key plan"``. Upper bounds to within small factors, computed before anything
-    is allocated.
+    is allocated. ``coarsening``: a :class:`~fmm_attention.coarsening.Coarsening` or its name.
     """
     if n_threads is None:
         import numba
@@ -504,7 +505,7 @@ def fmm_call_bytes(tree, *, batch, d, dv, itemsize, refine=0, query_coarsening=F
     n_blocks = tree.n_blocks
     _, boxes, rows = _level_sizes(n, m, tree.rank)
     columns = _plan_columns(tree.n_levels, n_globals, tree.causal)
-    coarse = B * rows * ((d + dv + 2) * itemsize + 8) * (2 if coarsening == "cluster" else 1)
+    coarse = B * rows * ((d + dv + 2) * itemsize + 8) * as_coarsening(coarsening).buffer_copies
     if query_coarsening:
         coarse += B * boxes * ((d + dv + 2) * itemsize + 8) + B * n_blocks * (dv + 2) * itemsize
     width = min(m, n) + 16  # queries per block, padded to the micro-kernel's panel

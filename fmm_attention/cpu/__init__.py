@@ -11,20 +11,11 @@ import numba
 import numpy as np
 
 from .. import _config
-from . import cluster as _cluster
+from ..coarsening import as_coarsening
 from ._launch import launch_guard as _launch_guard
 from .exact import exact_kernel
 from .fastformer import fastformer_batch  # noqa: F401  (the backend's Fastformer entry point)
-from .fma import (
-    block_attention,
-    box_counts_bias,
-    coarse_queries,
-    downward_pass,
-    far_partials,
-    learned_upward_level,
-    mean_upward,
-    refine_plans,
-)
+from .fma import block_attention, coarse_queries, downward_pass, far_partials, refine_plans
 
 
 def _key_bias(batch):
@@ -65,9 +56,12 @@ def exact_batch(batch, *, causal):
 def coarse_buffers(batch, tree, coarsening, count_scaling, *, cluster_iters=0, coarse_valid=None):
     """Run the upward pass: coarse keys, values and biases of every level, ``(B, C, .)``.
 
+    ``coarsening`` is a :class:`~fmm_attention.coarsening.Coarsening` or its name
+    (``"cluster"`` with ``cluster_iters``); its ``"cpu"`` kernel fills the buffers.
     ``coarse_valid`` (B, n) marks the tokens that may enter coarsening (valid keys minus
     global tokens); ``None`` takes the batch's key validity.
     """
+    coarsening = as_coarsening(coarsening, cluster_iters)
     B = batch.q.shape[0]
     dtype = batch.dtype
     kc = np.zeros((B, tree.n_coarse, batch.d), dtype=dtype)
@@ -77,27 +71,10 @@ def coarse_buffers(batch, tree, coarsening, count_scaling, *, cluster_iters=0, c
         _, valid, has_mask = _key_bias(batch)
     else:
         valid, has_mask = coarse_valid, True
+    upward = coarsening.kernel("cpu")
     with _launch_guard():
-        if isinstance(coarsening, str) and coarsening == "mean":
-            sub_sizes = np.array([lv.sub_box_size for lv in tree.levels], dtype=np.int64)
-            offsets = np.array([lv.offset for lv in tree.levels], dtype=np.int64)
-            n_rows = np.array([lv.n_boxes * lv.rank for lv in tree.levels], dtype=np.int64)
-            counts = np.zeros((B, tree.n_coarse), dtype=dtype)
-            mean_upward(batch.k, batch.v, valid, has_mask, sub_sizes, offsets, n_rows, count_scaling, kc, vc, cbias, counts)
-        elif isinstance(coarsening, str) and coarsening == "cluster":
-            levels = tree.levels
-            box_sizes, ranks, offsets = (np.array([getattr(lv, a) for lv in levels], dtype=np.int64)
-                                         for a in ("box_size", "rank", "offset"))
-            _cluster.cluster_upward(batch.k, batch.v, valid, has_mask, box_sizes, ranks, offsets, cluster_iters,
-                                    count_scaling, int(_config.CLUSTER_FLAT_SIZE),
-                                    max(1, int(_config.CLUSTER_CHUNKS)), kc, vc, cbias)
-        else:
-            kw, vw, kb, vb = coarsening.level_arrays(dtype)
-            for i, level in enumerate(tree.levels):
-                args = (level.box_size, level.rank, level.offset)
-                learned_upward_level(batch.k, valid, has_mask, kw[i], kb[i], *args, kc)
-                learned_upward_level(batch.v, valid, has_mask, vw[i], vb[i], *args, vc)
-                box_counts_bias(valid, has_mask, batch.n, *args, count_scaling, kc, vc, cbias)
+        upward(coarsening, batch, tree, valid=valid, has_mask=has_mask, count_scaling=count_scaling, kc=kc, vc=vc,
+               cbias=cbias)
     return kc, vc, cbias
 
 
@@ -147,6 +124,9 @@ def _refined_plan(batch, tree, base, kc, vc, cbias, key_bias, has_mask, scale, b
 
 def fmm(batch, tree, *, coarsening, count_scaling, query_coarsening, cluster_iters=0, refine=0, global_tokens=()):
     """Fast Multipole Attention of a validated batch along ``tree``.
+
+    ``coarsening`` is a :class:`~fmm_attention.coarsening.Coarsening` or its name (see
+    :func:`coarse_buffers`).
 
     Returns
     -------

@@ -16,6 +16,7 @@ import numba
 import numpy as np
 
 from .. import _config
+from ..coarsening import MeanCoarsening, as_coarsening
 from ._launch import launch_guard
 from .backward import (
     MAX_GRID,
@@ -87,6 +88,7 @@ class FMMResiduals:
         """
         from . import _coarse_validity, coarse_buffers  # the forward's own upward pass
 
+        coarsening = as_coarsening(coarsening)
         coarse_valid = _coarse_validity(batch, global_tokens)
         kc, vc, cbias = coarse_buffers(batch, tree, coarsening, count_scaling, coarse_valid=coarse_valid)
         if refined_plan is None:
@@ -147,7 +149,7 @@ def fmm_backward(res, g, lse, delta):
     levels = tree.levels
     learned = None
     with launch_guard():
-        if isinstance(res.coarsening, str):  # "mean" (cluster has no backward)
+        if isinstance(res.coarsening, MeanCoarsening):  # else learned: the others have no backward
             sub_sizes = np.array([lv.sub_box_size for lv in levels], dtype=np.int64)
             offsets = np.array([lv.offset for lv in levels], dtype=np.int64)
             counts = _mean_counts(valid, has, B, tree)

@@ -434,8 +434,8 @@ def fmm_attention(q, k, v, *, causal=False, block_size=_config.DEFAULT_BLOCK_SIZ
     (the last may be shorter), otherwise a ``ValueError`` names the nearest valid size.
     ``return_stats`` is not available for Dask inputs.
     """
-    from .._validate import check_accuracy_options, check_fmm_options
-    from ..coarsening import LearnedCoarsening
+    from ..coarsening import MeanCoarsening, as_coarsening
+    from ..options import check_accuracy_options, check_fmm_options
     from ..tree import build_tree
 
     causal = check_bool(causal, "causal")
@@ -450,8 +450,7 @@ def fmm_attention(q, k, v, *, causal=False, block_size=_config.DEFAULT_BLOCK_SIZ
                                                    query_coarsening=query_coarsening)
     inputs = _Inputs(q, k, v, key_padding_mask, scale)
     tree = build_tree(inputs.n, block_size=block_size, rank=rank, causal=causal)  # checks m, p
-    if isinstance(coarsening, LearnedCoarsening):
-        coarsening.check_tree(tree, inputs.d, inputs.dv)
+    as_coarsening(coarsening, cluster_iters).check_tree(tree, inputs.d, inputs.dv)
     if len(inputs.seq_chunks) == 1:
         kwargs = {"causal": causal, "block_size": block_size, "rank": rank, "coarsening": coarsening,
                       "count_scaling": count_scaling, "query_coarsening": query_coarsening, "scale": inputs.scale,
@@ -459,7 +458,7 @@ def fmm_attention(q, k, v, *, causal=False, block_size=_config.DEFAULT_BLOCK_SIZ
                       "global_tokens": global_tokens}
         res = _blockwise(_fmm_block, inputs, inputs.dv + return_lse, kwargs=kwargs, return_lse=return_lse)
         return _split_lse(res, inputs.dv, return_lse)
-    if not (isinstance(coarsening, str) and coarsening == "mean") or query_coarsening or refine or global_tokens is not None:
+    if not isinstance(as_coarsening(coarsening, cluster_iters), MeanCoarsening) or query_coarsening or refine or global_tokens is not None:
         raise ValueError(
             "fmm_attention on a Dask array chunked along the sequence supports coarsening='mean' with fine "
             "queries (no refine, no global_tokens) so far; rechunk the sequence axis into one chunk "
