@@ -379,8 +379,9 @@ class CUDABackend(Backend):
             As for :meth:`Backend.inputs` (``skip_masked`` is ignored: device inputs are
             checked at every position, as before).
         """
-        return self._device().inputs(q, k, v, scale=scale, key_padding_mask=key_padding_mask,
-                                     check_finite=check_finite)
+        from .cuda._inputs import inputs
+
+        return inputs(q, k, v, scale=scale, key_padding_mask=key_padding_mask, check_finite=check_finite)
 
     def vector(self, w, name, batch, check_finite):
         """A Fastformer vector on the device, cast to the batch dtype.

@@ -385,7 +385,7 @@ def far_field_partials(batch, tree, coarse):
 
 
 def fmm(batch, tree, *, coarsening, count_scaling, query_coarsening):
-    """FMA of a :class:`~._device.DeviceBatch` along ``tree``; ``(out, lse)`` device arrays."""
+    """FMA of a :class:`~._inputs.DeviceBatch` along ``tree``; ``(out, lse)`` device arrays."""
     coarse = coarse_buffers(batch, tree, coarsening, count_scaling)
     if query_coarsening:
         inherit = far_field_partials(batch, tree, coarse)
