@@ -320,11 +320,7 @@ class CPUBackend(Backend):
         tree : Tree
         options : FMMOptions
         """
-        return self._kernels().fmm(
-            batch, tree, coarsening=options.coarsening, count_scaling=options.count_scaling,
-            query_coarsening=options.query_coarsening, cluster_iters=options.cluster_iters, refine=options.refine,
-            global_tokens=options.global_tokens,
-        )
+        return self._kernels().fmm(batch, tree, options)
 
     def fastformer(self, batch, w_q, w_k, *, causal, return_pools):
         """Fastformer with the CPU kernels (see :meth:`Backend.fastformer`).
@@ -461,8 +457,7 @@ class CUDABackend(Backend):
             return device.empty((0, batch.n, batch.dv), batch.dtype), device.empty((0, batch.n), batch.dtype), None
         from .cuda.fma import fmm
 
-        out, lse = fmm(batch, tree, coarsening=options.coarsening, count_scaling=options.count_scaling,
-                       query_coarsening=options.query_coarsening)
+        out, lse = fmm(batch, tree, options)
         return out, lse, None
 
     def fastformer(self, batch, w_q, w_k, *, causal, return_pools):

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from . import _config
 from ._validate import check_bool, check_count, check_power_of_two, check_scale, global_token_indices
 from .coarsening import ClusterCoarsening, Coarsening, MeanCoarsening, as_coarsening
+from .tree import effective_block_size
 
 __all__ = ["FMMOptions", "check_accuracy_options", "check_fmm_options"]
 
@@ -159,6 +160,34 @@ class FMMOptions:
     def coarsening_name(self):
         """The coarsening's name (``"mean"``, ``"cluster"``, ``"learned"``, ...)."""
         return self.coarsening.name
+
+    def plan_key(self, n):
+        """What the plan of a call over ``n`` tokens depends on: the key of the plan cache.
+
+        Parameters
+        ----------
+        n : int
+            The sequence length.
+
+        Returns
+        -------
+        tuple
+            ``(n, block_size, rank, causal, with_far, global_tokens)`` with ``block_size``
+            clamped to the sequence (as :func:`fmm_attention.build_tree` does) and
+            ``with_far = not query_coarsening``. Options that change only the arithmetic
+            (coarsening, scale, count scaling, refinement) share a plan.
+
+        Examples
+        --------
+        >>> from fmm_attention.options import FMMOptions
+        >>> FMMOptions.create(block_size=64, rank=4).plan_key(40)
+        (40, 64, 4, False, True, ())
+        >>> a = FMMOptions.create(block_size=8, scale=0.5).plan_key(100)
+        >>> a == FMMOptions.create(block_size=8, coarsening="cluster").plan_key(100)
+        True
+        """
+        return (int(n), effective_block_size(n, self.block_size), self.rank, self.causal, not self.query_coarsening,
+                self.global_tokens)
 
     def replace(self, **changes):
         """Copy with some fields changed (no validation: for values derived from valid ones).

@@ -17,6 +17,7 @@ from fmm_attention import (
     Coarsening,
     LearnedCoarsening,
     MeanCoarsening,
+    build_tree,
     fmm_attention,
     fmm_attention_vjp,
 )
@@ -108,8 +109,8 @@ def test_a_coarsening_defined_in_the_test_file_runs_and_matches_its_dense_refere
 def test_the_toy_coarsening_gives_statistics_and_is_refused_where_it_has_no_kernel():
     q, k, v = np.random.default_rng(6).standard_normal((3, 32, 4))
     _, stats = fmm_attention(q, k, v, block_size=4, rank=2, coarsening=FirstTokenCoarsening(), return_stats=True)
-    tree_levels = 3  # n = 32, m = 4: padded 32, three far levels
-    assert stats.flops["upward"] == (4 + 4) * 32 * tree_levels  # the protocol's default cost
+    n_levels = build_tree(32, block_size=4, rank=2).n_levels
+    assert n_levels == 2 and stats.flops["upward"] == (4 + 4) * 32 * n_levels  # the protocol's default cost
     with pytest.raises(BackendNotSupportedError,
                        match=r"backend 'cuda' \(CUDA kernels\) does not support "
                              r"coarsening=FirstTokenCoarsening\(\); use backend='cpu'"):

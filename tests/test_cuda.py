@@ -389,7 +389,8 @@ def test_deterministic_and_independent_of_grid_size(monkeypatch):
     kwargs = dict(block_size=4, rank=2, backend="cuda", return_lse=True)
     first = fa.fmm_attention(q, k, v, **kwargs)
     again = fa.fmm_attention(q, k, v, **kwargs)
-    monkeypatch.setattr(_device, "MAX_BLOCKS", 1)  # one block strides over every job
+    monkeypatch.setattr(_config, "CUDA_MAX_BLOCKS", 1)  # one block strides over every job (read at call time)
+    assert _device.grid(1000, 4) == 1
     strided = fa.fmm_attention(q, k, v, **kwargs)
     for a, b, c in zip(first, again, strided, strict=True):
         np.testing.assert_array_equal(a, b)
@@ -412,12 +413,14 @@ def test_tiles_shrink_to_fit_shared_memory(monkeypatch):
     monkeypatch.setattr(_config, "CUDA_QUERY_TILE", 32)
     monkeypatch.setattr(_config, "CUDA_KEY_TILE", 32)
     small = _device.attention_tiles(64, 64, 4, max_rows=1024)
-    assert (small.rows, small.keys) == (32, 32) and small.shared_bytes <= _device.SHARED_MEMORY_BYTES
+    assert (small.rows, small.keys) == (32, 32) and small.shared_bytes <= _config.CUDA_SHARED_MEMORY_BYTES
     assert _device.attention_tiles(64, 64, 4, max_rows=8).rows == 8  # never more rows than the block
     big = _device.attention_tiles(512, 512, 8, max_rows=1024)
-    assert big.shared_bytes <= _device.SHARED_MEMORY_BYTES and big.rows >= 1 and big.keys >= 1
+    assert big.shared_bytes <= _config.CUDA_SHARED_MEMORY_BYTES and big.rows >= 1 and big.keys >= 1
     with pytest.raises(ValueError, match="too large"):
         _device.attention_tiles(4096, 4096, 8, max_rows=32)
+    monkeypatch.setattr(_config, "CUDA_SHARED_MEMORY_BYTES", small.shared_bytes // 2)  # read at call time
+    assert _device.attention_tiles(64, 64, 4, max_rows=1024).shared_bytes <= small.shared_bytes // 2
     monkeypatch.setattr(_config, "CUDA_KEY_TILE", 0)
     with pytest.raises(ValueError, match="CUDA_KEY_TILE"):
         _device.attention_tiles(8, 8, 4, max_rows=32)

@@ -122,11 +122,9 @@ def _refined_plan(batch, tree, base, kc, vc, cbias, key_bias, has_mask, scale, b
     return seg_lo, seg_hi, out, max_keys
 
 
-def fmm(batch, tree, *, coarsening, count_scaling, query_coarsening, cluster_iters=0, refine=0, global_tokens=()):
-    """Fast Multipole Attention of a validated batch along ``tree``.
-
-    ``coarsening`` is a :class:`~fmm_attention.coarsening.Coarsening` or its name (see
-    :func:`coarse_buffers`).
+def fmm(batch, tree, options):
+    """Fast Multipole Attention of a validated batch along ``tree`` with ``options``
+    (:class:`~fmm_attention.options.FMMOptions`, fitted to the sequence by ``api.plan``).
 
     Returns
     -------
@@ -140,9 +138,10 @@ def fmm(batch, tree, *, coarsening, count_scaling, query_coarsening, cluster_ite
     dtype = batch.dtype
     scale = dtype.type(batch.scale)
     key_bias, _, has_mask = _key_bias(batch)
-    kc, vc, cbias = coarse_buffers(batch, tree, coarsening, count_scaling, cluster_iters=cluster_iters,
+    query_coarsening, refine, global_tokens = options.query_coarsening, options.refine, options.global_tokens
+    kc, vc, cbias = coarse_buffers(batch, tree, options.coarsening, options.count_scaling,
                                    coarse_valid=_coarse_validity(batch, global_tokens))
-    base = tree.plan(with_far=not query_coarsening, global_tokens=global_tokens)
+    base = tree.plan_of(options)
     if refine > 0:
         seg_lo, seg_hi, segments, max_keys = _refined_plan(
             batch, tree, base, kc, vc, cbias, key_bias, has_mask, scale, refine, global_tokens

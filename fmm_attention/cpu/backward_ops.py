@@ -19,8 +19,6 @@ from .. import _config
 from ..coarsening import MeanCoarsening, as_coarsening
 from ._launch import launch_guard
 from .backward import (
-    MAX_GRID,
-    MIN_SPAN,
     block_backward,
     exact_backward_tiles,
     learned_downward_level,
@@ -43,7 +41,8 @@ def _grid(n_batch, n):
     would change the order of the sums).
     """
     sides = 1
-    while sides < MAX_GRID and n_batch * sides * sides < 16 and n >= 2 * sides * MIN_SPAN:
+    max_grid, min_span = int(_config.BACKWARD_MAX_GRID), int(_config.BACKWARD_MIN_SPAN)
+    while sides < max_grid and n_batch * sides * sides < 16 and n >= 2 * sides * min_span:
         sides *= 2
     return sides
 
@@ -60,7 +59,8 @@ def exact_backward(batch, causal, g, lse, delta):
     dv_part = np.empty((sides,) + batch.v.shape, dtype=batch.dtype)
     with launch_guard(calls_blas=True):
         exact_backward_tiles(batch.q, batch.k, batch.v, key_bias, has_mask, scale, causal, g, lse, delta,
-                             span, span, dq_part, dk_part, dv_part)
+                             span, span, max(1, int(_config.BACKWARD_QUERY_TILE)),
+                             max(1, int(_config.BACKWARD_KEY_TILE)), dq_part, dk_part, dv_part)
     if sides == 1:
         return dq_part[0], dk_part[0], dv_part[0]
     # sums over the leading axis add the parts in index order: the same whatever the threads

@@ -21,13 +21,6 @@ import numpy as np
 
 from .. import _config
 
-#: Dynamic shared memory one attention block may use (bytes): the limit every CUDA GPU grants
-#: without an opt-in. Tiles shrink (key tile first, then query tile) until they fit.
-SHARED_MEMORY_BYTES = _config.CUDA_SHARED_MEMORY_BYTES
-
-#: Most blocks per launch; the kernels stride over the rest (grid-stride loops).
-MAX_BLOCKS = _config.CUDA_MAX_BLOCKS
-
 
 # ---------------------------------------------------------------- the lazy import
 def _import_cuda():
@@ -93,7 +86,7 @@ def _positive_knob(name):
 
 def grid(n_jobs, threads):
     """Blocks for ``n_jobs`` independent jobs at ``threads`` per block (at least 1)."""
-    return max(1, min(MAX_BLOCKS, -(-n_jobs // threads)))
+    return max(1, min(_positive_knob("CUDA_MAX_BLOCKS"), -(-n_jobs // threads)))
 
 
 @dataclass(frozen=True)
@@ -121,24 +114,25 @@ def attention_tiles(d, dv, itemsize, max_rows):
     Starts from ``_config.CUDA_QUERY_TILE`` rows (at most ``max_rows``, the query block) and
     ``_config.CUDA_KEY_TILE`` keys, and halves the key tile, then the query tile, until the
     block's shared memory (query tile, accumulators, scores, key and value tile) fits in
-    :data:`SHARED_MEMORY_BYTES`.
+    ``_config.CUDA_SHARED_MEMORY_BYTES`` (read at call time).
     """
+    limit = _positive_knob("CUDA_SHARED_MEMORY_BYTES")
     rows = min(_positive_knob("CUDA_QUERY_TILE"), max_rows)
     keys = _positive_knob("CUDA_KEY_TILE")
 
     def need(r, t):
         return itemsize * (r * (d + dv + t + 3) + t * (d + dv + 1))  # rows padded by 1 (banks)
 
-    while need(rows, keys) > SHARED_MEMORY_BYTES and (keys > 1 or rows > 1):
+    while need(rows, keys) > limit and (keys > 1 or rows > 1):
         if keys > 1 and (keys >= rows or rows == 1):
             keys //= 2
         else:
             rows //= 2
-    if need(rows, keys) > SHARED_MEMORY_BYTES:
+    if need(rows, keys) > limit:
         raise ValueError(
             f"feature dims d={d}, dv={dv} are too large for the CUDA attention kernel in "
             f"{itemsize * 8}-bit floats: one query and one key tile need {need(1, 1)} bytes of "
-            f"shared memory, more than {SHARED_MEMORY_BYTES}; use backend='cpu'"
+            f"shared memory, more than {limit}; use backend='cpu'"
         )
     return AttentionTiles(rows, keys, need(rows, keys))
 

@@ -384,15 +384,15 @@ def far_field_partials(batch, tree, coarse):
     return part_max, part_sum, part_num  # rows 0 .. n_boxes(level 1) - 1 are the query blocks
 
 
-def fmm(batch, tree, *, coarsening, count_scaling, query_coarsening):
-    """FMA of a :class:`~._inputs.DeviceBatch` along ``tree``; ``(out, lse)`` device arrays."""
-    coarse = coarse_buffers(batch, tree, coarsening, count_scaling)
-    if query_coarsening:
-        inherit = far_field_partials(batch, tree, coarse)
-        plan = _device.tree_arrays(tree, "near_plan", lambda: tree.near_plan[:2])
-    else:
-        inherit = None
-        plan = _device.tree_arrays(tree, "key_plan", lambda: tree.key_plan[:2])
+def fmm(batch, tree, options):
+    """FMA of a :class:`~._inputs.DeviceBatch` along ``tree``; ``(out, lse)`` device arrays.
+
+    The key plan is copied to the device once per tree and plan key
+    (:meth:`~fmm_attention.options.FMMOptions.plan_key`).
+    """
+    coarse = coarse_buffers(batch, tree, options.coarsening, options.count_scaling)
+    inherit = far_field_partials(batch, tree, coarse) if options.query_coarsening else None
+    plan = _device.tree_arrays(tree, options.plan_key(tree.n), lambda: tree.plan_of(options)[:2])
     return attend(
         batch, causal=tree.causal, scale=batch.scale, exact=False, plan_block=tree.block_size,
         plan=plan, coarse=coarse, inherit=inherit,
