@@ -52,7 +52,7 @@ def _unavailable():
 REASON = _unavailable()
 needs_cuda = pytest.mark.skipif(REASON is not None, reason=f"CUDA backend unavailable: {REASON}")
 needs_numba_cuda = pytest.mark.skipif(_numba_cuda_missing() is not None, reason=f"{_numba_cuda_missing()}")
-fastformer_attention = getattr(fa.api, "fastformer_attention", None)
+fastformer_attention = fa.fastformer_attention
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -174,8 +174,7 @@ def test_cpu_backend_never_imports_numba_cuda():
         fa.exact_attention(x, x, x)
         fa.fmm_attention(x, x, x, block_size=2, rank=2)
         fa.fmm_attention(x, x, x, block_size=2, rank=2, backend="cpu", query_coarsening=True)
-        if hasattr(fa, "fastformer_attention"):
-            fa.fastformer_attention(x, x, x, x[:, 0], x[:, 1])
+        fa.fastformer_attention(x, x, x, x[:, 0], x[:, 1])
         loaded = [m for m in ("numba.cuda", "fmm_attention.cuda") if m in sys.modules]
         assert not loaded, loaded
         print("clean")
@@ -535,9 +534,6 @@ def test_empty_batch_and_float16_host_inputs(device):
 
 
 # ---------------------------------------------------------------- Fastformer
-needs_fastformer = pytest.mark.skipif(fastformer_attention is None, reason="fastformer_attention not in the API yet")
-
-
 def fastformer_inputs(dtype, seed=11):
     q, k, v = inputs((2, 2, 21, 3), dtype=dtype, seed=seed)
     rng = np.random.default_rng(seed + 1)
@@ -546,7 +542,6 @@ def fastformer_inputs(dtype, seed=11):
 
 
 @needs_cuda
-@needs_fastformer
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
 @pytest.mark.parametrize("causal", [False, True])
 def test_fastformer_matches_cpu(dtype, causal):
@@ -559,7 +554,6 @@ def test_fastformer_matches_cpu(dtype, causal):
 
 
 @needs_cuda
-@needs_fastformer
 def test_fastformer_device_arrays_and_large_logits(device):
     fcuda, cuda, _ = device
     from fmm_attention.cuda import _device

@@ -14,8 +14,11 @@ from .. import _config
 from ..coarsening import as_coarsening
 from ._launch import launch_guard as _launch_guard
 from .exact import exact_kernel
-from .fastformer import fastformer_batch  # noqa: F401  (the backend's Fastformer entry point)
+from .fastformer import fastformer_batch
 from .fma import block_attention, coarse_queries, downward_pass, far_partials, refine_plans
+
+#: The entry points the CPU backend (:mod:`fmm_attention.backends`) and the VJPs call.
+__all__ = ["coarse_buffers", "exact_batch", "fastformer_batch", "fmm", "refine_capacity"]
 
 
 def _key_bias(batch):
