@@ -137,6 +137,9 @@ def check_scale(scale, d):
 class Batch:
     """Validated attention inputs, leading dims flattened to one batch axis.
 
+    Host arrays here; :class:`fmm_attention.cuda._inputs.DeviceBatch` is the same with
+    device arrays.
+
     Attributes
     ----------
     q, k : ndarray, shape (B, n, d)
@@ -157,6 +160,10 @@ class Batch:
     lead_shape: tuple
     dtype: np.dtype
     scale: float
+
+    @property
+    def batch(self):
+        return self.q.shape[0]
 
     @property
     def n(self):

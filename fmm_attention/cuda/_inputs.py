@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .._validate import (
+    Batch,
     attention_inputs,
     attention_shapes,
     check_bool,
@@ -29,46 +30,18 @@ from ._attention import all_finite
 
 
 @dataclass(frozen=True)
-class DeviceBatch:
-    """Validated attention inputs on the device, leading dims flattened to one batch axis.
+class DeviceBatch(Batch):
+    """A :class:`~fmm_attention._validate.Batch` whose arrays live on the device.
 
     Attributes
     ----------
-    q, k : device array, shape (B, n, d)
-    v : device array, shape (B, n, dv)
-    valid : device array of bool, shape (B, n), or None
-    lead_shape : tuple
-    dtype : numpy.dtype
-        float32 or float64.
-    scale : float
+    q, k, v, valid : device arrays
+        Shapes as in :class:`~fmm_attention._validate.Batch`.
     on_device : bool
         The caller passed device arrays: results stay on the device.
     """
 
-    q: object
-    k: object
-    v: object
-    valid: object
-    lead_shape: tuple
-    dtype: np.dtype
-    scale: float
     on_device: bool
-
-    @property
-    def batch(self):
-        return self.q.shape[0]
-
-    @property
-    def n(self):
-        return self.q.shape[1]
-
-    @property
-    def d(self):
-        return self.q.shape[2]
-
-    @property
-    def dv(self):
-        return self.v.shape[2]
 
     def finish(self, out, lse, return_lse):
         """Give results the caller's leading dims; copy them to the host for host inputs."""
