@@ -52,13 +52,6 @@ class DeviceBatch(Batch):
         return (out, lse) if return_lse else out
 
 
-def device_view(x, name):
-    """``x`` (on the device) wrapped without a copy, checked C-contiguous; dims checked by the caller."""
-    arr = _device.as_device_array(x, name)
-    check_c_contiguous(name, arr.is_c_contiguous(), arr.strides, "device")
-    return arr
-
-
 def inputs(q, k, v, *, scale, key_padding_mask, check_finite):
     """Validate attention inputs and put them on the device.
 
@@ -95,7 +88,8 @@ def inputs(q, k, v, *, scale, key_padding_mask, check_finite):
         check_kernel_dtypes({name: wrapped.dtype}, "device")
         if len(wrapped.shape) < 2:
             attention_shapes({name: tuple(wrapped.shape)})  # the shared message for too few dims
-        arrays[name] = device_view(wrapped, name)
+        check_c_contiguous(name, wrapped.is_c_contiguous(), wrapped.strides, "device")
+        arrays[name] = wrapped
     dtype = check_kernel_dtypes({name: arr.dtype for name, arr in arrays.items()}, "device")
     lead_shape, n, d, _ = attention_shapes({name: tuple(arr.shape) for name, arr in arrays.items()})
     B = int(np.prod(lead_shape, dtype=np.int64))
