@@ -161,9 +161,10 @@ def fmm_attention(q, k, v, *, causal=False, block_size=_config.DEFAULT_BLOCK_SIZ
         registered with :func:`fmm_attention.backends.register_backend` is accepted too.
     cluster_iters : int, optional
         Lloyd iterations of ``coarsening="cluster"`` (0 gives mean coarsening); ignored
-        otherwise (a :class:`ClusterCoarsening` holds its own). Each costs ``O(n p d)`` per level whose boxes hold at most 128 tokens
-        (these move single tokens) and ``O(n p^2 d / 128)`` for all larger levels together
-        (these move whole groups of their children).
+        otherwise (a :class:`ClusterCoarsening` holds its own). Each costs ``O(n p d)``
+        per level whose boxes hold at most 128 tokens (these move single tokens) and
+        ``O(n p^2 d / 128)`` for all larger levels together (these move whole groups of
+        their children).
     refine : int, optional
         Extra keys per query block for adaptive refinement (fine queries only): the far box
         whose split would change the block's outputs most (to first order: the *benefit*,
