@@ -14,8 +14,10 @@ from .. import _config
 from ..coarsening import as_coarsening
 from ._launch import launch_guard as _launch_guard
 from .exact import exact_kernel
+from .blocks import block_attention
 from .fastformer import fastformer_batch
-from .fma import block_attention, coarse_queries, downward_pass, far_partials, refine_plans
+from .query_coarsening import coarse_queries, downward_pass, far_partials
+from .refine import refine_plans
 
 #: The entry points the CPU backend (:mod:`fmm_attention.backends`) and the VJPs call.
 __all__ = ["coarse_buffers", "exact_batch", "fastformer_batch", "fmm", "refine_capacity"]

@@ -10,7 +10,7 @@ import numpy as np
 from numba import prange
 
 from .. import _config
-from ._blocks import jit
+from ._jit import jit
 
 
 @jit()

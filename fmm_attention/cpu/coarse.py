@@ -10,8 +10,8 @@ kernels take; cluster coarsening's entry point lives with its kernels
 
 import numpy as np
 
-from .fma import box_counts_bias, learned_upward_level
-from .fma import mean_upward as _mean_kernel
+from .upward import box_counts_bias, learned_upward_level
+from .upward import mean_upward as _mean_kernel
 
 __all__ = ["learned_upward", "mean_upward"]
 
