@@ -8,7 +8,7 @@ Numba CPU kernels (and CUDA kernels with the ``[cuda]`` extra) behind one NumPy 
 from .api import exact_attention, fastformer_attention, fmm_attention
 from .grad import exact_attention_vjp, fastformer_attention_vjp, fmm_attention_vjp
 from ._stats import FMMStats
-from .coarsening import LearnedCoarsening
+from .coarsening import ClusterCoarsening, Coarsening, LearnedCoarsening, MeanCoarsening
 from .decode import FMMDecoder
 from .tree import FMMTree, build_tree
 
@@ -23,6 +23,9 @@ __all__ = [
     "fastformer_attention_vjp",
     "build_tree",
     "FMMTree",
+    "Coarsening",
+    "MeanCoarsening",
+    "ClusterCoarsening",
     "LearnedCoarsening",
     "FMMDecoder",
     "FMMStats",

@@ -3,8 +3,9 @@
 Every tile size, thread count and compiler flag the kernels use is read from here, so a
 tuning change is one edit and the tests can patch the CUDA launch sizes small. The CPU
 kernels receive their tile sizes as arguments, read from here at call time: a kernel cached
-on disk would keep the value a module-level constant had when it was compiled. Exceptions,
-each said at its knob: the compiler flags and the cache sizes are read once, at import.
+on disk would keep the value a module-level constant had when it was compiled. The
+exception, said at its knobs: the compiler flags are read once, at import (they are how the
+kernels are compiled).
 """
 
 #: Fastmath flags for the CPU kernels. ``reassoc``/``contract`` let LLVM vectorise the
@@ -33,6 +34,9 @@ THREADING_LAYER = "forksafe"
 #: Long parallel kernels run as several launches of about this many seconds each, so that
 #: Ctrl-C (handled by Python between launches) stops a long call within about this time.
 INTERRUPT_SECONDS = 0.25
+#: Seconds per unit of work a chunked kernel is assumed to take before its first launch
+#: (a slow 1e9 per second: the first long call starts with a short chunk).
+INTERRUPT_FIRST_SECONDS_PER_WORK = 1e-9
 
 #: Exact attention: query rows per tile (the unit of parallel work) and keys per tile.
 EXACT_QUERY_TILE = 64
@@ -60,6 +64,20 @@ CLUSTER_CHUNKS = 64
 #: buffers once (more chunks balance uneven threads, fewer allocate less).
 FMA_CHUNKS_PER_THREAD = 4
 
+#: Exact attention's backward: query rows and keys per tile inside each rectangle of the
+#: grid of partial sums.
+BACKWARD_QUERY_TILE = 64
+BACKWARD_KEY_TILE = 256
+#: Exact attention's backward: the grid of partial sums has at most this many rectangles
+#: per side, each holding at least ``BACKWARD_MIN_SPAN`` queries (keys). The grid depends on
+#: the shapes and these two knobs only (never the thread count), so the sums are reproducible.
+BACKWARD_MAX_GRID = 4
+BACKWARD_MIN_SPAN = 512
+
+#: Dask, exact attention over sequence chunks: query rows per score tile (a task holds one
+#: ``rows x key chunk`` tile at a time).
+DASK_EXACT_QUERY_ROWS = 512
+
 #: Streaming decode: multiply-adds per call below which a decode step runs on the calling
 #: thread (a parallel launch costs more than a few microseconds of work).
 DECODE_PARALLEL_MIN_WORK = 1 << 18
@@ -82,8 +100,8 @@ CUDA_MAX_BLOCKS = 65535
 #: matrices) are built; beyond it they would take gigabytes.
 DENSE_MAX_N = 8192
 
-#: Cached key plans and trees (``functools.lru_cache`` sizes, read at import): a plan at
-#: n = 2**20 is tens of MB, a tree a few interaction tables.
+#: Cached key plans and trees (least-recently-used caches, sizes read at each insertion): a
+#: plan at n = 2**20 is tens of MB, a tree a few interaction tables.
 PLAN_CACHE_SIZE = 8
 TREE_CACHE_SIZE = 64
 

@@ -95,8 +95,11 @@ def _prefix_counts(flags):
     return out
 
 
-def fmm_stats(tree, plan, *, batch_size, d, dv, coarsening, cluster_iters, refine, query_coarsening, valid=None):
+def fmm_stats(tree, plan, *, batch_size, d, dv, coarsening, refine, query_coarsening, valid=None):
     """Statistics of a call that executed ``plan = (seg_lo, seg_hi, segments, live_coarse)`` along ``tree``.
+
+    ``coarsening`` (a :class:`~fmm_attention.coarsening.Coarsening`) counts its upward pass
+    (:meth:`~fmm_attention.coarsening.Coarsening.upward_flops`).
 
     ``live_coarse`` (B, C) marks the coarse rows that hold a valid token; ``valid`` (B, n)
     is the key mask (``None``: all valid). Keys per query count only keys that can carry
@@ -136,13 +139,7 @@ def fmm_stats(tree, plan, *, batch_size, d, dv, coarsening, cluster_iters, refin
     else:  # nothing valid: no query costs anything
         mean_keys, max_keys, dense_row = 0.0, 0.0, 1.0
     per_logit = 2 * (d + dv)
-    levels_rows = sum(lv.n_boxes * lv.rank for lv in tree.levels)
-    if coarsening == "mean":
-        upward = (d + dv) * (n + 2 * levels_rows)
-    elif coarsening == "cluster":
-        upward = sum(3 * d * lv.rank * n * max(cluster_iters, 1) + (d + dv) * n for lv in tree.levels)
-    else:
-        upward = sum(2 * (d + dv) * lv.rank * n for lv in tree.levels)
+    upward = coarsening.upward_flops(tree, d, dv)
     far = per_logit * coarse_keys.sum() * scale_to_batch
     if query_coarsening:  # far logits are computed once per box, not per query
         _, inter = tree.box_tables

@@ -2,7 +2,11 @@
 
 Every public function funnels its arguments through here before anything is planned or
 compiled, so a compiled kernel never sees a shape, dtype or value it was not written for.
-Errors name the offending argument and say what was expected.
+Errors name the offending argument and say what was expected. The checks of shapes, masks,
+dtypes and strides (:func:`attention_shapes`, :func:`check_mask`, :func:`check_vector_shape`,
+:func:`check_kernel_dtypes`, :func:`check_c_contiguous`, :func:`nonfinite_error`) take
+plain shapes and dtypes, so device arrays (:mod:`fmm_attention.cuda._device`, which only
+wraps and copies) are checked by the same code with the same messages as host arrays.
 """
 
 from __future__ import annotations
@@ -78,7 +82,7 @@ def check_finite_array(arr, name, valid=None):
     from .cpu.finite import all_finite  # compiled: imported on first use, like the backends
 
     if not all_finite(arr) and (valid is None or not np.isfinite(arr[valid]).all()):
-        raise ValueError(f"{name} contains NaN or infinity (pass check_finite=False to skip this check)")
+        raise nonfinite_error(name)
 
 
 def check_bool(value, name):
@@ -133,6 +137,9 @@ def check_scale(scale, d):
 class Batch:
     """Validated attention inputs, leading dims flattened to one batch axis.
 
+    Host arrays here; :class:`fmm_attention.cuda._inputs.DeviceBatch` is the same with
+    device arrays.
+
     Attributes
     ----------
     q, k : ndarray, shape (B, n, d)
@@ -155,6 +162,10 @@ class Batch:
     scale: float
 
     @property
+    def batch(self):
+        return self.q.shape[0]
+
+    @property
     def n(self):
         return self.q.shape[1]
 
@@ -172,6 +183,99 @@ class Batch:
         return out.reshape(self.lead_shape + (self.n,) + tail)
 
 
+def attention_shapes(shapes):
+    """Check the shapes of ``q``, ``k``, ``v`` (host or device arrays alike).
+
+    Parameters
+    ----------
+    shapes : dict
+        ``{"q": shape, "k": shape, "v": shape}``, tuples.
+
+    Returns
+    -------
+    lead_shape : tuple
+    n, d, dv : int
+
+    Raises
+    ------
+    ValueError
+        Fewer than 2 dims, mismatched leading dims, lengths or feature dims, an empty
+        sequence or feature dim.
+    """
+    for name, shape in shapes.items():
+        if len(shape) < 2:
+            raise ValueError(f"{name} must have at least 2 dims (..., n, features), got shape {shape}")
+    qs, ks, vs = (tuple(shapes[name]) for name in ("q", "k", "v"))
+    if qs[:-2] != ks[:-2] or qs[:-2] != vs[:-2]:
+        raise ValueError(f"q, k and v must share their leading dims; got q {qs}, k {ks}, v {vs}")
+    if qs[-2] != ks[-2] or ks[-2] != vs[-2]:
+        raise ValueError(
+            f"q, k and v must have the same sequence length n (axis -2); got q {qs}, k {ks}, v {vs}"
+        )
+    if qs[-1] != ks[-1]:
+        raise ValueError(f"q and k must have the same feature dim d; got q {qs}, k {ks}")
+    n, d, dv = qs[-2], qs[-1], vs[-1]
+    if n < 1:
+        raise ValueError("the sequence length n must be at least 1, got an empty sequence")
+    if d < 1 or dv < 1:
+        raise ValueError(f"feature dims must be at least 1; got d={d}, dv={dv}")
+    return qs[:-2], n, d, dv
+
+
+def check_mask(dtype, shape, lead_shape, n):
+    """A key padding mask (host or device) must be bool of shape ``lead_shape + (n,)``."""
+    if np.dtype(dtype) != np.bool_:
+        raise TypeError(f"key_padding_mask must be a bool array (True = valid key), got dtype {np.dtype(dtype)}")
+    if tuple(shape) != tuple(lead_shape) + (n,):
+        raise ValueError(
+            f"key_padding_mask must have shape {tuple(lead_shape) + (n,)} (leading dims of q, then n), "
+            f"got {tuple(shape)}"
+        )
+
+
+def check_kernel_dtypes(named_dtypes, where):
+    """Arrays that are not converted (``where``: e.g. ``"device"``) must share one kernel dtype.
+
+    Parameters
+    ----------
+    named_dtypes : dict
+        Argument name -> dtype.
+    where : str
+        What kind of array they are, for the messages.
+
+    Returns
+    -------
+    numpy.dtype
+        float32 or float64.
+    """
+    dtypes = {name: np.dtype(dt) for name, dt in named_dtypes.items()}
+    for name, dtype in dtypes.items():
+        if dtype not in KERNEL_DTYPES:
+            raise TypeError(
+                f"{name} is a {where} array of dtype {dtype}; {where} inputs must be float32 or "
+                f"float64 (they are not converted on the {where}: cast them first)"
+            )
+    if len(set(dtypes.values())) > 1:
+        raise TypeError(
+            f"{where} inputs must share one dtype; got " + ", ".join(f"{n} {t}" for n, t in dtypes.items())
+        )
+    return next(iter(dtypes.values()))
+
+
+def check_c_contiguous(name, c_contiguous, strides, where):
+    """Arrays that are not copied (``where``: e.g. ``"device"``) must be C-contiguous."""
+    if not c_contiguous:
+        raise ValueError(
+            f"{name} is a non-contiguous {where} array (strides {tuple(strides)}); pass a C-contiguous copy "
+            "(e.g. .contiguous() in PyTorch, cupy.ascontiguousarray)"
+        )
+
+
+def nonfinite_error(name):
+    """The ``ValueError`` for NaN or infinity in argument ``name`` (host and device alike)."""
+    return ValueError(f"{name} contains NaN or infinity (pass check_finite=False to skip this check)")
+
+
 def attention_inputs(q, k, v, *, scale, key_padding_mask, check_finite, skip_masked=False):
     """Validate ``q, k, v`` (and mask, scale) and return a :class:`Batch`.
 
@@ -184,28 +288,8 @@ def attention_inputs(q, k, v, *, scale, key_padding_mask, check_finite, skip_mas
     """
     check_finite = check_bool(check_finite, "check_finite")
     arrays = {"q": as_array(q, "q"), "k": as_array(k, "k"), "v": as_array(v, "v")}
-    for name, arr in arrays.items():
-        if arr.ndim < 2:
-            raise ValueError(f"{name} must have at least 2 dims (..., n, features), got shape {arr.shape}")
-    qa, ka, va = arrays["q"], arrays["k"], arrays["v"]
-    if qa.shape[:-2] != ka.shape[:-2] or qa.shape[:-2] != va.shape[:-2]:
-        raise ValueError(
-            f"q, k and v must share their leading dims; got q {qa.shape}, k {ka.shape}, v {va.shape}"
-        )
-    if qa.shape[-2] != ka.shape[-2] or ka.shape[-2] != va.shape[-2]:
-        raise ValueError(
-            f"q, k and v must have the same sequence length n (axis -2); got q {qa.shape}, "
-            f"k {ka.shape}, v {va.shape}"
-        )
-    if qa.shape[-1] != ka.shape[-1]:
-        raise ValueError(f"q and k must have the same feature dim d; got q {qa.shape}, k {ka.shape}")
-    n, d, dv = qa.shape[-2], qa.shape[-1], va.shape[-1]
-    if n < 1:
-        raise ValueError("the sequence length n must be at least 1, got an empty sequence")
-    if d < 1 or dv < 1:
-        raise ValueError(f"feature dims must be at least 1; got d={d}, dv={dv}")
+    lead_shape, n, d, _ = attention_shapes({name: arr.shape for name, arr in arrays.items()})
     dtype = float_dtype(*arrays.items())
-    lead_shape = tuple(qa.shape[:-2])
     batch = int(np.prod(lead_shape, dtype=np.int64))
     valid = padding_mask(key_padding_mask, lead_shape, n)
     out = {}
@@ -226,41 +310,10 @@ def padding_mask(key_padding_mask, lead_shape, n):
     if key_padding_mask is None:
         return None
     mask = as_array(key_padding_mask, "key_padding_mask")
-    if mask.dtype != np.bool_:
-        raise TypeError(f"key_padding_mask must be a bool array (True = valid key), got dtype {mask.dtype}")
-    if mask.shape != lead_shape + (n,):
-        raise ValueError(
-            f"key_padding_mask must have shape {lead_shape + (n,)} (leading dims of q, then n), "
-            f"got {mask.shape}"
-        )
+    check_mask(mask.dtype, mask.shape, lead_shape, n)
     batch = int(np.prod(lead_shape, dtype=np.int64))
     mask = np.ascontiguousarray(mask).reshape(batch, n)
     return mask if mask.flags.writeable else mask.copy()  # read-only: see attention_inputs
-
-
-def check_fmm_options(*, coarsening, count_scaling, query_coarsening, causal):
-    """Validate FMA options shared by every backend; returns them normalised."""
-    from .coarsening import LearnedCoarsening  # coarsening imports this module
-
-    if not (isinstance(coarsening, LearnedCoarsening) or (isinstance(coarsening, str) and coarsening in ("mean", "cluster"))):
-        raise ValueError(f"coarsening must be 'mean', 'cluster' or a LearnedCoarsening, got {coarsening!r}")
-    count_scaling = check_bool(count_scaling, "count_scaling")
-    query_coarsening = check_bool(query_coarsening, "query_coarsening")
-    if query_coarsening and causal:
-        raise ValueError(
-            "query_coarsening=True cannot be combined with causal=True: a coarse query averages "
-            "future tokens into past outputs (use fine queries for causal attention)"
-        )
-    return coarsening, count_scaling, query_coarsening
-
-
-def check_accuracy_options(*, cluster_iters, refine, query_coarsening):
-    """Validate the training-free accuracy options; returns ``(cluster_iters, refine)``."""
-    cluster_iters = check_count(cluster_iters, "cluster_iters")
-    refine = check_count(refine, "refine")
-    if refine and query_coarsening:
-        raise ValueError("refine > 0 needs fine queries: it cannot be combined with query_coarsening=True")
-    return cluster_iters, refine
 
 
 def global_token_indices(global_tokens):

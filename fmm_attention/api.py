@@ -13,6 +13,7 @@ from __future__ import annotations
 from . import _config, _shapes, backends
 from ._stats import fmm_stats
 from ._validate import check_bool, check_global_tokens
+from .coarsening import MeanCoarsening
 from .distributed import is_dask
 from .options import FMMOptions
 from .tree import _build_tree, build_tree, fmm_call_bytes
@@ -192,12 +193,14 @@ def fmm_attention(q, k, v, *, causal=False, block_size=_config.DEFAULT_BLOCK_SIZ
     rank : int, optional
         Coarse keys per far box ``p``, a power of two. Larger: finer far field, slower.
         ``rank >= N/4`` (``N`` the padded length) makes FMA exact.
-    coarsening : "mean", "cluster" or LearnedCoarsening, optional
+    coarsening : "mean", "cluster" or Coarsening, optional
         ``"mean"`` averages the valid tokens of each sub-box (training-free, the paper's
         avgpool); ``"cluster"`` groups each box's keys by content (k-means up the tree,
         started from the children's groups, ``cluster_iters`` Lloyd steps) and averages
         each group, with ``log(group size)`` as bias; :class:`LearnedCoarsening` applies
-        trained Conv1d weights.
+        trained Conv1d weights. Any :class:`~fmm_attention.coarsening.Coarsening` instance
+        is accepted (:class:`MeanCoarsening`, :class:`ClusterCoarsening` or one of your own);
+        a backend without a kernel for it refuses it by name.
     count_scaling : bool, optional
         Add ``log(count)`` to each coarse logit, so a coarse key weighs as much as the
         tokens it stands for.
@@ -226,9 +229,10 @@ def fmm_attention(q, k, v, *, causal=False, block_size=_config.DEFAULT_BLOCK_SIZ
         registered with :func:`fmm_attention.backends.register_backend` is accepted too.
     cluster_iters : int, optional
         Lloyd iterations of ``coarsening="cluster"`` (0 gives mean coarsening); ignored
-        otherwise. Each costs ``O(n p d)`` per level whose boxes hold at most 128 tokens
-        (these move single tokens) and ``O(n p^2 d / 128)`` for all larger levels together
-        (these move whole groups of their children).
+        otherwise (a :class:`ClusterCoarsening` holds its own). Each costs ``O(n p d)``
+        per level whose boxes hold at most 128 tokens (these move single tokens) and
+        ``O(n p^2 d / 128)`` for all larger levels together (these move whole groups of
+        their children).
     refine : int, optional
         Extra keys per query block for adaptive refinement (fine queries only): the far box
         whose split would change the block's outputs most (to first order: the *benefit*,
@@ -358,8 +362,7 @@ def fmm_attention(q, k, v, *, causal=False, block_size=_config.DEFAULT_BLOCK_SIZ
     if not return_stats:
         return result
     stats = fmm_stats(
-        tree, key_plan, batch_size=n_out, d=batch.d, dv=batch.dv,
-        coarsening=asked.coarsening_name, cluster_iters=options.cluster_iters,
+        tree, key_plan, batch_size=n_out, d=batch.d, dv=batch.dv, coarsening=asked.coarsening,
         refine=options.refine, query_coarsening=options.query_coarsening, valid=batch.valid,
     )
     return (*result, stats) if return_lse else (result, stats)
@@ -385,26 +388,27 @@ def plan(batch, options):
         :func:`fmm_attention.build_tree` of the call (``block_size`` clamped to the sequence).
     options : FMMOptions
         ``refine`` clamped to ``n`` (more changes nothing), global tokens checked against
-        ``n``, and a :class:`~fmm_attention.LearnedCoarsening` checked against the tree
-        (replaced by ``"mean"`` when the clamped block holds every key: nothing is coarsened).
+        ``n``, and the coarsening checked against the tree
+        (:meth:`~fmm_attention.coarsening.Coarsening.check_tree`; replaced by mean
+        coarsening when the clamped block holds every key: nothing is coarsened).
 
     Raises
     ------
     ValueError
-        Weights that do not fit the tree, global tokens outside ``[0, n)``.
+        A coarsening that does not fit the tree (learned weights), global tokens outside
+        ``[0, n)``.
     """
     n = batch.k.shape[1]  # the tree is the keys': queries sit at positions in it
     tree = build_tree(n, block_size=options.block_size, rank=options.rank, causal=options.causal)
     changes = {}
-    if options.coarsening_name == "learned":
-        if tree.block_size < options.block_size:
-            # block_size was clamped (it exceeds the sequence): the weights must still fit the
-            # tree asked for, but no far key exists in either, so nothing is coarsened
-            options.coarsening.check_tree(_build_tree(n, options.block_size, tree.rank, options.causal),
-                                          batch.d, batch.dv)
-            changes["coarsening"] = "mean"
-        else:
-            options.coarsening.check_tree(tree, batch.d, batch.dv)
+    if tree.block_size < options.block_size:
+        # block_size was clamped (it exceeds the sequence): the coarsening must still fit the
+        # tree asked for, but no far key exists in either, so nothing is coarsened
+        options.coarsening.check_tree(_build_tree(n, options.block_size, tree.rank, options.causal),
+                                      batch.d, batch.dv)
+        changes["coarsening"] = MeanCoarsening()
+    else:
+        options.coarsening.check_tree(tree, batch.d, batch.dv)
     changes["global_tokens"] = check_global_tokens(options.global_tokens, n)
     changes["refine"] = min(options.refine, n)  # n extra keys split every far box: more changes nothing
     return tree, options.replace(**changes)

@@ -95,7 +95,10 @@ class Backend:
     supports : frozenset of str
         Operations: ``"exact"``, ``"fmm"``, ``"fastformer"``, ``"backward"``, ``"decode"``.
     coarsenings : frozenset of str
-        ``"mean"``, ``"cluster"``, ``"learned"`` (a :class:`~fmm_attention.LearnedCoarsening`).
+        Names of the coarsenings it implements itself (``"mean"``, ``"cluster"``,
+        ``"learned"``, ...). It also runs every coarsening that declares a kernel for its
+        name (:attr:`fmm_attention.coarsening.Coarsening.kernels`), which is how the CPU and
+        CUDA backends run theirs: a new coarsening declares the backends it runs on.
     fmm_features : frozenset of str
         ``"refine"`` (``refine > 0``), ``"global_tokens"``, ``"query_coarsening"``,
         ``"return_stats"``.
@@ -141,9 +144,9 @@ class Backend:
                 return SHAPE_FEATURES.get(feature, feature)
         if options is None:
             return None
-        if options.coarsening_name not in self.coarsenings:
-            shown = repr(options.coarsening) if isinstance(options.coarsening, str) else "a LearnedCoarsening"
-            return f"coarsening={shown}"
+        coarsening = options.coarsening
+        if not (coarsening.runs_on(self.name) or coarsening.name in self.coarsenings):
+            return coarsening.describe()
         wanted = {
             "refine": (options.refine > 0, "refine > 0"),
             "global_tokens": (bool(options.global_tokens), "global_tokens"),
@@ -313,7 +316,7 @@ class CPUBackend(Backend):
     name = "cpu"
     title = "Numba CPU kernels"
     supports = frozenset({"exact", "fmm", "fastformer", "backward", "decode"})
-    coarsenings = frozenset({"mean", "cluster", "learned"})
+    coarsenings = frozenset()  # every coarsening with a "cpu" kernel (Coarsening.kernels)
     fmm_features = frozenset(FMM_FEATURES)
     shape_features = frozenset(SHAPE_FEATURES)
 
@@ -347,11 +350,7 @@ class CPUBackend(Backend):
         entry_globals : list of tuple, optional
             Per-sequence global tokens, one tuple per output entry.
         """
-        return self._kernels().fmm(
-            batch, tree, coarsening=options.coarsening, count_scaling=options.count_scaling,
-            query_coarsening=options.query_coarsening, cluster_iters=options.cluster_iters, refine=options.refine,
-            global_tokens=options.global_tokens, entry_globals=entry_globals,
-        )
+        return self._kernels().fmm(batch, tree, options, entry_globals=entry_globals)
 
     def fastformer(self, batch, w_q, w_k, *, causal, return_pools):
         """Fastformer with the CPU kernels (see :meth:`Backend.fastformer`).
@@ -375,7 +374,7 @@ class CUDABackend(Backend):
     name = "cuda"
     title = "CUDA kernels"
     supports = frozenset({"exact", "fmm", "fastformer"})
-    coarsenings = frozenset({"mean", "learned"})
+    coarsenings = frozenset()  # every coarsening with a "cuda" kernel (mean, learned)
     fmm_features = frozenset({"query_coarsening"})
 
     @staticmethod
@@ -409,8 +408,9 @@ class CUDABackend(Backend):
             Ignored: the device batch has one shape for ``q``, ``k``, ``v``, and the
             registry refuses every shape feature first (:attr:`shape_features` is empty).
         """
-        return self._device().inputs(q, k, v, scale=scale, key_padding_mask=key_padding_mask,
-                                     check_finite=check_finite)
+        from .cuda._inputs import inputs
+
+        return inputs(q, k, v, scale=scale, key_padding_mask=key_padding_mask, check_finite=check_finite)
 
     def vector(self, w, name, batch, check_finite):
         """A Fastformer vector on the device, cast to the batch dtype.
@@ -490,8 +490,7 @@ class CUDABackend(Backend):
             return device.empty((0, batch.n, batch.dv), batch.dtype), device.empty((0, batch.n), batch.dtype), None
         from .cuda.fma import fmm
 
-        out, lse = fmm(batch, tree, coarsening=options.coarsening, count_scaling=options.count_scaling,
-                       query_coarsening=options.query_coarsening)
+        out, lse = fmm(batch, tree, options)
         return out, lse, None
 
     def fastformer(self, batch, w_q, w_k, *, causal, return_pools):

@@ -1,19 +1,244 @@
 """Far-field coarsening: how each far box's keys and values are summarised.
 
-``"mean"`` (the default, training-free) averages the valid tokens of each sub-box.
-:class:`LearnedCoarsening` applies trained weights in the layout of
-``torch.nn.Conv1d(d, r*d, kernel_size=w, stride=w, groups=d)``, so weights trained in
-PyTorch load unchanged. The kernels in :mod:`fmm_attention.cpu` and
-:mod:`fmm_attention.cuda` execute these descriptions.
+A coarsening is an object following the :class:`Coarsening` protocol: it knows its name
+(what backends and error messages call it), its cost, whether the error analysis can express
+it, whether it has a backward pass, and its upward-pass kernel on each backend that runs it.
+Three ship with the library:
+
+* :class:`MeanCoarsening` (``coarsening="mean"``, the default, training-free) averages the
+  valid tokens of each sub-box;
+* :class:`ClusterCoarsening` (``coarsening="cluster"``) groups each box's keys by content
+  (k-means up the tree);
+* :class:`LearnedCoarsening` applies trained weights in the layout of
+  ``torch.nn.Conv1d(d, r*d, kernel_size=w, stride=w, groups=d)``, so weights trained in
+  PyTorch load unchanged.
+
+Adding a coarsening is one subclass of :class:`Coarsening` (its name, its cost, its
+``kernels``) and one kernel module per backend it runs on; a backend whose name is not in
+``kernels`` refuses it by name (:class:`fmm_attention.backends.BackendNotSupportedError`).
 """
 
 from __future__ import annotations
 
+import importlib
+from dataclasses import dataclass
+
 import numpy as np
 
-from ._validate import as_array
+from ._validate import as_array, check_count
 
-__all__ = ["LearnedCoarsening"]
+__all__ = ["ClusterCoarsening", "Coarsening", "LearnedCoarsening", "MeanCoarsening", "as_coarsening"]
+
+#: The strings ``coarsening=`` accepts, and the coarsening each one names.
+NAMES = ("mean", "cluster")
+
+
+class Coarsening:
+    """The protocol of a far-field coarsening: what a far box's coarse keys and values are.
+
+    Subclasses set the class attributes and, where the defaults do not fit, override
+    :meth:`check_tree` and :meth:`upward_flops`. Instances must be hashable
+    (:class:`~fmm_attention.options.FMMOptions` holds one and keys plans with it): a frozen
+    dataclass compares by value, a plain class by identity.
+
+    Attributes
+    ----------
+    name : str
+        The name backends declare support for and :class:`~fmm_attention.FMMStats` report.
+    analysis : bool
+        Whether :mod:`fmm_attention.analysis` can express it (a token-level implied
+        attention matrix exists and the analysis reproduces it).
+    differentiable : bool
+        Whether :func:`fmm_attention.fmm_attention_vjp` has its backward.
+    buffer_copies : int
+        Sets of coarse-buffer-sized temporaries its upward pass needs, counting the coarse
+        buffers themselves (for the memory estimate made before a call allocates).
+    kernels : dict
+        Backend name -> its upward pass, a callable or ``"module:function"`` (imported on
+        first use, so that declaring a CUDA kernel never imports :mod:`numba.cuda`). It is
+        called as ``upward(coarsening, batch, tree, valid=, has_mask=, count_scaling=, kc=,
+        vc=, cbias=)`` on the backend's arrays: ``batch`` the validated inputs ``(B, n, .)``,
+        ``valid`` ``(B, n)`` the tokens allowed into coarsening (read only when
+        ``has_mask``), and it writes every row of the coarse keys ``kc`` ``(B, C, d)``,
+        values ``vc`` ``(B, C, dv)`` and logit biases ``cbias`` ``(B, C)`` (``-inf`` for a
+        row that summarises no valid token; rows ``tree.levels[l].offset + c * rank + t``).
+    """
+
+    name = ""
+    analysis = False
+    differentiable = False
+    buffer_copies = 1
+    kernels = {}
+
+    def kernel(self, backend):
+        """The upward pass on ``backend`` (a name in :attr:`kernels`).
+
+        Parameters
+        ----------
+        backend : str
+
+        Returns
+        -------
+        callable
+
+        Raises
+        ------
+        ValueError
+            No kernel for ``backend`` (backends ask :meth:`runs_on` before they get here).
+        """
+        if backend not in self.kernels:
+            raise ValueError(f"{self.describe()} has no upward pass on backend {backend!r}")
+        entry = self.kernels[backend]
+        if isinstance(entry, str):
+            module, _, attr = entry.partition(":")
+            entry = getattr(importlib.import_module(module), attr)
+        return entry
+
+    def runs_on(self, backend):
+        """Whether the coarsening declares a kernel for ``backend`` (a name).
+
+        Parameters
+        ----------
+        backend : str
+
+        Returns
+        -------
+        bool
+        """
+        return backend in self.kernels
+
+    def check_tree(self, tree, d, dv):
+        """Raise ``ValueError`` unless the coarsening fits ``tree`` (default: every tree fits).
+
+        Parameters
+        ----------
+        tree : FMMTree
+        d, dv : int
+            Feature dims of the keys and of the values.
+        """
+
+    def upward_flops(self, tree, d, dv):
+        """Multiply-adds of the upward pass for one batch entry (default: one pass over the
+        tokens per level).
+
+        Parameters
+        ----------
+        tree : FMMTree
+        d, dv : int
+
+        Returns
+        -------
+        float
+        """
+        return float((d + dv) * tree.n * tree.n_levels)
+
+    def describe(self):
+        """The coarsening as error messages show it, e.g. ``"coarsening='mean'"``.
+
+        Returns
+        -------
+        str
+        """
+        return f"coarsening={self!r}"
+
+
+@dataclass(frozen=True)
+class MeanCoarsening(Coarsening):
+    """Mean coarsening (``coarsening="mean"``): each coarse key and value is the mean of the
+    valid tokens of its sub-box of ``w_l / r_l`` tokens, with count bias ``log(count)``.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from fmm_attention import MeanCoarsening, fmm_attention
+    >>> x = np.random.default_rng(0).standard_normal((64, 4))
+    >>> a = fmm_attention(x, x, x, block_size=8, rank=2, coarsening=MeanCoarsening())
+    >>> bool(np.array_equal(a, fmm_attention(x, x, x, block_size=8, rank=2, coarsening="mean")))
+    True
+    """
+
+    name = "mean"
+    analysis = True
+    differentiable = True
+    kernels = {"cpu": "fmm_attention.cpu.coarse:mean_upward", "cuda": "fmm_attention.cuda.fma:mean_upward"}
+
+    def upward_flops(self, tree, d, dv):  # noqa: D102 (the protocol's docstring)
+        return float((d + dv) * (tree.n + 2 * sum(lv.n_boxes * lv.rank for lv in tree.levels)))
+
+    def describe(self):  # noqa: D102
+        return "coarsening='mean'"
+
+
+@dataclass(frozen=True)
+class ClusterCoarsening(Coarsening):
+    """Cluster coarsening (``coarsening="cluster"``): each box's keys grouped by content.
+
+    k-means up the tree, started from the children's groups; each coarse key and value is
+    the mean of the tokens of its group (see :mod:`fmm_attention.cpu.cluster`).
+
+    Parameters
+    ----------
+    iters : int, optional
+        Lloyd iterations per level (0 gives mean coarsening); ``cluster_iters=`` of
+        :func:`fmm_attention.fmm_attention`.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from fmm_attention import ClusterCoarsening, fmm_attention
+    >>> x = np.random.default_rng(0).standard_normal((64, 4))
+    >>> a = fmm_attention(x, x, x, block_size=8, rank=2, coarsening=ClusterCoarsening(iters=2))
+    >>> b = fmm_attention(x, x, x, block_size=8, rank=2, coarsening="cluster", cluster_iters=2)
+    >>> bool(np.array_equal(a, b))
+    True
+    """
+
+    iters: int = 3
+
+    name = "cluster"
+    buffer_copies = 2  # the group assignments and centres of the Lloyd steps
+    kernels = {"cpu": "fmm_attention.cpu.cluster:upward"}
+
+    def __post_init__(self):
+        object.__setattr__(self, "iters", check_count(self.iters, "cluster_iters"))
+
+    def upward_flops(self, tree, d, dv):  # noqa: D102
+        return float(sum(3 * d * lv.rank * tree.n * max(self.iters, 1) + (d + dv) * tree.n for lv in tree.levels))
+
+    def describe(self):  # noqa: D102
+        return "coarsening='cluster'"
+
+
+def as_coarsening(coarsening, cluster_iters=3):
+    """The :class:`Coarsening` that ``coarsening=`` names.
+
+    Parameters
+    ----------
+    coarsening : str or Coarsening
+        ``"mean"``, ``"cluster"`` or an instance (returned as it is).
+    cluster_iters : int, optional
+        The iterations of ``"cluster"`` (not checked for instances: they hold their own).
+
+    Returns
+    -------
+    Coarsening
+
+    Raises
+    ------
+    ValueError
+        Another string or object.
+    TypeError
+        ``cluster_iters`` not an integer (for ``"cluster"``).
+    """
+    if isinstance(coarsening, Coarsening):
+        return coarsening
+    if isinstance(coarsening, str) and coarsening == "mean":
+        return MeanCoarsening()
+    if isinstance(coarsening, str) and coarsening == "cluster":
+        return ClusterCoarsening(cluster_iters)
+    raise ValueError(
+        f"coarsening must be 'mean', 'cluster' or a LearnedCoarsening (or another Coarsening), got {coarsening!r}"
+    )
 
 
 def _weight_list(weights, name):
@@ -64,7 +289,7 @@ def _bias_list(biases, weights, name):
     return tuple(out)
 
 
-class LearnedCoarsening:
+class LearnedCoarsening(Coarsening):
     """Trained far-field coarsening: one grouped convolution per far level.
 
     At far level ``l`` (box size ``w_l``, ``r_l`` coarse keys per box) the coarse key in slot
@@ -116,6 +341,10 @@ class LearnedCoarsening:
     >>> bool(np.allclose(out, fmm_attention(x, x, x, block_size=m, rank=1)))
     True
     """
+
+    name = "learned"
+    differentiable = True
+    kernels = {"cpu": "fmm_attention.cpu.coarse:learned_upward", "cuda": "fmm_attention.cuda.fma:learned_upward"}
 
     def __init__(self, key_weights, value_weights, key_bias=None, value_bias=None):
         self.key_weights = _weight_list(key_weights, "key_weights")
@@ -190,6 +419,12 @@ class LearnedCoarsening:
             tuple(np.asarray(b, dtype=dtype) for b in self.key_bias),
             tuple(np.asarray(b, dtype=dtype) for b in self.value_bias),
         )
+
+    def upward_flops(self, tree, d, dv):  # noqa: D102 (the protocol's docstring)
+        return float(sum(2 * (d + dv) * lv.rank * tree.n for lv in tree.levels))
+
+    def describe(self):  # noqa: D102
+        return "coarsening=a LearnedCoarsening"
 
     def __repr__(self):
         widths = [w.shape[2] for w in self.key_weights]

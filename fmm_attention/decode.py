@@ -26,7 +26,7 @@ from ._validate import (
     check_scale,
     float_dtype,
 )
-from .coarsening import LearnedCoarsening
+from .coarsening import LearnedCoarsening, MeanCoarsening
 
 _EMPTY_INT = np.zeros(0, dtype=np.int64)
 
@@ -159,6 +159,8 @@ class FMMDecoder:
         self.method = check_choice(method, "method", ("fmm", "exact"))
         self.block_size = check_power_of_two(block_size, "block_size")
         self.rank = check_power_of_two(rank, "rank")
+        if isinstance(coarsening, MeanCoarsening):
+            coarsening = "mean"
         if not (isinstance(coarsening, LearnedCoarsening) or (isinstance(coarsening, str) and coarsening == "mean")):
             raise ValueError(
                 f"coarsening must be 'mean' or a LearnedCoarsening for decoding, got {coarsening!r} "

@@ -34,7 +34,7 @@ from ._validate import (
     check_bool,
     check_global_tokens,
 )
-from .coarsening import LearnedCoarsening
+from .coarsening import ClusterCoarsening
 from .options import FMMOptions
 from .tree import build_tree
 
@@ -288,15 +288,16 @@ def fmm_attention_vjp(q, k, v, *, causal=False, block_size=_config.DEFAULT_BLOCK
     )
     coarsening, count_scaling, query_coarsening = options.coarsening, options.count_scaling, options.query_coarsening
     cpu = _cpu_only(backend, q, k, v, options=options)
-    if isinstance(coarsening, str) and coarsening == "cluster":
+    if isinstance(coarsening, ClusterCoarsening):
         raise ValueError(
             "coarsening='cluster' has no backward yet (its group assignments are not exposed by the "
             "forward); use 'mean' or a LearnedCoarsening"
         )
+    if not coarsening.differentiable:
+        raise ValueError(f"{coarsening.describe()} has no backward; use 'mean' or a LearnedCoarsening")
     batch = attention_inputs(q, k, v, scale=scale, key_padding_mask=key_padding_mask, check_finite=check_finite)
     tree = build_tree(batch.n, block_size=block_size, rank=rank, causal=causal)
-    if isinstance(coarsening, LearnedCoarsening):
-        coarsening.check_tree(tree, batch.d, batch.dv)
+    coarsening.check_tree(tree, batch.d, batch.dv)
     global_tokens = check_global_tokens(global_tokens, batch.n)
     if isinstance(global_tokens, str):
         raise ValueError("global_tokens='auto' has no backward: pass the indices it chooses "

@@ -12,19 +12,68 @@ aligned sub-box of ``w_l / r_l`` tokens).
 
 from __future__ import annotations
 
+import collections
 import functools
 import os
+import threading
 from dataclasses import dataclass
 
 import numpy as np
 
 from . import _config
 from ._validate import check_bool, check_power_of_two
+from .coarsening import as_coarsening
 
 __all__ = ["FMMTree", "Level", "build_tree", "padded_length"]
 
 #: Segment kinds in a key plan: exact tokens of ``k``/``v``, or rows of the coarse buffers.
 TOKEN, COARSE = 0, 1
+
+
+class LRUCache:
+    """A least-recently-used cache of ``build(*key)`` whose size is a ``_config`` knob.
+
+    Unlike ``functools.lru_cache`` the size is read from ``_config`` at every insertion, so
+    a change of the knob takes effect at the next call (0 caches nothing).
+
+    Parameters
+    ----------
+    build : callable
+        Computes the value of a key (positional arguments).
+    size_knob : str
+        The name of the size in :mod:`fmm_attention._config`.
+    """
+
+    def __init__(self, build, size_knob):
+        self.build = build
+        self.size_knob = size_knob
+        self._data = collections.OrderedDict()
+        self._lock = threading.Lock()
+        functools.update_wrapper(self, build)
+
+    def __call__(self, *key):
+        """The value of ``key``, built on a miss."""
+        with self._lock:
+            if key in self._data:
+                self._data.move_to_end(key)
+                return self._data[key]
+        value = self.build(*key)
+        with self._lock:
+            self._data[key] = value
+            size = max(0, int(getattr(_config, self.size_knob)))
+            while len(self._data) > size:
+                self._data.popitem(last=False)
+        return value
+
+    def keys(self):
+        """The cached keys, least recently used first."""
+        with self._lock:
+            return list(self._data)
+
+    def cache_clear(self):
+        """Drop every cached value."""
+        with self._lock:
+            self._data.clear()
 
 
 def effective_block_size(n, block_size):
@@ -262,7 +311,9 @@ class FMMTree:
 
         Notes
         -----
-        Plans are cached per tree and arguments; the arrays are read-only.
+        Plans are cached by ``(n, block_size, rank, causal, with_far, global_tokens)`` (what
+        :meth:`FMMOptions.plan_key` gives), the ``_config.PLAN_CACHE_SIZE`` most recently
+        used, read at call time; the arrays are read-only.
 
         Examples
         --------
@@ -275,7 +326,26 @@ class FMMTree:
         >>> tree.plan(global_tokens=(0,))[2]
         33
         """
-        return _plan(self, bool(with_far), tuple(global_tokens))
+        return _plan(self.n, self.block_size, self.rank, self.causal, bool(with_far), tuple(global_tokens))
+
+    def plan_of(self, options):
+        """The key plan a call with ``options`` executes (:meth:`plan`, from the same cache).
+
+        Parameters
+        ----------
+        options : FMMOptions
+            Options of a call along this tree; :meth:`FMMOptions.plan_key` is the cache key.
+
+        Returns
+        -------
+        ptr, segments, max_keys
+            As :meth:`plan` with ``with_far = not options.query_coarsening`` and the
+            options' global tokens.
+        """
+        key = options.plan_key(self.n)
+        if key[:4] != (self.n, self.block_size, self.rank, self.causal):
+            raise ValueError(f"options {options} do not describe this tree ({self})")
+        return _plan(*key)
 
     @functools.cached_property
     def box_tables(self):
@@ -360,8 +430,8 @@ def _global_runs(global_tokens):
     return np.stack([firsts, lasts + 1], axis=1)
 
 
-@functools.lru_cache(maxsize=_config.PLAN_CACHE_SIZE)
-def _plan(tree, with_far, global_tokens):
+def _build_plan(n, m, p, causal, with_far, global_tokens):
+    tree = _build_tree(n, m, p, causal)
     # Built for all blocks at once: a column of candidate segments per slot (near field,
     # global runs left of it, global runs right of it, far boxes level by level), each
     # with a validity flag, then compressed row by row so every block keeps this order.
@@ -399,6 +469,10 @@ def _plan(tree, with_far, global_tokens):
     for arr in (ptr, segments):
         arr.setflags(write=False)
     return ptr, segments, max_keys
+
+
+#: Key plans by ``(n, block_size, rank, causal, with_far, global_tokens)``.
+_plan = LRUCache(_build_plan, "PLAN_CACHE_SIZE")
 
 
 def build_tree(n, *, block_size, rank, causal=False):
@@ -494,7 +568,7 @@ def fmm_call_bytes(tree, *, batch, d, dv, itemsize, refine=0, query_coarsening=F
     coarse queries and box partials), ``"refinement"`` (per-entry plans and the scoring
     work of the threads), ``"block buffers"`` (the block kernel's per-thread work buffers),
     ``"tree and key plan"``. Upper bounds to within small factors, computed before anything
-    is allocated.
+    is allocated. ``coarsening``: a :class:`~fmm_attention.coarsening.Coarsening` or its name.
     """
     if n_threads is None:
         import numba
@@ -504,7 +578,7 @@ def fmm_call_bytes(tree, *, batch, d, dv, itemsize, refine=0, query_coarsening=F
     n_blocks = tree.n_blocks
     _, boxes, rows = _level_sizes(n, m, tree.rank)
     columns = _plan_columns(tree.n_levels, n_globals, tree.causal)
-    coarse = B * rows * ((d + dv + 2) * itemsize + 8) * (2 if coarsening == "cluster" else 1)
+    coarse = B * rows * ((d + dv + 2) * itemsize + 8) * as_coarsening(coarsening).buffer_copies
     if query_coarsening:
         coarse += B * boxes * ((d + dv + 2) * itemsize + 8) + B * n_blocks * (dv + 2) * itemsize
     width = min(m, n) + 16  # queries per block, padded to the micro-kernel's panel
@@ -546,8 +620,7 @@ def check_memory(parts, culprits):
     )
 
 
-@functools.lru_cache(maxsize=_config.TREE_CACHE_SIZE)
-def _build_tree(n, m, p, causal):
+def _make_tree(n, m, p, causal):
     N = padded_length(n, m)
     n_levels = (N // m).bit_length() - 1 - 1  # log2(N/m) - 1
     levels = []
@@ -561,3 +634,7 @@ def _build_tree(n, m, p, causal):
         levels.append(Level(index, w, n_boxes, r, w // r, offset, inter))
         offset += n_boxes * r
     return FMMTree(n, N, m, p, causal, tuple(levels), offset)
+
+
+#: Trees by ``(n, block_size, rank, causal)``.
+_build_tree = LRUCache(_make_tree, "TREE_CACHE_SIZE")

@@ -52,7 +52,7 @@ def _unavailable():
 REASON = _unavailable()
 needs_cuda = pytest.mark.skipif(REASON is not None, reason=f"CUDA backend unavailable: {REASON}")
 needs_numba_cuda = pytest.mark.skipif(_numba_cuda_missing() is not None, reason=f"{_numba_cuda_missing()}")
-fastformer_attention = getattr(fa.api, "fastformer_attention", None)
+fastformer_attention = fa.fastformer_attention
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -174,8 +174,7 @@ def test_cpu_backend_never_imports_numba_cuda():
         fa.exact_attention(x, x, x)
         fa.fmm_attention(x, x, x, block_size=2, rank=2)
         fa.fmm_attention(x, x, x, block_size=2, rank=2, backend="cpu", query_coarsening=True)
-        if hasattr(fa, "fastformer_attention"):
-            fa.fastformer_attention(x, x, x, x[:, 0], x[:, 1])
+        fa.fastformer_attention(x, x, x, x[:, 0], x[:, 1])
         loaded = [m for m in ("numba.cuda", "fmm_attention.cuda") if m in sys.modules]
         assert not loaded, loaded
         print("clean")
@@ -389,7 +388,8 @@ def test_deterministic_and_independent_of_grid_size(monkeypatch):
     kwargs = dict(block_size=4, rank=2, backend="cuda", return_lse=True)
     first = fa.fmm_attention(q, k, v, **kwargs)
     again = fa.fmm_attention(q, k, v, **kwargs)
-    monkeypatch.setattr(_device, "MAX_BLOCKS", 1)  # one block strides over every job
+    monkeypatch.setattr(_config, "CUDA_MAX_BLOCKS", 1)  # one block strides over every job (read at call time)
+    assert _device.grid(1000, 4) == 1
     strided = fa.fmm_attention(q, k, v, **kwargs)
     for a, b, c in zip(first, again, strided, strict=True):
         np.testing.assert_array_equal(a, b)
@@ -412,12 +412,14 @@ def test_tiles_shrink_to_fit_shared_memory(monkeypatch):
     monkeypatch.setattr(_config, "CUDA_QUERY_TILE", 32)
     monkeypatch.setattr(_config, "CUDA_KEY_TILE", 32)
     small = _device.attention_tiles(64, 64, 4, max_rows=1024)
-    assert (small.rows, small.keys) == (32, 32) and small.shared_bytes <= _device.SHARED_MEMORY_BYTES
+    assert (small.rows, small.keys) == (32, 32) and small.shared_bytes <= _config.CUDA_SHARED_MEMORY_BYTES
     assert _device.attention_tiles(64, 64, 4, max_rows=8).rows == 8  # never more rows than the block
     big = _device.attention_tiles(512, 512, 8, max_rows=1024)
-    assert big.shared_bytes <= _device.SHARED_MEMORY_BYTES and big.rows >= 1 and big.keys >= 1
+    assert big.shared_bytes <= _config.CUDA_SHARED_MEMORY_BYTES and big.rows >= 1 and big.keys >= 1
     with pytest.raises(ValueError, match="too large"):
         _device.attention_tiles(4096, 4096, 8, max_rows=32)
+    monkeypatch.setattr(_config, "CUDA_SHARED_MEMORY_BYTES", small.shared_bytes // 2)  # read at call time
+    assert _device.attention_tiles(64, 64, 4, max_rows=1024).shared_bytes <= small.shared_bytes // 2
     monkeypatch.setattr(_config, "CUDA_KEY_TILE", 0)
     with pytest.raises(ValueError, match="CUDA_KEY_TILE"):
         _device.attention_tiles(8, 8, 4, max_rows=32)
@@ -532,9 +534,6 @@ def test_empty_batch_and_float16_host_inputs(device):
 
 
 # ---------------------------------------------------------------- Fastformer
-needs_fastformer = pytest.mark.skipif(fastformer_attention is None, reason="fastformer_attention not in the API yet")
-
-
 def fastformer_inputs(dtype, seed=11):
     q, k, v = inputs((2, 2, 21, 3), dtype=dtype, seed=seed)
     rng = np.random.default_rng(seed + 1)
@@ -543,7 +542,6 @@ def fastformer_inputs(dtype, seed=11):
 
 
 @needs_cuda
-@needs_fastformer
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
 @pytest.mark.parametrize("causal", [False, True])
 def test_fastformer_matches_cpu(dtype, causal):
@@ -556,7 +554,6 @@ def test_fastformer_matches_cpu(dtype, causal):
 
 
 @needs_cuda
-@needs_fastformer
 def test_fastformer_device_arrays_and_large_logits(device):
     fcuda, cuda, _ = device
     from fmm_attention.cuda import _device

@@ -170,7 +170,8 @@ def _load(path, layers, heads):
 
 def _check_inputs(path, q, k, v, mask, args):
     """The library's own checks of the arrays and options, made before any work."""
-    from .._validate import attention_inputs, check_fmm_options
+    from .._validate import attention_inputs
+    from ..options import check_fmm_options
 
     with user_input(f"{path}: "):
         batch = attention_inputs(q, k, v, scale=args.scale, key_padding_mask=mask, check_finite=True)

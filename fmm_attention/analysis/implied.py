@@ -12,7 +12,8 @@ import numpy as np
 import scipy.special
 
 from .. import _config
-from .._validate import attention_inputs, check_bool, check_choice, check_fmm_options
+from .._validate import attention_inputs, check_bool, check_choice
+from ..options import check_fmm_options
 from ..coarsening import LearnedCoarsening
 from ..tree import build_tree
 

@@ -11,14 +11,16 @@ import numba
 import numpy as np
 
 from .. import _config
-from . import cluster as _cluster
+from ..coarsening import as_coarsening
 from ._launch import launch_guard as _launch_guard
 from .exact import exact_kernel
-from .fastformer import fastformer_batch  # noqa: F401  (the backend's Fastformer entry point)
 from .blocks import block_attention
+from .fastformer import fastformer_batch
 from .query_coarsening import coarse_queries, downward_pass, far_partials
 from .refine import refine_plans
-from .upward import box_counts_bias, learned_upward_level, mean_upward
+
+#: The entry points the CPU backend (:mod:`fmm_attention.backends`) and the VJPs call.
+__all__ = ["coarse_buffers", "exact_batch", "fastformer_batch", "fmm", "refine_capacity"]
 
 
 def _key_bias(batch):
@@ -79,9 +81,12 @@ def exact_batch(batch, *, causal, attn_mask=None, attn_bias=None, window=None):
 def coarse_buffers(batch, tree, coarsening, count_scaling, *, cluster_iters=0, coarse_valid=None):
     """Run the upward pass: coarse keys, values and biases of every level, ``(B, C, .)``.
 
+    ``coarsening`` is a :class:`~fmm_attention.coarsening.Coarsening` or its name
+    (``"cluster"`` with ``cluster_iters``); its ``"cpu"`` kernel fills the buffers.
     ``coarse_valid`` (B, n) marks the tokens that may enter coarsening (valid keys minus
     global tokens); ``None`` takes the batch's key validity.
     """
+    coarsening = as_coarsening(coarsening, cluster_iters)
     B = batch.k.shape[0]  # one upward pass per key/value set (grouped heads share it)
     dtype = batch.dtype
     kc = np.zeros((B, tree.n_coarse, batch.d), dtype=dtype)
@@ -91,27 +96,10 @@ def coarse_buffers(batch, tree, coarsening, count_scaling, *, cluster_iters=0, c
         _, valid, has_mask = _key_bias(batch)
     else:
         valid, has_mask = coarse_valid, True
+    upward = coarsening.kernel("cpu")
     with _launch_guard():
-        if isinstance(coarsening, str) and coarsening == "mean":
-            sub_sizes = np.array([lv.sub_box_size for lv in tree.levels], dtype=np.int64)
-            offsets = np.array([lv.offset for lv in tree.levels], dtype=np.int64)
-            n_rows = np.array([lv.n_boxes * lv.rank for lv in tree.levels], dtype=np.int64)
-            counts = np.zeros((B, tree.n_coarse), dtype=dtype)
-            mean_upward(batch.k, batch.v, valid, has_mask, sub_sizes, offsets, n_rows, count_scaling, kc, vc, cbias, counts)
-        elif isinstance(coarsening, str) and coarsening == "cluster":
-            levels = tree.levels
-            box_sizes, ranks, offsets = (np.array([getattr(lv, a) for lv in levels], dtype=np.int64)
-                                         for a in ("box_size", "rank", "offset"))
-            _cluster.cluster_upward(batch.k, batch.v, valid, has_mask, box_sizes, ranks, offsets, cluster_iters,
-                                    count_scaling, int(_config.CLUSTER_FLAT_SIZE),
-                                    max(1, int(_config.CLUSTER_CHUNKS)), kc, vc, cbias)
-        else:
-            kw, vw, kb, vb = coarsening.level_arrays(dtype)
-            for i, level in enumerate(tree.levels):
-                args = (level.box_size, level.rank, level.offset)
-                learned_upward_level(batch.k, valid, has_mask, kw[i], kb[i], *args, kc)
-                learned_upward_level(batch.v, valid, has_mask, vw[i], vb[i], *args, vc)
-                box_counts_bias(valid, has_mask, batch.k.shape[1], *args, count_scaling, kc, vc, cbias)
+        upward(coarsening, batch, tree, valid=valid, has_mask=has_mask, count_scaling=count_scaling, kc=kc, vc=vc,
+               cbias=cbias)
     return kc, vc, cbias
 
 
@@ -182,7 +170,7 @@ def _refined_plan(batch, tree, base, kc, vc, cbias, key_bias, has_mask, scale, b
     return seg_lo, seg_hi, out, max_keys
 
 
-def _auto_global_fmm(batch, tree, **options):
+def _auto_global_fmm(batch, tree, options):
     """FMA with ``global_tokens="auto"``: each entry's tokens chosen from its own inputs,
     entries with the same choice computed together, the per-entry plans stacked.
     """
@@ -205,7 +193,7 @@ def _auto_global_fmm(batch, tree, **options):
         rows = np.array(members)
         sub = dataclasses.replace(batch, q=batch.q[rows], k=batch.k[rows], v=batch.v[rows],
                                   valid=None if batch.valid is None else batch.valid[rows], lead_shape=(rows.size,))
-        o, s, (lo, hi, segments, sub_live) = fmm(sub, tree, global_tokens=tokens, **options)
+        o, s, (lo, hi, segments, sub_live) = fmm(sub, tree, options.replace(global_tokens=tokens))
         out[rows], lse[rows], live[rows] = o, s, sub_live
         seg_lo[rows], seg_hi[rows] = lo, hi  # a shared plan (1, ...) broadcasts to the group
         parts.append((rows, segments))
@@ -216,9 +204,9 @@ def _auto_global_fmm(batch, tree, **options):
     return out, lse, (seg_lo, seg_hi, stacked, live)
 
 
-def fmm(batch, tree, *, coarsening, count_scaling, query_coarsening, cluster_iters=0, refine=0, global_tokens=(),
-        entry_globals=None):
-    """Fast Multipole Attention of a validated batch along ``tree`` (the tree of the keys).
+def fmm(batch, tree, options, *, entry_globals=None):
+    """Fast Multipole Attention of a validated batch along ``tree`` (the tree of the keys)
+    with ``options`` (:class:`~fmm_attention.options.FMMOptions`, fitted by ``api.plan``).
 
     ``batch`` may be a :class:`~fmm_attention._shapes.ShapedBatch`: grouped heads and
     broadcast leading dims share one upward pass per key/value set and index it; queries
@@ -235,11 +223,11 @@ def fmm(batch, tree, *, coarsening, count_scaling, query_coarsening, cluster_ite
         The key plan executed (shared ``(1, ...)`` or per entry ``(B, ...)``) and which
         coarse rows ``(B, C)`` hold a valid token, for statistics.
     """
+    query_coarsening, refine, global_tokens = options.query_coarsening, options.refine, options.global_tokens
     if isinstance(global_tokens, str):  # "auto", validated by the options; one row set per entry
         from .._shapes import as_shaped, materialise
 
-        return _auto_global_fmm(materialise(as_shaped(batch)), tree, coarsening=coarsening, count_scaling=count_scaling,
-                                query_coarsening=query_coarsening, cluster_iters=cluster_iters, refine=refine)
+        return _auto_global_fmm(materialise(as_shaped(batch)), tree, options)
     from .._shapes import as_shaped, key_sets, materialise
 
     batch = as_shaped(batch)
@@ -256,17 +244,17 @@ def fmm(batch, tree, *, coarsening, count_scaling, query_coarsening, cluster_ite
     dtype = batch.dtype
     scale = dtype.type(batch.scale)
     key_bias, _, has_mask = _key_bias(batch)
-    kc, vc, cbias = coarse_buffers(batch, tree, coarsening, count_scaling, cluster_iters=cluster_iters,
+    kc, vc, cbias = coarse_buffers(batch, tree, options.coarsening, options.count_scaling,
                                    coarse_valid=_coarse_validity(batch, global_tokens, key_globals))
     if entry_globals is not None:
         seg_lo, seg_hi, segments, max_keys = _stacked_plans(tree, not query_coarsening, entry_globals)
     elif refine > 0:
-        base = tree.plan(with_far=not query_coarsening, global_tokens=global_tokens)
+        base = tree.plan_of(options)
         seg_lo, seg_hi, segments, max_keys = _refined_plan(
             batch, tree, base, kc, vc, cbias, key_bias, has_mask, scale, refine, global_tokens
         )
     else:
-        ptr, shared_segments, max_keys = tree.plan(with_far=not query_coarsening, global_tokens=global_tokens)
+        ptr, shared_segments, max_keys = tree.plan_of(options)
         seg_lo, seg_hi, segments = ptr[None, :-1], ptr[None, 1:], shared_segments[None]
     with _launch_guard():
         if query_coarsening:

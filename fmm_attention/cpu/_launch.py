@@ -170,7 +170,7 @@ class Chunked:
     Notes
     -----
     The kernel's speed (seconds per unit of work) is learned from its launches; before the
-    first it is taken as slow (:data:`_FIRST_SECONDS_PER_WORK`), so the first long call
+    first it is taken as slow (``_config.INTERRUPT_FIRST_SECONDS_PER_WORK``), so the first long call
     starts with a short chunk rather than a long one. A chunk has at least ``group`` jobs per
     thread.
     """
@@ -179,7 +179,7 @@ class Chunked:
         self.kernel = kernel
         self.layout = layout
         self.group = group
-        self.seconds_per_work = _FIRST_SECONDS_PER_WORK
+        self.seconds_per_work = float(_config.INTERRUPT_FIRST_SECONDS_PER_WORK)
 
     @property
     def signatures(self):
@@ -209,7 +209,3 @@ class Chunked:
         elapsed = time.perf_counter() - start
         if elapsed > 1e-3 and work > 0:  # shorter launches time the wake-up, not the work
             self.seconds_per_work = elapsed / work
-
-
-#: Seconds per unit of work assumed before a kernel's first launch: a slow 1e9 per second.
-_FIRST_SECONDS_PER_WORK = 1e-9

@@ -28,15 +28,6 @@ from ._jit import jit
 from ._softmax import exp_columns, exp_shift_sum
 from ._tiles import gemm_tiles, panel_width
 
-#: Exact backward: query rows and keys per tile inside each rectangle of the grid (the
-#: lead may move these into ``_config``).
-DQ_QUERY_TILE = 64
-DQ_KEY_TILE = 256
-#: Exact backward: the grid of partial sums is at most this many rectangles per side, and
-#: its rectangles hold at least ``MIN_SPAN`` queries (keys).
-MAX_GRID = 4
-MIN_SPAN = 512
-
 
 @jit()
 def _shift_of(lse, out):
@@ -49,8 +40,8 @@ def _shift_of(lse, out):
 
 # ---------------------------------------------------------------- exact attention
 @jit(parallel=True)
-def exact_backward_tiles(q, k, v, key_bias, has_mask, scale, causal, g, lse, delta, span_q, span_k,
-                         dq_part, dk_part, dv_part):
+def exact_backward_tiles(q, k, v, key_bias, has_mask, scale, causal, g, lse, delta, span_q, span_k, query_tile,
+                         key_tile, dq_part, dk_part, dv_part):
     """Exact attention's gradients in one recompute, as partial sums over a fixed grid.
 
     The (query, key) square is cut into ``n_h x n_c`` rectangles (``span_q`` queries by
@@ -58,7 +49,8 @@ def exact_backward_tiles(q, k, v, key_bias, has_mask, scale, causal, g, lse, del
     job each. Job ``(h, c)`` computes every logit of its rectangle once and writes
     ``dq_part[c]`` for its queries and ``dk_part[h]``, ``dv_part[h]`` for its keys, rows no
     other job writes; the caller sums the parts in index order. The grid depends on the
-    shapes only, never on the thread count, so the sums are always the same.
+    shapes only, never on the thread count, so the sums are always the same. Inside a
+    rectangle, ``query_tile`` rows meet ``key_tile`` keys at a time.
     """
     n_batch, n, d = q.shape
     n_h = dk_part.shape[0]
@@ -76,15 +68,15 @@ def exact_backward_tiles(q, k, v, key_bias, has_mask, scale, causal, g, lse, del
         dv_part[h, b, ka:kb] = 0
         if causal and ka >= qb:  # every key after every query: nothing to add
             continue
-        for i0 in range(qa, qb, DQ_QUERY_TILE):
-            i1 = min(qb, i0 + DQ_QUERY_TILE)
+        for i0 in range(qa, qb, query_tile):
+            i1 = min(qb, i0 + query_tile)
             rows = i1 - i0
             q_tile = q[b, i0:i1] * scale
             g_tile = np.ascontiguousarray(g[b, i0:i1])
             acc = np.zeros((rows, d), dtype=q.dtype)
             key_end = min(kb, i1) if causal else kb
-            for j0 in range(ka, key_end, DQ_KEY_TILE):
-                j1 = min(key_end, j0 + DQ_KEY_TILE)
+            for j0 in range(ka, key_end, key_tile):
+                j1 = min(key_end, j0 + key_tile)
                 scores = np.dot(q_tile, k[b, j0:j1].T)
                 grads = np.dot(g_tile, v[b, j0:j1].T)
                 for i in range(rows):

@@ -16,10 +16,9 @@ import numba
 import numpy as np
 
 from .. import _config
+from ..coarsening import MeanCoarsening, as_coarsening
 from ._launch import launch_guard
 from .backward import (
-    MAX_GRID,
-    MIN_SPAN,
     block_backward,
     exact_backward_tiles,
     learned_downward_level,
@@ -42,7 +41,8 @@ def _grid(n_batch, n):
     would change the order of the sums).
     """
     sides = 1
-    while sides < MAX_GRID and n_batch * sides * sides < 16 and n >= 2 * sides * MIN_SPAN:
+    max_grid, min_span = int(_config.BACKWARD_MAX_GRID), int(_config.BACKWARD_MIN_SPAN)
+    while sides < max_grid and n_batch * sides * sides < 16 and n >= 2 * sides * min_span:
         sides *= 2
     return sides
 
@@ -59,7 +59,8 @@ def exact_backward(batch, causal, g, lse, delta):
     dv_part = np.empty((sides,) + batch.v.shape, dtype=batch.dtype)
     with launch_guard(calls_blas=True):
         exact_backward_tiles(batch.q, batch.k, batch.v, key_bias, has_mask, scale, causal, g, lse, delta,
-                             span, span, dq_part, dk_part, dv_part)
+                             span, span, max(1, int(_config.BACKWARD_QUERY_TILE)),
+                             max(1, int(_config.BACKWARD_KEY_TILE)), dq_part, dk_part, dv_part)
     if sides == 1:
         return dq_part[0], dk_part[0], dv_part[0]
     # sums over the leading axis add the parts in index order: the same whatever the threads
@@ -87,6 +88,7 @@ class FMMResiduals:
         """
         from . import _coarse_validity, coarse_buffers  # the forward's own upward pass
 
+        coarsening = as_coarsening(coarsening)
         coarse_valid = _coarse_validity(batch, global_tokens)
         kc, vc, cbias = coarse_buffers(batch, tree, coarsening, count_scaling, coarse_valid=coarse_valid)
         if refined_plan is None:
@@ -147,7 +149,7 @@ def fmm_backward(res, g, lse, delta):
     levels = tree.levels
     learned = None
     with launch_guard():
-        if isinstance(res.coarsening, str):  # "mean" (cluster has no backward)
+        if isinstance(res.coarsening, MeanCoarsening):  # else learned: the others have no backward
             sub_sizes = np.array([lv.sub_box_size for lv in levels], dtype=np.int64)
             offsets = np.array([lv.offset for lv in levels], dtype=np.int64)
             counts = _mean_counts(valid, has, B, tree)

@@ -9,6 +9,7 @@ value are the means of the tokens it holds. See :func:`cluster_upward`.
 import numpy as np
 from numba import prange
 
+from .. import _config
 from ._jit import jit
 
 
@@ -204,3 +205,16 @@ def cluster_upward(k, v, valid, has_mask, box_sizes, ranks, offsets, iters, coun
             _merged_boxes(box_size, ranks[level], offsets[level], ranks[level - 1], offsets[level - 1], iters,
                           count_scaling, chunk * jobs // n_chunks, (chunk + 1) * jobs // n_chunks, n_boxes,
                           kc, vc, cbias, counts)
+
+
+def upward(coarsening, batch, tree, *, valid, has_mask, count_scaling, kc, vc, cbias):
+    """The upward pass of a :class:`~fmm_attention.ClusterCoarsening` (its CPU kernel entry).
+
+    The calling convention of :attr:`fmm_attention.coarsening.Coarsening.kernels`; the
+    level split and the work chunks are read from ``_config`` at call time.
+    """
+    levels = tree.levels
+    box_sizes, ranks, offsets = (np.array([getattr(lv, a) for lv in levels], dtype=np.int64)
+                                 for a in ("box_size", "rank", "offset"))
+    cluster_upward(batch.k, batch.v, valid, has_mask, box_sizes, ranks, offsets, coarsening.iters, count_scaling,
+                   int(_config.CLUSTER_FLAT_SIZE), max(1, int(_config.CLUSTER_CHUNKS)), kc, vc, cbias)

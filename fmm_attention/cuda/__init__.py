@@ -112,8 +112,10 @@ def fmm_attention(q, k, v, *, causal=False, block_size=_config.DEFAULT_BLOCK_SIZ
     causal : bool, optional
     block_size, rank : int, optional
         Powers of two: finest box size ``m`` and coarse keys per box ``p``.
-    coarsening : "mean" or LearnedCoarsening, optional
-        Learned weights are copied to the device once per coarsening object and dtype.
+    coarsening : "mean" or Coarsening, optional
+        A coarsening with a ``"cuda"`` kernel (:class:`~fmm_attention.MeanCoarsening`,
+        :class:`~fmm_attention.LearnedCoarsening`; others are refused by name). Learned
+        weights are copied to the device once per coarsening object and dtype.
     count_scaling, query_coarsening : bool, optional
     scale : float, optional
     key_padding_mask : array_like or device array of bool, shape (..., n), optional

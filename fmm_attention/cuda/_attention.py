@@ -38,6 +38,15 @@ def nonfinite(x, flag):
             flag[0] = 1
 
 
+def all_finite(arr):
+    """True if the device array ``arr`` holds no NaN or infinity (one pass, a 4-byte read back)."""
+    flat = arr.reshape(arr.size)
+    flag = _device.cuda_module().to_device(np.zeros(1, dtype=np.int32))
+    threads = _device.threads_per_block()
+    nonfinite[_device.grid(flat.size, threads), threads](flat, flag)
+    return int(flag.copy_to_host()[0]) == 0
+
+
 @functools.cache
 def attention_kernel(dtype_str):
     """The attention kernel compiled for one float dtype (``"float32"`` or ``"float64"``)."""

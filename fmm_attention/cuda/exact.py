@@ -12,5 +12,5 @@ from ._attention import attend
 
 
 def exact(batch, *, causal):
-    """Exact attention of a :class:`~._device.DeviceBatch`; ``(out, lse)`` device arrays."""
+    """Exact attention of a :class:`~._inputs.DeviceBatch`; ``(out, lse)`` device arrays."""
     return attend(batch, causal=causal, scale=batch.scale, exact=True, plan_block=max(1, batch.n))

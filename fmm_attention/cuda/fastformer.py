@@ -33,6 +33,7 @@ import numpy as np
 
 from .. import _config, _validate
 from . import _device
+from ._attention import all_finite
 
 cuda = _device.cuda_module()  # a module global, so that the CUDA simulator can swap it
 
@@ -297,34 +298,19 @@ def attention_vector(w, name, batch, check_finite):
     Host vectors are checked and broadcast like on the CPU, then copied in. Device vectors
     (float32/float64, C-contiguous) are broadcast on the device and cast to the batch dtype.
     """
-    from .._validate import attention_vector as _attention_vector
-
     B, d, lead = batch.batch, batch.d, batch.lead_shape
     if not _device.is_device_array(w):
-        host = _attention_vector(w, name, batch, check_finite)
+        host = _validate.attention_vector(w, name, batch, check_finite)
         return _device.cuda_module().to_device(np.ascontiguousarray(host))
     arr = _device.as_device_array(w, name)
-    dtype = np.dtype(arr.dtype)
-    if dtype not in _validate.KERNEL_DTYPES:
-        raise TypeError(f"{name} is a device array of dtype {dtype}; it must be float32 or float64")
+    _validate.check_kernel_dtypes({name: arr.dtype}, "device")
     shape = tuple(arr.shape)
-    if len(shape) < 1 or shape[-1] != d:
-        raise ValueError(f"{name} must have shape (..., d) with d = {d} (the feature dim of q), got {shape}")
-    try:
-        fits = np.broadcast_shapes(shape[:-1], lead) == lead
-    except ValueError:
-        fits = False
-    if not fits:
-        raise ValueError(
-            f"{name} of shape {shape} does not broadcast against the leading dims {lead} of q: "
-            f"expected (..., {d}) with leading dims broadcastable to {lead}, e.g. one vector per head"
-        )
-    if not arr.is_c_contiguous():
-        raise ValueError(f"{name} is a non-contiguous device array; pass a C-contiguous copy")
+    _validate.check_vector_shape(shape, name, d, lead)
+    _validate.check_c_contiguous(name, arr.is_c_contiguous(), arr.strides, "device")
     n_rows = int(np.prod(shape[:-1], dtype=np.int64))
     flat = arr.reshape(n_rows, d)
-    if check_finite and n_rows and not _device.all_finite(flat):
-        raise ValueError(f"{name} contains NaN or infinity (pass check_finite=False to skip this check)")
+    if check_finite and n_rows and not all_finite(flat):
+        raise _validate.nonfinite_error(name)
     rows = np.broadcast_to(np.arange(n_rows, dtype=np.int64).reshape(shape[:-1]), lead).reshape(B)
     out = _device.empty((B, d), batch.dtype)
     if B:
@@ -387,7 +373,7 @@ class _Pool:
 
 
 def fastformer(batch, w_q, w_k, *, causal):
-    """Fastformer core of a :class:`~._device.DeviceBatch`; ``w_q``, ``w_k`` device ``(B, d)``.
+    """Fastformer core of a :class:`~._inputs.DeviceBatch`; ``w_q``, ``w_k`` device ``(B, d)``.
 
     Returns
     -------

@@ -26,7 +26,6 @@ from types import SimpleNamespace
 
 import numpy as np
 
-from ..coarsening import LearnedCoarsening
 from . import _device
 from ._attention import attend
 
@@ -299,7 +298,11 @@ def _launch(kernel, n_jobs):
 
 
 def coarse_buffers(batch, tree, coarsening, count_scaling):
-    """The upward pass: coarse keys ``(B, C, d)``, values ``(B, C, dv)`` and biases ``(B, C)``."""
+    """The upward pass: coarse keys ``(B, C, d)``, values ``(B, C, dv)`` and biases ``(B, C)``.
+
+    ``coarsening``'s ``"cuda"`` kernel (:attr:`fmm_attention.coarsening.Coarsening.kernels`)
+    writes every row of the (uninitialised) buffers.
+    """
     B, d, dv, dtype = batch.batch, batch.d, batch.dv, batch.dtype
     C = tree.n_coarse
     kc = _device.empty((B, C, d), dtype)
@@ -307,26 +310,38 @@ def coarse_buffers(batch, tree, coarsening, count_scaling):
     cbias = _device.empty((B, C), dtype)
     has_mask = batch.valid is not None
     valid = batch.valid if has_mask else _device.dummy(2, np.bool_)
-    kern = kernels(dtype.name)
-    width = d + dv
-    if not isinstance(coarsening, LearnedCoarsening):  # "mean" (checked by the caller)
-        counts = _device.empty((B, C), dtype)
-        prev_size = prev_start = 0
-        for i, level in enumerate(tree.levels):
-            n_rows = level.n_boxes * level.rank
-            _launch(kern.mean_upward_level, B * n_rows * width)(
-                batch.k, batch.v, valid, has_mask, i, level.sub_box_size, level.offset, n_rows,
-                prev_size, prev_start, count_scaling, kc, vc, cbias, counts,
-            )
-            prev_size, prev_start = level.sub_box_size, level.offset
-    else:
-        kw, vw, kb, vb = _device.coarsening_arrays(coarsening, dtype)
-        for i, level in enumerate(tree.levels):
-            _launch(kern.learned_upward_level, B * level.n_boxes * level.rank * width)(
-                batch.k, batch.v, valid, has_mask, kw[i], kb[i], vw[i], vb[i], level.box_size,
-                level.rank, level.offset, level.n_boxes, count_scaling, kc, vc, cbias,
-            )
+    coarsening.kernel("cuda")(coarsening, batch, tree, valid=valid, has_mask=has_mask, count_scaling=count_scaling,
+                              kc=kc, vc=vc, cbias=cbias)
     return kc, vc, cbias
+
+
+def mean_upward(coarsening, batch, tree, *, valid, has_mask, count_scaling, kc, vc, cbias):
+    """Mean coarsening, one launch per level (the CUDA kernel of :class:`~fmm_attention.MeanCoarsening`)."""
+    B, dtype = batch.batch, batch.dtype
+    kern = kernels(dtype.name)
+    width = batch.d + batch.dv
+    counts = _device.empty(cbias.shape, dtype)
+    prev_size = prev_start = 0
+    for i, level in enumerate(tree.levels):
+        n_rows = level.n_boxes * level.rank
+        _launch(kern.mean_upward_level, B * n_rows * width)(
+            batch.k, batch.v, valid, has_mask, i, level.sub_box_size, level.offset, n_rows,
+            prev_size, prev_start, count_scaling, kc, vc, cbias, counts,
+        )
+        prev_size, prev_start = level.sub_box_size, level.offset
+
+
+def learned_upward(coarsening, batch, tree, *, valid, has_mask, count_scaling, kc, vc, cbias):
+    """One grouped convolution per level (the CUDA kernel of :class:`~fmm_attention.LearnedCoarsening`)."""
+    B, dtype = batch.batch, batch.dtype
+    kern = kernels(dtype.name)
+    width = batch.d + batch.dv
+    kw, vw, kb, vb = _device.coarsening_arrays(coarsening, dtype)
+    for i, level in enumerate(tree.levels):
+        _launch(kern.learned_upward_level, B * level.n_boxes * level.rank * width)(
+            batch.k, batch.v, valid, has_mask, kw[i], kb[i], vw[i], vb[i], level.box_size,
+            level.rank, level.offset, level.n_boxes, count_scaling, kc, vc, cbias,
+        )
 
 
 def _box_arrays(tree):
@@ -369,15 +384,15 @@ def far_field_partials(batch, tree, coarse):
     return part_max, part_sum, part_num  # rows 0 .. n_boxes(level 1) - 1 are the query blocks
 
 
-def fmm(batch, tree, *, coarsening, count_scaling, query_coarsening):
-    """FMA of a :class:`~._device.DeviceBatch` along ``tree``; ``(out, lse)`` device arrays."""
-    coarse = coarse_buffers(batch, tree, coarsening, count_scaling)
-    if query_coarsening:
-        inherit = far_field_partials(batch, tree, coarse)
-        plan = _device.tree_arrays(tree, "near_plan", lambda: tree.near_plan[:2])
-    else:
-        inherit = None
-        plan = _device.tree_arrays(tree, "key_plan", lambda: tree.key_plan[:2])
+def fmm(batch, tree, options):
+    """FMA of a :class:`~._inputs.DeviceBatch` along ``tree``; ``(out, lse)`` device arrays.
+
+    The key plan is copied to the device once per tree and plan key
+    (:meth:`~fmm_attention.options.FMMOptions.plan_key`).
+    """
+    coarse = coarse_buffers(batch, tree, options.coarsening, options.count_scaling)
+    inherit = far_field_partials(batch, tree, coarse) if options.query_coarsening else None
+    plan = _device.tree_arrays(tree, options.plan_key(tree.n), lambda: tree.plan_of(options)[:2])
     return attend(
         batch, causal=tree.causal, scale=batch.scale, exact=False, plan_block=tree.block_size,
         plan=plan, coarse=coarse, inherit=inherit,

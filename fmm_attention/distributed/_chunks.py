@@ -19,7 +19,6 @@ from ..tree import COARSE, TOKEN, build_tree
 
 #: Queries per product in the exact partial kernel: bounds the score tile to
 #: ``EXACT_QUERY_ROWS x key chunk`` floats per task.
-EXACT_QUERY_ROWS = 512
 
 
 # ---------------------------------------------------------------- input blocks
@@ -119,7 +118,7 @@ def exact_partial(q, keys, q_start, k_start, causal, scale):
     """Softmax attention of a query chunk against one key chunk: normalised ``(out, lse)``.
 
     ``q_start``/``k_start`` are the chunks' first global positions (for the causal mask).
-    Memory: one ``EXACT_QUERY_ROWS x c_k`` score tile at a time, never ``(n, n)``.
+    Memory: one ``_config.DASK_EXACT_QUERY_ROWS x c_k`` score tile at a time, never ``(n, n)``.
     ``keys`` is the key chunk's ``(k, v, valid)``.
     """
     k, v, valid = keys
@@ -134,8 +133,9 @@ def exact_partial(q, keys, q_start, k_start, causal, scale):
         k = np.where(valid[..., None], k, 0).astype(dtype, copy=False)
         v = np.where(valid[..., None], v, 0).astype(dtype, copy=False)
     scale = dtype.type(scale)
-    for r0 in range(0, cq, EXACT_QUERY_ROWS):
-        r1 = min(cq, r0 + EXACT_QUERY_ROWS)
+    rows = max(1, int(_config.DASK_EXACT_QUERY_ROWS))
+    for r0 in range(0, cq, rows):
+        r1 = min(cq, r0 + rows)
         scores = np.matmul(q[:, r0:r1] * scale, k.transpose(0, 2, 1))  # (B, rows, ck)
         allowed = np.ones((1, r1 - r0, ck), dtype=bool)
         if causal:

@@ -435,8 +435,8 @@ def fmm_attention(q, k, v, *, causal=False, block_size=_config.DEFAULT_BLOCK_SIZ
     (the last may be shorter), otherwise a ``ValueError`` names the nearest valid size.
     ``return_stats`` is not available for Dask inputs.
     """
-    from .._validate import check_accuracy_options, check_fmm_options
-    from ..coarsening import LearnedCoarsening
+    from ..coarsening import LearnedCoarsening, MeanCoarsening, as_coarsening
+    from ..options import check_accuracy_options, check_fmm_options
     from ..tree import build_tree
 
     causal = check_bool(causal, "causal")
@@ -451,8 +451,7 @@ def fmm_attention(q, k, v, *, causal=False, block_size=_config.DEFAULT_BLOCK_SIZ
                                                    query_coarsening=query_coarsening)
     inputs = _Inputs(q, k, v, key_padding_mask, scale)
     tree = build_tree(inputs.n, block_size=block_size, rank=rank, causal=causal)  # checks m, p
-    if isinstance(coarsening, LearnedCoarsening):
-        coarsening.check_tree(tree, inputs.d, inputs.dv)
+    as_coarsening(coarsening, cluster_iters).check_tree(tree, inputs.d, inputs.dv)
     if len(inputs.seq_chunks) == 1:
         kwargs = {"causal": causal, "block_size": block_size, "rank": rank, "coarsening": coarsening,
                       "count_scaling": count_scaling, "query_coarsening": query_coarsening, "scale": inputs.scale,
@@ -460,7 +459,8 @@ def fmm_attention(q, k, v, *, causal=False, block_size=_config.DEFAULT_BLOCK_SIZ
                       "global_tokens": global_tokens}
         res = _blockwise(_fmm_block, inputs, inputs.dv + return_lse, kwargs=kwargs, return_lse=return_lse)
         return _split_lse(res, inputs.dv, return_lse)
-    if (isinstance(coarsening, str) and coarsening == "cluster") or refine or global_tokens is not None:
+    if not isinstance(as_coarsening(coarsening, cluster_iters), (MeanCoarsening, LearnedCoarsening)) or refine or \
+            global_tokens is not None:
         raise ValueError(
             "fmm_attention on a Dask array chunked along the sequence supports mean and learned coarsening, "
             "fine or coarse queries (no cluster coarsening, refine or global_tokens: they need every key of a "
