@@ -14,9 +14,10 @@ FMA's coarse keys and values, O(n d / m) per level); probabilities are recompute
 held by reference: writing into ``q``, ``k``, ``v`` between the forward and a pullback
 changes the gradient (as with any saved tensor).
 
-Discrete choices are held fixed at their forward values: ``refine``'s plan and the count
-scaling bias (it depends on the mask only). ``coarsening="cluster"`` is not differentiable
-yet (its group assignments are not exposed by the forward kernels). Only the CPU backend
+Discrete choices are held fixed at their forward values: ``refine``'s plan,
+``coarsening="cluster"``'s group assignments (each coarse row is then the mean of a fixed
+set of tokens) and the count scaling bias (it depends on the mask and the groups only).
+Only the CPU backend
 has a backward; ``backend="cuda"`` and device arrays raise ``ValueError``.
 """
 
@@ -239,8 +240,8 @@ def fmm_attention_vjp(q, k, v, *, causal=False, block_size=_config.DEFAULT_BLOCK
     ----------
     q, k, v, causal, block_size, rank, coarsening, count_scaling, query_coarsening, scale, key_padding_mask, return_lse, check_finite, backend, cluster_iters, refine, global_tokens
         As for :func:`~fmm_attention.fmm_attention` (no ``return_stats``). ``refine``'s plan
-        is held fixed at the one the forward chose; ``coarsening="cluster"`` has no
-        backward yet.
+        and ``coarsening="cluster"``'s group assignments are held fixed at the ones the
+        forward chose (the gradient of the branch the forward took).
 
     Returns
     -------
@@ -254,8 +255,7 @@ def fmm_attention_vjp(q, k, v, *, causal=False, block_size=_config.DEFAULT_BLOCK
     Raises
     ------
     ValueError
-        ``backend="cuda"`` or device arrays, ``coarsening="cluster"``; every error of the
-        forward; from the pullback, cotangents of the wrong shape.
+        ``backend="cuda"`` or device arrays; every error of the forward; from the pullback, cotangents of the wrong shape.
 
     Examples
     --------
@@ -276,11 +276,6 @@ def fmm_attention_vjp(q, k, v, *, causal=False, block_size=_config.DEFAULT_BLOCK
     )
     coarsening, count_scaling, query_coarsening = options.coarsening, options.count_scaling, options.query_coarsening
     cpu = _cpu_only(backend, q, k, v, options=options)
-    if isinstance(coarsening, str) and coarsening == "cluster":
-        raise ValueError(
-            "coarsening='cluster' has no backward yet (its group assignments are not exposed by the "
-            "forward); use 'mean' or a LearnedCoarsening"
-        )
     batch = attention_inputs(q, k, v, scale=scale, key_padding_mask=key_padding_mask, check_finite=check_finite)
     tree = build_tree(batch.n, block_size=block_size, rank=rank, causal=causal)
     if isinstance(coarsening, LearnedCoarsening):
@@ -291,7 +286,7 @@ def fmm_attention_vjp(q, k, v, *, causal=False, block_size=_config.DEFAULT_BLOCK
 
     res = FMMResiduals.build(batch, tree, plan if refine > 0 else None, coarsening=coarsening,
                              count_scaling=count_scaling, query_coarsening=query_coarsening,
-                             global_tokens=global_tokens)
+                             global_tokens=global_tokens, cluster_iters=options.cluster_iters)
 
     def pullback(g_out, g_lse=None):
         g, delta = _pullback_inputs(batch, out, lse, g_out, g_lse)

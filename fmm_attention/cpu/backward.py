@@ -318,6 +318,37 @@ def mean_downward(valid, has_mask, sub_sizes, offsets, counts, dkc, dvc, dk, dv)
 
 
 @jit(parallel=True)
+def cluster_downward(valid, has_mask, box_sizes, ranks, offsets, labels, parents, counts, dkc, dvc, dk, dv):
+    """Adjoint of :func:`fmm_attention.cpu.cluster.cluster_groups` with its groups held fixed.
+
+    Every coarse row is the mean of the tokens of its group, so each of them receives
+    ``d(row) / count``. A token's row is ``labels`` at the token-level levels (its slot in
+    its box) and follows ``parents`` from the row below above them; one parallel job per
+    token sums its rows' shares level by level (tokens are independent: no atomics).
+    """
+    n_batch, n, d = dk.shape
+    e_v = dv.shape[2]
+    n_levels = box_sizes.size
+    n_flat = labels.shape[1]
+    for job in prange(n_batch * n):
+        b = job // n
+        t = job % n
+        if has_mask and not valid[b, t]:
+            continue
+        row = 0
+        for level in range(n_levels):
+            if level < n_flat:
+                row = offsets[level] + (t // box_sizes[level]) * ranks[level] + labels[b, level, t]
+            else:
+                row = parents[b, row]
+            inv = 1.0 / counts[b, row]
+            for e in range(d):
+                dk[b, t, e] += dkc[b, row, e] * inv
+            for e in range(e_v):
+                dv[b, t, e] += dvc[b, row, e] * inv
+
+
+@jit(parallel=True)
 def learned_downward_level(weights, valid, has_mask, box_size, rank, offset, dout, dx):
     """Adjoint of :func:`fmm_attention.cpu.fma.learned_upward_level` for its input: the
     transposed grouped convolution ``dx[c*w + u, e] += sum_t W[e*r + t, u] dout[c*r + t, e]``

@@ -21,6 +21,7 @@ from .backward import (
     MAX_GRID,
     MIN_SPAN,
     block_backward,
+    cluster_downward,
     exact_backward_tiles,
     learned_downward_level,
     learned_weight_grad,
@@ -79,16 +80,24 @@ class FMMResiduals:
     vc: np.ndarray
     cbias: np.ndarray
     plan: tuple  # seg_lo, seg_hi, segments, max_keys, col_ptr, t_ptr, t_cols, n_columns
+    groups: tuple | None = None  # cluster coarsening: (labels, parents, counts), held fixed
 
     @classmethod
-    def build(cls, batch, tree, refined_plan, *, coarsening, count_scaling, query_coarsening, global_tokens):
+    def build(cls, batch, tree, refined_plan, *, coarsening, count_scaling, query_coarsening, global_tokens,
+              cluster_iters=0):
         """Residuals of one forward call; ``refined_plan`` is the per-entry plan the forward
-        executed with ``refine > 0`` (held fixed), ``None`` for the shared plan.
+        executed with ``refine > 0`` (held fixed), ``None`` for the shared plan. With
+        ``coarsening="cluster"`` the upward pass is rerun (it is deterministic, so it makes
+        the forward's groups) recording each token's group at every level.
         """
         from . import _coarse_validity, coarse_buffers  # the forward's own upward pass
 
         coarse_valid = _coarse_validity(batch, global_tokens)
-        kc, vc, cbias = coarse_buffers(batch, tree, coarsening, count_scaling, coarse_valid=coarse_valid)
+        groups = None
+        if isinstance(coarsening, str) and coarsening == "cluster":
+            kc, vc, cbias, groups = _cluster_buffers(batch, tree, count_scaling, cluster_iters, coarse_valid)
+        else:
+            kc, vc, cbias = coarse_buffers(batch, tree, coarsening, count_scaling, coarse_valid=coarse_valid)
         if refined_plan is None:
             plan = shared_transpose(tree, not query_coarsening, tuple(global_tokens))
         else:
@@ -101,7 +110,7 @@ class FMMResiduals:
             plan = (seg_lo, seg_hi, segments, int(keys.max())) + transpose_plan(
                 seg_lo, seg_hi, segments, tree.n, tree.n_coarse
             )
-        return cls(batch, tree, coarsening, query_coarsening, coarse_valid, kc, vc, cbias, plan)
+        return cls(batch, tree, coarsening, query_coarsening, coarse_valid, kc, vc, cbias, plan, groups)
 
     def coarsening_mask(self):
         """``(valid, has_mask)`` of the tokens that entered coarsening."""
@@ -147,7 +156,11 @@ def fmm_backward(res, g, lse, delta):
     levels = tree.levels
     learned = None
     with launch_guard():
-        if isinstance(res.coarsening, str):  # "mean" (cluster has no backward)
+        if res.groups is not None:
+            labels, parents, counts = res.groups
+            box_sizes, ranks, offsets = _level_table(levels)
+            cluster_downward(valid, has, box_sizes, ranks, offsets, labels, parents, counts, dkc, dvc, dk, dv)
+        elif isinstance(res.coarsening, str):  # "mean"
             sub_sizes = np.array([lv.sub_box_size for lv in levels], dtype=np.int64)
             offsets = np.array([lv.offset for lv in levels], dtype=np.int64)
             counts = _mean_counts(valid, has, B, tree)
@@ -167,6 +180,38 @@ def fmm_backward(res, g, lse, delta):
                     target_b.append(gb)
             learned = tuple(tuple(x) for x in grads)
     return dq, dk, dv, learned
+
+
+def _level_table(levels):
+    return tuple(np.array([getattr(lv, a) for lv in levels], dtype=np.int64) for a in ("box_size", "rank", "offset"))
+
+
+def _cluster_buffers(batch, tree, count_scaling, iters, coarse_valid):
+    """Cluster coarsening's upward pass with its group assignments recorded:
+    ``(kc, vc, cbias, (labels, parents, counts))`` (see :func:`.cluster.cluster_groups`).
+    """
+    from .cluster import cluster_groups, flat_levels
+
+    B, C, n = batch.q.shape[0], tree.n_coarse, batch.n
+    dtype = batch.dtype
+    if coarse_valid is not None:
+        valid, has_mask = coarse_valid, True
+    elif batch.valid is not None:
+        valid, has_mask = batch.valid, True
+    else:
+        valid, has_mask = np.zeros((1, 1), dtype=np.bool_), False
+    box_sizes, ranks, offsets = _level_table(tree.levels)
+    flat_size = int(_config.CLUSTER_FLAT_SIZE)
+    kc = np.zeros((B, C, batch.d), dtype=dtype)
+    vc = np.zeros((B, C, batch.dv), dtype=dtype)
+    cbias = np.full((B, C), -np.inf, dtype=dtype)
+    counts = np.zeros((B, C), dtype=np.float64)
+    labels = np.zeros((B, flat_levels(box_sizes, flat_size), n), dtype=np.int64)
+    parents = np.zeros((B, C), dtype=np.int64)
+    with launch_guard():
+        cluster_groups(batch.k, batch.v, valid, has_mask, box_sizes, ranks, offsets, iters, count_scaling, flat_size,
+                       max(1, int(_config.CLUSTER_CHUNKS)), kc, vc, cbias, counts, True, labels, parents)
+    return kc, vc, cbias, (labels, parents, counts)
 
 
 def _mean_counts(valid, has_mask, B, tree):
