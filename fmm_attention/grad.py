@@ -212,12 +212,25 @@ def exact_attention_vjp(q, k, v, *, causal=False, scale=None, key_padding_mask=N
     >>> dq.shape
     (64, 8)
     """
-    causal = check_bool(causal, "causal")
     return_lse = check_bool(return_lse, "return_lse")
+    cpu, batch, causal = _exact_setup(q, k, v, causal=causal, scale=scale, key_padding_mask=key_padding_mask,
+                                      check_finite=check_finite, backend=backend)
+    out, lse = cpu.exact(batch, causal=causal)
+    pullback = _exact_pullback(batch, causal, out, lse)
+    result = (batch.restore(out), batch.restore(lse, last_dim=False)) if return_lse else batch.restore(out)
+    return result, pullback
+
+
+# The forward/pullback halves are separate so that an adapter whose forward and backward
+# run apart (jax.pure_callback) can rebuild a pullback from the saved output and lse.
+def _exact_setup(q, k, v, *, causal, scale, key_padding_mask, check_finite, backend):
+    causal = check_bool(causal, "causal")
     cpu = _cpu_only(backend, q, k, v)
     batch = attention_inputs(q, k, v, scale=scale, key_padding_mask=key_padding_mask, check_finite=check_finite)
-    out, lse = cpu.exact(batch, causal=causal)
+    return cpu, batch, causal
 
+
+def _exact_pullback(batch, causal, out, lse):
     def pullback(g_out, g_lse=None):
         from .cpu.backward_ops import exact_backward
 
@@ -225,8 +238,7 @@ def exact_attention_vjp(q, k, v, *, causal=False, scale=None, key_padding_mask=N
         dq, dk, dv = exact_backward(batch, causal, g, lse, delta)
         return AttentionGradients(_restore(batch, dq), _restore(batch, dk), _restore(batch, dv))
 
-    result = (batch.restore(out), batch.restore(lse, last_dim=False)) if return_lse else batch.restore(out)
-    return result, pullback
+    return pullback
 
 
 # ---------------------------------------------------------------- FMA
@@ -255,7 +267,8 @@ def fmm_attention_vjp(q, k, v, *, causal=False, block_size=_config.DEFAULT_BLOCK
     Raises
     ------
     ValueError
-        ``backend="cuda"`` or device arrays; every error of the forward; from the pullback, cotangents of the wrong shape.
+        ``backend="cuda"`` or device arrays; every error of the forward; from the
+        pullback, cotangents of the wrong shape.
 
     Examples
     --------
@@ -267,26 +280,46 @@ def fmm_attention_vjp(q, k, v, *, causal=False, block_size=_config.DEFAULT_BLOCK
     >>> grads.k.shape, grads.coarsening is None
     ((100, 8), True)
     """
-    causal = check_bool(causal, "causal")
     return_lse = check_bool(return_lse, "return_lse")
+    cpu, batch, tree, options = _fmm_setup(
+        q, k, v, causal=causal, block_size=block_size, rank=rank, coarsening=coarsening,
+        count_scaling=count_scaling, query_coarsening=query_coarsening, scale=scale,
+        key_padding_mask=key_padding_mask, check_finite=check_finite, backend=backend,
+        cluster_iters=cluster_iters, refine=refine, global_tokens=global_tokens,
+    )
+    out, lse, plan = cpu.fmm(batch, tree, options)
+    pullback = _fmm_pullback(batch, tree, options, out, lse, plan)
+    result = (batch.restore(out), batch.restore(lse, last_dim=False)) if return_lse else batch.restore(out)
+    return result, pullback
+
+
+def _fmm_setup(q, k, v, *, causal, block_size, rank, coarsening, count_scaling, query_coarsening, scale,
+               key_padding_mask, check_finite, backend, cluster_iters, refine, global_tokens):
+    """``(cpu, batch, tree, options)``: validated inputs and the options of the forward
+    call (its global tokens resolved against ``n``).
+    """
+    causal = check_bool(causal, "causal")
     options = FMMOptions.create(
         causal=causal, block_size=block_size, rank=rank, coarsening=coarsening, count_scaling=count_scaling,
         query_coarsening=query_coarsening, scale=scale, cluster_iters=cluster_iters, refine=refine,
         global_tokens=global_tokens,
     )
-    coarsening, count_scaling, query_coarsening = options.coarsening, options.count_scaling, options.query_coarsening
     cpu = _cpu_only(backend, q, k, v, options=options)
     batch = attention_inputs(q, k, v, scale=scale, key_padding_mask=key_padding_mask, check_finite=check_finite)
     tree = build_tree(batch.n, block_size=block_size, rank=rank, causal=causal)
-    if isinstance(coarsening, LearnedCoarsening):
-        coarsening.check_tree(tree, batch.d, batch.dv)
-    global_tokens = check_global_tokens(global_tokens, batch.n)
-    out, lse, plan = cpu.fmm(batch, tree, options.replace(global_tokens=global_tokens))
+    if isinstance(options.coarsening, LearnedCoarsening):
+        options.coarsening.check_tree(tree, batch.d, batch.dv)
+    options = options.replace(global_tokens=check_global_tokens(global_tokens, batch.n))
+    return cpu, batch, tree, options
+
+
+def _fmm_pullback(batch, tree, options, out, lse, plan):
+    """The pullback of a forward call that returned ``out``, ``lse`` and ``plan``."""
     from .cpu.backward_ops import FMMResiduals, fmm_backward
 
-    res = FMMResiduals.build(batch, tree, plan if refine > 0 else None, coarsening=coarsening,
-                             count_scaling=count_scaling, query_coarsening=query_coarsening,
-                             global_tokens=global_tokens, cluster_iters=options.cluster_iters)
+    res = FMMResiduals.build(batch, tree, plan if options.refine > 0 else None, coarsening=options.coarsening,
+                             count_scaling=options.count_scaling, query_coarsening=options.query_coarsening,
+                             global_tokens=options.global_tokens, cluster_iters=options.cluster_iters)
 
     def pullback(g_out, g_lse=None):
         g, delta = _pullback_inputs(batch, out, lse, g_out, g_lse)
@@ -295,8 +328,7 @@ def fmm_attention_vjp(q, k, v, *, causal=False, block_size=_config.DEFAULT_BLOCK
             learned = LearnedCoarseningGradients(*learned)
         return FMMGradients(_restore(batch, dq), _restore(batch, dk), _restore(batch, dv), learned)
 
-    result = (batch.restore(out), batch.restore(lse, last_dim=False)) if return_lse else batch.restore(out)
-    return result, pullback
+    return pullback
 
 
 # ---------------------------------------------------------------- Fastformer
@@ -345,6 +377,15 @@ def fastformer_attention_vjp(q, k, v, w_q, w_k, *, causal=False, scale=None, key
     >>> pullback(np.ones_like(u)).w_q.shape
     (4, 8)
     """
+    cpu, batch, causal, wq, wk, shapes = _fastformer_setup(
+        q, k, v, w_q, w_k, causal=causal, scale=scale, key_padding_mask=key_padding_mask,
+        check_finite=check_finite, backend=backend,
+    )
+    out, _, _ = cpu.fastformer(batch, wq, wk, causal=causal, return_pools=False)
+    return batch.restore(out), _fastformer_pullback(batch, causal, wq, wk, shapes)
+
+
+def _fastformer_setup(q, k, v, w_q, w_k, *, causal, scale, key_padding_mask, check_finite, backend):
     causal = check_bool(causal, "causal")
     cpu = _cpu_only(backend, q, k, v, w_q, w_k)
     batch = attention_inputs(q, k, v, scale=scale, key_padding_mask=key_padding_mask, check_finite=check_finite)
@@ -353,11 +394,16 @@ def fastformer_attention_vjp(q, k, v, w_q, w_k, *, causal=False, scale=None, key
             f"v must have the feature dim d = {batch.d} of q (u = kg * v is element-wise), got "
             f"v of shape {batch.lead_shape + (batch.n, batch.dv)}"
         )
-    shape_q, shape_k = np.shape(as_array(w_q, "w_q")), np.shape(as_array(w_k, "w_k"))
+    shapes = np.shape(as_array(w_q, "w_q")), np.shape(as_array(w_k, "w_k"))
     # own writable copies (B, d): broadcast views are read-only, which Numba types apart
     wq = np.array(attention_vector(w_q, "w_q", batch, check_finite), dtype=batch.dtype, order="C")
     wk = np.array(attention_vector(w_k, "w_k", batch, check_finite), dtype=batch.dtype, order="C")
-    out, _, _ = cpu.fastformer(batch, wq, wk, causal=causal, return_pools=False)
+    return cpu, batch, causal, wq, wk, shapes
+
+
+def _fastformer_pullback(batch, causal, wq, wk, shapes):
+    """The pullback (it recomputes the pools from the inputs, so needs no forward output)."""
+    shape_q, shape_k = shapes
 
     def pullback(g_out):
         from .cpu.backward_fastformer import fastformer_backward
@@ -369,5 +415,5 @@ def fastformer_attention_vjp(q, k, v, w_q, w_k, *, causal=False, scale=None, key
             _unbroadcast(dwq, shape_q, batch.lead_shape), _unbroadcast(dwk, shape_k, batch.lead_shape),
         )
 
-    return batch.restore(out), pullback
+    return pullback
 
