@@ -14,7 +14,7 @@ FASTMATH = {"reassoc", "contract", "arcp", "nsz"}
 
 #: Cache compiled CPU kernels on disk (``__pycache__``) so later processes skip the JIT.
 #: Numba invalidates a cached kernel only when *its own* file changes: after editing a
-#: helper in ``cpu/_blocks.py``, delete the ``*.nbi``/``*.nbc`` files (or the kernels that
+#: helper in ``cpu/_softmax.py``, delete the ``*.nbi``/``*.nbc`` files (or the kernels that
 #: inline it keep the old code). Installed releases are unaffected: every file changes.
 CACHE = True
 

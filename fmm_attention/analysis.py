@@ -33,7 +33,7 @@ from . import _config
 from ._validate import attention_inputs, check_bool, check_choice, check_fmm_options
 from .api import fmm_attention
 from .coarsening import LearnedCoarsening
-from .cpu._blocks import jit
+from .cpu._jit import jit
 from .cpu._launch import launch_guard
 from .tree import build_tree
 

@@ -522,7 +522,7 @@ class FMMDecoder:
             self._grow_levels(n_levels)
             if n_levels == 0:
                 return
-            from .cpu.fma import mean_upward
+            from .cpu.upward import mean_upward
 
             widths = [m << lv for lv in range(n_levels)]
             ranks = [min(p, w) for w in widths]

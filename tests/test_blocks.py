@@ -1,10 +1,10 @@
-"""The online-softmax building blocks of the CPU kernels (cpu/_blocks.py) against NumPy."""
+"""The online-softmax building blocks of the CPU kernels (cpu/_softmax.py) against NumPy."""
 
 import numpy as np
 import pytest
 from numba import njit
 
-from fmm_attention.cpu._blocks import exp_shift_sum, row_max, softmax_columns
+from fmm_attention.cpu._softmax import exp_shift_sum, row_max, softmax_columns
 
 
 @njit(cache=False)

@@ -298,7 +298,7 @@ def test_torch_conv1d_layout():
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
 def test_bias_or_no_bias_compile_no_new_kernel_variant(dtype):
     """Given biases and default (zero) biases reach the kernels as the same Numba type."""
-    from fmm_attention.cpu.fma import learned_upward_level
+    from fmm_attention.cpu.upward import learned_upward_level
 
     n, m, p, d = 50, 4, 2, 3
     tree = build_tree(n, block_size=m, rank=p)

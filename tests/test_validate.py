@@ -304,7 +304,8 @@ def test_readonly_inputs_compile_no_new_kernel_variant():
     """Read-only arrays are a distinct Numba type: they must not trigger a second compilation
     of every kernel (tens of seconds), the inputs are copied instead."""
     from fmm_attention.cpu.exact import exact_kernel
-    from fmm_attention.cpu.fma import block_attention, mean_upward
+    from fmm_attention.cpu.blocks import block_attention
+    from fmm_attention.cpu.upward import mean_upward
 
     q, k, v = qkv(np.float64)
     mask = np.ones((2, N), bool)

@@ -15,16 +15,10 @@ from . import cluster as _cluster
 from ._launch import launch_guard as _launch_guard
 from .exact import exact_kernel
 from .fastformer import fastformer_batch  # noqa: F401  (the backend's Fastformer entry point)
-from .fma import (
-    block_attention,
-    box_counts_bias,
-    coarse_queries,
-    downward_pass,
-    far_partials,
-    learned_upward_level,
-    mean_upward,
-    refine_plans,
-)
+from .blocks import block_attention
+from .query_coarsening import coarse_queries, downward_pass, far_partials
+from .refine import refine_plans
+from .upward import box_counts_bias, learned_upward_level, mean_upward
 
 
 def _key_bias(batch):

@@ -24,7 +24,8 @@ import numpy as np
 from numba import prange
 
 from ..tree import TOKEN
-from ._blocks import exp_columns, exp_shift_sum, jit
+from ._jit import jit
+from ._softmax import exp_columns, exp_shift_sum
 from ._tiles import gemm_tiles, panel_width
 
 #: Exact backward: query rows and keys per tile inside each rectangle of the grid (the
@@ -113,7 +114,7 @@ def block_backward(
     q, k, v, key_bias, has_mask, kc, vc, cbias, seg_lo, seg_hi, segments, col_ptr, max_keys, block_size,
     scale, causal, g, lse, delta, n_chunks, dq, dk_cols, dv_cols,
 ):
-    """Backward of :func:`fmm_attention.cpu.fma.block_attention` over the same plan.
+    """Backward of :func:`fmm_attention.cpu.blocks.block_attention` over the same plan.
 
     For block ``I`` of entry ``b`` (plan ``p = b``, or ``p = 0`` when shared) the plan's
     columns are gathered in segment order, exactly as the forward lists them: token rows
@@ -280,7 +281,7 @@ def reduce_columns(dk_cols, dv_cols, t_ptr, t_cols, n, dk, dv, dkc, dvc):
 # ---------------------------------------------------------------- coarsening adjoints
 @jit(parallel=True)
 def mean_downward(valid, has_mask, sub_sizes, offsets, counts, dkc, dvc, dk, dv):
-    """Adjoint of :func:`fmm_attention.cpu.fma.mean_upward`, a downward pass.
+    """Adjoint of :func:`fmm_attention.cpu.upward.mean_upward`, a downward pass.
 
     A coarse row is the mean of the valid tokens of its sub-box, so each of them receives
     ``d(row) / count``. Sub-boxes nest, so all tokens of one level-1 sub-box receive the
@@ -350,7 +351,7 @@ def cluster_downward(valid, has_mask, box_sizes, ranks, offsets, labels, parents
 
 @jit(parallel=True)
 def learned_downward_level(weights, valid, has_mask, box_size, rank, offset, dout, dx):
-    """Adjoint of :func:`fmm_attention.cpu.fma.learned_upward_level` for its input: the
+    """Adjoint of :func:`fmm_attention.cpu.upward.learned_upward_level` for its input: the
     transposed grouped convolution ``dx[c*w + u, e] += sum_t W[e*r + t, u] dout[c*r + t, e]``
     (valid tokens only; padded and masked tokens entered as zeros).
     """

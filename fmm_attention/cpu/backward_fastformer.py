@@ -15,7 +15,7 @@ adjoint runs backwards once with suffix sums rescaled by ``exp(lse_j - lse_{j+1}
 import numpy as np
 from numba import prange
 
-from ._blocks import jit
+from ._jit import jit
 
 
 def _softmax(logits):

@@ -9,7 +9,7 @@ value are the means of the tokens it holds. See :func:`cluster_upward`.
 import numpy as np
 from numba import prange
 
-from ._blocks import jit
+from ._jit import jit
 
 
 @jit()

@@ -12,7 +12,7 @@ The state of one sequence (see :class:`fmm_attention.FMMDecoder`):
 A token is first written into the state (finishing every box it closes), then its query
 attends near ring, global tokens and listed coarse rows in one joint softmax. The mean
 rows are made with the arithmetic of the forward's upward pass
-(:func:`fmm_attention.cpu.fma.mean_upward`: level 1 from tokens, each later level from its
+(:func:`fmm_attention.cpu.upward.mean_upward`: level 1 from tokens, each later level from its
 two children), and the learned sums in the forward's order, so the rows match the one-shot
 forward to rounding.
 """
@@ -20,7 +20,8 @@ forward to rounding.
 import numpy as np
 from numba import prange
 
-from ._blocks import exp_shift_sum, jit
+from ._jit import jit
+from ._softmax import exp_shift_sum
 
 
 @jit()

@@ -12,7 +12,8 @@ import numpy as np
 from numba import prange
 
 from .. import _config
-from ._blocks import exp_shift_sum, jit, row_max
+from ._jit import jit
+from ._softmax import exp_shift_sum, row_max
 from ._launch import Chunked
 
 

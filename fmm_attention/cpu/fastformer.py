@@ -20,7 +20,8 @@ import numpy as np
 from numba import prange
 
 from .. import _config
-from ._blocks import exp_inplace, jit
+from ._jit import jit
+from ._softmax import exp_inplace
 from ._launch import launch_guard
 
 

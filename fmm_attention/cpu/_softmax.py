@@ -1,4 +1,4 @@
-"""Online-softmax building blocks shared by the CPU kernels.
+"""Online-softmax building blocks shared by the CPU kernels: exponentials, maxima, softmax.
 
 The exponential is the hot spot of every attention kernel: numba's ``math.exp`` compiles
 to a scalar libm call (about 2.7 ns per element here), NumPy's SIMD ``exp`` cannot be
@@ -158,11 +158,6 @@ def _exp_inplace_overload(x):
 
         return impl
     return None
-
-
-def jit(**options):
-    """``numba.njit`` with the library's cache and fastmath settings."""
-    return njit(cache=_config.CACHE, fastmath=_config.FASTMATH, **options)
 
 
 def _maxnum(a, b):

@@ -1,0 +1,130 @@
+"""The upward pass on the CPU: coarse keys, values and their count bias, level by level.
+
+Mean coarsening averages each box's valid tokens (level 1 from tokens, each later level
+from its sub-boxes, so one pass per level reads only the level below); learned coarsening
+applies one level's grouped convolution to the level below. :func:`box_counts_bias` gives
+the log-count bias of a box's coarse rows (``count_scaling``) and ``-inf`` for boxes with
+no valid token.
+"""
+
+import numpy as np
+from numba import prange
+
+from ._jit import jit
+
+@jit(parallel=True)
+def mean_upward(k, v, valid, has_mask, sub_sizes, offsets, n_rows, count_scaling, kc, vc, cbias, counts):
+    """Mean coarsening of every level in one O(n d) upward pass.
+
+    Level 1 averages tokens; each later level either reuses the previous level's sub-boxes
+    (same sub-box size, more slots) or merges pairs of them, weighted by their counts.
+    Rows with no valid token get zero keys/values and bias ``-inf``.
+    """
+    n_batch, n, d = k.shape
+    dv = v.shape[2]
+    for level in range(sub_sizes.size):
+        size = sub_sizes[level]
+        start = offsets[level]
+        for job in prange(n_batch * n_rows[level]):
+            b = job // n_rows[level]
+            g = job % n_rows[level]
+            row = start + g
+            # explicit loops over channels: row expressions like kc[b, row] += k[b, t]
+            # allocate a temporary per token in compiled code
+            if level == 0:
+                kc[b, row] = 0
+                vc[b, row] = 0
+                count = 0
+                for t in range(g * size, min(n, (g + 1) * size)):
+                    if has_mask and not valid[b, t]:
+                        continue
+                    count += 1
+                    for e in range(d):
+                        kc[b, row, e] += k[b, t, e]
+                    for e in range(dv):
+                        vc[b, row, e] += v[b, t, e]
+                if count > 0:
+                    inv = 1.0 / count
+                    for e in range(d):
+                        kc[b, row, e] *= inv
+                    for e in range(dv):
+                        vc[b, row, e] *= inv
+            elif sub_sizes[level - 1] == size:
+                prev = offsets[level - 1] + g
+                kc[b, row] = kc[b, prev]
+                vc[b, row] = vc[b, prev]
+                count = counts[b, prev]
+            else:
+                left = offsets[level - 1] + 2 * g
+                c0 = counts[b, left]
+                c1 = counts[b, left + 1]
+                count = c0 + c1
+                if count > 0:
+                    w0 = c0 / count
+                    w1 = c1 / count
+                    for e in range(d):
+                        kc[b, row, e] = w0 * kc[b, left, e] + w1 * kc[b, left + 1, e]
+                    for e in range(dv):
+                        vc[b, row, e] = w0 * vc[b, left, e] + w1 * vc[b, left + 1, e]
+                else:
+                    kc[b, row] = 0
+                    vc[b, row] = 0
+            counts[b, row] = count
+            if count == 0:
+                cbias[b, row] = -np.inf
+            elif count_scaling:
+                cbias[b, row] = np.log(count)
+            else:
+                cbias[b, row] = 0
+
+
+@jit(parallel=True)
+def learned_upward_level(x, valid, has_mask, weights, bias, box_size, rank, offset, out):
+    """Grouped-convolution coarsening of one level for one of keys or values.
+
+    ``out[b, offset + c*rank + t, e] = sum_u weights[e*rank + t, u] * x[b, c*box_size + u, e]
+    + bias[e*rank + t]`` with padded and masked tokens entering as zeros.
+    """
+    n_batch, n, d = x.shape
+    n_boxes = (n + box_size - 1) // box_size  # boxes of padding only are never planned
+    for job in prange(n_batch * n_boxes):
+        b = job // n_boxes
+        c = job % n_boxes
+        first = c * box_size
+        last = min(n, first + box_size)
+        for t in range(rank):
+            row = offset + c * rank + t
+            for e in range(d):
+                w_row = e * rank + t
+                acc = bias[w_row]
+                for u in range(last - first):
+                    if has_mask and not valid[b, first + u]:
+                        continue
+                    acc += weights[w_row, u] * x[b, first + u, e]
+                out[b, row, e] = acc
+
+
+@jit(parallel=True)
+def box_counts_bias(valid, has_mask, n, box_size, rank, offset, count_scaling, kc, vc, cbias):
+    """Bias ``log(valid(box) / rank)`` (or 0) of the learned coarse keys; masks empty boxes."""
+    n_batch = cbias.shape[0]
+    n_boxes = (n + box_size - 1) // box_size
+    for job in prange(n_batch * n_boxes):
+        b = job // n_boxes
+        c = job % n_boxes
+        first = c * box_size
+        last = min(n, first + box_size)
+        count = 0
+        for t in range(first, last):
+            if not has_mask or valid[b, t]:
+                count += 1
+        for t in range(rank):
+            row = offset + c * rank + t
+            if count == 0:
+                cbias[b, row] = -np.inf
+                kc[b, row] = 0  # keep masked rows finite: 0 * nan would poison the products
+                vc[b, row] = 0
+            elif count_scaling:
+                cbias[b, row] = np.log(count / rank)
+            else:
+                cbias[b, row] = 0
