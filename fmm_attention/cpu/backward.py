@@ -21,11 +21,13 @@ the plan, never by the thread count:
 """
 
 import numpy as np
-from numba import prange
+from numba import prange, types
+from numba.extending import overload
 
+from .. import _config
 from ..tree import TOKEN
 from ._jit import jit
-from ._softmax import exp_columns, exp_shift_sum
+from ._softmax import _exp32_parts, _exp64_parts, exp_shift_sum
 from ._tiles import gemm_tiles, panel_width
 
 #: Exact backward: query rows and keys per tile inside each rectangle of the grid (the
@@ -45,6 +47,51 @@ def _shift_of(lse, out):
     """
     for i in range(lse.size):
         out[i] = lse[i] if lse[i] > -np.inf else np.inf
+
+
+def weights_and_logit_grads(scores, grads, rows, bias, positions, first_query, causal, shift, offset):
+    """One pass over a key-major block: ``scores[j, i] <- P = exp(scores + bias_j - shift_i)``
+    (``-inf`` where ``causal`` masks key ``j`` for query ``first_query + i``) and
+    ``grads[j, i] <- P (grads - offset_i)``, the logit cotangent ``dS``, for ``j < rows``.
+
+    The forward's polynomial exponential (:mod:`._softmax`), fused with the bias, the causal
+    mask and ``dS`` so the block is read once, vectorised along the contiguous query axis.
+    """
+    for j in range(rows):
+        for i in range(scores.shape[1]):
+            x = scores[j, i] + bias[j]
+            if causal and positions[j] > first_query + i:
+                x = -np.inf
+            w = np.exp(x - shift[i])
+            scores[j, i] = w
+            grads[j, i] = w * (grads[j, i] - offset[i])
+
+
+def _fused_loop(parts, bits_type):
+    def impl(scores, grads, rows, bias, positions, first_query, causal, shift, offset):
+        bits = scores.view(bits_type)
+        minus_inf = scores.dtype.type(-np.inf)
+        for j in range(rows):
+            key_bias = bias[j]
+            position = positions[j]
+            for i in range(scores.shape[1]):
+                x = scores[j, i] + key_bias
+                if causal:
+                    x = x if position <= first_query + i else minus_inf
+                scores[j, i], exponent = parts(x - shift[i])
+                bits[j, i] += exponent
+                grads[j, i] = scores[j, i] * (grads[j, i] - offset[i])
+
+    return impl
+
+
+@overload(weights_and_logit_grads, jit_options={"fastmath": _config.FASTMATH})
+def _weights_and_logit_grads_overload(scores, grads, rows, bias, positions, first_query, causal, shift, offset):
+    if isinstance(scores, types.Array) and scores.ndim == 2 and scores.dtype == types.float32:
+        return _fused_loop(_exp32_parts, np.int32)
+    if isinstance(scores, types.Array) and scores.ndim == 2 and scores.dtype == types.float64:
+        return _fused_loop(_exp64_parts, np.int64)
+    return None
 
 
 # ---------------------------------------------------------------- exact attention
@@ -142,6 +189,7 @@ def block_backward(
     d_pad = -(-d // panel) * panel
     dv_pad = -(-dv // panel) * panel
     rows_max = max(max_keys, 1)
+    n_columns = dk_cols.shape[1]
     for chunk in prange(n_chunks):
         keys = np.empty((rows_max, d), dtype=q.dtype)
         vals = np.empty((rows_max, dv), dtype=q.dtype)
@@ -154,11 +202,10 @@ def block_backward(
         scores = np.empty((rows_max, width), dtype=q.dtype)
         grads = np.empty((rows_max, width), dtype=q.dtype)
         dq_t = np.empty((d, width), dtype=q.dtype)
-        dk_buf = np.empty((rows_max, d_pad), dtype=q.dtype)
-        dv_buf = np.empty((rows_max, dv_pad), dtype=q.dtype)
+        dk_buf = np.empty((rows_max if d < d_pad else 1, d_pad), dtype=q.dtype)
+        dv_buf = np.empty((rows_max if dv < dv_pad else 1, dv_pad), dtype=q.dtype)
         shift = np.empty(width, dtype=q.dtype)
         offset = np.zeros(width, dtype=q.dtype)
-        sums = np.zeros(width, dtype=q.dtype)
         for job in range(chunk * n_jobs // n_chunks, (chunk + 1) * n_jobs // n_chunks):
             b = job // n_blocks
             blk = job % n_blocks
@@ -208,34 +255,32 @@ def block_backward(
                 offset[i] = 0
             gemm_tiles(nk, width, d, keys, 0, d, 1, queries_t, 0, width, scores, 0, width, False)
             gemm_tiles(nk, width, dv, vals, 0, dv, 1, grads_t, 0, width, grads, 0, width, False)
-            for j in range(nk):
-                key_bias_j = bias[j]
-                if causal:
-                    position = positions[j]
-                    for i in range(width):
-                        x = scores[j, i] + key_bias_j
-                        scores[j, i] = x if position <= i0 + i else -np.inf
-                else:
-                    for i in range(width):
-                        scores[j, i] += key_bias_j
-            exp_columns(scores, nk, shift, sums)  # probabilities, from the forward's lse
-            for j in range(nk):
-                for i in range(width):
-                    grads[j, i] = scores[j, i] * (grads[j, i] - offset[i])
+            # probabilities from the forward's lse, and dS, in one pass
+            weights_and_logit_grads(scores, grads, nk, bias, positions, i0, causal, shift, offset)
             # dq^T[feature, query] = sum over keys of key[key, feature] dS[key, query]
             gemm_tiles(d, width, nk, keys, 0, 1, d, grads, 0, width, dq_t, 0, width, False)
             for i in range(rows):
                 for e in range(d):
                     dq[b, i0 + i, e] = dq_t[e, i] * scale
             # key-side shares: dS @ (scale q) and P @ g, one row per plan column
-            gemm_tiles(nk, d_pad, width, grads, 0, width, 1, queries, 0, d_pad, dk_buf, 0, d_pad, False)
-            gemm_tiles(nk, dv_pad, width, scores, 0, width, 1, cotangents, 0, dv_pad, dv_buf, 0, dv_pad, False)
+            # (straight into the partial rows when the feature dims fill whole panels)
             c0 = col_ptr[p, blk]
-            for j in range(nk):
-                for e in range(d):
-                    dk_cols[b, c0 + j, e] = dk_buf[j, e]
-                for e in range(dv):
-                    dv_cols[b, c0 + j, e] = dv_buf[j, e]
+            if d == d_pad:
+                gemm_tiles(nk, d, width, grads, 0, width, 1, queries, 0, d, dk_cols, (b * n_columns + c0) * d, d,
+                           False)
+            else:
+                gemm_tiles(nk, d_pad, width, grads, 0, width, 1, queries, 0, d_pad, dk_buf, 0, d_pad, False)
+                for j in range(nk):
+                    for e in range(d):
+                        dk_cols[b, c0 + j, e] = dk_buf[j, e]
+            if dv == dv_pad:
+                gemm_tiles(nk, dv, width, scores, 0, width, 1, cotangents, 0, dv, dv_cols, (b * n_columns + c0) * dv,
+                           dv, False)
+            else:
+                gemm_tiles(nk, dv_pad, width, scores, 0, width, 1, cotangents, 0, dv_pad, dv_buf, 0, dv_pad, False)
+                for j in range(nk):
+                    for e in range(dv):
+                        dv_cols[b, c0 + j, e] = dv_buf[j, e]
 
 
 @jit(parallel=True)
