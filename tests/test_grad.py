@@ -89,10 +89,10 @@ def test_exact_matches_finite_differences(causal, masked, with_lse):
 
 @pytest.mark.parametrize("causal", [False, True])
 def test_exact_on_a_grid_of_partial_sums(causal):
-    # n >= 1024 with one entry: the backward splits the (query, key) square into a grid
-    # whose partial sums are added in a fixed order
-    q, k, v = qkv(1100, d=3, dv=2, lead=(1,), seed=21)
-    mask = random_mask((1,), 1100)
+    # n >= 4096 with one entry: the backward splits the (query, key) square into a 4 x 4
+    # grid (query ranges in paired order) whose partial sums are added in a fixed order
+    q, k, v = qkv(4100, d=3, dv=2, lead=(1,), seed=21)
+    mask = random_mask((1,), 4100)
     grads = check_qkv(exact_attention, exact_attention_vjp, q, k, v, causal=causal, key_padding_mask=mask)
     assert np.all(grads.k[~mask] == 0)
     g = np.random.default_rng(0).standard_normal(v.shape)
