@@ -425,6 +425,27 @@ def test_inputs_are_never_modified(vjp, options):
         np.testing.assert_array_equal(x, c)
 
 
+@pytest.mark.parametrize("options", [dict(block_size=4, rank=2, causal=True), dict(block_size=4, rank=2, refine=6)])
+def test_fma_slabs_of_blocks_change_no_bit(monkeypatch, options):
+    # long sequences run the backward in slabs of query blocks (bounded partial buffers);
+    # every target still sums its partials in one left-to-right chain
+    from fmm_attention.cpu import backward_ops
+
+    q, k, v = qkv(90, seed=24)
+    mask = random_mask((2,), 90)
+    g = np.random.default_rng(8).standard_normal(v.shape)
+    out, pullback = fmm_attention_vjp(q, k, v, key_padding_mask=mask, **options)
+    whole = pullback(g)
+    monkeypatch.setattr(backward_ops, "PARTIAL_MIN_BYTES", 0)
+    monkeypatch.setattr(backward_ops, "PARTIAL_FRACTION", 1e-9)  # one block per slab
+    tree = build_tree(90, block_size=4, rank=2, causal=options.get("causal", False))
+    col_ptr = np.arange(tree.n_blocks + 1)[None] * 10
+    assert len(backward_ops._slabs(col_ptr, 1, 1)) == tree.n_blocks
+    sliced = pullback(g)
+    for a, b in zip(whole[:3], sliced[:3]):
+        np.testing.assert_array_equal(a, b)
+
+
 def test_leading_dims_and_pullback_reuse():
     q, k, v = qkv(40, lead=(2, 3), seed=17)
     out, pullback = fmm_attention_vjp(q, k, v, block_size=4, rank=2)

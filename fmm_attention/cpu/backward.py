@@ -164,7 +164,7 @@ def exact_backward_tiles(q, k, v, key_bias, has_mask, scale, causal, g, lse, del
 @jit(parallel=True)
 def block_backward(
     q, k, v, key_bias, has_mask, kc, vc, cbias, seg_lo, seg_hi, segments, col_ptr, max_keys, block_size,
-    scale, causal, g, lse, delta, n_chunks, dq, dk_cols, dv_cols,
+    scale, causal, g, lse, delta, n_chunks, blk_lo, blk_hi, dq, dk_cols, dv_cols,
 ):
     """Backward of :func:`fmm_attention.cpu.blocks.block_attention` over the same plan.
 
@@ -174,7 +174,9 @@ def block_backward(
     rows of ``kc``/``vc`` with ``cbias``. Writes ``dq`` of the block's queries (the far
     field of coarse queries adds to it later) and, for plan column ``c``, the block's share
     of that key's gradient into row ``col_ptr[p, I] + c`` of ``dk_cols``/``dv_cols``.
-    ``col_ptr`` (P, n_blocks + 1) holds each block's first column.
+    ``col_ptr`` (P, n_blocks + 1) holds each block's first column. Only the blocks
+    ``blk_lo <= I < blk_hi`` run, their columns written from row 0 (column
+    ``col_ptr[p, blk_lo]``) of the partial buffers.
 
     Layout as in the forward: logits key-major, ``scores[key, query]``, the block's queries
     padded to a multiple of the micro-kernel's panel width, so all five products run on
@@ -185,9 +187,9 @@ def block_backward(
     """
     n_batch, n, d = q.shape
     dv = v.shape[2]
-    n_blocks = seg_lo.shape[1]
     shared = seg_lo.shape[0] == 1
-    n_jobs = n_batch * n_blocks
+    n_slab = blk_hi - blk_lo  # blocks blk_lo .. blk_hi - 1 run (a slab: bounded partial buffers)
+    n_jobs = n_batch * n_slab
     n_chunks = max(1, min(n_jobs, n_chunks))
     panel = panel_width(q)
     width = -(-block_size // panel) * panel
@@ -212,8 +214,8 @@ def block_backward(
         shift = np.empty(width, dtype=q.dtype)
         offset = np.zeros(width, dtype=q.dtype)
         for job in range(chunk * n_jobs // n_chunks, (chunk + 1) * n_jobs // n_chunks):
-            b = job // n_blocks
-            blk = job % n_blocks
+            b = job // n_slab
+            blk = blk_lo + job % n_slab
             p = 0 if shared else b
             i0 = blk * block_size
             i1 = min(n, i0 + block_size)
@@ -269,7 +271,7 @@ def block_backward(
                     dq[b, i0 + i, e] = dq_t[e, i] * scale
             # key-side shares: dS @ (scale q) and P @ g, one row per plan column
             # (straight into the partial rows when the feature dims fill whole panels)
-            c0 = col_ptr[p, blk]
+            c0 = col_ptr[p, blk] - col_ptr[p, blk_lo]  # the slab's first column is row 0
             if d == d_pad:
                 gemm_tiles(nk, d, width, grads, 0, width, 1, queries, 0, d, dk_cols, (b * n_columns + c0) * d, d,
                            False)
@@ -289,12 +291,16 @@ def block_backward(
 
 
 @jit(parallel=True)
-def reduce_columns(dk_cols, dv_cols, t_ptr, t_cols, n, dk, dv, dkc, dvc):
-    """Sum the blocks' key-side partials per target, in the transposed plan's fixed order.
+def reduce_columns(dk_cols, dv_cols, t_ptr, t_cols, col_lo, col_hi, cursor, n, dk, dv, dkc, dvc):
+    """Add one slab's key-side partials to their targets, in the transposed plan's order.
 
     Target ``t < n`` is token row ``t`` (added to ``dk``/``dv``), target ``n + r`` is coarse
-    row ``r`` (written to ``dkc``/``dvc``); its partials are the rows
-    ``t_cols[p, t_ptr[p, t] : t_ptr[p, t + 1]]`` of ``dk_cols``/``dv_cols`` (block order).
+    row ``r`` (added to ``dkc``/``dvc``); its partials are the columns
+    ``t_cols[p, t_ptr[p, t] : t_ptr[p, t + 1]]`` (ascending, so in block order). The slab
+    holds columns ``col_lo[p] <= c < col_hi[p]`` at rows ``c - col_lo[p]``; ``cursor[b, t]``
+    is the first of target ``t``'s columns not yet added, and advances past the slab's.
+    Slabs run in block order, so every target sums its partials left to right, one chain
+    whatever the slab boundaries: the result does not depend on them.
     """
     n_batch = dk_cols.shape[0]
     d = dk_cols.shape[2]
@@ -305,27 +311,28 @@ def reduce_columns(dk_cols, dv_cols, t_ptr, t_cols, n, dk, dv, dkc, dvc):
         b = job // n_targets
         t = job % n_targets
         p = 0 if shared else b
-        lo = t_ptr[p, t]
+        s = cursor[b, t]
         hi = t_ptr[p, t + 1]
+        lo_col = col_lo[p]
+        hi_col = col_hi[p]
         if t < n:
-            for s in range(lo, hi):
-                c = t_cols[p, s]
+            while s < hi and t_cols[p, s] < hi_col:
+                c = t_cols[p, s] - lo_col
                 for e in range(d):
                     dk[b, t, e] += dk_cols[b, c, e]
                 for e in range(e_v):
                     dv[b, t, e] += dv_cols[b, c, e]
+                s += 1
         else:
             r = t - n
-            for e in range(d):
-                dkc[b, r, e] = 0
-            for e in range(e_v):
-                dvc[b, r, e] = 0
-            for s in range(lo, hi):
-                c = t_cols[p, s]
+            while s < hi and t_cols[p, s] < hi_col:
+                c = t_cols[p, s] - lo_col
                 for e in range(d):
                     dkc[b, r, e] += dk_cols[b, c, e]
                 for e in range(e_v):
                     dvc[b, r, e] += dv_cols[b, c, e]
+                s += 1
+        cursor[b, t] = s
 
 
 # ---------------------------------------------------------------- coarsening adjoints

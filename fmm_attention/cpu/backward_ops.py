@@ -134,19 +134,25 @@ def fmm_backward(res, g, lse, delta):
     dq = np.empty_like(batch.q)
     dk = np.zeros_like(batch.k)
     dv = np.zeros_like(batch.v)
-    dk_cols = np.empty((B, n_columns, d), dtype=dtype)
-    dv_cols = np.empty((B, n_columns, dv_dim), dtype=dtype)
-    dkc = np.empty_like(res.kc)
-    dvc = np.empty_like(res.vc)
-    with launch_guard():
-        block_backward(
-            batch.q, batch.k, batch.v, key_bias, has_mask, res.kc, res.vc, res.cbias, seg_lo, seg_hi, segments,
-            col_ptr, max_keys, tree.block_size, scale, tree.causal, g, lse, delta,
-            _config.FMA_CHUNKS_PER_THREAD * numba.get_num_threads(), dq, dk_cols, dv_cols,
-        )
-    with launch_guard():
-        reduce_columns(dk_cols, dv_cols, t_ptr, t_cols, n, dk, dv, dkc, dvc)
-    del dk_cols, dv_cols
+    dkc = np.zeros_like(res.kc)
+    dvc = np.zeros_like(res.vc)
+    slabs = _slabs(col_ptr, B * (d + dv_dim) * dtype.itemsize, batch.k.nbytes + batch.v.nbytes)
+    width = max(int(np.max(col_ptr[:, hi] - col_ptr[:, lo])) for lo, hi in slabs)
+    dk_cols = np.empty((B, max(width, 1), d), dtype=dtype)
+    dv_cols = np.empty((B, max(width, 1), dv_dim), dtype=dtype)
+    cursor = np.array(np.broadcast_to(t_ptr[:, :-1], (B, t_ptr.shape[1] - 1)))
+    chunks = _config.FMA_CHUNKS_PER_THREAD * numba.get_num_threads()
+    for lo, hi in slabs:  # in block order: each target's partials are added left to right
+        with launch_guard():
+            block_backward(
+                batch.q, batch.k, batch.v, key_bias, has_mask, res.kc, res.vc, res.cbias, seg_lo, seg_hi, segments,
+                col_ptr, max_keys, tree.block_size, scale, tree.causal, g, lse, delta, chunks, lo, hi, dq, dk_cols,
+                dv_cols,
+            )
+        with launch_guard():
+            reduce_columns(dk_cols, dv_cols, t_ptr, t_cols, np.ascontiguousarray(col_ptr[:, lo]),
+                           np.ascontiguousarray(col_ptr[:, hi]), cursor, n, dk, dv, dkc, dvc)
+    del dk_cols, dv_cols, cursor
     if res.query_coarsening:
         _far_backward(res, g, lse, delta, dq, dkc, dvc)
     empty = np.isneginf(res.cbias)  # rows with no token: the forward zeroed them
@@ -180,6 +186,31 @@ def fmm_backward(res, g, lse, delta):
                     target_b.append(gb)
             learned = tuple(tuple(x) for x in grads)
     return dq, dk, dv, learned
+
+
+#: The key-side partial buffers of FMA's backward hold at most this fraction of the bytes
+#: of ``k`` and ``v`` (and at least ``PARTIAL_MIN_BYTES``): longer sequences run in slabs of
+#: query blocks. The slabs change no result (see :func:`.backward.reduce_columns`).
+PARTIAL_FRACTION = 0.25
+PARTIAL_MIN_BYTES = 32 << 20
+
+
+def _slabs(col_ptr, bytes_per_column, kv_bytes):
+    """``[(lo, hi), ...]``: consecutive ranges of query blocks whose partial rows (the most
+    over the plans) fit the budget; at least one block each.
+    """
+    budget = max(PARTIAL_MIN_BYTES, PARTIAL_FRACTION * kv_bytes)
+    most = max(1, int(budget // bytes_per_column))  # columns per slab
+    n_blocks = col_ptr.shape[1] - 1
+    ends = col_ptr.max(axis=0)  # a slab's columns are at most ends[hi] - starts[lo] over the plans
+    starts = col_ptr.min(axis=0)
+    slabs, lo = [], 0
+    while lo < n_blocks:
+        hi = int(np.searchsorted(ends, starts[lo] + most, side="right")) - 1
+        hi = min(n_blocks, max(hi, lo + 1))
+        slabs.append((lo, hi))
+        lo = hi
+    return slabs
 
 
 def _level_table(levels):
