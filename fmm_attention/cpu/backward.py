@@ -430,13 +430,14 @@ def learned_downward_level(weights, valid, has_mask, box_size, rank, offset, dou
 
 
 @jit(parallel=True)
-def learned_weight_grad(x, valid, has_mask, box_size, rank, offset, dout, dw, dbias):
+def learned_weight_grad(x_t, valid, has_mask, box_size, rank, offset, dout, dw, dbias):
     """Weight and bias gradients of one level's grouped convolution (Conv1d layout rows):
     ``dw[e*r + t, u] = sum_{b, c} dout[b, c*r + t, e] x[b, c*w + u, e]`` over valid tokens,
     ``dbias[e*r + t] = sum_{b, c} dout[b, c*r + t, e]``; one weight row per job, summed over
-    ``b`` then ``c`` in order.
+    ``b`` then ``c`` in order. ``x_t`` is ``x`` transposed, ``(B, d, n)``: a job reads one
+    feature of every token, contiguous there (in ``x`` each read was a cache line of its own).
     """
-    n_batch, n, d = x.shape
+    n_batch, d, n = x_t.shape
     n_boxes = (n + box_size - 1) // box_size
     for w_row in prange(d * rank):
         e = w_row // rank
@@ -451,5 +452,5 @@ def learned_weight_grad(x, valid, has_mask, box_size, rank, offset, dout, dw, db
                 for u in range(min(n, first + box_size) - first):
                     if has_mask and not valid[b, first + u]:
                         continue
-                    dw[w_row, u] += grad * x[b, first + u, e]
+                    dw[w_row, u] += grad * x_t[b, e, first + u]
         dbias[w_row] = total

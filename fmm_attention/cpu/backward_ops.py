@@ -174,13 +174,14 @@ def fmm_backward(res, g, lse, delta):
         else:
             kw, vw, _, _ = res.coarsening.level_arrays(dtype)
             grads = ([], [], [], [])
+            k_t, v_t = (np.ascontiguousarray(x.transpose(0, 2, 1)) for x in (batch.k, batch.v))
             for i, lv in enumerate(levels):
                 args = (lv.box_size, lv.rank, lv.offset)
                 learned_downward_level(kw[i], valid, has, *args, dkc, dk)
                 learned_downward_level(vw[i], valid, has, *args, dvc, dv)
-                for x, dx, target_w, target_b in ((batch.k, dkc, grads[0], grads[2]), (batch.v, dvc, grads[1], grads[3])):
-                    gw = np.empty((lv.rank * x.shape[2], lv.box_size), dtype=dtype)
-                    gb = np.empty(lv.rank * x.shape[2], dtype=dtype)
+                for x, dx, target_w, target_b in ((k_t, dkc, grads[0], grads[2]), (v_t, dvc, grads[1], grads[3])):
+                    gw = np.empty((lv.rank * x.shape[1], lv.box_size), dtype=dtype)
+                    gb = np.empty(lv.rank * x.shape[1], dtype=dtype)
                     learned_weight_grad(x, valid, has, *args, dx, gw, gb)
                     target_w.append(gw[:, None, :])
                     target_b.append(gb)
