@@ -38,6 +38,8 @@ DQ_KEY_TILE = 256
 #: its rectangles hold at least ``MIN_SPAN`` queries (keys).
 MAX_GRID = 4
 MIN_SPAN = 512
+#: Learned coarsening's downward pass: tokens per parallel job.
+LEARNED_TOKENS = 256
 
 
 @jit()
@@ -407,25 +409,30 @@ def cluster_downward(valid, has_mask, box_sizes, ranks, offsets, labels, parents
 
 
 @jit(parallel=True)
-def learned_downward_level(weights, valid, has_mask, box_size, rank, offset, dout, dx):
+def learned_downward_level(weights_t, valid, has_mask, box_size, rank, offset, dout, dx):
     """Adjoint of :func:`fmm_attention.cpu.upward.learned_upward_level` for its input: the
     transposed grouped convolution ``dx[c*w + u, e] += sum_t W[e*r + t, u] dout[c*r + t, e]``
     (valid tokens only; padded and masked tokens entered as zeros).
+
+    ``weights_t`` is ``W`` transposed, ``(w, r*d)``: a token reads one contiguous row (in
+    ``W`` its ``r*d`` weights lie a row apart, one cache line each, and the top levels'
+    weights are megabytes). Jobs are runs of ``LEARNED_TOKENS`` tokens, not boxes, so the
+    few huge boxes of the top levels still spread over the threads; tokens are independent.
     """
     n_batch, n, d = dx.shape
-    n_boxes = (n + box_size - 1) // box_size
-    for job in prange(n_batch * n_boxes):
-        b = job // n_boxes
-        c = job % n_boxes
-        first = c * box_size
-        for u in range(min(n, first + box_size) - first):
-            t = first + u
+    n_runs = (n + LEARNED_TOKENS - 1) // LEARNED_TOKENS
+    for job in prange(n_batch * n_runs):
+        b = job // n_runs
+        lo = (job % n_runs) * LEARNED_TOKENS
+        for t in range(lo, min(n, lo + LEARNED_TOKENS)):
             if has_mask and not valid[b, t]:
                 continue
+            c = t // box_size
+            u = t - c * box_size
             for e in range(d):
                 acc = dx.dtype.type(0)
                 for s in range(rank):
-                    acc += weights[e * rank + s, u] * dout[b, offset + c * rank + s, e]
+                    acc += weights_t[u, e * rank + s] * dout[b, offset + c * rank + s, e]
                 dx[b, t, e] += acc
 
 

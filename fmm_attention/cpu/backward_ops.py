@@ -177,8 +177,8 @@ def fmm_backward(res, g, lse, delta):
             k_t, v_t = (np.ascontiguousarray(x.transpose(0, 2, 1)) for x in (batch.k, batch.v))
             for i, lv in enumerate(levels):
                 args = (lv.box_size, lv.rank, lv.offset)
-                learned_downward_level(kw[i], valid, has, *args, dkc, dk)
-                learned_downward_level(vw[i], valid, has, *args, dvc, dv)
+                learned_downward_level(np.ascontiguousarray(kw[i].T), valid, has, *args, dkc, dk)
+                learned_downward_level(np.ascontiguousarray(vw[i].T), valid, has, *args, dvc, dv)
                 for x, dx, target_w, target_b in ((k_t, dkc, grads[0], grads[2]), (v_t, dvc, grads[1], grads[3])):
                     gw = np.empty((lv.rank * x.shape[1], lv.box_size), dtype=dtype)
                     gb = np.empty(lv.rank * x.shape[1], dtype=dtype)
