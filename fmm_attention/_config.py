@@ -73,6 +73,8 @@ BACKWARD_KEY_TILE = 256
 #: the shapes and these two knobs only (never the thread count), so the sums are reproducible.
 BACKWARD_MAX_GRID = 4
 BACKWARD_MIN_SPAN = 512
+#: Learned coarsening's backward (its downward pass): tokens per parallel job.
+BACKWARD_LEARNED_TOKENS = 256
 
 #: Dask, exact attention over sequence chunks: query rows per score tile (a task holds one
 #: ``rows x key chunk`` tile at a time).

@@ -196,6 +196,8 @@ class ClusterCoarsening(Coarsening):
     iters: int = 3
 
     name = "cluster"
+    #: the backward holds each token's group fixed (the spec's rule for discrete choices)
+    differentiable = True
     buffer_copies = 2  # the group assignments and centres of the Lloyd steps
     kernels = {"cpu": "fmm_attention.cpu.cluster:upward"}
 

@@ -14,9 +14,10 @@ FMA's coarse keys and values, O(n d / m) per level); probabilities are recompute
 held by reference: writing into ``q``, ``k``, ``v`` between the forward and a pullback
 changes the gradient (as with any saved tensor).
 
-Discrete choices are held fixed at their forward values: ``refine``'s plan and the count
-scaling bias (it depends on the mask only). ``coarsening="cluster"`` is not differentiable
-yet (its group assignments are not exposed by the forward kernels). Only the CPU backend
+Discrete choices are held fixed at their forward values: ``refine``'s plan,
+``coarsening="cluster"``'s group assignments (each coarse row is then the mean of a fixed
+set of tokens) and the count scaling bias (it depends on the mask and the groups only).
+Only the CPU backend
 has a backward; ``backend="cuda"`` and device arrays raise ``ValueError``.
 """
 
@@ -34,7 +35,6 @@ from ._validate import (
     check_bool,
     check_global_tokens,
 )
-from .coarsening import ClusterCoarsening
 from .options import FMMOptions
 from .tree import build_tree
 
@@ -215,18 +215,33 @@ def exact_attention_vjp(q, k, v, *, causal=False, scale=None, key_padding_mask=N
     >>> dq.shape
     (64, 8)
     """
-    from . import _shapes
-
-    causal = check_bool(causal, "causal")
     return_lse = check_bool(return_lse, "return_lse")
     for name, value in (("attn_mask", attn_mask), ("attn_bias", attn_bias), ("window", window)):
         if value is not None:
             raise NotImplementedError(f"exact_attention_vjp has no backward for {name} yet (the backward kernels "
                                       "take no pairwise terms); key_padding_mask and causal are differentiable")
+    cpu, batch, causal = _exact_setup(q, k, v, causal=causal, scale=scale, key_padding_mask=key_padding_mask,
+                                      check_finite=check_finite, backend=backend, query_offset=query_offset)
+    out, lse = cpu.exact(batch, causal=causal)
+    pullback = _exact_pullback(batch, causal, out, lse)
+    result = (batch.restore(out), batch.restore(lse, last_dim=False)) if return_lse else batch.restore(out)
+    return result, pullback
+
+
+# The forward/pullback halves are separate so that an adapter whose forward and backward
+# run apart (jax.pure_callback) can rebuild a pullback from the saved output and lse.
+def _exact_setup(q, k, v, *, causal, scale, key_padding_mask, check_finite, backend, query_offset=None):
+    from . import _shapes
+
+    causal = check_bool(causal, "causal")
     cpu = _cpu_only(backend, q, k, v)
     batch = _shapes.attention_inputs(q, k, v, scale=scale, key_padding_mask=key_padding_mask,
                                      check_finite=check_finite, causal=causal, query_offset=query_offset)
-    out, lse = cpu.exact(batch, causal=causal)
+    return cpu, batch, causal
+
+
+def _exact_pullback(batch, causal, out, lse):
+    from . import _shapes
 
     def pullback(g_out, g_lse=None):
         from .cpu.backward_ops import exact_backward
@@ -236,8 +251,7 @@ def exact_attention_vjp(q, k, v, *, causal=False, scale=None, key_padding_mask=N
         dq, dk, dv = exact_backward(square, causal, g, lse_sq, delta)
         return AttentionGradients(*_shapes.reduce_to_inputs(batch, dq, dk, dv, rows))
 
-    result = (batch.restore(out), batch.restore(lse, last_dim=False)) if return_lse else batch.restore(out)
-    return result, pullback
+    return pullback
 
 
 # ---------------------------------------------------------------- FMA
@@ -251,8 +265,8 @@ def fmm_attention_vjp(q, k, v, *, causal=False, block_size=_config.DEFAULT_BLOCK
     ----------
     q, k, v, causal, block_size, rank, coarsening, count_scaling, query_coarsening, scale, key_padding_mask, return_lse, check_finite, backend, cluster_iters, refine, global_tokens
         As for :func:`~fmm_attention.fmm_attention` (no ``return_stats``). ``refine``'s plan
-        is held fixed at the one the forward chose; ``coarsening="cluster"`` has no
-        backward yet.
+        and ``coarsening="cluster"``'s group assignments are held fixed at the ones the
+        forward chose (the gradient of the branch the forward took).
 
     Returns
     -------
@@ -266,8 +280,8 @@ def fmm_attention_vjp(q, k, v, *, causal=False, block_size=_config.DEFAULT_BLOCK
     Raises
     ------
     ValueError
-        ``backend="cuda"`` or device arrays, ``coarsening="cluster"``; every error of the
-        forward; from the pullback, cotangents of the wrong shape.
+        ``backend="cuda"`` or device arrays; every error of the forward; from the
+        pullback, cotangents of the wrong shape.
 
     Examples
     --------
@@ -279,35 +293,52 @@ def fmm_attention_vjp(q, k, v, *, causal=False, block_size=_config.DEFAULT_BLOCK
     >>> grads.k.shape, grads.coarsening is None
     ((100, 8), True)
     """
-    causal = check_bool(causal, "causal")
     return_lse = check_bool(return_lse, "return_lse")
+    cpu, batch, tree, options = _fmm_setup(
+        q, k, v, causal=causal, block_size=block_size, rank=rank, coarsening=coarsening,
+        count_scaling=count_scaling, query_coarsening=query_coarsening, scale=scale,
+        key_padding_mask=key_padding_mask, check_finite=check_finite, backend=backend,
+        cluster_iters=cluster_iters, refine=refine, global_tokens=global_tokens,
+    )
+    out, lse, plan = cpu.fmm(batch, tree, options)
+    pullback = _fmm_pullback(batch, tree, options, out, lse, plan)
+    result = (batch.restore(out), batch.restore(lse, last_dim=False)) if return_lse else batch.restore(out)
+    return result, pullback
+
+
+def _fmm_setup(q, k, v, *, causal, block_size, rank, coarsening, count_scaling, query_coarsening, scale,
+               key_padding_mask, check_finite, backend, cluster_iters, refine, global_tokens):
+    """``(cpu, batch, tree, options)``: validated inputs and the options of the forward
+    call (its global tokens resolved against ``n``).
+    """
+    causal = check_bool(causal, "causal")
     options = FMMOptions.create(
         causal=causal, block_size=block_size, rank=rank, coarsening=coarsening, count_scaling=count_scaling,
         query_coarsening=query_coarsening, scale=scale, cluster_iters=cluster_iters, refine=refine,
         global_tokens=global_tokens,
     )
-    coarsening, count_scaling, query_coarsening = options.coarsening, options.count_scaling, options.query_coarsening
     cpu = _cpu_only(backend, q, k, v, options=options)
-    if isinstance(coarsening, ClusterCoarsening):
-        raise ValueError(
-            "coarsening='cluster' has no backward yet (its group assignments are not exposed by the "
-            "forward); use 'mean' or a LearnedCoarsening"
-        )
-    if not coarsening.differentiable:
-        raise ValueError(f"{coarsening.describe()} has no backward; use 'mean' or a LearnedCoarsening")
+    if not options.coarsening.differentiable:
+        raise ValueError(f"{options.coarsening.describe()} has no backward; use 'mean', 'cluster' or a "
+                         "LearnedCoarsening")
     batch = attention_inputs(q, k, v, scale=scale, key_padding_mask=key_padding_mask, check_finite=check_finite)
     tree = build_tree(batch.n, block_size=block_size, rank=rank, causal=causal)
-    coarsening.check_tree(tree, batch.d, batch.dv)
+    options.coarsening.check_tree(tree, batch.d, batch.dv)
     global_tokens = check_global_tokens(global_tokens, batch.n)
     if isinstance(global_tokens, str):
         raise ValueError("global_tokens='auto' has no backward: pass the indices it chooses "
                          "(fmm_attention.sinks.auto_global_tokens), which the gradient holds fixed")
-    out, lse, plan = cpu.fmm(batch, tree, options.replace(global_tokens=global_tokens))
+    options = options.replace(global_tokens=global_tokens)
+    return cpu, batch, tree, options
+
+
+def _fmm_pullback(batch, tree, options, out, lse, plan):
+    """The pullback of a forward call that returned ``out``, ``lse`` and ``plan``."""
     from .cpu.backward_ops import FMMResiduals, fmm_backward
 
-    res = FMMResiduals.build(batch, tree, plan if refine > 0 else None, coarsening=coarsening,
-                             count_scaling=count_scaling, query_coarsening=query_coarsening,
-                             global_tokens=global_tokens)
+    res = FMMResiduals.build(batch, tree, plan if options.refine > 0 else None, coarsening=options.coarsening,
+                             count_scaling=options.count_scaling, query_coarsening=options.query_coarsening,
+                             global_tokens=options.global_tokens, cluster_iters=options.cluster_iters)
 
     def pullback(g_out, g_lse=None):
         g, delta = _pullback_inputs(batch, out, lse, g_out, g_lse)
@@ -316,8 +347,7 @@ def fmm_attention_vjp(q, k, v, *, causal=False, block_size=_config.DEFAULT_BLOCK
             learned = LearnedCoarseningGradients(*learned)
         return FMMGradients(_restore(batch, dq), _restore(batch, dk), _restore(batch, dv), learned)
 
-    result = (batch.restore(out), batch.restore(lse, last_dim=False)) if return_lse else batch.restore(out)
-    return result, pullback
+    return pullback
 
 
 # ---------------------------------------------------------------- Fastformer
@@ -366,6 +396,15 @@ def fastformer_attention_vjp(q, k, v, w_q, w_k, *, causal=False, scale=None, key
     >>> pullback(np.ones_like(u)).w_q.shape
     (4, 8)
     """
+    cpu, batch, causal, wq, wk, shapes = _fastformer_setup(
+        q, k, v, w_q, w_k, causal=causal, scale=scale, key_padding_mask=key_padding_mask,
+        check_finite=check_finite, backend=backend,
+    )
+    out, _, _ = cpu.fastformer(batch, wq, wk, causal=causal, return_pools=False)
+    return batch.restore(out), _fastformer_pullback(batch, causal, wq, wk, shapes)
+
+
+def _fastformer_setup(q, k, v, w_q, w_k, *, causal, scale, key_padding_mask, check_finite, backend):
     causal = check_bool(causal, "causal")
     cpu = _cpu_only(backend, q, k, v, w_q, w_k)
     batch = attention_inputs(q, k, v, scale=scale, key_padding_mask=key_padding_mask, check_finite=check_finite)
@@ -374,11 +413,16 @@ def fastformer_attention_vjp(q, k, v, w_q, w_k, *, causal=False, scale=None, key
             f"v must have the feature dim d = {batch.d} of q (u = kg * v is element-wise), got "
             f"v of shape {batch.lead_shape + (batch.n, batch.dv)}"
         )
-    shape_q, shape_k = np.shape(as_array(w_q, "w_q")), np.shape(as_array(w_k, "w_k"))
+    shapes = np.shape(as_array(w_q, "w_q")), np.shape(as_array(w_k, "w_k"))
     # own writable copies (B, d): broadcast views are read-only, which Numba types apart
     wq = np.array(attention_vector(w_q, "w_q", batch, check_finite), dtype=batch.dtype, order="C")
     wk = np.array(attention_vector(w_k, "w_k", batch, check_finite), dtype=batch.dtype, order="C")
-    out, _, _ = cpu.fastformer(batch, wq, wk, causal=causal, return_pools=False)
+    return cpu, batch, causal, wq, wk, shapes
+
+
+def _fastformer_pullback(batch, causal, wq, wk, shapes):
+    """The pullback (it recomputes the pools from the inputs, so needs no forward output)."""
+    shape_q, shape_k = shapes
 
     def pullback(g_out):
         from .cpu.backward_fastformer import fastformer_backward
@@ -390,5 +434,5 @@ def fastformer_attention_vjp(q, k, v, w_q, w_k, *, causal=False, scale=None, key
             _unbroadcast(dwq, shape_q, batch.lead_shape), _unbroadcast(dwk, shape_k, batch.lead_shape),
         )
 
-    return batch.restore(out), pullback
+    return pullback
 

@@ -210,6 +210,36 @@ def fma_implied_matrix(q, k, *, block_size, rank, causal=False, scale=None, vali
     return softmax_rows(logits)[0]
 
 
+def fma_grouped_implied_matrix(q, k, groups, *, block_size, rank, causal=False, scale=None, valid=None,
+                               count_scaling=True):
+    """Dense (n, n) attention implied by FMA whose coarse row of each key is the mean of an
+    arbitrary fixed group of tokens (cluster coarsening with its groups held fixed).
+
+    ``groups[l - 1][j]`` labels key ``j``'s group at far level ``l`` (tokens with equal
+    labels at a level form one coarse row); as in :func:`fma_implied_matrix`, every member
+    carries its group's logit with count scaling, and shares its weight without it.
+    """
+    q, k = (np.asarray(x, dtype=np.float64) for x in (q, k))
+    n, d = q.shape
+    m = block_size
+    scale = 1 / np.sqrt(d) if scale is None else scale
+    valid = np.ones(n, bool) if valid is None else np.asarray(valid, bool)
+    levels = level_map_reference(n, m, causal)
+    logits = np.full((n, n), -np.inf)
+    for i in range(n):
+        for j in range(n):
+            level = levels[i, j]
+            if level < 0 or not valid[j]:
+                continue
+            if level == 0:
+                logits[i, j] = scale * q[i] @ k[j]
+                continue
+            label = groups[level - 1]
+            members = [t for t in range(n) if valid[t] and label[t] == label[j]]
+            logits[i, j] = scale * q[i] @ k[members].mean(0) - (0.0 if count_scaling else np.log(len(members)))
+    return softmax_rows(logits)[0]
+
+
 # ---------------------------------------------------------------------------------------
 # Fastformer additive attention (shared/spec/fastformer.md), dense and direct
 # ---------------------------------------------------------------------------------------

@@ -14,6 +14,7 @@ import pytest
 
 from fmm_attention import (
     LearnedCoarsening,
+    _config,
     build_tree,
     exact_attention,
     fastformer_attention,
@@ -88,10 +89,10 @@ def test_exact_matches_finite_differences(causal, masked, with_lse):
 
 @pytest.mark.parametrize("causal", [False, True])
 def test_exact_on_a_grid_of_partial_sums(causal):
-    # n >= 1024 with one entry: the backward splits the (query, key) square into a grid
-    # whose partial sums are added in a fixed order
-    q, k, v = qkv(1100, d=3, dv=2, lead=(1,), seed=21)
-    mask = random_mask((1,), 1100)
+    # n >= 4096 with one entry: the backward splits the (query, key) square into a 4 x 4
+    # grid (query ranges in paired order) whose partial sums are added in a fixed order
+    q, k, v = qkv(4100, d=3, dv=2, lead=(1,), seed=21)
+    mask = random_mask((1,), 4100)
     grads = check_qkv(exact_attention, exact_attention_vjp, q, k, v, causal=causal, key_padding_mask=mask)
     assert np.all(grads.k[~mask] == 0)
     g = np.random.default_rng(0).standard_normal(v.shape)
@@ -238,6 +239,102 @@ def test_learned_weight_gradient_is_conv1d_layout():
     assert [b.shape for b in grads.value_bias] == [(lv.rank * d,) for lv in tree.levels]
 
 
+# ---------------------------------------------------------------- FMA, cluster coarsening
+@pytest.fixture(params=[128, 4], ids=["token-levels", "group-levels"])
+def cluster_flat_size(request, monkeypatch):
+    """Largest box whose level groups tokens; above it whole groups move (4: from level 2)."""
+    monkeypatch.setattr(_config, "CLUSTER_FLAT_SIZE", request.param)
+    return request.param
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("masked", [False, True])
+def test_fma_cluster_matches_finite_differences(cluster_flat_size, causal, masked):
+    # the groups are piecewise constant in k: a step of H does not move any token here,
+    # so the difference quotient is that of the branch the forward took
+    q, k, v = qkv(70, seed=22)
+    mask = random_mask((2,), 70) if masked else None
+    check_qkv(fmm_attention, fmm_attention_vjp, q, k, v, causal=causal, key_padding_mask=mask, block_size=4,
+              rank=2, coarsening="cluster", cluster_iters=3, with_lse=masked)
+
+
+def test_fma_cluster_with_query_coarsening_global_tokens_and_refine(cluster_flat_size):
+    q, k, v = qkv(66, seed=23)
+    check_qkv(fmm_attention, fmm_attention_vjp, q, k, v, block_size=4, rank=2, coarsening="cluster",
+              query_coarsening=True, global_tokens=[2, 40], key_padding_mask=random_mask((2,), 66))
+    check_qkv(fmm_attention, fmm_attention_vjp, q, k, v, block_size=4, rank=2, coarsening="cluster", refine=8,
+              count_scaling=False)
+
+
+def cluster_labels(q, k, v, mask, tree, iters):
+    """Each key's group at every far level, ``(L, n)`` per entry, from the recorded groups."""
+    from fmm_attention._validate import attention_inputs
+    from fmm_attention.cpu.backward_ops import _cluster_buffers
+
+    batch = attention_inputs(q, k, v, scale=None, key_padding_mask=mask, check_finite=True)
+    kc, _, _, (labels, parents, counts) = _cluster_buffers(batch, tree, True, iters, None)
+    B, n = q.shape[:2]
+    out = np.full((B, len(tree.levels), n), -1)
+    for b in range(B):
+        for t in range(n):
+            if not mask[b, t]:
+                continue
+            row = 0
+            for li, lv in enumerate(tree.levels):
+                if li < labels.shape[1]:
+                    row = lv.offset + (t // lv.box_size) * lv.rank + labels[b, li, t]
+                else:
+                    row = parents[b, row]
+                out[b, li, t] = row
+    return out, kc, counts
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("count_scaling", [False, True])
+def test_fma_cluster_value_gradient_is_the_dense_implied_matrix_transposed(cluster_flat_size, causal,
+                                                                            count_scaling):
+    # with its groups fixed, cluster-coarsened FMA is out = A(q, k) @ v for the dense A of
+    # reference.fma_grouped_implied_matrix; the recorded groups are the forward's (their
+    # key means are its coarse keys, and A @ v is its output), and dv = A^T g
+    from reference import fma_grouped_implied_matrix
+
+    n, m, p, iters = 45, 4, 2, 3
+    q, k, v = qkv(n, seed=33)
+    mask = random_mask((2,), n, seed=9)
+    tree = build_tree(n, block_size=m, rank=p, causal=causal)
+    options = dict(block_size=m, rank=p, causal=causal, key_padding_mask=mask, count_scaling=count_scaling,
+                   coarsening="cluster", cluster_iters=iters)
+    out, pullback = fmm_attention_vjp(q, k, v, **options)
+    g = np.random.default_rng(6).standard_normal(out.shape)
+    dv = pullback(g).v
+    labels, kc, counts = cluster_labels(q, k, v, mask, tree, iters)
+    moved = 0
+    for h in range(2):
+        for li, lv in enumerate(tree.levels):
+            for row in np.unique(labels[h, li][labels[h, li] >= 0]):
+                members = labels[h, li] == row
+                assert counts[h, row] == members.sum()
+                np.testing.assert_allclose(kc[h, row], k[h, members].mean(0), rtol=1e-12, atol=1e-13)
+            sub = (np.arange(n) % lv.box_size) // lv.sub_box_size
+            moved += np.sum(mask[h] & (labels[h, li] != lv.offset + (np.arange(n) // lv.box_size) * lv.rank + sub))
+        implied = fma_grouped_implied_matrix(q[h], k[h], labels[h], block_size=m, rank=p, causal=causal,
+                                             valid=mask[h], count_scaling=count_scaling)
+        np.testing.assert_allclose(implied @ v[h], out[h], rtol=1e-10, atol=1e-12)
+        np.testing.assert_allclose(dv[h], implied.T @ g[h], rtol=1e-10, atol=1e-12)
+    assert moved > 0  # k-means moved tokens away from the positional sub-boxes
+
+
+def test_fma_cluster_without_iterations_is_mean_coarsening():
+    q, k, v = qkv(45, seed=34)
+    mask = random_mask((2,), 45)
+    g = np.random.default_rng(7).standard_normal(v.shape)
+    options = dict(block_size=4, rank=2, key_padding_mask=mask)
+    want = fmm_attention_vjp(q, k, v, **options)[1](g)
+    got = fmm_attention_vjp(q, k, v, coarsening="cluster", cluster_iters=0, **options)[1](g)
+    for a, b in zip(got[:3], want[:3]):
+        np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-14)
+
+
 # ---------------------------------------------------------------- exact zeros
 @pytest.mark.parametrize("vjp", [exact_attention_vjp, fmm_attention_vjp])
 def test_causal_future_inputs_get_exact_zeros(vjp):
@@ -259,6 +356,7 @@ def test_causal_future_inputs_get_exact_zeros(vjp):
     (fmm_attention_vjp, dict(block_size=4, rank=2)),
     (fmm_attention_vjp, dict(block_size=4, rank=2, causal=True, global_tokens=[5])),
     (fmm_attention_vjp, dict(block_size=4, rank=2, query_coarsening=True)),
+    (fmm_attention_vjp, dict(block_size=4, rank=2, causal=True, coarsening="cluster")),
 ])
 def test_masked_keys_get_exact_zeros(vjp, options):
     n = 47
@@ -283,6 +381,7 @@ CASES = [
     (fmm_attention_vjp, dict(block_size=4, rank=2)),
     (fmm_attention_vjp, dict(block_size=8, rank=2, causal=True)),
     (fmm_attention_vjp, dict(block_size=4, rank=2, query_coarsening=True)),
+    (fmm_attention_vjp, dict(block_size=4, rank=2, coarsening="cluster")),
 ]
 
 
@@ -326,6 +425,27 @@ def test_inputs_are_never_modified(vjp, options):
         np.testing.assert_array_equal(x, c)
 
 
+@pytest.mark.parametrize("options", [dict(block_size=4, rank=2, causal=True), dict(block_size=4, rank=2, refine=6)])
+def test_fma_slabs_of_blocks_change_no_bit(monkeypatch, options):
+    # long sequences run the backward in slabs of query blocks (bounded partial buffers);
+    # every target still sums its partials in one left-to-right chain
+    from fmm_attention.cpu import backward_ops
+
+    q, k, v = qkv(90, seed=24)
+    mask = random_mask((2,), 90)
+    g = np.random.default_rng(8).standard_normal(v.shape)
+    out, pullback = fmm_attention_vjp(q, k, v, key_padding_mask=mask, **options)
+    whole = pullback(g)
+    monkeypatch.setattr(backward_ops, "PARTIAL_MIN_BYTES", 0)
+    monkeypatch.setattr(backward_ops, "PARTIAL_FRACTION", 1e-9)  # one block per slab
+    tree = build_tree(90, block_size=4, rank=2, causal=options.get("causal", False))
+    col_ptr = np.arange(tree.n_blocks + 1)[None] * 10
+    assert len(backward_ops._slabs(col_ptr, 1, 1)) == tree.n_blocks
+    sliced = pullback(g)
+    for a, b in zip(whole[:3], sliced[:3]):
+        np.testing.assert_array_equal(a, b)
+
+
 def test_leading_dims_and_pullback_reuse():
     q, k, v = qkv(40, lead=(2, 3), seed=17)
     out, pullback = fmm_attention_vjp(q, k, v, block_size=4, rank=2)
@@ -360,8 +480,6 @@ def test_unsupported_backends_and_options_raise():
         exact_attention_vjp(q, k, v, backend="cuda")
     with pytest.raises(ValueError, match="CUDA"):
         fmm_attention_vjp(q, k, v, backend="cuda")
-    with pytest.raises(ValueError, match="cluster"):
-        fmm_attention_vjp(q, k, v, block_size=4, rank=2, coarsening="cluster")
     with pytest.raises(ValueError, match="causal"):
         fmm_attention_vjp(q, k, v, causal=True, query_coarsening=True)
 

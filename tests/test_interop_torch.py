@@ -145,5 +145,5 @@ def test_cpu_tensors_are_not_copied_and_errors_are_clear():
         meta = torch.empty((9, 2), device="meta")
         with pytest.raises(ValueError, match="CPU tensors only"):
             fmt.exact_attention(meta, k, v)
-    with pytest.raises(ValueError, match="cluster"):
-        fmt.fmm_attention(q, k, v, block_size=2, rank=1, coarsening="cluster")
+    with pytest.raises(ValueError, match="block_size"):
+        fmt.fmm_attention(q, k, v, block_size=0, rank=1)

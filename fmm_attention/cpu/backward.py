@@ -21,11 +21,13 @@ the plan, never by the thread count:
 """
 
 import numpy as np
-from numba import prange
+from numba import prange, types
+from numba.extending import overload
 
+from .. import _config
 from ..tree import TOKEN
 from ._jit import jit
-from ._softmax import exp_columns, exp_shift_sum
+from ._softmax import _exp32_parts, _exp64_parts, exp_shift_sum
 from ._tiles import gemm_tiles, panel_width
 
 
@@ -36,6 +38,51 @@ def _shift_of(lse, out):
     """
     for i in range(lse.size):
         out[i] = lse[i] if lse[i] > -np.inf else np.inf
+
+
+def weights_and_logit_grads(scores, grads, rows, bias, positions, first_query, causal, shift, offset):
+    """One pass over a key-major block: ``scores[j, i] <- P = exp(scores + bias_j - shift_i)``
+    (``-inf`` where ``causal`` masks key ``j`` for query ``first_query + i``) and
+    ``grads[j, i] <- P (grads - offset_i)``, the logit cotangent ``dS``, for ``j < rows``.
+
+    The forward's polynomial exponential (:mod:`._softmax`), fused with the bias, the causal
+    mask and ``dS`` so the block is read once, vectorised along the contiguous query axis.
+    """
+    for j in range(rows):
+        for i in range(scores.shape[1]):
+            x = scores[j, i] + bias[j]
+            if causal and positions[j] > first_query + i:
+                x = -np.inf
+            w = np.exp(x - shift[i])
+            scores[j, i] = w
+            grads[j, i] = w * (grads[j, i] - offset[i])
+
+
+def _fused_loop(parts, bits_type):
+    def impl(scores, grads, rows, bias, positions, first_query, causal, shift, offset):
+        bits = scores.view(bits_type)
+        minus_inf = scores.dtype.type(-np.inf)
+        for j in range(rows):
+            key_bias = bias[j]
+            position = positions[j]
+            for i in range(scores.shape[1]):
+                x = scores[j, i] + key_bias
+                if causal:
+                    x = x if position <= first_query + i else minus_inf
+                scores[j, i], exponent = parts(x - shift[i])
+                bits[j, i] += exponent
+                grads[j, i] = scores[j, i] * (grads[j, i] - offset[i])
+
+    return impl
+
+
+@overload(weights_and_logit_grads, jit_options={"fastmath": _config.FASTMATH})
+def _weights_and_logit_grads_overload(scores, grads, rows, bias, positions, first_query, causal, shift, offset):
+    if isinstance(scores, types.Array) and scores.ndim == 2 and scores.dtype == types.float32:
+        return _fused_loop(_exp32_parts, np.int32)
+    if isinstance(scores, types.Array) and scores.ndim == 2 and scores.dtype == types.float64:
+        return _fused_loop(_exp64_parts, np.int64)
+    return None
 
 
 # ---------------------------------------------------------------- exact attention
@@ -57,7 +104,12 @@ def exact_backward_tiles(q, k, v, key_bias, has_mask, scale, causal, g, lse, del
     n_c = dq_part.shape[0]
     for job in prange(n_batch * n_h * n_c):
         b = job // (n_h * n_c)
-        h = (job // n_c) % n_h
+        # query ranges in the order 0, n_h-1, 1, n_h-2, ...: causal range h costs about
+        # h + 1/2 rectangles, so each pair costs the same and the contiguous runs of jobs
+        # that prange gives each thread get equal work (in range order the thread with the
+        # last ranges got three quarters of it). Jobs write disjoint rows: no result changes.
+        slot = (job // n_c) % n_h
+        h = slot // 2 if slot % 2 == 0 else n_h - 1 - slot // 2
         c = job % n_c
         qa = min(n, h * span_q)
         qb = min(n, qa + span_q)
@@ -104,7 +156,7 @@ def exact_backward_tiles(q, k, v, key_bias, has_mask, scale, causal, g, lse, del
 @jit(parallel=True)
 def block_backward(
     q, k, v, key_bias, has_mask, kc, vc, cbias, seg_lo, seg_hi, segments, col_ptr, max_keys, block_size,
-    scale, causal, g, lse, delta, n_chunks, dq, dk_cols, dv_cols,
+    scale, causal, g, lse, delta, n_chunks, blk_lo, blk_hi, dq, dk_cols, dv_cols,
 ):
     """Backward of :func:`fmm_attention.cpu.blocks.block_attention` over the same plan.
 
@@ -114,7 +166,9 @@ def block_backward(
     rows of ``kc``/``vc`` with ``cbias``. Writes ``dq`` of the block's queries (the far
     field of coarse queries adds to it later) and, for plan column ``c``, the block's share
     of that key's gradient into row ``col_ptr[p, I] + c`` of ``dk_cols``/``dv_cols``.
-    ``col_ptr`` (P, n_blocks + 1) holds each block's first column.
+    ``col_ptr`` (P, n_blocks + 1) holds each block's first column. Only the blocks
+    ``blk_lo <= I < blk_hi`` run, their columns written from row 0 (column
+    ``col_ptr[p, blk_lo]``) of the partial buffers.
 
     Layout as in the forward: logits key-major, ``scores[key, query]``, the block's queries
     padded to a multiple of the micro-kernel's panel width, so all five products run on
@@ -125,15 +179,16 @@ def block_backward(
     """
     n_batch, n, d = q.shape
     dv = v.shape[2]
-    n_blocks = seg_lo.shape[1]
     shared = seg_lo.shape[0] == 1
-    n_jobs = n_batch * n_blocks
+    n_slab = blk_hi - blk_lo  # blocks blk_lo .. blk_hi - 1 run (a slab: bounded partial buffers)
+    n_jobs = n_batch * n_slab
     n_chunks = max(1, min(n_jobs, n_chunks))
     panel = panel_width(q)
     width = -(-block_size // panel) * panel
     d_pad = -(-d // panel) * panel
     dv_pad = -(-dv // panel) * panel
     rows_max = max(max_keys, 1)
+    n_columns = dk_cols.shape[1]
     for chunk in prange(n_chunks):
         keys = np.empty((rows_max, d), dtype=q.dtype)
         vals = np.empty((rows_max, dv), dtype=q.dtype)
@@ -146,14 +201,13 @@ def block_backward(
         scores = np.empty((rows_max, width), dtype=q.dtype)
         grads = np.empty((rows_max, width), dtype=q.dtype)
         dq_t = np.empty((d, width), dtype=q.dtype)
-        dk_buf = np.empty((rows_max, d_pad), dtype=q.dtype)
-        dv_buf = np.empty((rows_max, dv_pad), dtype=q.dtype)
+        dk_buf = np.empty((rows_max if d < d_pad else 1, d_pad), dtype=q.dtype)
+        dv_buf = np.empty((rows_max if dv < dv_pad else 1, dv_pad), dtype=q.dtype)
         shift = np.empty(width, dtype=q.dtype)
         offset = np.zeros(width, dtype=q.dtype)
-        sums = np.zeros(width, dtype=q.dtype)
         for job in range(chunk * n_jobs // n_chunks, (chunk + 1) * n_jobs // n_chunks):
-            b = job // n_blocks
-            blk = job % n_blocks
+            b = job // n_slab
+            blk = blk_lo + job % n_slab
             p = 0 if shared else b
             i0 = blk * block_size
             i1 = min(n, i0 + block_size)
@@ -200,43 +254,45 @@ def block_backward(
                 offset[i] = 0
             gemm_tiles(nk, width, d, keys, 0, d, 1, queries_t, 0, width, scores, 0, width, False)
             gemm_tiles(nk, width, dv, vals, 0, dv, 1, grads_t, 0, width, grads, 0, width, False)
-            for j in range(nk):
-                key_bias_j = bias[j]
-                if causal:
-                    position = positions[j]
-                    for i in range(width):
-                        x = scores[j, i] + key_bias_j
-                        scores[j, i] = x if position <= i0 + i else -np.inf
-                else:
-                    for i in range(width):
-                        scores[j, i] += key_bias_j
-            exp_columns(scores, nk, shift, sums)  # probabilities, from the forward's lse
-            for j in range(nk):
-                for i in range(width):
-                    grads[j, i] = scores[j, i] * (grads[j, i] - offset[i])
+            # probabilities from the forward's lse, and dS, in one pass
+            weights_and_logit_grads(scores, grads, nk, bias, positions, i0, causal, shift, offset)
             # dq^T[feature, query] = sum over keys of key[key, feature] dS[key, query]
             gemm_tiles(d, width, nk, keys, 0, 1, d, grads, 0, width, dq_t, 0, width, False)
             for i in range(rows):
                 for e in range(d):
                     dq[b, i0 + i, e] = dq_t[e, i] * scale
             # key-side shares: dS @ (scale q) and P @ g, one row per plan column
-            gemm_tiles(nk, d_pad, width, grads, 0, width, 1, queries, 0, d_pad, dk_buf, 0, d_pad, False)
-            gemm_tiles(nk, dv_pad, width, scores, 0, width, 1, cotangents, 0, dv_pad, dv_buf, 0, dv_pad, False)
-            c0 = col_ptr[p, blk]
-            for j in range(nk):
-                for e in range(d):
-                    dk_cols[b, c0 + j, e] = dk_buf[j, e]
-                for e in range(dv):
-                    dv_cols[b, c0 + j, e] = dv_buf[j, e]
+            # (straight into the partial rows when the feature dims fill whole panels)
+            c0 = col_ptr[p, blk] - col_ptr[p, blk_lo]  # the slab's first column is row 0
+            if d == d_pad:
+                gemm_tiles(nk, d, width, grads, 0, width, 1, queries, 0, d, dk_cols, (b * n_columns + c0) * d, d,
+                           False)
+            else:
+                gemm_tiles(nk, d_pad, width, grads, 0, width, 1, queries, 0, d_pad, dk_buf, 0, d_pad, False)
+                for j in range(nk):
+                    for e in range(d):
+                        dk_cols[b, c0 + j, e] = dk_buf[j, e]
+            if dv == dv_pad:
+                gemm_tiles(nk, dv, width, scores, 0, width, 1, cotangents, 0, dv, dv_cols, (b * n_columns + c0) * dv,
+                           dv, False)
+            else:
+                gemm_tiles(nk, dv_pad, width, scores, 0, width, 1, cotangents, 0, dv_pad, dv_buf, 0, dv_pad, False)
+                for j in range(nk):
+                    for e in range(dv):
+                        dv_cols[b, c0 + j, e] = dv_buf[j, e]
 
 
 @jit(parallel=True)
-def reduce_columns(dk_cols, dv_cols, t_ptr, t_cols, n, dk, dv, dkc, dvc):
-    """Sum the blocks' key-side partials per target, in the transposed plan's fixed order.
+def reduce_columns(dk_cols, dv_cols, t_ptr, t_cols, col_lo, col_hi, cursor, n, dk, dv, dkc, dvc):
+    """Add one slab's key-side partials to their targets, in the transposed plan's order.
 
     Target ``t < n`` is token row ``t`` (added to ``dk``/``dv``), target ``n + r`` is coarse
-    row ``r`` (written to ``dkc``/``dvc``); its partials are the rows
-    ``t_cols[p, t_ptr[p, t] : t_ptr[p, t + 1]]`` of ``dk_cols``/``dv_cols`` (block order).
+    row ``r`` (added to ``dkc``/``dvc``); its partials are the columns
+    ``t_cols[p, t_ptr[p, t] : t_ptr[p, t + 1]]`` (ascending, so in block order). The slab
+    holds columns ``col_lo[p] <= c < col_hi[p]`` at rows ``c - col_lo[p]``; ``cursor[b, t]``
+    is the first of target ``t``'s columns not yet added, and advances past the slab's.
+    Slabs run in block order, so every target sums its partials left to right, one chain
+    whatever the slab boundaries: the result does not depend on them.
     """
     n_batch = dk_cols.shape[0]
     d = dk_cols.shape[2]
@@ -247,27 +303,28 @@ def reduce_columns(dk_cols, dv_cols, t_ptr, t_cols, n, dk, dv, dkc, dvc):
         b = job // n_targets
         t = job % n_targets
         p = 0 if shared else b
-        lo = t_ptr[p, t]
+        s = cursor[b, t]
         hi = t_ptr[p, t + 1]
+        lo_col = col_lo[p]
+        hi_col = col_hi[p]
         if t < n:
-            for s in range(lo, hi):
-                c = t_cols[p, s]
+            while s < hi and t_cols[p, s] < hi_col:
+                c = t_cols[p, s] - lo_col
                 for e in range(d):
                     dk[b, t, e] += dk_cols[b, c, e]
                 for e in range(e_v):
                     dv[b, t, e] += dv_cols[b, c, e]
+                s += 1
         else:
             r = t - n
-            for e in range(d):
-                dkc[b, r, e] = 0
-            for e in range(e_v):
-                dvc[b, r, e] = 0
-            for s in range(lo, hi):
-                c = t_cols[p, s]
+            while s < hi and t_cols[p, s] < hi_col:
+                c = t_cols[p, s] - lo_col
                 for e in range(d):
                     dkc[b, r, e] += dk_cols[b, c, e]
                 for e in range(e_v):
                     dvc[b, r, e] += dv_cols[b, c, e]
+                s += 1
+        cursor[b, t] = s
 
 
 # ---------------------------------------------------------------- coarsening adjoints
@@ -311,36 +368,73 @@ def mean_downward(valid, has_mask, sub_sizes, offsets, counts, dkc, dvc, dk, dv)
 
 
 @jit(parallel=True)
-def learned_downward_level(weights, valid, has_mask, box_size, rank, offset, dout, dx):
+def cluster_downward(valid, has_mask, box_sizes, ranks, offsets, labels, parents, counts, dkc, dvc, dk, dv):
+    """Adjoint of :func:`fmm_attention.cpu.cluster.cluster_groups` with its groups held fixed.
+
+    Every coarse row is the mean of the tokens of its group, so each of them receives
+    ``d(row) / count``. A token's row is ``labels`` at the token-level levels (its slot in
+    its box) and follows ``parents`` from the row below above them; one parallel job per
+    token sums its rows' shares level by level (tokens are independent: no atomics).
+    """
+    n_batch, n, d = dk.shape
+    e_v = dv.shape[2]
+    n_levels = box_sizes.size
+    n_flat = labels.shape[1]
+    for job in prange(n_batch * n):
+        b = job // n
+        t = job % n
+        if has_mask and not valid[b, t]:
+            continue
+        row = 0
+        for level in range(n_levels):
+            if level < n_flat:
+                row = offsets[level] + (t // box_sizes[level]) * ranks[level] + labels[b, level, t]
+            else:
+                row = parents[b, row]
+            inv = 1.0 / counts[b, row]
+            for e in range(d):
+                dk[b, t, e] += dkc[b, row, e] * inv
+            for e in range(e_v):
+                dv[b, t, e] += dvc[b, row, e] * inv
+
+
+@jit(parallel=True)
+def learned_downward_level(weights_t, valid, has_mask, box_size, rank, offset, tokens_per_job, dout, dx):
     """Adjoint of :func:`fmm_attention.cpu.upward.learned_upward_level` for its input: the
     transposed grouped convolution ``dx[c*w + u, e] += sum_t W[e*r + t, u] dout[c*r + t, e]``
     (valid tokens only; padded and masked tokens entered as zeros).
+
+    ``weights_t`` is ``W`` transposed, ``(w, r*d)``: a token reads one contiguous row (in
+    ``W`` its ``r*d`` weights lie a row apart, one cache line each, and the top levels'
+    weights are megabytes). Jobs are runs of ``tokens_per_job`` tokens, not boxes, so the
+    few huge boxes of the top levels still spread over the threads; tokens are independent.
     """
     n_batch, n, d = dx.shape
-    n_boxes = (n + box_size - 1) // box_size
-    for job in prange(n_batch * n_boxes):
-        b = job // n_boxes
-        c = job % n_boxes
-        first = c * box_size
-        for u in range(min(n, first + box_size) - first):
-            t = first + u
+    n_runs = (n + tokens_per_job - 1) // tokens_per_job
+    for job in prange(n_batch * n_runs):
+        b = job // n_runs
+        lo = (job % n_runs) * tokens_per_job
+        for t in range(lo, min(n, lo + tokens_per_job)):
             if has_mask and not valid[b, t]:
                 continue
+            c = t // box_size
+            u = t - c * box_size
             for e in range(d):
                 acc = dx.dtype.type(0)
                 for s in range(rank):
-                    acc += weights[e * rank + s, u] * dout[b, offset + c * rank + s, e]
+                    acc += weights_t[u, e * rank + s] * dout[b, offset + c * rank + s, e]
                 dx[b, t, e] += acc
 
 
 @jit(parallel=True)
-def learned_weight_grad(x, valid, has_mask, box_size, rank, offset, dout, dw, dbias):
+def learned_weight_grad(x_t, valid, has_mask, box_size, rank, offset, dout, dw, dbias):
     """Weight and bias gradients of one level's grouped convolution (Conv1d layout rows):
     ``dw[e*r + t, u] = sum_{b, c} dout[b, c*r + t, e] x[b, c*w + u, e]`` over valid tokens,
     ``dbias[e*r + t] = sum_{b, c} dout[b, c*r + t, e]``; one weight row per job, summed over
-    ``b`` then ``c`` in order.
+    ``b`` then ``c`` in order. ``x_t`` is ``x`` transposed, ``(B, d, n)``: a job reads one
+    feature of every token, contiguous there (in ``x`` each read was a cache line of its own).
     """
-    n_batch, n, d = x.shape
+    n_batch, d, n = x_t.shape
     n_boxes = (n + box_size - 1) // box_size
     for w_row in prange(d * rank):
         e = w_row // rank
@@ -355,5 +449,5 @@ def learned_weight_grad(x, valid, has_mask, box_size, rank, offset, dout, dw, db
                 for u in range(min(n, first + box_size) - first):
                     if has_mask and not valid[b, first + u]:
                         continue
-                    dw[w_row, u] += grad * x[b, first + u, e]
+                    dw[w_row, u] += grad * x_t[b, e, first + u]
         dbias[w_row] = total

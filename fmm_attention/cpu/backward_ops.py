@@ -16,10 +16,11 @@ import numba
 import numpy as np
 
 from .. import _config
-from ..coarsening import MeanCoarsening, as_coarsening
+from ..coarsening import ClusterCoarsening, MeanCoarsening, as_coarsening
 from ._launch import launch_guard
 from .backward import (
     block_backward,
+    cluster_downward,
     exact_backward_tiles,
     learned_downward_level,
     learned_weight_grad,
@@ -80,17 +81,25 @@ class FMMResiduals:
     vc: np.ndarray
     cbias: np.ndarray
     plan: tuple  # seg_lo, seg_hi, segments, max_keys, col_ptr, t_ptr, t_cols, n_columns
+    groups: tuple | None = None  # cluster coarsening: (labels, parents, counts), held fixed
 
     @classmethod
-    def build(cls, batch, tree, refined_plan, *, coarsening, count_scaling, query_coarsening, global_tokens):
+    def build(cls, batch, tree, refined_plan, *, coarsening, count_scaling, query_coarsening, global_tokens,
+              cluster_iters=0):
         """Residuals of one forward call; ``refined_plan`` is the per-entry plan the forward
-        executed with ``refine > 0`` (held fixed), ``None`` for the shared plan.
+        executed with ``refine > 0`` (held fixed), ``None`` for the shared plan. With
+        ``coarsening="cluster"`` the upward pass is rerun (it is deterministic, so it makes
+        the forward's groups) recording each token's group at every level.
         """
         from . import _coarse_validity, coarse_buffers  # the forward's own upward pass
 
         coarsening = as_coarsening(coarsening)
         coarse_valid = _coarse_validity(batch, global_tokens)
-        kc, vc, cbias = coarse_buffers(batch, tree, coarsening, count_scaling, coarse_valid=coarse_valid)
+        groups = None
+        if isinstance(coarsening, ClusterCoarsening):
+            kc, vc, cbias, groups = _cluster_buffers(batch, tree, count_scaling, coarsening.iters, coarse_valid)
+        else:
+            kc, vc, cbias = coarse_buffers(batch, tree, coarsening, count_scaling, coarse_valid=coarse_valid)
         if refined_plan is None:
             plan = shared_transpose(tree, not query_coarsening, tuple(global_tokens))
         else:
@@ -103,7 +112,7 @@ class FMMResiduals:
             plan = (seg_lo, seg_hi, segments, int(keys.max())) + transpose_plan(
                 seg_lo, seg_hi, segments, tree.n, tree.n_coarse
             )
-        return cls(batch, tree, coarsening, query_coarsening, coarse_valid, kc, vc, cbias, plan)
+        return cls(batch, tree, coarsening, query_coarsening, coarse_valid, kc, vc, cbias, plan, groups)
 
     def coarsening_mask(self):
         """``(valid, has_mask)`` of the tokens that entered coarsening."""
@@ -127,19 +136,25 @@ def fmm_backward(res, g, lse, delta):
     dq = np.empty_like(batch.q)
     dk = np.zeros_like(batch.k)
     dv = np.zeros_like(batch.v)
-    dk_cols = np.empty((B, n_columns, d), dtype=dtype)
-    dv_cols = np.empty((B, n_columns, dv_dim), dtype=dtype)
-    dkc = np.empty_like(res.kc)
-    dvc = np.empty_like(res.vc)
-    with launch_guard():
-        block_backward(
-            batch.q, batch.k, batch.v, key_bias, has_mask, res.kc, res.vc, res.cbias, seg_lo, seg_hi, segments,
-            col_ptr, max_keys, tree.block_size, scale, tree.causal, g, lse, delta,
-            _config.FMA_CHUNKS_PER_THREAD * numba.get_num_threads(), dq, dk_cols, dv_cols,
-        )
-    with launch_guard():
-        reduce_columns(dk_cols, dv_cols, t_ptr, t_cols, n, dk, dv, dkc, dvc)
-    del dk_cols, dv_cols
+    dkc = np.zeros_like(res.kc)
+    dvc = np.zeros_like(res.vc)
+    slabs = _slabs(col_ptr, B * (d + dv_dim) * dtype.itemsize, batch.k.nbytes + batch.v.nbytes)
+    width = max(int(np.max(col_ptr[:, hi] - col_ptr[:, lo])) for lo, hi in slabs)
+    dk_cols = np.empty((B, max(width, 1), d), dtype=dtype)
+    dv_cols = np.empty((B, max(width, 1), dv_dim), dtype=dtype)
+    cursor = np.array(np.broadcast_to(t_ptr[:, :-1], (B, t_ptr.shape[1] - 1)))
+    chunks = _config.FMA_CHUNKS_PER_THREAD * numba.get_num_threads()
+    for lo, hi in slabs:  # in block order: each target's partials are added left to right
+        with launch_guard():
+            block_backward(
+                batch.q, batch.k, batch.v, key_bias, has_mask, res.kc, res.vc, res.cbias, seg_lo, seg_hi, segments,
+                col_ptr, max_keys, tree.block_size, scale, tree.causal, g, lse, delta, chunks, lo, hi, dq, dk_cols,
+                dv_cols,
+            )
+        with launch_guard():
+            reduce_columns(dk_cols, dv_cols, t_ptr, t_cols, np.ascontiguousarray(col_ptr[:, lo]),
+                           np.ascontiguousarray(col_ptr[:, hi]), cursor, n, dk, dv, dkc, dvc)
+    del dk_cols, dv_cols, cursor
     if res.query_coarsening:
         _far_backward(res, g, lse, delta, dq, dkc, dvc)
     empty = np.isneginf(res.cbias)  # rows with no token: the forward zeroed them
@@ -149,7 +164,11 @@ def fmm_backward(res, g, lse, delta):
     levels = tree.levels
     learned = None
     with launch_guard():
-        if isinstance(res.coarsening, MeanCoarsening):  # else learned: the others have no backward
+        if res.groups is not None:
+            labels, parents, counts = res.groups
+            box_sizes, ranks, offsets = _level_table(levels)
+            cluster_downward(valid, has, box_sizes, ranks, offsets, labels, parents, counts, dkc, dvc, dk, dv)
+        elif isinstance(res.coarsening, MeanCoarsening):  # else learned: the others have no backward
             sub_sizes = np.array([lv.sub_box_size for lv in levels], dtype=np.int64)
             offsets = np.array([lv.offset for lv in levels], dtype=np.int64)
             counts = _mean_counts(valid, has, B, tree)
@@ -157,18 +176,77 @@ def fmm_backward(res, g, lse, delta):
         else:
             kw, vw, _, _ = res.coarsening.level_arrays(dtype)
             grads = ([], [], [], [])
+            per_job = max(1, int(_config.BACKWARD_LEARNED_TOKENS))
+            k_t, v_t = (np.ascontiguousarray(x.transpose(0, 2, 1)) for x in (batch.k, batch.v))
             for i, lv in enumerate(levels):
                 args = (lv.box_size, lv.rank, lv.offset)
-                learned_downward_level(kw[i], valid, has, *args, dkc, dk)
-                learned_downward_level(vw[i], valid, has, *args, dvc, dv)
-                for x, dx, target_w, target_b in ((batch.k, dkc, grads[0], grads[2]), (batch.v, dvc, grads[1], grads[3])):
-                    gw = np.empty((lv.rank * x.shape[2], lv.box_size), dtype=dtype)
-                    gb = np.empty(lv.rank * x.shape[2], dtype=dtype)
+                learned_downward_level(np.ascontiguousarray(kw[i].T), valid, has, *args, per_job, dkc, dk)
+                learned_downward_level(np.ascontiguousarray(vw[i].T), valid, has, *args, per_job, dvc, dv)
+                for x, dx, target_w, target_b in ((k_t, dkc, grads[0], grads[2]), (v_t, dvc, grads[1], grads[3])):
+                    gw = np.empty((lv.rank * x.shape[1], lv.box_size), dtype=dtype)
+                    gb = np.empty(lv.rank * x.shape[1], dtype=dtype)
                     learned_weight_grad(x, valid, has, *args, dx, gw, gb)
                     target_w.append(gw[:, None, :])
                     target_b.append(gb)
             learned = tuple(tuple(x) for x in grads)
     return dq, dk, dv, learned
+
+
+#: The key-side partial buffers of FMA's backward hold at most this fraction of the bytes
+#: of ``k`` and ``v`` (and at least ``PARTIAL_MIN_BYTES``): longer sequences run in slabs of
+#: query blocks. The slabs change no result (see :func:`.backward.reduce_columns`).
+PARTIAL_FRACTION = 0.25
+PARTIAL_MIN_BYTES = 32 << 20
+
+
+def _slabs(col_ptr, bytes_per_column, kv_bytes):
+    """``[(lo, hi), ...]``: consecutive ranges of query blocks whose partial rows (the most
+    over the plans) fit the budget; at least one block each.
+    """
+    budget = max(PARTIAL_MIN_BYTES, PARTIAL_FRACTION * kv_bytes)
+    most = max(1, int(budget // bytes_per_column))  # columns per slab
+    n_blocks = col_ptr.shape[1] - 1
+    ends = col_ptr.max(axis=0)  # a slab's columns are at most ends[hi] - starts[lo] over the plans
+    starts = col_ptr.min(axis=0)
+    slabs, lo = [], 0
+    while lo < n_blocks:
+        hi = int(np.searchsorted(ends, starts[lo] + most, side="right")) - 1
+        hi = min(n_blocks, max(hi, lo + 1))
+        slabs.append((lo, hi))
+        lo = hi
+    return slabs
+
+
+def _level_table(levels):
+    return tuple(np.array([getattr(lv, a) for lv in levels], dtype=np.int64) for a in ("box_size", "rank", "offset"))
+
+
+def _cluster_buffers(batch, tree, count_scaling, iters, coarse_valid):
+    """Cluster coarsening's upward pass with its group assignments recorded:
+    ``(kc, vc, cbias, (labels, parents, counts))`` (see :func:`.cluster.cluster_groups`).
+    """
+    from .cluster import cluster_groups, flat_levels
+
+    B, C, n = batch.q.shape[0], tree.n_coarse, batch.n
+    dtype = batch.dtype
+    if coarse_valid is not None:
+        valid, has_mask = coarse_valid, True
+    elif batch.valid is not None:
+        valid, has_mask = batch.valid, True
+    else:
+        valid, has_mask = np.zeros((1, 1), dtype=np.bool_), False
+    box_sizes, ranks, offsets = _level_table(tree.levels)
+    flat_size = int(_config.CLUSTER_FLAT_SIZE)
+    kc = np.zeros((B, C, batch.d), dtype=dtype)
+    vc = np.zeros((B, C, batch.dv), dtype=dtype)
+    cbias = np.full((B, C), -np.inf, dtype=dtype)
+    counts = np.zeros((B, C), dtype=np.float64)
+    labels = np.zeros((B, flat_levels(box_sizes, flat_size), n), dtype=np.int64)
+    parents = np.zeros((B, C), dtype=np.int64)
+    with launch_guard():
+        cluster_groups(batch.k, batch.v, valid, has_mask, box_sizes, ranks, offsets, iters, count_scaling, flat_size,
+                       max(1, int(_config.CLUSTER_CHUNKS)), kc, vc, cbias, counts, True, labels, parents)
+    return kc, vc, cbias, (labels, parents, counts)
 
 
 def _mean_counts(valid, has_mask, B, tree):

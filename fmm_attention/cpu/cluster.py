@@ -92,11 +92,12 @@ def _group_box(x, xv, index, weight, count, group, rank, iters, centre, total, b
 
 @jit()
 def _flat_spans(k, v, valid, has_mask, box_sizes, ranks, offsets, n_flat, iters, count_scaling, first_job, last_job,
-                kc, vc, cbias, counts):
+                kc, vc, cbias, counts, record, labels):
     """Token-level levels ``0 .. n_flat-1`` of the spans ``first_job <= job < last_job``.
 
     A span is one box of the last token-level level (``job = b * n_spans + span``); all its
-    levels run while its tokens are in cache.
+    levels run while its tokens are in cache. With ``record``, ``labels[b, level, t]``
+    receives token ``t``'s final group (slot in its box) at each of these levels.
     """
     n = k.shape[1]
     span = box_sizes[n_flat - 1]
@@ -132,12 +133,18 @@ def _flat_spans(k, v, valid, has_mask, box_sizes, ranks, offsets, n_flat, iters,
                            b, offsets[level] + (first // box_size) * rank, count_scaling, kc, vc, cbias, counts)
                 for i in range(count):
                     label[index[i] - lo] = group[i]
+                    if record:
+                        labels[b, level, index[i]] = group[i]
 
 
 @jit()
 def _merged_boxes(box_size, rank, offset, prev_rank, prev_offset, iters, count_scaling, first_job, last_job,
-                  n_boxes, kc, vc, cbias, counts):
-    """Group-level level: boxes ``first_job <= job < last_job`` (``job = b * n_boxes + c``)."""
+                  n_boxes, kc, vc, cbias, counts, record, parents):
+    """Group-level level: boxes ``first_job <= job < last_job`` (``job = b * n_boxes + c``).
+
+    With ``record``, ``parents[b, row]`` receives the coarse row that each non-empty child
+    row joined (whole groups move at these levels).
+    """
     n_points = 2 * prev_rank
     spread = n_points // rank  # candidates per slot of the start
     steps = iters if box_size > rank else 0  # one token per slot: every group is exact already
@@ -159,11 +166,35 @@ def _merged_boxes(box_size, rank, offset, prev_rank, prev_offset, iters, count_s
                 count += 1
         _group_box(kc[b], vc[b], index, weight, count, group, rank, steps, centre, total,
                    b, offset + c * rank, count_scaling, kc, vc, cbias, counts)
+        if record:
+            for i in range(count):
+                parents[b, index[i]] = offset + c * rank + group[i]
+
+
+def flat_levels(box_sizes, flat_size):
+    """How many levels (from level 1) group tokens rather than groups: level 1 and every
+    level whose boxes hold at most ``flat_size`` tokens.
+    """
+    n_flat = 1
+    while n_flat < len(box_sizes) and box_sizes[n_flat] <= flat_size:
+        n_flat += 1
+    return n_flat
+
+
+def cluster_upward(k, v, valid, has_mask, box_sizes, ranks, offsets, iters, count_scaling, flat_size, chunks,
+                   kc, vc, cbias):
+    """Content-grouped coarsening of every level (:func:`cluster_groups` without the record of
+    the group assignments, which only the backward needs).
+    """
+    counts = np.zeros(cbias.shape, dtype=np.float64)
+    none = np.zeros((1, 1, 1), dtype=np.int64)
+    cluster_groups(k, v, valid, has_mask, box_sizes, ranks, offsets, iters, count_scaling, flat_size, chunks,
+                   kc, vc, cbias, counts, False, none, none[0])
 
 
 @jit(parallel=True)
-def cluster_upward(k, v, valid, has_mask, box_sizes, ranks, offsets, iters, count_scaling, flat_size, chunks,
-                   kc, vc, cbias):
+def cluster_groups(k, v, valid, has_mask, box_sizes, ranks, offsets, iters, count_scaling, flat_size, chunks,
+                   kc, vc, cbias, counts, record, labels, parents):
     """Content-grouped coarsening of every level in one upward pass (k-means up the tree).
 
     Each box's ``r_l`` groups start from the groups of its two children, their slots side by
@@ -184,9 +215,14 @@ def cluster_upward(k, v, valid, has_mask, box_sizes, ranks, offsets, iters, coun
     are left as given. Deterministic (nothing depends on the thread count or on ``chunks``,
     the work items per parallel loop) and causal-safe: a box's groups depend only on its own
     tokens.
+
+    ``counts`` (B, C) float64, zeros on entry, receives each row's token count. With
+    ``record`` the group assignments are written for the backward: ``labels`` (B, n_flat, n)
+    the slot of every valid token at each token-level level (:func:`flat_levels`),
+    ``parents`` (B, C) the row that each non-empty row of a level joins at the next
+    group-level level.
     """
     n_batch, n = k.shape[:2]
-    counts = np.zeros(cbias.shape, dtype=np.float64)
     n_flat = 1
     while n_flat < box_sizes.size and box_sizes[n_flat] <= flat_size:
         n_flat += 1
@@ -195,7 +231,7 @@ def cluster_upward(k, v, valid, has_mask, box_sizes, ranks, offsets, iters, coun
     n_chunks = min(jobs, chunks)
     for chunk in prange(n_chunks):
         _flat_spans(k, v, valid, has_mask, box_sizes, ranks, offsets, n_flat, iters, count_scaling,
-                    chunk * jobs // n_chunks, (chunk + 1) * jobs // n_chunks, kc, vc, cbias, counts)
+                    chunk * jobs // n_chunks, (chunk + 1) * jobs // n_chunks, kc, vc, cbias, counts, record, labels)
     for level in range(n_flat, box_sizes.size):
         box_size = box_sizes[level]
         n_boxes = (n + box_size - 1) // box_size
@@ -204,7 +240,7 @@ def cluster_upward(k, v, valid, has_mask, box_sizes, ranks, offsets, iters, coun
         for chunk in prange(n_chunks):
             _merged_boxes(box_size, ranks[level], offsets[level], ranks[level - 1], offsets[level - 1], iters,
                           count_scaling, chunk * jobs // n_chunks, (chunk + 1) * jobs // n_chunks, n_boxes,
-                          kc, vc, cbias, counts)
+                          kc, vc, cbias, counts, record, parents)
 
 
 def upward(coarsening, batch, tree, *, valid, has_mask, count_scaling, kc, vc, cbias):

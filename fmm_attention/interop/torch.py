@@ -136,8 +136,8 @@ def fmm_attention(q, k, v, *, causal=False, block_size=_config.DEFAULT_BLOCK_SIZ
 
     ``coarsening`` is ``"mean"``, a :class:`fmm_attention.LearnedCoarsening` (its weights
     are constants here) or an :class:`FMMAttention` module's parameters through
-    :meth:`FMMAttention.forward` (trainable). ``refine``'s plan is held fixed in the
-    backward; ``coarsening="cluster"`` has no backward.
+    :meth:`FMMAttention.forward` (trainable). ``refine``'s plan and
+    ``coarsening="cluster"``'s group assignments are held fixed in the backward.
     """
     options = dict(causal=causal, block_size=block_size, rank=rank, coarsening=coarsening,
                    count_scaling=count_scaling, query_coarsening=query_coarsening, scale=scale,

@@ -1,0 +1,348 @@
+r"""JAX adapter (extra ``[jax]``): differentiable attention under ``jax.jit`` and ``jax.grad``.
+
+The three functions have the names and keywords of the NumPy API and take and return JAX
+arrays. Each is a ``jax.custom_vjp`` whose forward and backward are ``jax.pure_callback``\\ s
+into :mod:`fmm_attention.grad`: the forward runs the library's forward on the host and
+saves ``out`` and ``lse`` (O(n d)); the backward rebuilds the pullback from them and runs
+the library's backward kernels. So they compose with ``jax.jit``, ``jax.grad``,
+``jax.vjp`` and ``jax.vmap`` (one host call per mapped entry), and
+``jax.test_util.check_grads(..., modes=["rev"])`` passes.
+
+:func:`fmm_attention` trains a learned coarsening when ``coarsening`` is a
+:class:`LearnedParams` (a pytree of JAX arrays in the ``torch.nn.Conv1d`` layout of the
+paper's code, see :func:`init_learned`); a
+:class:`~fmm_attention.LearnedCoarsening` is a constant.
+
+Not supported (each raises a clear error): forward-mode differentiation (``jax.jvp``,
+``jax.jacfwd``: ``custom_vjp`` functions have none) and derivatives of second order (the
+backward is a host call); dtypes other than float32 / float64 (float64 needs
+``jax.config.update("jax_enable_x64", True)``). Arrays on an accelerator are copied to
+the host for each call: the kernels are the CPU backend's.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from .. import _config
+from .. import grad as _grad
+from ..coarsening import LearnedCoarsening
+from ..options import FMMOptions
+from ..tree import build_tree
+
+__all__ = ["LearnedParams", "exact_attention", "fastformer_attention", "fmm_attention", "init_learned"]
+
+
+class LearnedParams(NamedTuple):
+    """Trainable learned-coarsening parameters, a pytree of JAX arrays (one per far level).
+
+    Attributes
+    ----------
+    key_weights, value_weights : tuple of jax.Array
+        ``(r_l*d, 1, w_l)`` and ``(r_l*dv, 1, w_l)`` per level (``torch.nn.Conv1d``'s
+        ``weight`` layout).
+    key_bias, value_bias : tuple of jax.Array
+        ``(r_l*d,)`` and ``(r_l*dv,)`` per level.
+    """
+
+    key_weights: tuple
+    value_weights: tuple
+    key_bias: tuple
+    value_bias: tuple
+
+
+def init_learned(seq_len, d, dv=None, *, block_size=_config.DEFAULT_BLOCK_SIZE, rank=_config.DEFAULT_RANK,
+                 causal=False, dtype=jnp.float32):
+    """:class:`LearnedParams` for sequences of length ``seq_len``, starting as sub-box means.
+
+    Parameters
+    ----------
+    seq_len : int
+        ``n`` the parameters are built for (it fixes the tree).
+    d, dv : int
+        Feature dims of keys and values (``dv = d`` by default).
+    block_size, rank, causal : optional
+        As for :func:`fmm_attention` (they fix the tree too).
+    dtype : optional
+        Of the arrays (float32 by default, as JAX computes without x64).
+
+    Returns
+    -------
+    LearnedParams
+        Weights that make every slot the mean of its sub-box and zero biases: the
+        training-free ``"mean"`` coarsening when no key is masked.
+    """
+    dv = d if dv is None else dv
+    tree = build_tree(seq_len, block_size=block_size, rank=rank, causal=causal)
+
+    def means(channels, level):
+        w = np.zeros((level.rank * channels, 1, level.box_size))
+        sub = level.sub_box_size
+        for t in range(level.rank):
+            w[t :: level.rank, 0, t * sub : (t + 1) * sub] = 1.0 / sub
+        return jnp.asarray(w, dtype=dtype)
+
+    def zeros(channels, level):
+        return jnp.zeros(level.rank * channels, dtype=dtype)
+
+    return LearnedParams(*(tuple(f(c, lv) for lv in tree.levels) for f, c in
+                           ((means, d), (means, dv), (zeros, d), (zeros, dv))))
+
+
+# ---------------------------------------------------------------- shared pieces
+def _float(x, name):
+    """``x`` as a float32/float64 JAX array (a ``TypeError`` otherwise)."""
+    if x is None:
+        raise TypeError(f"{name} is required")
+    arr = x if isinstance(x, jax.Array) else jnp.asarray(x)
+    if arr.dtype not in (jnp.float32, jnp.float64):
+        raise TypeError(
+            f"{name} must be float32 or float64, got {arr.dtype} (float64 needs "
+            "jax.config.update('jax_enable_x64', True))"
+        )
+    return arr
+
+
+def _mask(mask, lead_n):
+    if mask is None:
+        return None
+    arr = mask if isinstance(mask, jax.Array) else jnp.asarray(mask)
+    if arr.dtype != jnp.bool_:
+        raise TypeError(f"key_padding_mask must be a boolean array, got {arr.dtype}")
+    if arr.shape != lead_n:
+        raise ValueError(f"key_padding_mask must have shape {lead_n} (the leading dims and n of q), got {arr.shape}")
+    return arr
+
+
+def _qkv(q, k, v):
+    q, k, v = _float(q, "q"), _float(k, "k"), _float(v, "v")
+    if q.ndim < 2:
+        raise ValueError(f"q must have shape (..., n, d), got {q.shape}")
+    if k.shape != q.shape or v.shape[:-1] != q.shape[:-1] or not (q.dtype == k.dtype == v.dtype):
+        raise ValueError(
+            f"q, k, v must have shapes (..., n, d), (..., n, d), (..., n, dv) and one dtype; got "
+            f"{q.shape} {q.dtype}, {k.shape} {k.dtype}, {v.shape} {v.dtype}"
+        )
+    return q, k, v
+
+
+def _host(x, dtype=None):
+    return np.asarray(x) if dtype is None else np.asarray(x, dtype=dtype)
+
+
+def _callback(fn, shapes, *args):
+    # "sequential": under vmap, one host call per entry (always right: learned weights and
+    # Fastformer's vectors do not share the mapped dim of q, k, v)
+    return jax.pure_callback(fn, shapes, *args, vmap_method="sequential")
+
+
+def _split(operands, with_mask):
+    q, k, v, *rest = operands
+    mask = rest.pop(0) if with_mask else None
+    return q, k, v, mask, rest
+
+
+def _zero_mask_cotangent(with_mask):
+    return (None,) if with_mask else ()
+
+
+# ---------------------------------------------------------------- exact attention
+def exact_attention(q, k, v, *, causal=False, scale=None, key_padding_mask=None, return_lse=False,
+                    check_finite=True):
+    """Differentiable :func:`fmm_attention.exact_attention` on JAX arrays.
+
+    Same keywords and results as the NumPy function (the backend is always the CPU);
+    differentiable in ``q``, ``k``, ``v`` (and through ``lse`` with ``return_lse=True``).
+    """
+    q, k, v = _qkv(q, k, v)
+    mask = _mask(key_padding_mask, q.shape[:-1])
+    options = dict(causal=causal, scale=scale, check_finite=check_finite, backend="cpu")
+    with_mask = mask is not None
+    out_shape = (jax.ShapeDtypeStruct(q.shape[:-1] + v.shape[-1:], q.dtype), jax.ShapeDtypeStruct(q.shape[:-1], q.dtype))
+
+    def setup(q, k, v, mask, rest):
+        return _grad._exact_setup(_host(q), _host(k), _host(v), key_padding_mask=None if mask is None else _host(mask),
+                                  **options)
+
+    def forward_host(*operands):
+        cpu, batch, causal_ = setup(*_split(operands, with_mask))
+        out, lse = cpu.exact(batch, causal=causal_)
+        return batch.restore(out), batch.restore(lse, last_dim=False)
+
+    def backward_host(*operands):
+        out, lse, g, g_lse = operands[-4:]
+        _, batch, causal_ = setup(*_split(operands[:-4], with_mask))
+        pullback = _grad._exact_pullback(batch, causal_, _internal(batch, out), _internal(batch, lse, last_dim=False))
+        return tuple(pullback(_host(g), _host(g_lse)))
+
+    @jax.custom_vjp
+    def f(*operands):
+        return _callback(forward_host, out_shape, *operands)
+
+    def f_fwd(*operands):
+        out, lse = f(*operands)
+        return (out, lse), (operands, out, lse)
+
+    def f_bwd(saved, cotangents):
+        operands, out, lse = saved
+        g, g_lse = cotangents
+        q_, k_, v_ = operands[:3]
+        shapes = tuple(jax.ShapeDtypeStruct(x.shape, x.dtype) for x in (q_, k_, v_))
+        dq, dk, dv = _callback(backward_host, shapes, *operands, out, lse, g, g_lse)
+        return (dq, dk, dv) + _zero_mask_cotangent(with_mask)
+
+    f.defvjp(f_fwd, f_bwd)
+    out, lse = f(q, k, v, *((mask,) if with_mask else ()))
+    return (out, lse) if return_lse else out
+
+
+def _internal(batch, x, last_dim=True):
+    """A saved output in the caller's shape back to the kernels' ``(B, n[, x])``."""
+    B = batch.q.shape[0]
+    tail = x.shape[-1:] if last_dim else ()
+    return np.ascontiguousarray(x, dtype=batch.dtype).reshape((B, batch.n) + tail)
+
+
+# ---------------------------------------------------------------- FMA
+def fmm_attention(q, k, v, *, causal=False, block_size=_config.DEFAULT_BLOCK_SIZE, rank=_config.DEFAULT_RANK,
+                  coarsening="mean", count_scaling=True, query_coarsening=False, scale=None, key_padding_mask=None,
+                  return_lse=False, check_finite=True, cluster_iters=3, refine=0, global_tokens=None):
+    """Differentiable :func:`fmm_attention.fmm_attention` on JAX arrays.
+
+    Same keywords and results as the NumPy function (the backend is always the CPU; no
+    ``return_stats``). ``coarsening`` is ``"mean"``, ``"cluster"``, a
+    :class:`~fmm_attention.LearnedCoarsening` (constant weights) or a
+    :class:`LearnedParams` (trainable: ``jax.grad`` returns gradients of its arrays in
+    their own layout). ``refine``'s plan and ``"cluster"``'s groups are held fixed in the
+    backward (the branch the forward took).
+    """
+    q, k, v = _qkv(q, k, v)
+    mask = _mask(key_padding_mask, q.shape[:-1])
+    with_mask = mask is not None
+    params = None
+    if isinstance(coarsening, LearnedParams):
+        params = coarsening
+        coarsening = "mean"  # a placeholder for the option checks; the host rebuilds the weights
+    options = dict(causal=causal, block_size=block_size, rank=rank, coarsening=coarsening,
+                   count_scaling=count_scaling, query_coarsening=query_coarsening, scale=scale,
+                   check_finite=check_finite, backend="cpu", cluster_iters=cluster_iters, refine=refine,
+                   global_tokens=global_tokens)
+    # the option errors at trace time, where they are readable (inside a callback they
+    # would arrive wrapped in the runtime's error)
+    FMMOptions.create(**{key: options[key] for key in ("causal", "block_size", "rank", "coarsening", "count_scaling",
+                                                       "query_coarsening", "scale", "cluster_iters", "refine",
+                                                       "global_tokens")})
+    n_levels = 0
+    flat = []
+    if params is not None:
+        if len(params.key_weights) != len(params.value_weights):
+            raise ValueError("coarsening: LearnedParams needs one key and one value weight per level")
+        n_levels = len(params.key_weights)
+        flat = [_float(a, "coarsening parameter") for group in params for a in group]
+        if len(flat) != 4 * n_levels:
+            raise ValueError("coarsening: LearnedParams needs one weight and one bias per level for keys and values")
+        tree = build_tree(q.shape[-2], block_size=block_size, rank=rank, causal=causal)
+        LearnedCoarsening(*_groups([np.zeros(a.shape) for a in flat], n_levels)).check_tree(
+            tree, q.shape[-1], v.shape[-1])
+
+    def setup(q, k, v, mask, rest):
+        opts = dict(options)
+        if n_levels:
+            opts["coarsening"] = LearnedCoarsening(*_groups([_host(a, np.float64) for a in rest], n_levels))
+        return _grad._fmm_setup(_host(q), _host(k), _host(v), key_padding_mask=None if mask is None else _host(mask),
+                                **opts)
+
+    out_shape = (jax.ShapeDtypeStruct(q.shape[:-1] + v.shape[-1:], q.dtype), jax.ShapeDtypeStruct(q.shape[:-1], q.dtype))
+
+    def forward_host(*operands):
+        cpu, batch, tree, opts = setup(*_split(operands, with_mask))
+        out, lse, _ = cpu.fmm(batch, tree, opts)
+        return batch.restore(out), batch.restore(lse, last_dim=False)
+
+    def backward_host(*operands):
+        out, lse, g, g_lse = operands[-4:]
+        cpu, batch, tree, opts = setup(*_split(operands[:-4], with_mask))
+        plan = None
+        if opts.refine > 0:  # the plan is data-dependent: rerun the (deterministic) forward for it
+            _, _, plan = cpu.fmm(batch, tree, opts)
+        pullback = _grad._fmm_pullback(batch, tree, opts, _internal(batch, out), _internal(batch, lse, last_dim=False),
+                                       plan)
+        grads = pullback(_host(g), _host(g_lse))
+        extra = []
+        if grads.coarsening is not None:
+            extra = [np.asarray(a, dtype=p.dtype) for a, p in
+                     zip([a for group in grads.coarsening for a in group], operands[3 + with_mask : -4])]
+        return (grads.q, grads.k, grads.v, *extra)
+
+    @jax.custom_vjp
+    def f(*operands):
+        return _callback(forward_host, out_shape, *operands)
+
+    def f_fwd(*operands):
+        out, lse = f(*operands)
+        return (out, lse), (operands, out, lse)
+
+    def f_bwd(saved, cotangents):
+        operands, out, lse = saved
+        g, g_lse = cotangents
+        differentiable = operands[:3] + operands[3 + with_mask :]
+        shapes = tuple(jax.ShapeDtypeStruct(x.shape, x.dtype) for x in differentiable)
+        grads = _callback(backward_host, shapes, *operands, out, lse, g, g_lse)
+        return tuple(grads[:3]) + _zero_mask_cotangent(with_mask) + tuple(grads[3:])
+
+    f.defvjp(f_fwd, f_bwd)
+    out, lse = f(q, k, v, *((mask,) if with_mask else ()), *flat)
+    return (out, lse) if return_lse else out
+
+
+def _groups(flat, n_levels):
+    return [flat[i * n_levels : (i + 1) * n_levels] for i in range(4)]
+
+
+# ---------------------------------------------------------------- Fastformer
+def fastformer_attention(q, k, v, w_q, w_k, *, causal=False, scale=None, key_padding_mask=None, check_finite=True):
+    """Differentiable :func:`fmm_attention.fastformer_attention` on JAX arrays (no
+    ``return_pools``); ``w_q``, ``w_k`` broadcast against the leading dims as there, and
+    their gradients come back in their own shapes.
+    """
+    q, k, v = _qkv(q, k, v)
+    w_q, w_k = _float(w_q, "w_q"), _float(w_k, "w_k")
+    mask = _mask(key_padding_mask, q.shape[:-1])
+    with_mask = mask is not None
+    options = dict(causal=causal, scale=scale, check_finite=check_finite, backend="cpu")
+
+    def setup(q, k, v, mask, rest):
+        return _grad._fastformer_setup(_host(q), _host(k), _host(v), _host(rest[0]), _host(rest[1]),
+                                       key_padding_mask=None if mask is None else _host(mask), **options)
+
+    def forward_host(*operands):
+        cpu, batch, causal_, wq, wk, _ = setup(*_split(operands, with_mask))
+        out, _, _ = cpu.fastformer(batch, wq, wk, causal=causal_, return_pools=False)
+        return batch.restore(out)
+
+    def backward_host(*operands):
+        g = operands[-1]
+        _, batch, causal_, wq, wk, shapes = setup(*_split(operands[:-1], with_mask))
+        grads = _grad._fastformer_pullback(batch, causal_, wq, wk, shapes)(_host(g))
+        return (grads.q, grads.k, grads.v, np.asarray(grads.w_q, dtype=operands[-3].dtype),
+                np.asarray(grads.w_k, dtype=operands[-2].dtype))
+
+    @jax.custom_vjp
+    def f(*operands):
+        return _callback(forward_host, jax.ShapeDtypeStruct(q.shape, q.dtype), *operands)
+
+    def f_fwd(*operands):
+        return f(*operands), operands
+
+    def f_bwd(operands, g):
+        differentiable = operands[:3] + operands[3 + with_mask :]
+        shapes = tuple(jax.ShapeDtypeStruct(x.shape, x.dtype) for x in differentiable)
+        grads = _callback(backward_host, shapes, *operands, g)
+        return tuple(grads[:3]) + _zero_mask_cotangent(with_mask) + tuple(grads[3:])
+
+    f.defvjp(f_fwd, f_bwd)
+    return f(q, k, v, *((mask,) if with_mask else ()), w_q, w_k)
