@@ -151,7 +151,7 @@ def test_each_coarsening_declares_what_it_is():
     learned = LearnedCoarsening([np.ones((4, 1, 4))], [np.ones((4, 1, 4))])
     assert [c.name for c in (MeanCoarsening(), ClusterCoarsening(), learned)] == ["mean", "cluster", "learned"]
     assert MeanCoarsening().analysis and not ClusterCoarsening().analysis and not learned.analysis
-    assert MeanCoarsening().differentiable and learned.differentiable and not ClusterCoarsening().differentiable
+    assert MeanCoarsening().differentiable and learned.differentiable and ClusterCoarsening().differentiable
     assert set(MeanCoarsening().kernels) == {"cpu", "cuda"} and set(ClusterCoarsening().kernels) == {"cpu"}
     assert set(learned.kernels) == {"cpu", "cuda"}
     assert callable(ClusterCoarsening().kernel("cpu"))  # "module:function" resolved on first use
