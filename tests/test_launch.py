@@ -156,9 +156,12 @@ def test_fork_after_gnu_openmp_fails_with_the_remedy():
 def test_ctrl_c_interrupts_a_long_exact_call():
     """SIGINT during a call of many seconds raises KeyboardInterrupt within a few seconds."""
     code = """
-        import sys, time
+        import signal, sys, time
         import numpy as np
         from fmm_attention import exact_attention
+        # Python's own Ctrl-C handler, even when started from a shell's background job
+        # (which starts its children with SIGINT ignored)
+        signal.signal(signal.SIGINT, signal.default_int_handler)
         q = np.random.default_rng(0).standard_normal((32, 8192, 64)).astype(np.float32)
         exact_attention(q[:1, :256], q[:1, :256], q[:1, :256])  # compile (or load) first
         print("start", flush=True)
