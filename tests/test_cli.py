@@ -416,7 +416,7 @@ def test_bench_smoke(capsys):
         assert all(np.isfinite(times)) and min(times) > 0
         assert row[9].endswith("%")
     assert "Cluster coarsening" in out and "Fastformer" in out
-    assert "bench: size 2/2 n=512" in err
+    assert "bench: size 2/4 n=512" in err and "bench: size 4/4 backward n=512" in err  # forward sizes, then backward
 
 
 # --------------------------------------------------------------------------- compile

@@ -115,7 +115,8 @@ def _gradients(dtype):
     q, k, v = _inputs(dtype)
     tree = build_tree(_N, block_size=_M, rank=_P)
     weights = [np.full((lv.rank * _D, 1, lv.box_size), 1.0 / lv.box_size) for lv in tree.levels]
-    fma_options = [dict(), dict(coarsening=LearnedCoarsening(weights, weights))]
+    fma_options = [dict(), dict(coarsening=LearnedCoarsening(weights, weights)),
+                   dict(coarsening="cluster", cluster_iters=2)]
     for causal in (False, True):
         for mask in (None, _mask()):
             out, pullback = exact_attention_vjp(q, k, v, causal=causal, key_padding_mask=mask)
