@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from fmm_attention import LearnedCoarsening, build_tree, fmm_attention
+from fmm_attention import ClusterCoarsening, LearnedCoarsening, MeanCoarsening, build_tree, fmm_attention
 from fmm_attention import _config
 from fmm_attention.analysis import attention_matrix, compare, far_field_rank_study
 from fmm_attention.cli import main
@@ -100,6 +100,16 @@ def test_float32_inputs_are_analysed_in_float64():
                            method="fmm", block_size=4, rank=2)
     assert p32.dtype == np.float64
     np.testing.assert_array_equal(p32, p64)
+
+
+def test_mean_coarsening_instance_is_the_string():
+    # The coarsening protocol, not the string, says what the analysis can express.
+    q, k, v = _inputs((32, 4))
+    by_name = attention_matrix(q, k, method="fmm", block_size=4, rank=2, coarsening="mean")
+    by_object = attention_matrix(q, k, method="fmm", block_size=4, rank=2, coarsening=MeanCoarsening())
+    np.testing.assert_array_equal(by_object, by_name)
+    with pytest.raises(ValueError, match="cluster"):
+        attention_matrix(q, k, method="fmm", block_size=4, rank=2, coarsening=ClusterCoarsening(2))
 
 
 # --------------------------------------------------------------------------- errors

@@ -14,7 +14,7 @@ import scipy.special
 from .. import _config
 from .._validate import attention_inputs, check_bool, check_choice
 from ..options import check_fmm_options
-from ..coarsening import LearnedCoarsening
+from ..coarsening import LearnedCoarsening, as_coarsening
 from ..tree import build_tree
 
 
@@ -59,7 +59,9 @@ def _setup(caller, q, k, v, *, causal, block_size, rank, coarsening, count_scali
     coarsening, count_scaling, query_coarsening = check_fmm_options(
         coarsening=coarsening, count_scaling=count_scaling, query_coarsening=query_coarsening, causal=causal
     )
-    if coarsening != "mean":
+    # The protocol says which coarsenings have a token-level matrix the analysis reproduces
+    # (a MeanCoarsening() instance is as good as the string "mean").
+    if not as_coarsening(coarsening, 0).analysis:
         raise ValueError(
             f"{caller}: coarsening={coarsening!r} is not supported; the analysis reproduces mean "
             "coarsening (aligned sub-boxes) only. Content-dependent groups ('cluster') also have a "
@@ -77,7 +79,7 @@ def _setup(caller, q, k, v, *, causal, block_size, rank, coarsening, count_scali
     tree = build_tree(n, block_size=block_size, rank=rank, causal=causal)
     valid = np.ones(batch.q.shape[:2], dtype=bool) if batch.valid is None else batch.valid
     levels = tree.level_map()
-    options = dict(causal=causal, block_size=tree.block_size, rank=tree.rank, coarsening=coarsening,
+    options = dict(causal=causal, block_size=tree.block_size, rank=tree.rank, coarsening="mean",
                    count_scaling=count_scaling, query_coarsening=query_coarsening, scale=batch.scale)
     f64 = np.float64
     return _Setup(
