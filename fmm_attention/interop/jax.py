@@ -146,8 +146,39 @@ def _split(operands, with_mask):
     return q, k, v, mask, rest
 
 
-def _zero_mask_cotangent(with_mask):
-    return (None,) if with_mask else ()
+def _cotangents(backward_host, operands, extra, with_mask):
+    """The operands' cotangents from one host call of ``backward_host(*operands, *extra)``.
+
+    The operands are ``q, k, v[, mask], *params``: every one but the mask is differentiable
+    (its cotangent is ``None``); the host returns the gradients in that order, mask left out.
+    """
+    differentiable = operands[:3] + operands[3 + with_mask :]
+    shapes = tuple(jax.ShapeDtypeStruct(x.shape, x.dtype) for x in differentiable)
+    grads = _callback(backward_host, shapes, *operands, *extra)
+    return tuple(grads[:3]) + ((None,) if with_mask else ()) + tuple(grads[3:])
+
+
+def _with_lse_vjp(forward_host, backward_host, out_shape, with_mask):
+    """A ``custom_vjp`` function of the operands returning ``(out, lse)`` through host calls.
+
+    The forward saves the operands, ``out`` and ``lse`` (O(n d) residuals); the backward
+    hands them and both cotangents to ``backward_host``.
+    """
+
+    @jax.custom_vjp
+    def f(*operands):
+        return _callback(forward_host, out_shape, *operands)
+
+    def f_fwd(*operands):
+        out, lse = f(*operands)
+        return (out, lse), (operands, out, lse)
+
+    def f_bwd(saved, cotangents):
+        operands, out, lse = saved
+        return _cotangents(backward_host, operands, (out, lse, *cotangents), with_mask)
+
+    f.defvjp(f_fwd, f_bwd)
+    return f
 
 
 # ---------------------------------------------------------------- exact attention
@@ -179,23 +210,7 @@ def exact_attention(q, k, v, *, causal=False, scale=None, key_padding_mask=None,
         pullback = _grad._exact_pullback(batch, causal_, _internal(batch, out), _internal(batch, lse, last_dim=False))
         return tuple(pullback(_host(g), _host(g_lse)))
 
-    @jax.custom_vjp
-    def f(*operands):
-        return _callback(forward_host, out_shape, *operands)
-
-    def f_fwd(*operands):
-        out, lse = f(*operands)
-        return (out, lse), (operands, out, lse)
-
-    def f_bwd(saved, cotangents):
-        operands, out, lse = saved
-        g, g_lse = cotangents
-        q_, k_, v_ = operands[:3]
-        shapes = tuple(jax.ShapeDtypeStruct(x.shape, x.dtype) for x in (q_, k_, v_))
-        dq, dk, dv = _callback(backward_host, shapes, *operands, out, lse, g, g_lse)
-        return (dq, dk, dv) + _zero_mask_cotangent(with_mask)
-
-    f.defvjp(f_fwd, f_bwd)
+    f = _with_lse_vjp(forward_host, backward_host, out_shape, with_mask)
     out, lse = f(q, k, v, *((mask,) if with_mask else ()))
     return (out, lse) if return_lse else out
 
@@ -278,23 +293,7 @@ def fmm_attention(q, k, v, *, causal=False, block_size=_config.DEFAULT_BLOCK_SIZ
                      zip([a for group in grads.coarsening for a in group], operands[3 + with_mask : -4])]
         return (grads.q, grads.k, grads.v, *extra)
 
-    @jax.custom_vjp
-    def f(*operands):
-        return _callback(forward_host, out_shape, *operands)
-
-    def f_fwd(*operands):
-        out, lse = f(*operands)
-        return (out, lse), (operands, out, lse)
-
-    def f_bwd(saved, cotangents):
-        operands, out, lse = saved
-        g, g_lse = cotangents
-        differentiable = operands[:3] + operands[3 + with_mask :]
-        shapes = tuple(jax.ShapeDtypeStruct(x.shape, x.dtype) for x in differentiable)
-        grads = _callback(backward_host, shapes, *operands, out, lse, g, g_lse)
-        return tuple(grads[:3]) + _zero_mask_cotangent(with_mask) + tuple(grads[3:])
-
-    f.defvjp(f_fwd, f_bwd)
+    f = _with_lse_vjp(forward_host, backward_host, out_shape, with_mask)
     out, lse = f(q, k, v, *((mask,) if with_mask else ()), *flat)
     return (out, lse) if return_lse else out
 
@@ -339,10 +338,7 @@ def fastformer_attention(q, k, v, w_q, w_k, *, causal=False, scale=None, key_pad
         return f(*operands), operands
 
     def f_bwd(operands, g):
-        differentiable = operands[:3] + operands[3 + with_mask :]
-        shapes = tuple(jax.ShapeDtypeStruct(x.shape, x.dtype) for x in differentiable)
-        grads = _callback(backward_host, shapes, *operands, g)
-        return tuple(grads[:3]) + _zero_mask_cotangent(with_mask) + tuple(grads[3:])
+        return _cotangents(backward_host, operands, (g,), with_mask)
 
     f.defvjp(f_fwd, f_bwd)
     return f(q, k, v, *((mask,) if with_mask else ()), w_q, w_k)
