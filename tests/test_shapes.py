@@ -117,8 +117,10 @@ def test_exact_jobs_share_each_key_set_across_its_query_heads():
 def test_exact_groups_split_evenly_and_keep_threads_busy():
     from fmm_attention.cpu.exact import _groups
 
-    members, start = _groups(np.zeros(20, np.int64), 1, 8, 1)
+    members, start = _groups(np.zeros(20, np.int64), 2, 8, 1)
     assert list(np.diff(start)) == [7, 7, 6]  # at most 8, near-equal
+    members, start = _groups(np.zeros(20, np.int64), 1, 8, 1)
+    assert list(np.diff(start)) == [5, 5, 5, 5]  # smaller groups: at least 4 * threads jobs
     members, start = _groups(np.repeat(np.arange(2), 8), 1, 8, 4)  # 16 entries, one tile, 4 threads
     assert len(start) - 1 >= 16 and list(members) == list(range(16))  # 4 * threads jobs wanted
     members, start = _groups(np.array([3, 3, 1, 1, 1, 0]), 10, 8, 1)
