@@ -41,6 +41,11 @@ INTERRUPT_FIRST_SECONDS_PER_WORK = 1e-9
 #: Exact attention: query rows per tile (the unit of parallel work) and keys per tile.
 EXACT_QUERY_TILE = 64
 EXACT_KEY_TILE = 512
+#: Exact attention: at most this many output entries reading the same keys and values (the
+#: query heads of one key head, or broadcast batch entries) share a job, which reads each key
+#: and value tile once for all of them; their query and output tiles and the key and value
+#: tiles together stay within a 1 MiB L2 cache at the default tiles and d = 64.
+EXACT_GROUP_ENTRIES = 8
 
 #: ``check_finite``: elements per parallel chunk of the finiteness pass (large enough that
 #: scheduling costs nothing).

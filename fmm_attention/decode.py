@@ -85,6 +85,8 @@ class FMMDecoder:
     ----------
     batch_shape : tuple of int, optional
         Leading dims of every input, e.g. ``(batch, heads)``; ``()`` for one sequence.
+        With ``kv_heads``, the leading dims of ``q`` and the outputs, the last one the
+        query heads.
     d : int
         Feature dim of queries and keys.
     dv : int, optional
@@ -108,6 +110,13 @@ class FMMDecoder:
     method : {"fmm", "exact"}, optional
         ``"exact"`` keeps a KV cache (O(T d) memory, O(T d) work per token) and ignores
         the FMA options, so switching is one argument.
+    kv_heads : int, optional
+        Grouped-query attention: ``k``, ``v`` (and the key padding mask) carry ``kv_heads``
+        heads where ``q`` carries ``Hq = batch_shape[-1] = g * kv_heads``; query head ``h``
+        uses key/value head ``h // g``, as :func:`fmm_attention` with grouped heads. The
+        state is held once per key/value head (``g`` times smaller than with ``k``, ``v``
+        repeated) and the outputs are the rows of the grouped one-shot call. ``None``
+        (default): ``k``, ``v`` have the leading dims ``batch_shape``.
 
     Attributes
     ----------
@@ -152,8 +161,17 @@ class FMMDecoder:
 
     def __init__(self, *, batch_shape=(), d, dv=None, block_size=_config.DEFAULT_BLOCK_SIZE,
                  rank=_config.DEFAULT_RANK, coarsening="mean", count_scaling=True, scale=None,
-                 dtype=np.float64, global_tokens=None, method="fmm"):
+                 dtype=np.float64, global_tokens=None, method="fmm", kv_heads=None):
         self.batch_shape = _batch_shape(batch_shape)
+        if kv_heads is None:
+            self.kv_shape, self._g = self.batch_shape, 1
+        else:
+            kv_heads = _positive_int(kv_heads, "kv_heads")
+            if not self.batch_shape or self.batch_shape[-1] % kv_heads:
+                raise ValueError(
+                    f"kv_heads must divide the query heads batch_shape[-1] (Hq = g * kv_heads), got kv_heads = "
+                    f"{kv_heads} with batch_shape = {self.batch_shape}")
+            self.kv_shape, self._g = self.batch_shape[:-1] + (kv_heads,), self.batch_shape[-1] // kv_heads
         self.d = _positive_int(d, "d")
         self.dv = self.d if dv is None else _positive_int(dv, "dv")
         self.method = check_choice(method, "method", ("fmm", "exact"))
@@ -177,7 +195,7 @@ class FMMDecoder:
             raise TypeError(f"dtype must be float32 or float64, got {dt}")
         self.dtype = dt
         self.global_tokens = _global_list(global_tokens)
-        self._B = int(np.prod(self.batch_shape, dtype=np.int64))
+        self._B = int(np.prod(self.kv_shape, dtype=np.int64))  # one state per key/value sequence
         self._position = 0
         if self.method == "exact":
             self._kv = self._ok = None
@@ -295,21 +313,23 @@ class FMMDecoder:
         return int(sum(a.nbytes for a in arrays))
 
     def __repr__(self):
-        return (f"FMMDecoder(method={self.method!r}, batch_shape={self.batch_shape}, d={self.d}, dv={self.dv}, "
+        heads = "" if self._g == 1 else f"kv_heads={self.kv_shape[-1]}, "
+        return (f"FMMDecoder(method={self.method!r}, batch_shape={self.batch_shape}, {heads}d={self.d}, dv={self.dv}, "
                 f"block_size={self.block_size}, rank={self.rank}, position={self._position})")
 
     # ------------------------------------------------------------------ inputs
     def _tokens(self, q, k, v, mask, mask_name, check_finite):
         check_finite = check_bool(check_finite, "check_finite")
         arrays = {"q": as_array(q, "q"), "k": as_array(k, "k"), "v": as_array(v, "v")}
-        lead = self.batch_shape
         t = None
         for name, arr in arrays.items():
             feat = self.dv if name == "v" else self.d
             fname = "dv" if name == "v" else "d"
+            lead, lead_name = (self.batch_shape, "*batch_shape") if name == "q" or self._g == 1 else (
+                self.kv_shape, "*batch_shape[:-1], kv_heads")
             if arr.ndim != len(lead) + 2 or arr.shape[: len(lead)] != lead or arr.shape[-1] != feat:
                 raise ValueError(
-                    f"{name} must have shape (*batch_shape, t, {fname}) = {lead + ('t', feat)}, got {arr.shape}"
+                    f"{name} must have shape ({lead_name}, t, {fname}) = {lead + ('t', feat)}, got {arr.shape}"
                 )
             if t is None:
                 t = arr.shape[-2]
@@ -323,7 +343,9 @@ class FMMDecoder:
         float_dtype(*arrays.items())  # TypeError for integer, bool or complex inputs
         out = []
         for name, arr in arrays.items():
-            arr = np.ascontiguousarray(arr, dtype=self.dtype).reshape(self._B, t, arr.shape[-1])
+            # q: the g query heads of each key/value head are adjacent (head h uses h // g)
+            shape = (self._B, self._g, t, arr.shape[-1]) if name == "q" else (self._B, t, arr.shape[-1])
+            arr = np.ascontiguousarray(arr, dtype=self.dtype).reshape(shape)
             if not arr.flags.writeable:  # Numba would compile every kernel again for read-only arrays
                 arr = arr.copy()
             if check_finite:
@@ -335,8 +357,10 @@ class FMMDecoder:
             valid = as_array(mask, mask_name)
             if valid.dtype != np.bool_:
                 raise TypeError(f"{mask_name} must be a bool array (True = valid token), got dtype {valid.dtype}")
+            lead, lead_name = (self.batch_shape, "*batch_shape") if self._g == 1 else (
+                self.kv_shape, "*batch_shape[:-1], kv_heads")
             if valid.shape != lead + (t,):
-                raise ValueError(f"{mask_name} must have shape (*batch_shape, t) = {lead + (t,)}, got {valid.shape}")
+                raise ValueError(f"{mask_name} must have shape ({lead_name}, t) = {lead + (t,)}, got {valid.shape}")
             valid = np.ascontiguousarray(valid).reshape(self._B, t)
             if not valid.flags.writeable:
                 valid = valid.copy()
@@ -368,9 +392,12 @@ class FMMDecoder:
         ----------
         q, k : array_like, shape (batch_shape..., t, d)
         v : array_like, shape (batch_shape..., t, dv)
+            With ``kv_heads``, ``k`` and ``v`` have the leading dims
+            ``(*batch_shape[:-1], kv_heads)``.
         key_padding_mask : array_like of bool, shape (batch_shape..., t), optional
             ``True`` marks a valid token; invalid tokens are kept as padding (they take a
             position but no attention weight and no place in any coarse mean or count).
+            With ``kv_heads``, of shape ``(*batch_shape[:-1], kv_heads, t)``.
         return_lse : bool, optional
             Also return each query's log-sum-exp, shape ``(*batch_shape, t)``.
         check_finite : bool, optional
@@ -388,9 +415,10 @@ class FMMDecoder:
             return self._append(qa, ka, va, valid, t, return_lse)
         from .api import exact_attention, fmm_attention
 
-        lead = self.batch_shape
-        user = [a.reshape(lead + a.shape[1:]) for a in (qa, ka, va)]
-        mask = None if valid is None else valid.reshape(lead + (t,))
+        lead, kv_lead = self.batch_shape, self.kv_shape
+        user = [qa.reshape(lead + qa.shape[2:]), ka.reshape(kv_lead + ka.shape[1:]), va.reshape(kv_lead + va.shape[1:])]
+        # the one-shot call's mask has the output's leading dims: each key head's, per query head
+        mask = None if valid is None else np.repeat(valid, self._g, axis=0).reshape(lead + (t,))
         if self.method == "exact":
             out, lse = exact_attention(*user, causal=True, scale=self.scale, key_padding_mask=mask,
                                        return_lse=True, check_finite=False, backend="cpu")
@@ -417,6 +445,8 @@ class FMMDecoder:
         ----------
         q, k : array_like, shape (batch_shape..., t, d)
         v : array_like, shape (batch_shape..., t, dv)
+            With ``kv_heads``, ``k``, ``v`` and ``valid`` have the leading dims
+            ``(*batch_shape[:-1], kv_heads)``.
         valid : array_like of bool, shape (batch_shape..., t), optional
             ``False`` appends a token as padding (no weight anywhere, later included).
         return_lse : bool, optional
@@ -452,9 +482,9 @@ class FMMDecoder:
     def _append(self, q, k, v, valid, t, return_lse):
         from .cpu import decode as kernels
 
-        B, dt = self._B, self.dtype
-        out = np.empty((B, t, self.dv), dtype=dt)
-        lse = np.empty((B, t), dtype=dt)
+        B, g, dt = self._B, self._g, self.dtype
+        out = np.empty((B, g, t, self.dv), dtype=dt)
+        lse = np.empty((B, g, t), dtype=dt)
         pos0 = self._position
         if valid is None:
             valid = np.ones((B, t), dtype=np.bool_)
@@ -462,11 +492,11 @@ class FMMDecoder:
             self._grow_cache(pos0 + t)
             self._kv[:, pos0:pos0 + t], self._vv[:, pos0:pos0 + t], self._ok[:, pos0:pos0 + t] = k, v, valid
             n_chunks = max(1, min(4 * numba.get_num_threads(), (pos0 + t) // 4096))
-            work = B * t * (pos0 + t) * (self.d + self.dv)
+            work = B * g * t * (pos0 + t) * (self.d + self.dv)
             kernel = kernels.exact_decode if work >= _config.DECODE_PARALLEL_MIN_WORK else kernels.exact_decode_serial
-            part_max = np.empty((B, t, n_chunks), dtype=dt)
-            part_sum = np.empty((B, t, n_chunks), dtype=dt)
-            part_num = np.empty((B, t, n_chunks, self.dv), dtype=dt)
+            part_max = np.empty((B, g, t, n_chunks), dtype=dt)
+            part_sum = np.empty((B, g, t, n_chunks), dtype=dt)
+            part_num = np.empty((B, g, t, n_chunks, self.dv), dtype=dt)
             kernel(q, self._kv, self._vv, self._ok, pos0, dt.type(self.scale), n_chunks,
                                  part_max, part_sum, part_num, out, lse)
         else:
@@ -485,7 +515,7 @@ class FMMDecoder:
             gpos = self.global_tokens[: self._gk.shape[1]]
             wv_off = self._w_off if self._learned is None else self._wv_off
             keys = 2 * self.block_size + gpos.size + 2 * self.rank * self._n_levels
-            work = B * t * keys * (self.d + self.dv)
+            work = B * g * t * keys * (self.d + self.dv)
             if self._learned is not None:
                 work += B * t * self.rank * self._n_levels * (self.d + self.dv)
             kernel = kernels.fma_decode if B > 1 and work >= _config.DECODE_PARALLEL_MIN_WORK else kernels.fma_decode_serial

@@ -290,3 +290,56 @@ def test_exact_decoder_over_key_chunks(monkeypatch):
     ref, ref_lse = exact_attention(q, k, v, causal=True, return_lse=True)
     np.testing.assert_allclose(out[:, -5:], ref[:, -5:], **TOL)
     np.testing.assert_allclose(lse[:, -5:], ref_lse[:, -5:], **TOL)
+
+
+# ------------------------------------------------------------------ grouped heads (Hq = g * Hk)
+@pytest.mark.parametrize("method, coarsening", [("fmm", "mean"), ("fmm", "learned"), ("exact", "mean")])
+@pytest.mark.parametrize("prompt", [0, 37])
+def test_grouped_heads_equal_the_grouped_forward_rows(method, coarsening, prompt):
+    """Issue 16: 6 query heads over 2 key/value heads (g = 3), padding and global tokens: the
+    rows of the grouped one-shot call, the bits of the decoder fed k, v repeated, and a
+    state a third of that decoder's."""
+    n, g = 70 if coarsening == "mean" else 128, 3
+    coarse = learned(4, seed=12) if coarsening == "learned" else "mean"
+    rng = np.random.default_rng(13)
+    q = rng.standard_normal((2, 2 * g, n, D))
+    k, v = rng.standard_normal((2, 2, n, D)), rng.standard_normal((2, 2, n, DV))
+    valid = rng.random((2, 2, n)) > 0.25
+    globals_ = [0, 9, 38]
+    opts = dict(d=D, dv=DV, block_size=M, rank=P, coarsening=coarse, method=method)
+    if method == "fmm":
+        opts["global_tokens"] = globals_
+    dec = FMMDecoder(batch_shape=(2, 2 * g), kv_heads=2, **opts)
+    out, lse = decode(dec, q, k, v, prompt=prompt, chunk=1, valid=valid)
+    assert out.shape == (2, 2 * g, n, DV) and lse.shape == (2, 2 * g, n)
+    valid_q = np.repeat(valid, g, axis=1)
+    if method == "exact":
+        ref, ref_lse = exact_attention(q, k, v, causal=True, key_padding_mask=valid_q, return_lse=True)
+    else:
+        ref, ref_lse = forward(q, k, v, n, valid=valid_q, global_tokens=globals_, coarsening=coarse)
+    np.testing.assert_allclose(out, ref, **TOL)
+    fin = np.isfinite(ref_lse)
+    np.testing.assert_allclose(lse[fin], ref_lse[fin], **TOL)
+    rep = FMMDecoder(batch_shape=(2, 2 * g), **opts)
+    kr, vr = np.repeat(k, g, axis=1), np.repeat(v, g, axis=1)
+    want, want_lse = decode(rep, q, kr, vr, prompt=prompt, chunk=1, valid=valid_q)
+    np.testing.assert_array_equal(out, want)
+    np.testing.assert_array_equal(lse, want_lse)
+    assert dec.state_bytes * g == rep.state_bytes
+
+
+def test_grouped_heads_bad_input():
+    with pytest.raises(ValueError, match="kv_heads must divide"):
+        FMMDecoder(batch_shape=(2, 6), d=D, kv_heads=4)
+    with pytest.raises(ValueError, match="kv_heads must divide"):
+        FMMDecoder(d=D, kv_heads=1)
+    with pytest.raises((TypeError, ValueError), match="kv_heads"):
+        FMMDecoder(batch_shape=(6,), d=D, kv_heads=0)
+    dec = FMMDecoder(batch_shape=(6,), d=D, dv=DV, kv_heads=2, block_size=M, rank=P)
+    q, k, v = qkv((6,), 5)
+    with pytest.raises(ValueError, match=r"k must have shape \(\*batch_shape\[:-1\], kv_heads, t, d\)"):
+        dec.prefill(q, k, v)  # k, v repeated to the query heads
+    q, k, v = np.zeros((6, 5, D)), np.zeros((2, 5, D)), np.zeros((2, 5, DV))
+    with pytest.raises(ValueError, match="key_padding_mask must have shape"):
+        dec.prefill(q, k, v, key_padding_mask=np.ones((6, 5), bool))
+    assert dec.prefill(q, k, v).shape == (6, 5, DV)

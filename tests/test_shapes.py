@@ -87,6 +87,68 @@ def test_no_copy_of_k_and_v():
     np.testing.assert_array_equal(batch.layout.kv_index, np.repeat(np.arange(4), 4))
 
 
+def test_exact_jobs_share_each_key_set_across_its_query_heads():
+    """Issue 16: a job runs every query head of one key head against each key tile it loads,
+    so grouped heads read k and v once per group (one job per query head read them g times)."""
+    import numba
+
+    from fmm_attention.cpu import exact as cpu_exact
+
+    n, hq, hk = 64 * 6, 16, 2
+    q, k = np.zeros((hq, n, 8)), np.zeros((hk, n, 8))
+    q_index, kv_index = np.arange(hq), np.repeat(np.arange(hk), hq // hk)
+    no, ids = np.zeros(1), np.zeros(1, np.int64)
+    before = numba.get_num_threads()
+    try:
+        numba.set_num_threads(1)
+        knobs, n_jobs, total, cumulative = cpu_exact._layout(
+            q, k, k, q_index, kv_index, None, False, no, ids, 0, 0, False, no, ids, 0, 0, False, 1.0, True, 0, n, n)
+    finally:
+        numba.set_num_threads(before)
+    query_tile, _, members, group_start = knobs
+    n_tiles = -(-n // query_tile)
+    assert n_jobs == hk * n_tiles and list(group_start) == [0, 8, 16]
+    for g in range(hk):
+        assert set(kv_index[members[group_start[g]:group_start[g + 1]]]) == {g}
+    assert sorted(members) == list(range(hq))  # every entry once
+    assert np.isclose(cumulative()[-1], total)
+
+
+def test_exact_groups_split_evenly_and_keep_threads_busy():
+    from fmm_attention.cpu.exact import _groups
+
+    members, start = _groups(np.zeros(20, np.int64), 2, 8, 1)
+    assert list(np.diff(start)) == [7, 7, 6]  # at most 8, near-equal
+    members, start = _groups(np.zeros(20, np.int64), 1, 8, 1)
+    assert list(np.diff(start)) == [5, 5, 5, 5]  # smaller groups: at least 4 * threads jobs
+    members, start = _groups(np.repeat(np.arange(2), 8), 1, 8, 4)  # 16 entries, one tile, 4 threads
+    assert len(start) - 1 >= 16 and list(members) == list(range(16))  # 4 * threads jobs wanted
+    members, start = _groups(np.array([3, 3, 1, 1, 1, 0]), 10, 8, 1)
+    assert list(members) == [5, 2, 3, 4, 0, 1] and list(start) == [0, 1, 4, 6]
+    members, start = _groups(np.zeros(0, np.int64), 4, 8, 2)
+    assert members.size == 0 and list(start) == [0]
+
+
+@pytest.mark.parametrize("cap", [1, 3, 8])
+@pytest.mark.parametrize("causal", [False, True])
+def test_grouped_exact_bits_do_not_depend_on_group_size(cap, causal, small_tiles, monkeypatch):
+    """Groups of 1, 3 (uneven: 5 heads split 2 + 3) or all 5 query heads per job, with a
+    broadcast key batch, padding, a mask, a bias and a window: the bits of the repeated call."""
+    rng = np.random.default_rng(11)
+    q = rand(12, 2, 10, 13, 4)
+    k, v = rand(13, 1, 2, 17, 4), rand(14, 1, 2, 17, 3)
+    kw = dict(causal=causal, query_offset=4, key_padding_mask=rng.random((2, 1, 17)) > 0.2,
+              attn_mask=rng.random((10, 13, 17)) > 0.1, attn_bias=rng.standard_normal((13, 17)),
+              window=(6, 0 if causal else 3), return_lse=True)
+    kr, vr = (np.repeat(np.broadcast_to(x, (2,) + x.shape[1:]), 5, axis=1) for x in (k, v))
+    want = exact_attention(q, kr, vr, **kw)
+    monkeypatch.setattr(_config, "EXACT_GROUP_ENTRIES", cap)
+    got = exact_attention(q, k, v, **kw)
+    for a, b in zip(got, want):
+        np.testing.assert_array_equal(a, b)
+    assert_matches(got, oracle(q, k, v, **{x: y for x, y in kw.items() if x != "return_lse"}))
+
+
 # ------------------------------------------------------------------ n_q != n_k
 @pytest.mark.parametrize("n_q, n_k", [(1, 13), (5, 13), (13, 13), (13, 5), (20, 37)])
 @pytest.mark.parametrize("causal", [False, True])

@@ -153,7 +153,7 @@ def test_causal_exact_jobs_split_the_triangle_evenly():
         q = np.zeros((1, n, 64), np.float32)
         ids, no = np.zeros(1, np.int64), np.zeros(1)
         # self-attention (offset 0), causal, no window (left/right beyond any distance), no mask or bias
-        (query_tile, _), n_jobs, total_work, cumulative_work = cpu_exact._layout(
+        (query_tile, *_), n_jobs, total_work, cumulative_work = cpu_exact._layout(
             q, q, q, ids, ids, None, False, no, ids, 0, 0, False, no, ids, 0, 0, False, 1.0, True, 0, n, n)
         cumulative = cumulative_work()
         n_tiles = -(-n // query_tile)

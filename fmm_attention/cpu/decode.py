@@ -161,16 +161,17 @@ def fma_decode(
 ):
     """Append ``t`` tokens to each of ``B`` decoder states and return their FMA outputs.
 
-    ``q`` (B, t, d), ``k`` (B, t, d), ``v`` (B, t, dv) and ``valid`` (B, t) are the new
-    tokens at positions ``pos0 .. pos0 + t - 1``; ``is_global`` (t,) flags global tokens
+    ``k`` (B, t, d), ``v`` (B, t, dv) and ``valid`` (B, t) are the new tokens of each
+    state at positions ``pos0 .. pos0 + t - 1``; ``is_global`` (t,) flags global tokens
     and ``global_slot`` (t,) their row in the global store ``gk``/``gv``/``gok`` (positions
     ``gpos``, ascending). ``n_levels`` far levels are held (``ck`` etc. have at least that
     many); ``learned`` selects the running-sum coarsening (weights ``wkt``/``wvt`` stored
     per level as ``(w_l, r_l * d)``, flattened at ``wk_off``/``wv_off``). Each sequence is one serial
-    pass over its tokens; the sequences run in parallel. Writes ``out`` (B, t, dv) and
-    ``lse`` (B, t).
+    pass over its tokens; the sequences run in parallel. ``q`` (B, g, t, d) holds ``g``
+    queries per token and state (the query heads of one key/value head: grouped heads share
+    one state, written once per token). Writes ``out`` (B, g, t, dv) and ``lse`` (B, g, t).
     """
-    n_batch, n_tok, d = q.shape
+    n_batch, n_grp, n_tok, d = q.shape
     dv = v.shape[2]
     ring = near_k.shape[1]
     n_global = gpos.size
@@ -218,75 +219,77 @@ def fma_decode(
                     if (i + 1) % w != 0:
                         break
                     _mean_merge(b, level, i // w, block_size, rank, ck, cv, cb, cn, count_scaling)
-            # ---- the query: near field, global tokens before it, listed coarse boxes
-            for e in range(d):
-                qs[e] = q[b, s, e] * scale
-            lo = max(0, (i // block_size - 1) * block_size)
-            nk = 0
-            for j in range(lo, i + 1):
-                sj = j % ring
-                logits[nk] = _dot(qs, near_k[b, sj]) if near_ok[b, sj] else -np.inf
-                nk += 1
-            n_gl = 0
-            while n_gl < n_global and gpos[n_gl] < lo:
-                logits[nk] = _dot(qs, gk[b, n_gl]) if gok[b, n_gl] else -np.inf
-                nk += 1
-                n_gl += 1
-            for level in range(n_levels):
-                w = block_size << level
-                box = i // w
-                if box < 2:  # every coarser level has box < 2 too: nothing listed
-                    break
-                r = min(rank, w)
-                for c in (box - 2, box - 3):
-                    if c < 0 or (c == box - 3 and box % 2 == 0):
-                        continue
-                    for t in range(r):
-                        x = cb[b, level, c & 3, t]
-                        logits[nk] = _dot(qs, ck[b, level, c & 3, t]) + x if x > -np.inf else -np.inf
-                        nk += 1
-            mx = -np.inf
-            for j in range(nk):
-                mx = max(mx, logits[j])
-            if mx == -np.inf:  # no valid key at all
-                out[b, s] = 0
-                lse[b, s] = -np.inf
-                continue
-            total = exp_shift_sum(logits[:nk], mx)
-            acc[:] = 0
-            nk = 0
-            for j in range(lo, i + 1):
-                wgt = logits[nk]
-                nk += 1
-                if wgt != 0:
+            # ---- the queries (one per head of the group): near field, global tokens before it,
+            # listed coarse boxes
+            for h in range(n_grp):
+                for e in range(d):
+                    qs[e] = q[b, h, s, e] * scale
+                lo = max(0, (i // block_size - 1) * block_size)
+                nk = 0
+                for j in range(lo, i + 1):
                     sj = j % ring
-                    for e in range(dv):
-                        acc[e] += wgt * near_v[b, sj, e]
-            for g in range(n_gl):
-                wgt = logits[nk]
-                nk += 1
-                if wgt != 0:
-                    for e in range(dv):
-                        acc[e] += wgt * gv[b, g, e]
-            for level in range(n_levels):
-                w = block_size << level
-                box = i // w
-                if box < 2:
-                    break
-                r = min(rank, w)
-                for c in (box - 2, box - 3):
-                    if c < 0 or (c == box - 3 and box % 2 == 0):
-                        continue
-                    for t in range(r):
-                        wgt = logits[nk]
-                        nk += 1
-                        if wgt != 0:
-                            for e in range(dv):
-                                acc[e] += wgt * cv[b, level, c & 3, t, e]
-            inv = 1.0 / total
-            for e in range(dv):
-                out[b, s, e] = acc[e] * inv
-            lse[b, s] = mx + np.log(total)
+                    logits[nk] = _dot(qs, near_k[b, sj]) if near_ok[b, sj] else -np.inf
+                    nk += 1
+                n_gl = 0
+                while n_gl < n_global and gpos[n_gl] < lo:
+                    logits[nk] = _dot(qs, gk[b, n_gl]) if gok[b, n_gl] else -np.inf
+                    nk += 1
+                    n_gl += 1
+                for level in range(n_levels):
+                    w = block_size << level
+                    box = i // w
+                    if box < 2:  # every coarser level has box < 2 too: nothing listed
+                        break
+                    r = min(rank, w)
+                    for c in (box - 2, box - 3):
+                        if c < 0 or (c == box - 3 and box % 2 == 0):
+                            continue
+                        for t in range(r):
+                            x = cb[b, level, c & 3, t]
+                            logits[nk] = _dot(qs, ck[b, level, c & 3, t]) + x if x > -np.inf else -np.inf
+                            nk += 1
+                mx = -np.inf
+                for j in range(nk):
+                    mx = max(mx, logits[j])
+                if mx == -np.inf:  # no valid key at all
+                    out[b, h, s] = 0
+                    lse[b, h, s] = -np.inf
+                    continue
+                total = exp_shift_sum(logits[:nk], mx)
+                acc[:] = 0
+                nk = 0
+                for j in range(lo, i + 1):
+                    wgt = logits[nk]
+                    nk += 1
+                    if wgt != 0:
+                        sj = j % ring
+                        for e in range(dv):
+                            acc[e] += wgt * near_v[b, sj, e]
+                for g in range(n_gl):
+                    wgt = logits[nk]
+                    nk += 1
+                    if wgt != 0:
+                        for e in range(dv):
+                            acc[e] += wgt * gv[b, g, e]
+                for level in range(n_levels):
+                    w = block_size << level
+                    box = i // w
+                    if box < 2:
+                        break
+                    r = min(rank, w)
+                    for c in (box - 2, box - 3):
+                        if c < 0 or (c == box - 3 and box % 2 == 0):
+                            continue
+                        for t in range(r):
+                            wgt = logits[nk]
+                            nk += 1
+                            if wgt != 0:
+                                for e in range(dv):
+                                    acc[e] += wgt * cv[b, level, c & 3, t, e]
+                inv = 1.0 / total
+                for e in range(dv):
+                    out[b, h, s, e] = acc[e] * inv
+                lse[b, h, s] = mx + np.log(total)
 
 
 @jit(parallel=True)
@@ -327,61 +330,64 @@ def learned_prefill_level(x, cvalid, has_mask, wt, bias, box_size, rank, n, ring
 def exact_decode(q, kc, vc, ok, pos0, scale, n_chunks, part_max, part_sum, part_num, out, lse):
     """Exact causal attention of ``t`` new queries over a KV cache, split over key chunks.
 
-    Query ``s`` of sequence ``b`` sits at position ``pos0 + s`` and sees cache rows
-    ``0 .. pos0 + s`` (``ok`` marks valid keys). Each (sequence, query, chunk) job makes a
-    softmax partial (max, sum, numerator); the partials are merged by log-sum-exp, so one
-    long sequence uses every core.
+    ``q`` (B, g, t, d): query ``s`` of head ``h`` of cache ``b`` (``g`` query heads share a
+    cache) sits at position ``pos0 + s`` and sees cache rows ``0 .. pos0 + s`` (``ok`` marks
+    valid keys). Each (cache, head, query, chunk) job makes a softmax partial (max, sum,
+    numerator); the partials are merged by log-sum-exp, so one long sequence uses every
+    core. ``part_*``, ``out`` and ``lse`` have the leading dims (B, g, t).
     """
-    n_batch, n_tok = q.shape[:2]
+    n_batch, n_grp, n_tok = q.shape[:3]
     dv = vc.shape[2]
-    n_jobs = n_batch * n_tok * n_chunks
+    n_jobs = n_batch * n_grp * n_tok * n_chunks
     for job in prange(n_jobs):
-        b = job // (n_tok * n_chunks)
+        b = job // (n_grp * n_tok * n_chunks)
+        h = (job // (n_tok * n_chunks)) % n_grp
         s = (job // n_chunks) % n_tok
         chunk = job % n_chunks
         n_keys = pos0 + s + 1
         lo = chunk * n_keys // n_chunks
         hi = (chunk + 1) * n_keys // n_chunks
-        qs = q[b, s] * scale
+        qs = q[b, h, s] * scale
         x = np.empty(max(hi - lo, 1), dtype=q.dtype)
         mx = -np.inf
         for j in range(lo, hi):
             x[j - lo] = _dot(qs, kc[b, j]) if ok[b, j] else -np.inf
             mx = max(mx, x[j - lo])
-        part_max[b, s, chunk] = mx
-        part_num[b, s, chunk] = 0
+        part_max[b, h, s, chunk] = mx
+        part_num[b, h, s, chunk] = 0
         if mx == -np.inf:
-            part_sum[b, s, chunk] = 0
+            part_sum[b, h, s, chunk] = 0
             continue
-        part_sum[b, s, chunk] = exp_shift_sum(x[: hi - lo], mx)
+        part_sum[b, h, s, chunk] = exp_shift_sum(x[: hi - lo], mx)
         for j in range(lo, hi):
             wgt = x[j - lo]
             if wgt != 0:
                 for e in range(dv):
-                    part_num[b, s, chunk, e] += wgt * vc[b, j, e]
-    for job in prange(n_batch * n_tok):
-        b = job // n_tok
+                    part_num[b, h, s, chunk, e] += wgt * vc[b, j, e]
+    for job in prange(n_batch * n_grp * n_tok):
+        b = job // (n_grp * n_tok)
+        h = (job // n_tok) % n_grp
         s = job % n_tok
         mx = -np.inf
         for c in range(n_chunks):
-            mx = max(mx, part_max[b, s, c])
+            mx = max(mx, part_max[b, h, s, c])
         if mx == -np.inf:
-            out[b, s] = 0
-            lse[b, s] = -np.inf
+            out[b, h, s] = 0
+            lse[b, h, s] = -np.inf
             continue
         total = 0.0
         for e in range(dv):
-            out[b, s, e] = 0
+            out[b, h, s, e] = 0
         for c in range(n_chunks):
-            if part_max[b, s, c] == -np.inf:
+            if part_max[b, h, s, c] == -np.inf:
                 continue
-            f = np.exp(part_max[b, s, c] - mx)
-            total += f * part_sum[b, s, c]
+            f = np.exp(part_max[b, h, s, c] - mx)
+            total += f * part_sum[b, h, s, c]
             for e in range(dv):
-                out[b, s, e] += f * part_num[b, s, c, e]
+                out[b, h, s, e] += f * part_num[b, h, s, c, e]
         for e in range(dv):
-            out[b, s, e] /= total
-        lse[b, s] = mx + np.log(total)
+            out[b, h, s, e] /= total
+        lse[b, h, s] = mx + np.log(total)
 
 
 # One sequence (or a few short ones) is a few microseconds of work: a parallel region's

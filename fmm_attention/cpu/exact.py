@@ -9,10 +9,12 @@ it reads (broadcast leading dims and grouped heads copy nothing), and each query
 position in the key sequence for causal attention and sliding windows. Pairwise masks
 and biases are read in place with strides.
 
-A job is one (output entry, query tile); :data:`exact_kernel` launches the jobs in chunks so
-that a long call stays interruptible (:class:`._launch.Chunked`).
+A job is one (group of output entries sharing their keys and values, query tile): grouped
+query heads read each key and value tile once per group. :data:`exact_kernel` launches the
+jobs in chunks so that a long call stays interruptible (:class:`._launch.Chunked`).
 """
 
+import numba
 import numpy as np
 from numba import prange
 
@@ -43,15 +45,20 @@ def _tile_order(n_tiles):
 
 
 @jit(parallel=True)
-def exact_tiles(job_lo, job_hi, query_tile, key_tile, q, k, v, q_index, kv_index, pad, has_pad,
-                mask_flat, mask_off, mask_si, mask_sj, has_attn_mask, bias_flat, bias_off, bias_si, bias_sj, has_bias,
-                scale, causal, offset, left, right, out, lse):
+def exact_tiles(job_lo, job_hi, query_tile, key_tile, members, group_start, q, k, v, q_index, kv_index, pad,
+                has_pad, mask_flat, mask_off, mask_si, mask_sj, has_attn_mask, bias_flat, bias_off, bias_si, bias_sj,
+                has_bias, scale, causal, offset, left, right, out, lse):
     """Write softmax(scale q k^T + bias) v into ``out`` (B, n_q, dv), its lse into ``lse`` (B, n_q).
 
-    Jobs ``job_lo <= job < job_hi`` run (``job = b * n_tiles + slot``, the query tile of a
-    slot given by :func:`_tile_of`). Output entry ``b`` reads the query rows
-    ``q[q_index[b]]`` and the keys and values ``k[kv_index[b]]``, ``v[kv_index[b]]``: a
-    broadcast or grouped-head call reads each row set where it lies.
+    Jobs ``job_lo <= job < job_hi`` run (``job = group * n_tiles + slot``, the query tile of a
+    slot given by :func:`_tile_of`). A group is the output entries
+    ``members[group_start[group]:group_start[group + 1]]``, all reading the same keys and
+    values (:func:`_groups`); entry ``b`` reads the query rows ``q[q_index[b]]`` and the keys
+    and values ``k[kv_index[b]]``, ``v[kv_index[b]]``: a broadcast or grouped-head call reads
+    each row set where it lies. A job loads each key tile once and runs every member's query
+    tile against it, so grouped heads read their keys and values once per group, not once
+    per query head. Each entry's arithmetic (its products, in the same shapes, and its
+    softmax passes) is the same whatever group it is in: groups change no bit of the result.
 
     Query ``i`` sits at position ``t = offset + i`` of the keys and sees the keys
     ``t - left <= j <= t + right`` (``causal``: ``j <= t`` too; ``left``/``right`` larger than
@@ -66,68 +73,111 @@ def exact_tiles(job_lo, job_hi, query_tile, key_tile, q, k, v, q_index, kv_index
     """
     n_q = q.shape[1]
     n_k = k.shape[1]
+    d = q.shape[2]
     dv = v.shape[2]
     n_tiles = (n_q + query_tile - 1) // query_tile
     if causal:
         right = min(right, 0)
     for job in prange(job_lo, job_hi):
-        b = job // n_tiles
-        bq = q_index[b]
-        bk = kv_index[b]
+        group = job // n_tiles
+        first = group_start[group]
+        size = group_start[group + 1] - first
+        bk = kv_index[members[first]]
         i0 = _tile_of(job % n_tiles, n_tiles) * query_tile
         i1 = min(n_q, i0 + query_tile)
         rows = i1 - i0
-        q_tile = q[bq, i0:i1] * scale
-        acc = np.zeros((rows, dv), dtype=q.dtype)
-        run_max = np.full(rows, -np.inf, dtype=q.dtype)
-        run_sum = np.zeros(rows, dtype=q.dtype)
+        q_tiles = np.empty((size, rows, d), dtype=q.dtype)
+        for e in range(size):
+            q_tiles[e] = q[q_index[members[first + e]], i0:i1] * scale
+        acc = np.zeros((size, rows, dv), dtype=q.dtype)
+        run_max = np.full((size, rows), -np.inf, dtype=q.dtype)
+        run_sum = np.zeros((size, rows), dtype=q.dtype)
         # keys any query of the tile may see: [first - left, last + right]
         key_start = max(0, offset + i0 - left)
         key_end = min(n_k, offset + i1 + right)  # offset + (i1 - 1) + right + 1
         for j0 in range(key_start, key_end, key_tile):
             j1 = min(key_end, j0 + key_tile)
-            scores = np.dot(q_tile, k[bk, j0:j1].T)
+            k_tile = k[bk, j0:j1].T
+            v_tile = v[bk, j0:j1]
+            for e in range(size):
+                b = members[first + e]
+                scores = np.dot(q_tiles[e], k_tile)
+                for i in range(rows):
+                    row = scores[i]
+                    if has_bias:
+                        base = bias_off[b] + (i0 + i) * bias_si
+                        for j in range(j1 - j0):
+                            row[j] += bias_flat[base + (j0 + j) * bias_sj]
+                    # select, never add: a masked key may hold inf or NaN (its logit too)
+                    if has_pad:
+                        for j in range(j1 - j0):
+                            if not pad[b, j0 + j]:
+                                row[j] = -np.inf
+                    if has_attn_mask:
+                        base = mask_off[b] + (i0 + i) * mask_si
+                        for j in range(j1 - j0):
+                            if not mask_flat[base + (j0 + j) * mask_sj]:
+                                row[j] = -np.inf
+                    t = offset + i0 + i
+                    lo = t - left - j0  # first column query i sees (may be < 0: all of them)
+                    hi = t + right + 1 - j0  # one past its last
+                    if lo > 0:
+                        row[: min(lo, j1 - j0)] = -np.inf
+                    if hi < j1 - j0:
+                        row[max(hi, 0) :] = -np.inf
+                    new_max = max(run_max[e, i], row_max(row))
+                    if new_max == -np.inf:
+                        row[:] = 0
+                        continue
+                    if new_max > run_max[e, i]:
+                        rescale = np.exp(run_max[e, i] - new_max)
+                        run_sum[e, i] *= rescale
+                        acc[e, i] *= rescale
+                        run_max[e, i] = new_max
+                    run_sum[e, i] += exp_shift_sum(row, new_max)
+                acc[e] += np.dot(scores, v_tile)
+        for e in range(size):
+            b = members[first + e]
             for i in range(rows):
-                row = scores[i]
-                if has_bias:
-                    base = bias_off[b] + (i0 + i) * bias_si
-                    for j in range(j1 - j0):
-                        row[j] += bias_flat[base + (j0 + j) * bias_sj]
-                # select, never add: a masked key may hold inf or NaN (its logit too)
-                if has_pad:
-                    for j in range(j1 - j0):
-                        if not pad[b, j0 + j]:
-                            row[j] = -np.inf
-                if has_attn_mask:
-                    base = mask_off[b] + (i0 + i) * mask_si
-                    for j in range(j1 - j0):
-                        if not mask_flat[base + (j0 + j) * mask_sj]:
-                            row[j] = -np.inf
-                t = offset + i0 + i
-                lo = t - left - j0  # first column query i sees (may be < 0: all of them)
-                hi = t + right + 1 - j0  # one past its last
-                if lo > 0:
-                    row[: min(lo, j1 - j0)] = -np.inf
-                if hi < j1 - j0:
-                    row[max(hi, 0) :] = -np.inf
-                new_max = max(run_max[i], row_max(row))
-                if new_max == -np.inf:
-                    row[:] = 0
-                    continue
-                if new_max > run_max[i]:
-                    rescale = np.exp(run_max[i] - new_max)
-                    run_sum[i] *= rescale
-                    acc[i] *= rescale
-                    run_max[i] = new_max
-                run_sum[i] += exp_shift_sum(row, new_max)
-            acc += np.dot(scores, v[bk, j0:j1])
-        for i in range(rows):
-            if run_sum[i] > 0:
-                out[b, i0 + i] = acc[i] / run_sum[i]
-                lse[b, i0 + i] = run_max[i] + np.log(run_sum[i])
-            else:
-                out[b, i0 + i] = 0
-                lse[b, i0 + i] = -np.inf
+                if run_sum[e, i] > 0:
+                    out[b, i0 + i] = acc[e, i] / run_sum[e, i]
+                    lse[b, i0 + i] = run_max[e, i] + np.log(run_sum[e, i])
+                else:
+                    out[b, i0 + i] = 0
+                    lse[b, i0 + i] = -np.inf
+
+
+def _groups(kv_index, n_tiles, cap, threads):
+    """Split the output entries into groups that share their keys and values.
+
+    Returns ``members`` (the entries, grouped, int64) and ``group_start`` (``n_groups + 1``
+    offsets into it). The entries reading one key/value set are cut into near-equal groups of
+    at most ``cap`` (a group's query and output tiles stay in the L2 cache beside the key
+    and value tiles), and into smaller groups while that leaves fewer than ``4 * threads``
+    jobs (a short call with a few large groups would leave threads idle). Which entries
+    share a job changes no result.
+    """
+    # plain Python: B is small and this runs on every call (NumPy's per-call costs were ~10x more)
+    kv = kv_index.tolist()
+    order = list(range(len(kv)))
+    if any(x > y for x, y in zip(kv, kv[1:])):
+        order.sort(key=kv.__getitem__)  # stable: entries of one key set keep their order
+    runs = []
+    for pos, entry in enumerate(order):
+        if pos and kv[entry] == kv[order[pos - 1]]:
+            runs[-1] += 1
+        else:
+            runs.append(1)
+    want_jobs = min(len(kv) * n_tiles, 4 * threads)
+    size = max(1, min(int(cap), max(runs, default=1)))
+    while size > 1 and sum(-(-run // size) for run in runs) * n_tiles < want_jobs:
+        size -= 1
+    start = [0]
+    for run in runs:
+        parts = -(-run // size)
+        for part in range(parts):  # near-equal parts, the first (run % parts) one larger
+            start.append(start[-1] + run // parts + (part < run % parts))
+    return np.array(order, dtype=np.int64), np.array(start, dtype=np.int64)
 
 
 def _key_span(n_q, n_k, query_tile, causal, offset, left, right):
@@ -146,18 +196,20 @@ def _layout(q, k, v, q_index, kv_index, pad, has_pad, mask_flat, mask_off, mask_
     (a tile reads only the keys its queries may see).
     """
     query_tile, key_tile = max(1, int(_config.EXACT_QUERY_TILE)), max(1, int(_config.EXACT_KEY_TILE))
-    n_batch = q_index.shape[0]
     n_q, n_k, d = q.shape[1], k.shape[1], q.shape[2]
     width = d + v.shape[2]
     n_tiles = -(-n_q // query_tile)
+    members, group_start = _groups(kv_index, n_tiles, _config.EXACT_GROUP_ENTRIES, numba.get_num_threads())
+    sizes = np.diff(group_start).astype(np.float64)
     rows, keys = _key_span(n_q, n_k, query_tile, causal, offset, left, right)
     per_tile = (rows * keys * width).astype(np.float64)
 
     def cumulative():
         in_order = per_tile[_tile_order(n_tiles)]
-        return np.concatenate(([0.0], np.cumsum(np.tile(in_order, n_batch))))
+        return np.concatenate(([0.0], np.cumsum(np.outer(sizes, in_order).ravel())))
 
-    return (query_tile, key_tile), n_batch * n_tiles, n_batch * float(per_tile.sum()), cumulative
+    knobs = (query_tile, key_tile, members, group_start)
+    return knobs, sizes.size * n_tiles, sizes.sum() * float(per_tile.sum()), cumulative
 
 
 #: ``exact_kernel(q, k, v, q_index, kv_index, pad, has_pad, mask_flat, mask_off, mask_si, mask_sj,
