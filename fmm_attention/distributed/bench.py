@@ -40,6 +40,12 @@ def _worker_peak_rss():
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
 
+def _cpu_seconds():
+    """User + system CPU seconds of this process so far (all its threads)."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
 def _incoming_bytes(dask_worker):
     return int(sum(t["total"] for t in dask_worker.transfer_incoming_log))
 
@@ -78,9 +84,9 @@ def run(n=2**22, d=32, chunk=2**19, workers=2, memory_limit="1.5GiB", block_size
         return fa.fmm_attention(q, k, v, block_size=block_size, rank=rank, causal=causal)
 
     def single_call(qn, kn, vn):
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), _cpu_seconds()
         ref = attend(qn, kn, vn)
-        return time.perf_counter() - start, ref
+        return time.perf_counter() - start, _cpu_seconds() - cpu, ref
 
     def local_inputs():
         # the same inputs, generated again here (same seed and chunks): nothing comes from the cluster
@@ -127,22 +133,26 @@ def run(n=2**22, d=32, chunk=2**19, workers=2, memory_limit="1.5GiB", block_size
             rounds = []
             for r in range(repeats):
                 client.run(_reset_log)
+                cpu = client.run(_cpu_seconds)
                 start = time.perf_counter()
                 out = attend(q, k, v)  # graph construction on the client is part of the call
                 built = time.perf_counter()
                 with distributed.get_task_stream(client) as stream:
                     __, rows2 = client.compute([out.sum(axis=0), out[sample]], sync=True)
                 done = time.perf_counter()
+                cpu = sum(after - cpu[addr] for addr, after in client.run(_cpu_seconds).items())
                 rounds.append({"graph_s": built - start, "compute_s": done - built, "total_s": done - start,
+                               "workers_cpu_s": cpu,
                                "bytes_moved": sum(client.run(_incoming_bytes).values()),
                                "load_average": list(os.getloadavg())})
                 assert np.array_equal(rows, rows2)
                 if profile and r == repeats - 1:
                     result["profile"] = _profile(stream.data)
                 if single:
-                    seconds, ref = single_call(*local)
+                    seconds, cpu, ref = single_call(*local)
                     singles.append(seconds)
                     rounds[-1]["single_s"] = seconds
+                    rounds[-1]["single_cpu_s"] = cpu
             result["rounds"] = rounds
             result["cluster_attention_s"] = min(x["total_s"] for x in rounds)
             result["cluster_attention_compute_s"] = min(x["compute_s"] for x in rounds)
@@ -155,7 +165,7 @@ def run(n=2**22, d=32, chunk=2**19, workers=2, memory_limit="1.5GiB", block_size
     if single:
         if not singles:
             local = local_inputs()
-            seconds, ref = single_call(*local)
+            seconds, _cpu, ref = single_call(*local)
             singles.append(seconds)
         del local
         result["single_s"] = min(singles)
@@ -169,6 +179,9 @@ def run(n=2**22, d=32, chunk=2**19, workers=2, memory_limit="1.5GiB", block_size
         result["cluster_over_single"] = timed / result["single_s"]
         if "cluster_attention_compute_s" in result:
             result["cluster_compute_over_single"] = result["cluster_attention_compute_s"] / result["single_s"]
+            # CPU seconds (the workers' against the single call's process): the work each
+            # side did, less sensitive than wall time to how a loaded machine shares its cores
+            result["workers_cpu_over_single_cpu"] = min(x["workers_cpu_s"] / x["single_cpu_s"] for x in rounds)
     result["load_average_end"] = list(os.getloadavg())
     return result
 
@@ -177,13 +190,14 @@ def _profile(tasks):
     """Where the cluster's time went, from the scheduler's task stream of one run.
 
     Per task prefix: count and seconds computing; per worker: seconds busy, idle within
-    the run's span (waiting for inputs or for work), and seconds spent receiving data.
+    the run's span (waiting for inputs or for work), seconds spent receiving data, and its
+    idle gaps over 50 ms (when, how long, and the task that ran next).
     """
     from distributed.utils import key_split
 
     prefixes, workers = {}, {}
     for task in tasks:
-        w = workers.setdefault(task["worker"], {"busy_s": 0.0, "transfer_s": 0.0, "start": np.inf, "stop": 0.0})
+        w = workers.setdefault(task["worker"], {"busy_s": 0.0, "transfer_s": 0.0, "runs": []})
         for ss in task["startstops"]:
             seconds = ss["stop"] - ss["start"]
             if ss["action"] == "compute":
@@ -191,14 +205,23 @@ def _profile(tasks):
                 entry[0] += 1
                 entry[1] += seconds
                 w["busy_s"] += seconds
-                w["start"], w["stop"] = min(w["start"], ss["start"]), max(w["stop"], ss["stop"])
+                w["runs"].append((ss["start"], ss["stop"], key_split(task["key"])))
             elif ss["action"] == "transfer":
                 w["transfer_s"] += seconds
-    first = min(w["start"] for w in workers.values())
-    last = max(w["stop"] for w in workers.values())
-    per_worker = {addr: {"busy_s": w["busy_s"], "idle_s": (last - first) - w["busy_s"], "transfer_s": w["transfer_s"],
-                         "first_task_at_s": w["start"] - first, "last_task_end_s": w["stop"] - first}
-                  for addr, w in workers.items()}
+    first = min(min(r[0] for r in w["runs"]) for w in workers.values())
+    last = max(max(r[1] for r in w["runs"]) for w in workers.values())
+    per_worker = {}
+    for addr, w in workers.items():
+        runs = sorted(w["runs"])
+        gaps, edge = [], first
+        for start, stop, name in runs:
+            if start - edge > 0.05:
+                gaps.append({"at_s": round(edge - first, 3), "idle_s": round(start - edge, 3), "next": name})
+            edge = max(edge, stop)
+        if last - edge > 0.05:
+            gaps.append({"at_s": round(edge - first, 3), "idle_s": round(last - edge, 3), "next": None})
+        per_worker[addr] = {"busy_s": w["busy_s"], "idle_s": (last - first) - w["busy_s"],
+                            "transfer_s": w["transfer_s"], "gaps": gaps}
     top = sorted(prefixes.items(), key=lambda kv: -kv[1][1])
     return {"span_s": last - first, "workers": per_worker,
             "prefixes": {name: {"tasks": c, "compute_s": sec} for name, (c, sec) in top}}
