@@ -17,7 +17,12 @@ column sums and a few sampled rows come back, never the output). It reports
   generated again in this process from the same seed, never gathered from the cluster)
   and the largest difference on the sampled rows.
 
-``--no-persist`` skips the second (persisted-inputs) run, for sizes where the inputs
+The client's graph construction is counted in the cluster's times. ``--repeats R``
+alternates ``R`` persisted-input rounds with the single-machine call (minimum of each,
+and per round the wall and CPU seconds of both sides and the load average), so both meet
+the same load; ``--profile`` adds the task stream of the last round (seconds per task
+prefix; per worker busy, idle and receiving seconds and the idle gaps).
+``--no-persist`` skips the persisted-inputs run, for sizes where the inputs
 exceed the workers' memory; ``--local-directory`` is where workers spill.
 
 Numba uses one thread per worker process, so ``--workers`` processes use as many cores as
