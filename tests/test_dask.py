@@ -320,3 +320,18 @@ def test_fma_tasks_receive_only_halos_and_coarse_rows():
     # values meet in one task (whichever is home, the other is a whole chunk's tokens)
     ring = _foreign_bytes(fa.exact_attention(dq, dk, dv, key_padding_mask=dm), names)
     assert max(ring.values()) >= 0.5 * chunk_kv
+
+
+def test_fma_graph_is_compact():
+    # the client wires the graph from each chunk's plan but ships only the few rows a chunk
+    # lists of another one (each chunk's own plan, its large row tables, is drawn on the
+    # worker), and one outbox task per chunk replaces the export, halo and pyramid-part
+    # tasks: before, this graph pickled to 1.36 MB with 116 keys (one outbox: 24 KB, 80)
+    import pickle
+
+    n, chunk = 2**17, 2**14
+    x = da.zeros((1, n, 8), chunks=(1, chunk, 8))
+    for opts in ({}, {"causal": True}, {"query_coarsening": True}):
+        graph = dict(fa.fmm_attention(x, x, x, block_size=8, rank=2, **opts).__dask_graph__())
+        assert len(graph) <= 11 * (n // chunk)
+        assert len(pickle.dumps(graph, protocol=5)) < 64 * 1024
