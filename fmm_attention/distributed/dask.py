@@ -15,7 +15,9 @@ Two schemes, chosen by the chunking of the sequence axis (``-2``):
     before it) in a partial ``(out, lse)`` task; the partials are merged through their
     log-sum-exp in a balanced tree (the ring-attention scheme, O(n^2 d / workers)).
   - ``fmm_attention``: a per-chunk upward pass (sub-box sums and counts; learned: box
-    convolutions and partial convolutions; coarse queries: query sums), a tree reduction
+    convolutions and partial convolutions; coarse queries: query sums) whose task also
+    cuts out everything the other chunks need of the chunk (its outboxes: halos, the rows
+    they list, its share of the pyramid), a tree reduction
     for the boxes larger than a chunk, and per chunk one task with its own tokens,
     ``m``-token halos from its neighbours (causal: left only) and the coarse rows its
     interaction lists name. No task receives another chunk's tokens beyond a halo.
