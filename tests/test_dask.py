@@ -299,7 +299,10 @@ def _foreign_bytes(result, input_names):
 
 
 def test_fma_tasks_receive_only_halos_and_coarse_rows():
-    n, chunk, d = 4096, 512, 8
+    # 8 chunks long enough that a chunk's tokens outweigh what it may receive: from each
+    # neighbour its near outbox (halos of 8 tokens, the rows both neighbours list), from the
+    # other chunks their far outbox (a few rows each), and pyramid nodes
+    n, chunk, d = 16384, 2048, 8
     q, k, v, mask = _data(B=1, n=n, d=d)
     names = ("q-in", "k-in", "v-in", "m-in")
     dq, dk, dv = (da.from_array(x, chunks=(1, chunk, d), name=nm) for x, nm in zip((q, k, v), names))
@@ -311,9 +314,24 @@ def test_fma_tasks_receive_only_halos_and_coarse_rows():
     for opts in cases:
         out = fa.fmm_attention(dq, dk, dv, block_size=8, rank=2, key_padding_mask=dm, **opts)
         foreign = _foreign_bytes(out, names)
-        # halos (8 tokens a side) and the listed coarse rows: a small fraction of a chunk's k + v
+        # halos and the listed coarse rows: a small fraction of a chunk's k + v
         assert 0 < max(foreign.values()) < 0.2 * chunk_kv
     # the check can fail: in the exact ring a query chunk and another chunk's keys and
     # values meet in one task (whichever is home, the other is a whole chunk's tokens)
     ring = _foreign_bytes(fa.exact_attention(dq, dk, dv, key_padding_mask=dm), names)
     assert max(ring.values()) >= 0.5 * chunk_kv
+
+
+def test_fma_graph_is_compact():
+    # the client wires the graph from each chunk's plan but ships only the few rows a chunk
+    # lists of another one (each chunk's own plan, its large row tables, is drawn on the
+    # worker), and one outbox task per chunk replaces the export, halo and pyramid-part
+    # tasks: before, this graph pickled to 1.36 MB with 116 keys (one outbox: 24 KB, 80)
+    import pickle
+
+    n, chunk = 2**17, 2**14
+    x = da.zeros((1, n, 8), chunks=(1, chunk, 8))
+    for opts in ({}, {"causal": True}, {"query_coarsening": True}):
+        graph = dict(fa.fmm_attention(x, x, x, block_size=8, rank=2, **opts).__dask_graph__())
+        assert len(graph) <= 11 * (n // chunk)
+        assert len(pickle.dumps(graph, protocol=5)) < 64 * 1024

@@ -364,19 +364,50 @@ def export_rows(up, picks):
     return [tuple(a[:, rows] for a in sums[key]) for key, rows in picks]
 
 
-def chunk_total(up):
-    """The chunk's totals of an upward pass (a dict, see :func:`chunk_upward`)."""
-    return up[1]
+def totals_of(node):
+    """The totals in a pyramid node: a chunk's far outbox (the pyramid's bottom) or a sum of them."""
+    return node["total"] if "rows" in node else node
 
 
 def add_totals(a, b):
     """Sum of the totals of two neighbouring groups of chunks (the tree reduction above a chunk)."""
+    a, b = totals_of(a), totals_of(b)
     return {key: tuple(x + y for x, y in zip(a[key], b[key])) for key in a}
 
 
-def total_part(total, key):
-    """One entry of a reduced total (what a chunk needs of the pyramid, not all of it)."""
-    return total[key]
+def chunk_outbox(chunk, spec, layout, cross):
+    """A chunk's upward pass and, in one go, everything the other chunks need of it.
+
+    ``layout`` names the chunk (``index``, ``first``, ``length``) and the tree (``n``,
+    ``block_size``, ``rank``, ``causal``, ``chunk``, ``n_chunks``, ``learned``); ``cross``
+    maps each other chunk that lists coarse rows of this one to its picks (``[(key, local
+    rows)]``, from the client's plan of that chunk). Returns ``(own, near, far)``:
+
+    * ``own``: ``(rows, plan)``, the rows the chunk lists of itself and its plan
+      (:func:`chunk_sources`), for its own attention task (they stay where the chunk lives);
+    * ``near``: for the two neighbours, ``{"rows": {chunk: rows}, "first": halo, "last":
+      halo}``: the ``m``-token halos (``first`` only when bidirectional) and the rows they
+      list, the bulk of what leaves the chunk;
+    * ``far``: ``{"rows": {chunk: rows}, "total": totals}``: the few rows every other listing
+      chunk takes and the chunk's contribution to the pyramid.
+
+    Everything is ready when the upward pass is (no export task waits behind another
+    chunk's attention), and the sub-box sums themselves are dropped here, never held for
+    later exports. A chunk at distance two or more receives only ``far``.
+    """
+    sums, total = chunk_upward(chunk, spec)
+    tree = build_tree(layout["n"], block_size=layout["block_size"], rank=layout["rank"], causal=layout["causal"])
+    index = layout["index"]
+    plan = chunk_sources(tree, layout["first"], layout["length"], layout["chunk"], layout["n_chunks"],
+                         layout["learned"])
+    own = next((export_rows((sums, None), picks) for j, picks, _ in plan["exports"] if j == index), [])
+    rows = {i: export_rows((sums, None), picks) for i, picks in cross.items()}
+    m = tree.block_size
+    near = {"rows": {i: r for i, r in rows.items() if abs(i - index) == 1},
+            "first": halo(chunk, m) if index > 0 and not tree.causal else None,
+            "last": halo(chunk, -m) if index + 1 < layout["n_chunks"] else None}
+    far = {"rows": {i: r for i, r in rows.items() if abs(i - index) != 1}, "total": total}
+    return (own, plan), near, far
 
 
 # ---------------------------------------------------------------- FMA: per-chunk attention
@@ -535,7 +566,128 @@ def _coarse_rows(meta, exports, export_dest, totals, total_dest, B, d, dv, dtype
     return np.ascontiguousarray(kc, dtype=dtype), np.ascontiguousarray(vc, dtype=dtype), cbias
 
 
-def fma_chunk(chunk, halo_left, halo_right, exports, export_dest, totals, total_dest, q_totals, meta):
+def learned_row_biases(biases, tree, plan):
+    """Per row of a chunk's local coarse buffer: the learned key/value bias and the level's rank.
+
+    ``biases`` is ``(key_bias, value_bias)``, one ``(r_l * f,)`` array per level (row
+    ``e*r + t`` is slot ``t``'s channel ``e``), as :class:`~fmm_attention.LearnedCoarsening` holds them.
+    """
+    key_bias, value_bias = biases
+    rows = max(1, plan["n_rows"])
+    kb = np.zeros((rows, key_bias[0].size // tree.levels[0].rank))
+    vb = np.zeros((rows, value_bias[0].size // tree.levels[0].rank))
+    rank = np.ones(rows)
+    for i, (lv, listed, base) in enumerate(zip(tree.levels, plan["boxes"], plan["box_base"])):
+        r = lv.rank
+        dest = base + np.arange(listed.size * r)
+        # bias[e*r + t] is slot t's channel e
+        kb[dest] = np.tile(np.asarray(key_bias[i]).reshape(-1, r).T, (listed.size, 1))
+        vb[dest] = np.tile(np.asarray(value_bias[i]).reshape(-1, r).T, (listed.size, 1))
+        rank[dest] = r
+    return kb, vb, rank
+
+
+def halo(chunk, size):
+    """The first (``size > 0``) or last (``size < 0``) ``|size|`` tokens of a chunk's ``(k, v, valid)``."""
+    sl = slice(None, size) if size > 0 else slice(size, None)
+    return tuple(None if x is None else np.ascontiguousarray(x[:, sl]) for x in chunk[1:])
+
+
+def chunk_sources(tree, first, length, chunk, n_chunks, learned):
+    """Where chunk ``[first, first + length)`` gets each coarse row it lists (its plan).
+
+    Returns ``boxes``/``box_base`` (the local coarse buffer's layout: level ``l``'s ``i``-th
+    listed box at rows ``box_base[l] + i * r_l ...``), ``n_rows``, and the row sources:
+    ``exports`` ``[(chunk j, [(key, local rows)], [dest rows])]`` from the chunks' upward
+    passes, ``totals`` ``[(pyramid depth, index, key, dest rows)]`` from the tree reduction,
+    and ``depth``, the deepest pyramid level used. Mean coarsening's rows are sub-boxes
+    (key: the sub-box size); learned coarsening's are (box, slot) pairs (key ``("L", level)``).
+    """
+    boxes = listed_boxes(tree, first, length)
+    box_base, offset = [], 0
+    by_chunk = {}
+    totals = []
+    deepest = 0
+
+    def send(j, key, local, dest):
+        by_chunk.setdefault(int(j), ([], []))
+        by_chunk[int(j)][0].append((key, local))
+        by_chunk[int(j)][1].append(dest)
+
+    for li, (level, listed) in enumerate(zip(tree.levels, boxes)):
+        box_base.append(offset)
+        r, s, w = level.rank, level.sub_box_size, level.box_size
+        if listed.size == 0:
+            continue
+        rows = (listed[:, None] * r + np.arange(r)[None, :]).ravel()  # global (box, slot) = sub-box rows
+        dest = offset + np.arange(rows.size)
+        offset += rows.size
+        if learned and w <= chunk:
+            src = rows // r * w // chunk
+            for j in np.unique(src):
+                sel = src == j
+                send(j, ("L", li), rows[sel] - j * (chunk // w) * r, dest[sel])
+        elif learned:
+            t = int(np.log2(w // chunk))
+            deepest = max(deepest, t)
+            for b, dr in zip(listed, dest.reshape(-1, r)):
+                totals.append((t, int(b), ("L", li), dr))
+        elif s <= chunk:
+            src = rows * s // chunk
+            for j in np.unique(src):
+                # rows past the last real token stay masked (zero count): nobody sends them
+                held = -(-(min(chunk, tree.n - int(j) * chunk)) // s) if j < n_chunks else 0
+                local = rows - j * (chunk // s)
+                sel = (src == j) & (local < held)
+                if sel.any():
+                    send(j, s, local[sel], dest[sel])
+        else:
+            t = int(np.log2(s // chunk))
+            deepest = max(deepest, t)
+            for g, dr in zip(rows, dest):
+                if g * (s // chunk) < n_chunks:
+                    totals.append((t, int(g), "mean", int(dr)))
+    exports = [(j, picks, dests) for j, (picks, dests) in sorted(by_chunk.items())]
+    return {"boxes": boxes, "box_base": box_base, "n_rows": offset, "exports": exports, "totals": totals,
+            "depth": deepest}
+
+
+def fma_chunk(chunk, up, sources, outboxes, node_keys, nodes, meta):
+    """FMA outputs ``(out, lse)`` of one sequence chunk (see :func:`chunk_outbox`).
+
+    ``up`` is the chunk's own :func:`chunk_outbox` result (its ``own`` holds its rows and plan);
+    ``outboxes`` the ``near`` (neighbours) or ``far`` (others) outbox of each chunk in
+    ``sources`` (its neighbours for the halos, the chunks whose rows it lists); ``nodes`` the pyramid
+    nodes ``node_keys`` ``(depth, index)`` its plan names (totals of the boxes larger than a
+    chunk; coarse queries: also the query sums of the ones holding it). ``meta``: ``n,
+    block_size, rank, causal, first, chunk, scale, count_scaling, query_coarsening, index``
+    and ``learned`` (the learned biases or ``None``).
+    """
+    (own_rows, plan), *_ = up
+    index, chunk_len = meta["index"], meta["chunk"]
+    boxes = dict(zip(sources, outboxes))
+    nodes = {key: totals_of(node) for key, node in zip(node_keys, nodes)}
+    exports, export_dest = [], []
+    for j, _picks, dests in plan["exports"]:
+        exports.append(own_rows if j == index else boxes[j]["rows"][index])
+        export_dest.append(dests)
+    totals = [nodes[(t, g)][key] for t, g, key, _ in plan["totals"]]
+    total_dest = [dest for *_, dest in plan["totals"]]
+    q_totals = []
+    if meta["query_coarsening"]:
+        tree = build_tree(meta["n"], block_size=meta["block_size"], rank=meta["rank"], causal=meta["causal"])
+        q_totals = [nodes[(int(np.log2(lv.box_size // chunk_len)), meta["first"] // lv.box_size)]["q"]
+                    for lv in tree.levels if lv.box_size > chunk_len]
+    left = boxes[index - 1]["last"] if index > 0 else None
+    right = boxes[index + 1]["first"] if index + 1 in boxes and not meta["causal"] else None
+    full = {**meta, "boxes": plan["boxes"], "box_base": plan["box_base"], "n_rows": plan["n_rows"]}
+    if meta["learned"] is not None:
+        tree = build_tree(meta["n"], block_size=meta["block_size"], rank=meta["rank"], causal=meta["causal"])
+        full["learned"] = learned_row_biases(meta["learned"], tree, plan)
+    return _attend_chunk(chunk, left, right, exports, export_dest, totals, total_dest, q_totals, full)
+
+
+def _attend_chunk(chunk, halo_left, halo_right, exports, export_dest, totals, total_dest, q_totals, meta):
     """FMA outputs ``(out, lse)`` of one sequence chunk from its own tokens, halos and coarse rows.
 
     Parameters
@@ -554,7 +706,8 @@ def fma_chunk(chunk, halo_left, halo_right, exports, export_dest, totals, total_
         this chunk, bottom up (empty for fine queries).
     meta : dict
         ``n, block_size, rank, causal, first, chunk, scale, count_scaling, query_coarsening,
-        learned, boxes, box_base, n_rows``.
+        learned, boxes, box_base, n_rows`` (``learned``: the row biases of
+        :func:`learned_row_biases` or ``None``).
     """
     from ..cpu import block_attention  # compiled on first use in each worker
     from ..cpu._launch import launch_guard

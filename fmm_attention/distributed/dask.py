@@ -15,7 +15,9 @@ Two schemes, chosen by the chunking of the sequence axis (``-2``):
     before it) in a partial ``(out, lse)`` task; the partials are merged through their
     log-sum-exp in a balanced tree (the ring-attention scheme, O(n^2 d / workers)).
   - ``fmm_attention``: a per-chunk upward pass (sub-box sums and counts; learned: box
-    convolutions and partial convolutions; coarse queries: query sums), a tree reduction
+    convolutions and partial convolutions; coarse queries: query sums) whose task also
+    cuts out everything the other chunks need of the chunk (its outboxes: halos, the rows
+    they list, its share of the pyramid), a tree reduction
     for the boxes larger than a chunk, and per chunk one task with its own tokens,
     ``m``-token halos from its neighbours (causal: left only) and the coarse rows its
     interaction lists name. No task receives another chunk's tokens beyond a halo.
@@ -537,135 +539,69 @@ def _shared(array):
 
 def _fma_sequence(inputs, tree, chunk, *, count_scaling, learned, query_coarsening, return_lse, check_finite):
     m = tree.block_size
-    n = inputs.n
     causal = tree.causal
     seq = inputs.seq_chunks
     n_chunks = len(seq)
     starts = inputs.starts()
-    plans = [_chunk_sources(tree, int(starts[i]), seq[i], chunk, n_chunks, learned is not None)
+    # The plans are drawn here only to wire the graph: who lists whose rows (and the few
+    # rows a chunk lists of another). Each chunk's own plan, with its large row tables, is
+    # drawn again by its upward task on the worker, so the graph stays small.
+    plans = [_chunks.chunk_sources(tree, int(starts[i]), seq[i], chunk, n_chunks, learned is not None)
              for i in range(n_chunks)]
+    cross = [{} for _ in range(n_chunks)]  # cross[j][i]: the picks chunk i lists of chunk j
+    sources = [set() for _ in range(n_chunks)]
+    for i, plan in enumerate(plans):
+        for j, picks, _ in plan["exports"]:
+            if j != i:
+                cross[j][i] = picks
+                sources[i].add(int(j))
+        sources[i].update(j for j in (i - 1, i + 1) if 0 <= j < n_chunks and (j < i or not causal))
+    q_levels = [lv for lv in tree.levels if query_coarsening and lv.box_size > chunk]
+    node_keys = [sorted({(t, g) for t, g, _, _ in plan["totals"]}
+                        | {(int(np.log2(lv.box_size // chunk)), int(starts[i]) // lv.box_size) for lv in q_levels})
+                 for i, plan in enumerate(plans)]
+    depth = max([t for keys in node_keys for t, _ in keys], default=0)
     specs = [_upward_spec(tree, int(starts[i]), seq[i], chunk, learned, query_coarsening) for i in range(n_chunks)]
-    depth = max([p["depth"] for p in plans] + [int(np.log2(lv.box_size // chunk)) if query_coarsening else 0
-                                                 for lv in tree.levels if lv.box_size > chunk], default=0)
-    with_total = specs[0]["total"]
-    upward = _delayed(_chunks.chunk_upward)
-    export = _delayed(_chunks.export_rows)
-    total_of = _delayed(_chunks.chunk_total)
+    layouts = [{"n": inputs.n, "block_size": m, "rank": tree.rank, "causal": causal, "chunk": chunk,
+                "n_chunks": n_chunks, "learned": learned is not None, "index": i, "first": int(starts[i]),
+                "length": seq[i]} for i in range(n_chunks)]
+    biases = _shared_tuple((learned.key_bias, learned.value_bias)) if learned is not None else None
+    upward = _delayed(_chunks.chunk_outbox)
+    item = _delayed(operator.getitem)
     add = _delayed(_chunks.add_totals)
-    part = _delayed(_chunks.total_part)
     attend = _delayed(_chunks.fma_chunk)
-    halo = _delayed(_halo)
     blocks = inputs.delayed_blocks(check_finite)
     outs, lses = {}, {}
     for lead, row in blocks.items():
-        ups = [upward(c, spec) for c, spec in zip(row, specs)]
+        # a chunk's attention task reads its upward result whole (same worker, nothing moves);
+        # its neighbours read its near outbox, the other chunks and the pyramid its far one
+        ups = [upward(c, spec, layout, cross[i]) for i, (c, spec, layout) in enumerate(zip(row, specs, layouts))]
+        near = [item(u, 1) for u in ups]
+        far = [item(u, 2) for u in ups]
         # pyramid: level t holds the totals of 2**t consecutive chunks (of the boxes larger than a chunk)
-        pyramid = [[total_of(u) for u in ups]] if with_total else []
+        pyramid = [far]
         for _ in range(depth):
             prev = pyramid[-1]
             pyramid.append([add(prev[g], prev[g + 1]) if g + 1 < len(prev) else prev[g] for g in range(0, len(prev), 2)])
         outs[lead], lses[lead] = [], []
         for i, ci in enumerate(row):
-            plan = plans[i]
-            first = int(starts[i])
-            left = halo(row[i - 1], -m) if i > 0 else None
-            right = halo(row[i + 1], m) if i + 1 < n_chunks and not causal else None
-            exports = [export(ups[j], picks) for j, picks, _ in plan["exports"]]
-            dests = [dest for _, _, dest in plan["exports"]]
-            totals = [part(pyramid[t][g], key) for t, g, key, _ in plan["totals"]]
-            tdest = [dest for _, _, _, dest in plan["totals"]]
-            q_totals = [part(pyramid[int(np.log2(lv.box_size // chunk))][first // lv.box_size], "q")
-                        for lv in tree.levels if query_coarsening and lv.box_size > chunk]
-            meta = {"n": n, "block_size": m, "rank": tree.rank, "causal": causal, "first": first, "chunk": chunk,
-                    "scale": inputs.scale, "count_scaling": count_scaling, "query_coarsening": query_coarsening,
-                    "learned": _learned_row_biases(learned, tree, plan) if learned is not None else None,
-                    "boxes": plan["boxes"], "box_base": plan["box_base"], "n_rows": plan["n_rows"]}
-            res = attend(ci, left, right, exports, dests, totals, tdest, q_totals, meta)
+            src = sorted(sources[i])
+            meta = {"n": inputs.n, "block_size": m, "rank": tree.rank, "causal": causal, "first": int(starts[i]),
+                    "chunk": chunk, "scale": inputs.scale, "count_scaling": count_scaling,
+                    "query_coarsening": query_coarsening, "learned": biases, "index": i}
+            res = attend(ci, ups[i], src, [near[j] if abs(j - i) == 1 else far[j] for j in src], node_keys[i],
+                         [pyramid[t][g] for t, g in node_keys[i]], meta)
             outs[lead].append(_delayed(operator.getitem)(res, 0))
             lses[lead].append(_delayed(operator.getitem)(res, 1))
     out = inputs.assemble(outs, (inputs.dv,))
     return (out, inputs.assemble(lses, ())) if return_lse else out
 
 
-def _learned_row_biases(learned, tree, plan):
-    """Per row of a chunk's local coarse buffer: the learned key/value bias and the level's rank."""
-    rows = max(1, plan["n_rows"])
-    kb = np.zeros((rows, learned.key_weights[0].shape[0] // tree.levels[0].rank))
-    vb = np.zeros((rows, learned.value_weights[0].shape[0] // tree.levels[0].rank))
-    rank = np.ones(rows)
-    for i, (lv, listed, base) in enumerate(zip(tree.levels, plan["boxes"], plan["box_base"])):
-        r = lv.rank
-        dest = base + np.arange(listed.size * r)
-        # bias[e*r + t] is slot t's channel e
-        kb[dest] = np.tile(learned.key_bias[i].reshape(-1, r).T, (listed.size, 1))
-        vb[dest] = np.tile(learned.value_bias[i].reshape(-1, r).T, (listed.size, 1))
-        rank[dest] = r
-    return kb, vb, rank
+def _shared_tuple(lists):
+    """Nested sequences of arrays as one graph key (the learned biases, read by every chunk)."""
+    import dask
 
-
-def _halo(chunk, size):
-    """The first (``size > 0``) or last (``size < 0``) ``|size|`` tokens of a chunk's ``(k, v, valid)``."""
-    sl = slice(None, size) if size > 0 else slice(size, None)
-    return tuple(None if x is None else np.ascontiguousarray(x[:, sl]) for x in chunk[1:])
-
-
-def _chunk_sources(tree, first, length, chunk, n_chunks, learned):
-    """Where chunk ``[first, first + length)`` gets each coarse row it lists (client-side metadata).
-
-    Returns ``boxes``/``box_base`` (the local coarse buffer's layout: level ``l``'s ``i``-th
-    listed box at rows ``box_base[l] + i * r_l ...``), ``n_rows``, and the row sources:
-    ``exports`` ``[(chunk j, [(key, local rows)], [dest rows])]`` from the chunks' upward
-    passes, ``totals`` ``[(pyramid depth, index, key, dest rows)]`` from the tree reduction,
-    and ``depth``, the deepest pyramid level used. Mean coarsening's rows are sub-boxes
-    (key: the sub-box size); learned coarsening's are (box, slot) pairs (key ``("L", level)``).
-    """
-    boxes = _chunks.listed_boxes(tree, first, length)
-    box_base, offset = [], 0
-    by_chunk = {}
-    totals = []
-    deepest = 0
-
-    def send(j, key, local, dest):
-        by_chunk.setdefault(int(j), ([], []))
-        by_chunk[int(j)][0].append((key, local))
-        by_chunk[int(j)][1].append(dest)
-
-    for li, (level, listed) in enumerate(zip(tree.levels, boxes)):
-        box_base.append(offset)
-        r, s, w = level.rank, level.sub_box_size, level.box_size
-        if listed.size == 0:
-            continue
-        rows = (listed[:, None] * r + np.arange(r)[None, :]).ravel()  # global (box, slot) = sub-box rows
-        dest = offset + np.arange(rows.size)
-        offset += rows.size
-        if learned and w <= chunk:
-            src = rows // r * w // chunk
-            for j in np.unique(src):
-                sel = src == j
-                send(j, ("L", li), rows[sel] - j * (chunk // w) * r, dest[sel])
-        elif learned:
-            t = int(np.log2(w // chunk))
-            deepest = max(deepest, t)
-            for b, dr in zip(listed, dest.reshape(-1, r)):
-                totals.append((t, int(b), ("L", li), dr))
-        elif s <= chunk:
-            src = rows * s // chunk
-            for j in np.unique(src):
-                # rows past the last real token stay masked (zero count): nobody sends them
-                held = -(-(min(chunk, tree.n - int(j) * chunk)) // s) if j < n_chunks else 0
-                local = rows - j * (chunk // s)
-                sel = (src == j) & (local < held)
-                if sel.any():
-                    send(j, s, local[sel], dest[sel])
-        else:
-            t = int(np.log2(s // chunk))
-            deepest = max(deepest, t)
-            for g, dr in zip(rows, dest):
-                if g * (s // chunk) < n_chunks:
-                    totals.append((t, int(g), "mean", int(dr)))
-    exports = [(j, picks, dests) for j, (picks, dests) in sorted(by_chunk.items())]
-    return {"boxes": boxes, "box_base": box_base, "n_rows": offset, "exports": exports, "totals": totals,
-            "depth": deepest}
+    return dask.delayed(tuple(tuple(np.ascontiguousarray(a) for a in x) for x in lists), pure=True)
 
 
 __all__ = ["check_fma_chunks", "exact_attention", "fastformer_attention", "fmm_attention", "nearest_valid_chunk"]
