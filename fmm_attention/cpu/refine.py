@@ -18,6 +18,7 @@ from numba import prange
 
 from ..tree import COARSE, TOKEN
 from ._jit import jit
+from ._softmax import exp_columns, softmax_columns
 from ._tiles import gemm_tiles, panel_width
 
 
@@ -60,34 +61,38 @@ def refine_plans(
     panel = panel_width(q)
     width = -(-block_size // panel) * panel  # scoring queries per block, padded
     max_plan = 1
+    max_segments = 2  # candidates scored together: a block's base boxes, or a split's two children
     for blk in range(n_blocks):
         total = 0
         for s in range(ptr[blk], ptr[blk + 1]):
             total += segments[s, 2]
         max_plan = max(max_plan, total)
+        max_segments = max(max_segments, ptr[blk + 1] - ptr[blk])
     max_rank = 1
     for level in range(n_levels):
         max_rank = max(max_rank, level_rank[level])
     max_rows = max(2 * max_rank, level_box[0]) + max_rank  # rows of one candidate: children and the box
+    max_batch = max_segments * max_rows
     for chunk in prange(n_chunks):
         queries_t = np.zeros((d, width), dtype=q.dtype)
-        q_pos = np.zeros(width, dtype=np.int64)
-        q_live = np.zeros(width, dtype=np.bool_)
-        keys = np.empty((max_plan, d), dtype=q.dtype)
-        vals = np.empty((max_plan, dv), dtype=q.dtype)
+        keys = np.empty(max_plan * d, dtype=q.dtype)  # row-major (key, feature)
+        vals = np.empty(max_plan * dv, dtype=q.dtype)
         bias = np.empty(max_plan, dtype=q.dtype)
         pos = np.empty(max_plan, dtype=np.int64)
         scores = np.empty((max_plan, width), dtype=q.dtype)
         row_max = np.empty(width, dtype=q.dtype)
         row_sum = np.empty(width, dtype=q.dtype)
+        shift = np.empty(width, dtype=q.dtype)
         out_t = np.empty((dv, width), dtype=q.dtype)
-        c_keys = np.empty((max_rows, d), dtype=q.dtype)
-        c_vals = np.empty((max_rows, dv), dtype=q.dtype)
-        c_bias = np.empty(max_rows, dtype=q.dtype)
-        c_sign = np.empty(max_rows, dtype=q.dtype)
-        c_scores = np.empty((max_rows, width), dtype=q.dtype)
+        c_keys = np.empty(max_batch * d, dtype=q.dtype)
+        c_vals = np.empty(max_batch * dv, dtype=q.dtype)
+        c_bias = np.empty(max_batch, dtype=q.dtype)
+        c_sign = np.empty(max_batch, dtype=q.dtype)
+        c_scores = np.empty((max_batch, width), dtype=q.dtype)
+        c_start = np.empty(max_segments + 1, dtype=np.int64)
         num_t = np.empty((dv, width), dtype=q.dtype)
         den = np.empty(width, dtype=q.dtype)
+        change = np.empty(width, dtype=q.dtype)
         cand = np.zeros((capacity, 4), dtype=np.int64)
         alive = np.zeros(capacity, dtype=np.bool_)
         blocked = np.zeros(capacity, dtype=np.bool_)
@@ -100,57 +105,34 @@ def refine_plans(
             s0 = max(0, i0 - block_size + 1) if causal else i0
             s1 = i0 + 1 if causal else i1
             rows = s1 - s0
+            # a masked query scores nothing: its column is zero here and dropped below
             for i in range(width):
-                q_pos[i] = s0 + i
-                q_live[i] = False
+                live = i < rows and token_bias[b, s0 + i] > -np.inf
                 for e in range(d):
-                    queries_t[e, i] = 0
-                if i < rows:
-                    q_live[i] = token_bias[b, s0 + i] > -np.inf  # a masked query scores nothing
-                    for e in range(d):
-                        queries_t[e, i] = q[b, s0 + i, e] * scale
+                    queries_t[e, i] = q[b, s0 + i, e] * scale if live else 0
             # ---- base plan: gathered keys, scored once for max, normaliser and output
             lo = ptr[blk]
             hi = ptr[blk + 1]
             n_plan = 0
             for s in range(lo, hi):
                 start = segments[s, 1]
+                coarse = segments[s, 0] != TOKEN
                 for t in range(segments[s, 2]):
                     row = start + t
-                    if segments[s, 0] == TOKEN:
-                        keys[n_plan] = k[b, row]
-                        vals[n_plan] = v[b, row]
-                        bias[n_plan] = token_bias[b, row]
-                        pos[n_plan] = row
-                    else:
-                        keys[n_plan] = kc[b, row]
-                        vals[n_plan] = vc[b, row]
-                        bias[n_plan] = cbias[b, row]
-                        pos[n_plan] = -1
-                    if bias[n_plan] == -np.inf:  # masked rows may hold anything: 0 * nan is nan
-                        keys[n_plan] = 0
-                        vals[n_plan] = 0
+                    bias[n_plan] = cbias[b, row] if coarse else token_bias[b, row]
+                    pos[n_plan] = -1 if coarse else row
+                    live = bias[n_plan] > -np.inf  # masked rows may hold anything: 0 * nan is nan
+                    for e in range(d):
+                        keys[n_plan * d + e] = (kc[b, row, e] if coarse else k[b, row, e]) if live else 0
+                    for e in range(dv):
+                        vals[n_plan * dv + e] = (vc[b, row, e] if coarse else v[b, row, e]) if live else 0
                     n_plan += 1
             gemm_tiles(n_plan, width, d, keys, 0, d, 1, queries_t, 0, width, scores, 0, width, False)
-            for i in range(width):
-                row_max[i] = -np.inf
-                row_sum[i] = 0
-            for c in range(n_plan):
-                for i in range(rows):
-                    if q_live[i] and bias[c] > -np.inf and not (causal and pos[c] > q_pos[i]):
-                        scores[c, i] += bias[c]
-                        row_max[i] = max(row_max[i], scores[c, i])
-                    else:
-                        scores[c, i] = -np.inf
-            for c in range(n_plan):
-                for i in range(width):
-                    if i < rows and row_max[i] > -np.inf:
-                        w = np.exp(scores[c, i] - row_max[i])
-                        scores[c, i] = w
-                        row_sum[i] += w
-                    else:
-                        scores[c, i] = 0
+            softmax_columns(scores, n_plan, bias, pos, s0, causal, q.dtype.type(-np.inf), row_max, shift, row_sum)
             gemm_tiles(dv, width, n_plan, vals, 0, 1, dv, scores, 0, width, out_t, 0, width, False)
+            for i in range(width):
+                if i >= rows or token_bias[b, s0 + i] == -np.inf:
+                    row_sum[i] = 0  # padding or a masked query: no output to change
             for i in range(rows):
                 if row_sum[i] > 0:
                     inv = 1 / row_sum[i]
@@ -171,15 +153,15 @@ def refine_plans(
                     while level + 1 < n_levels and level_offset[level + 1] <= segments[s, 1]:
                         level += 1
                     cand[nc, 3] = level + 1
-                    mass[nc] = _split_benefit(
-                        queries_t, rows, row_max, row_sum, out_t, k, v, token_bias, kc, vc, cbias, is_global, b,
-                        level, segments[s, 1], segments[s, 2], level_offset, level_rank, level_box,
-                        c_keys, c_vals, c_bias, c_sign, c_scores, num_t, den,
-                    )
                 alive[nc] = True
                 blocked[nc] = False
                 nc += 1
             n_base = nc
+            _split_benefits(
+                0, nc, cand, mass, queries_t, rows, shift, row_sum, out_t, k, v, token_bias, kc, vc, cbias,
+                is_global, b, level_offset, level_rank, level_box, c_keys, c_vals, c_bias, c_sign, c_scores, c_start,
+                num_t, den, change,
+            )
             spent = 0
             while True:
                 best = -1
@@ -240,6 +222,7 @@ def refine_plans(
                         nc += 1
                         t = run
                 else:
+                    first_child = nc
                     for child in (2 * box, 2 * box + 1):
                         if child * level_box[level - 1] >= n:
                             continue
@@ -250,14 +233,14 @@ def refine_plans(
                         cand[nc, 1] = start
                         cand[nc, 2] = level_rank[level - 1]
                         cand[nc, 3] = level
-                        mass[nc] = _split_benefit(
-                            queries_t, rows, row_max, row_sum, out_t, k, v, token_bias, kc, vc, cbias, is_global,
-                            b, level - 1, start, level_rank[level - 1], level_offset, level_rank, level_box,
-                            c_keys, c_vals, c_bias, c_sign, c_scores, num_t, den,
-                        )
                         alive[nc] = True
                         blocked[nc] = False
                         nc += 1
+                    _split_benefits(
+                        first_child, nc, cand, mass, queries_t, rows, shift, row_sum, out_t, k, v, token_bias, kc, vc,
+                        cbias, is_global, b, level_offset, level_rank, level_box, c_keys, c_vals, c_bias, c_sign,
+                        c_scores, c_start, num_t, den, change,
+                    )
             out_lo = blk * capacity
             count = 0
             for c in range(nc):
@@ -282,12 +265,17 @@ def _live_rows(cbias, b, start, count):
 
 @jit()
 def _gather_rows(keys, vals, bias, b, start, count, skip, sign, c_keys, c_vals, c_bias, c_sign, nr):
-    """Append the live rows ``start:start+count`` (bias > -inf, not ``skip``) to the candidate buffers."""
+    """Append the live rows ``start:start+count`` (bias > -inf, not ``skip``) to the candidate
+    buffers (``c_keys``, ``c_vals`` flat, row-major); returns the new row count."""
+    d = keys.shape[2]
+    dv = vals.shape[2]
     for t in range(start, start + count):
         if bias[b, t] == -np.inf or (skip.size > 1 and skip[t]):
             continue
-        c_keys[nr] = keys[b, t]
-        c_vals[nr] = vals[b, t]
+        for e in range(d):
+            c_keys[nr * d + e] = keys[b, t, e]
+        for e in range(dv):
+            c_vals[nr * dv + e] = vals[b, t, e]
         c_bias[nr] = bias[b, t]
         c_sign[nr] = sign
         nr += 1
@@ -295,52 +283,80 @@ def _gather_rows(keys, vals, bias, b, start, count, skip, sign, c_keys, c_vals, 
 
 
 @jit()
-def _split_benefit(queries_t, rows, row_max, row_sum, out_t, k, v, token_bias, kc, vc, cbias, is_global, b,
-                   level, start, count, level_offset, level_rank, level_box,
-                   c_keys, c_vals, c_bias, c_sign, c_scores, num_t, den):
-    """First-order change of the block's outputs if far box ``(level, start)`` were split.
+def _split_benefits(first, last, cand, mass, queries_t, rows, shift, row_sum, out_t, k, v, token_bias, kc, vc, cbias,
+                    is_global, b, level_offset, level_rank, level_box, c_keys, c_vals, c_bias, c_sign, c_scores,
+                    c_start, num_t, den, change):
+    """``mass[c]``: the first-order change of the block's outputs if far box ``cand[c]`` were
+    split, for the candidates ``first <= c < last`` together (token runs get 0).
 
-    The box's own rows (sign -1) and its children's (+1) are gathered, scored against the
-    scoring queries and applied to their values on the micro-kernel; ``out_t`` holds the
-    base outputs ``o_i`` transposed. The ``c_*``, ``num_t`` and ``den`` are work buffers.
+    Each box's own rows (sign -1) and its children's (+1) are gathered one candidate after
+    the other, scored against the scoring queries in one product and exponentiated in one
+    vectorised pass (shifted by the base plan's maxima ``shift``); then each candidate's
+    rows are applied to their values on the micro-kernel. ``out_t`` holds the base outputs
+    ``o_i`` transposed, ``row_sum`` the normalisers ``Z_i`` (0: a query that does not
+    count). The ``c_*``, ``num_t``, ``den`` and ``change`` are work buffers.
     """
     width = queries_t.shape[1]
     d = queries_t.shape[0]
+    dv = out_t.shape[0]
+    n = k.shape[1]
     no_skip = is_global[:1]  # size 1: skip nothing
-    nr = _gather_rows(kc, vc, cbias, b, start, count, no_skip, -1.0, c_keys, c_vals, c_bias, c_sign, 0)
-    box = (start - level_offset[level]) // level_rank[level]
-    if level == 0:
-        first = box * level_box[0]
-        last = min(k.shape[1], first + level_box[0])
-        nr = _gather_rows(k, v, token_bias, b, first, last - first, is_global, 1.0, c_keys, c_vals, c_bias, c_sign,
-                          nr)
-    else:
-        child_rank = level_rank[level - 1]
-        for child in (2 * box, 2 * box + 1):
-            if child * level_box[level - 1] < k.shape[1]:
-                child_start = level_offset[level - 1] + child * child_rank
-                nr = _gather_rows(kc, vc, cbias, b, child_start, child_rank, no_skip, 1.0, c_keys, c_vals, c_bias,
-                                  c_sign, nr)
-    if nr == 0:
-        return 0.0
-    gemm_tiles(nr, width, d, c_keys, 0, d, 1, queries_t, 0, width, c_scores, 0, width, False)
-    for i in range(width):
-        den[i] = 0
-    for t in range(nr):
+    nr = 0
+    for c in range(first, last):
+        c_start[c - first] = nr
+        if cand[c, 3] == 0:  # a token run: nothing to split
+            continue
+        level = cand[c, 3] - 1
+        start = cand[c, 1]
+        nr = _gather_rows(kc, vc, cbias, b, start, cand[c, 2], no_skip, -1.0, c_keys, c_vals, c_bias, c_sign, nr)
+        box = (start - level_offset[level]) // level_rank[level]
+        if level == 0:
+            first_token = box * level_box[0]
+            last_token = min(n, first_token + level_box[0])
+            nr = _gather_rows(k, v, token_bias, b, first_token, last_token - first_token, is_global, 1.0, c_keys,
+                              c_vals, c_bias, c_sign, nr)
+        else:
+            child_rank = level_rank[level - 1]
+            for child in (2 * box, 2 * box + 1):
+                if child * level_box[level - 1] < n:
+                    child_start = level_offset[level - 1] + child * child_rank
+                    nr = _gather_rows(kc, vc, cbias, b, child_start, child_rank, no_skip, 1.0, c_keys, c_vals,
+                                      c_bias, c_sign, nr)
+    c_start[last - first] = nr
+    if nr > 0:
+        gemm_tiles(nr, width, d, c_keys, 0, d, 1, queries_t, 0, width, c_scores, 0, width, False)
+        # exp(score + bias - max): a child may outscore the base plan's maximum, so the
+        # exponent is capped where the vectorised exponential would overflow its bits
+        cap = c_scores.dtype.type(80.0 if c_scores.itemsize == 4 else 700.0)
+        for t in range(nr):
+            key_bias = c_bias[t]
+            for i in range(width):
+                x = c_scores[t, i] + key_bias
+                c_scores[t, i] = x if x - shift[i] < cap else shift[i] + cap
+        exp_columns(c_scores, nr, shift, den)  # den: scratch
+        for t in range(nr):
+            sign = c_sign[t]
+            for i in range(width):
+                c_scores[t, i] *= sign
+    for c in range(first, last):
+        r0 = c_start[c - first]
+        r1 = c_start[c - first + 1]
+        mass[c] = 0
+        if r1 == r0:
+            continue
+        gemm_tiles(dv, width, r1 - r0, c_vals, r0 * dv, 1, dv, c_scores, r0 * width, width, num_t, 0, width, False)
         for i in range(width):
-            if i < rows and row_max[i] > -np.inf:
-                w = c_sign[t] * np.exp(c_scores[t, i] + c_bias[t] - row_max[i])
-                c_scores[t, i] = w
-                den[i] += w
-            else:
-                c_scores[t, i] = 0
-    gemm_tiles(num_t.shape[0], width, nr, c_vals, 0, 1, c_vals.shape[1], c_scores, 0, width, num_t, 0, width, False)
-    total = 0.0
-    for i in range(rows):
-        if row_sum[i] > 0:
-            change = 0.0
-            for e in range(num_t.shape[0]):
+            den[i] = 0
+            change[i] = 0
+        for t in range(r0, r1):
+            for i in range(width):
+                den[i] += c_scores[t, i]
+        for e in range(dv):
+            for i in range(width):
                 diff = num_t[e, i] - out_t[e, i] * den[i]
-                change += diff * diff
-            total += np.sqrt(change) / row_sum[i]
-    return total
+                change[i] += diff * diff
+        total = 0.0
+        for i in range(rows):
+            if row_sum[i] > 0:
+                total += np.sqrt(change[i]) / row_sum[i]
+        mass[c] = total
