@@ -73,6 +73,11 @@ def refine_plans(
         max_rank = max(max_rank, level_rank[level])
     max_rows = max(2 * max_rank, level_box[0]) + max_rank  # rows of one candidate: children and the box
     max_batch = max_segments * max_rows
+    # flat views: each row copy below is one contiguous, vectorised loop
+    k_flat = k.reshape(k.size)
+    v_flat = v.reshape(v.size)
+    kc_flat = kc.reshape(kc.size)
+    vc_flat = vc.reshape(vc.size)
     for chunk in prange(n_chunks):
         queries_t = np.zeros((d, width), dtype=q.dtype)
         keys = np.empty(max_plan * d, dtype=q.dtype)  # row-major (key, feature)
@@ -116,17 +121,16 @@ def refine_plans(
             n_plan = 0
             for s in range(lo, hi):
                 start = segments[s, 1]
-                coarse = segments[s, 0] != TOKEN
-                for t in range(segments[s, 2]):
-                    row = start + t
-                    bias[n_plan] = cbias[b, row] if coarse else token_bias[b, row]
-                    pos[n_plan] = -1 if coarse else row
-                    live = bias[n_plan] > -np.inf  # masked rows may hold anything: 0 * nan is nan
-                    for e in range(d):
-                        keys[n_plan * d + e] = (kc[b, row, e] if coarse else k[b, row, e]) if live else 0
-                    for e in range(dv):
-                        vals[n_plan * dv + e] = (vc[b, row, e] if coarse else v[b, row, e]) if live else 0
-                    n_plan += 1
+                count = segments[s, 2]
+                if segments[s, 0] == TOKEN:
+                    _copy_rows(k_flat, v_flat, token_bias, b, start, count, d, dv, n_plan, keys, vals, bias)
+                    for t in range(count):
+                        pos[n_plan + t] = start + t
+                else:
+                    _copy_rows(kc_flat, vc_flat, cbias, b, start, count, d, dv, n_plan, keys, vals, bias)
+                    for t in range(count):
+                        pos[n_plan + t] = -1
+                n_plan += count
             gemm_tiles(n_plan, width, d, keys, 0, d, 1, queries_t, 0, width, scores, 0, width, False)
             softmax_columns(scores, n_plan, bias, pos, s0, causal, q.dtype.type(-np.inf), row_max, shift, row_sum)
             gemm_tiles(dv, width, n_plan, vals, 0, 1, dv, scores, 0, width, out_t, 0, width, False)
@@ -157,12 +161,16 @@ def refine_plans(
                 blocked[nc] = False
                 nc += 1
             n_base = nc
-            _split_benefits(
-                0, nc, cand, mass, queries_t, rows, shift, row_sum, out_t, k, v, token_bias, kc, vc, cbias,
-                is_global, b, level_offset, level_rank, level_box, c_keys, c_vals, c_bias, c_sign, c_scores, c_start,
-                num_t, den, change,
-            )
             spent = 0
+            # a split that does not fit now never will (spent and nc only grow): such a box
+            # is blocked at once and its benefit, which could not change the plan, is not scored
+            _block_unaffordable(0, nc, cand, blocked, budget - spent, room - (nc - n_base), b, cbias, token_bias,
+                                is_global, level_offset, level_rank, level_box)
+            _split_benefits(
+                0, nc, cand, blocked, mass, queries_t, rows, shift, row_sum, out_t, k_flat, v_flat, token_bias,
+                kc_flat, vc_flat, cbias, is_global, b, level_offset, level_rank, level_box, c_keys, c_vals, c_bias,
+                c_sign, c_scores, c_start, num_t, den, change,
+            )
             while True:
                 best = -1
                 for c in range(nc):
@@ -170,35 +178,14 @@ def refine_plans(
                         best = c
                 if best < 0:
                     break
+                cost, added = _split_cost(cand, best, b, cbias, token_bias, is_global, level_offset, level_rank,
+                                          level_box)
+                if added < 0 or spent + cost > budget or nc - n_base + added > room:
+                    blocked[best] = True
+                    continue
                 level = cand[best, 3] - 1
                 box = (cand[best, 1] - level_offset[level]) // level_rank[level]
                 box_width = level_box[level]
-                if level_rank[level] >= box_width:  # already exact: one coarse key per token
-                    blocked[best] = True
-                    continue
-                cost = -_live_rows(cbias, b, cand[best, 1], cand[best, 2])
-                added = 0  # segments the split emits
-                if level == 0:
-                    first = box * box_width
-                    previous_live = False
-                    for t in range(first, min(n, first + box_width)):
-                        live = not is_global[t] and token_bias[b, t] > -np.inf
-                        if live:
-                            cost += 1
-                            if not previous_live:
-                                added += 1
-                        previous_live = live
-                else:
-                    for child in (2 * box, 2 * box + 1):
-                        if child * level_box[level - 1] < n:
-                            start = level_offset[level - 1] + child * level_rank[level - 1]
-                            live = _live_rows(cbias, b, start, level_rank[level - 1])
-                            cost += live
-                            if live > 0:
-                                added += 1
-                if spent + cost > budget or nc - n_base + added > room:
-                    blocked[best] = True
-                    continue
                 spent += cost
                 alive[best] = False
                 if level == 0:  # the box's valid tokens, as runs between global and masked tokens
@@ -236,10 +223,12 @@ def refine_plans(
                         alive[nc] = True
                         blocked[nc] = False
                         nc += 1
+                    _block_unaffordable(first_child, nc, cand, blocked, budget - spent, room - (nc - n_base), b,
+                                        cbias, token_bias, is_global, level_offset, level_rank, level_box)
                     _split_benefits(
-                        first_child, nc, cand, mass, queries_t, rows, shift, row_sum, out_t, k, v, token_bias, kc, vc,
-                        cbias, is_global, b, level_offset, level_rank, level_box, c_keys, c_vals, c_bias, c_sign,
-                        c_scores, c_start, num_t, den, change,
+                        first_child, nc, cand, blocked, mass, queries_t, rows, shift, row_sum, out_t, k_flat, v_flat,
+                        token_bias, kc_flat, vc_flat, cbias, is_global, b, level_offset, level_rank, level_box, c_keys,
+                        c_vals, c_bias, c_sign, c_scores, c_start, num_t, den, change,
                     )
             out_lo = blk * capacity
             count = 0
@@ -254,6 +243,52 @@ def refine_plans(
 
 
 @jit()
+def _split_cost(cand, c, b, cbias, token_bias, is_global, level_offset, level_rank, level_box):
+    """``(cost, added)`` of splitting coarse candidate ``c``: the live keys it adds minus those
+    it removes, and the segments it emits; ``added = -1`` for a box that is exact already
+    (one coarse key per token)."""
+    n = token_bias.shape[1]
+    level = cand[c, 3] - 1
+    box = (cand[c, 1] - level_offset[level]) // level_rank[level]
+    box_width = level_box[level]
+    if level_rank[level] >= box_width:
+        return 0, -1
+    cost = -_live_rows(cbias, b, cand[c, 1], cand[c, 2])
+    added = 0
+    if level == 0:
+        first = box * box_width
+        previous_live = False
+        for t in range(first, min(n, first + box_width)):
+            live = not is_global[t] and token_bias[b, t] > -np.inf
+            if live:
+                cost += 1
+                if not previous_live:
+                    added += 1
+            previous_live = live
+    else:
+        for child in (2 * box, 2 * box + 1):
+            if child * level_box[level - 1] < n:
+                start = level_offset[level - 1] + child * level_rank[level - 1]
+                live = _live_rows(cbias, b, start, level_rank[level - 1])
+                cost += live
+                if live > 0:
+                    added += 1
+    return cost, added
+
+
+@jit()
+def _block_unaffordable(first, last, cand, blocked, budget_left, room_left, b, cbias, token_bias, is_global,
+                        level_offset, level_rank, level_box):
+    """Block the coarse candidates ``first <= c < last`` whose split does not fit in
+    ``budget_left`` keys and ``room_left`` segments, or that are exact already."""
+    for c in range(first, last):
+        if cand[c, 3] > 0:
+            cost, added = _split_cost(cand, c, b, cbias, token_bias, is_global, level_offset, level_rank, level_box)
+            if added < 0 or cost > budget_left or added > room_left:
+                blocked[c] = True
+
+
+@jit()
 def _live_rows(cbias, b, start, count):
     """Coarse rows ``start:start+count`` of entry ``b`` that hold a valid token (bias > -inf)."""
     live = 0
@@ -264,18 +299,50 @@ def _live_rows(cbias, b, start, count):
 
 
 @jit()
-def _gather_rows(keys, vals, bias, b, start, count, skip, sign, c_keys, c_vals, c_bias, c_sign, nr):
-    """Append the live rows ``start:start+count`` (bias > -inf, not ``skip``) to the candidate
-    buffers (``c_keys``, ``c_vals`` flat, row-major); returns the new row count."""
-    d = keys.shape[2]
-    dv = vals.shape[2]
+def _copy_rows(keys, vals, bias, b, start, count, d, dv, dst, out_keys, out_vals, out_bias):
+    """Copy rows ``start:start+count`` of entry ``b`` (``keys``, ``vals`` flat views of
+    ``(B, rows, d)`` arrays, ``bias`` (B, rows)) to rows ``dst:dst+count`` of the flat
+    buffers; a row with bias ``-inf`` (masked: it may hold anything, and 0 * nan is nan)
+    becomes zeros."""
+    n_rows = bias.shape[1]
+    live = 0
+    for t in range(count):
+        out_bias[dst + t] = bias[b, start + t]
+        if out_bias[dst + t] > -np.inf:
+            live += 1
+    if live == count:  # the common case: one contiguous copy of all the rows
+        src = (b * n_rows + start) * d
+        for x in range(count * d):
+            out_keys[dst * d + x] = keys[src + x]
+        src = (b * n_rows + start) * dv
+        for x in range(count * dv):
+            out_vals[dst * dv + x] = vals[src + x]
+        return
+    for t in range(count):
+        masked = out_bias[dst + t] == -np.inf
+        src = (b * n_rows + start + t) * d
+        for e in range(d):
+            out_keys[(dst + t) * d + e] = 0 if masked else keys[src + e]
+        src = (b * n_rows + start + t) * dv
+        for e in range(dv):
+            out_vals[(dst + t) * dv + e] = 0 if masked else vals[src + e]
+
+
+@jit()
+def _gather_rows(keys, vals, bias, b, start, count, d, dv, skip, sign, c_keys, c_vals, c_bias, c_sign, nr):
+    """Append the live rows ``start:start+count`` (bias > -inf, not ``skip``) of entry ``b``
+    (``keys``, ``vals`` flat views of ``(B, rows, d)`` arrays) to the candidate buffers;
+    returns the new row count."""
+    n_rows = bias.shape[1]
     for t in range(start, start + count):
         if bias[b, t] == -np.inf or (skip.size > 1 and skip[t]):
             continue
+        src = (b * n_rows + t) * d
         for e in range(d):
-            c_keys[nr * d + e] = keys[b, t, e]
+            c_keys[nr * d + e] = keys[src + e]
+        src = (b * n_rows + t) * dv
         for e in range(dv):
-            c_vals[nr * dv + e] = vals[b, t, e]
+            c_vals[nr * dv + e] = vals[src + e]
         c_bias[nr] = bias[b, t]
         c_sign[nr] = sign
         nr += 1
@@ -283,11 +350,12 @@ def _gather_rows(keys, vals, bias, b, start, count, skip, sign, c_keys, c_vals, 
 
 
 @jit()
-def _split_benefits(first, last, cand, mass, queries_t, rows, shift, row_sum, out_t, k, v, token_bias, kc, vc, cbias,
-                    is_global, b, level_offset, level_rank, level_box, c_keys, c_vals, c_bias, c_sign, c_scores,
+def _split_benefits(first, last, cand, blocked, mass, queries_t, rows, shift, row_sum, out_t, k, v, token_bias, kc, vc,
+                    cbias, is_global, b, level_offset, level_rank, level_box, c_keys, c_vals, c_bias, c_sign, c_scores,
                     c_start, num_t, den, change):
     """``mass[c]``: the first-order change of the block's outputs if far box ``cand[c]`` were
-    split, for the candidates ``first <= c < last`` together (token runs get 0).
+    split, for the candidates ``first <= c < last`` together (token runs and ``blocked``
+    candidates get 0).
 
     Each box's own rows (sign -1) and its children's (+1) are gathered one candidate after
     the other, scored against the scoring queries in one product and exponentiated in one
@@ -299,28 +367,29 @@ def _split_benefits(first, last, cand, mass, queries_t, rows, shift, row_sum, ou
     width = queries_t.shape[1]
     d = queries_t.shape[0]
     dv = out_t.shape[0]
-    n = k.shape[1]
+    n = token_bias.shape[1]  # k, v, kc, vc: flat views
     no_skip = is_global[:1]  # size 1: skip nothing
     nr = 0
     for c in range(first, last):
         c_start[c - first] = nr
-        if cand[c, 3] == 0:  # a token run: nothing to split
+        if cand[c, 3] == 0 or blocked[c]:  # a token run, or a split that cannot happen
             continue
         level = cand[c, 3] - 1
         start = cand[c, 1]
-        nr = _gather_rows(kc, vc, cbias, b, start, cand[c, 2], no_skip, -1.0, c_keys, c_vals, c_bias, c_sign, nr)
+        nr = _gather_rows(kc, vc, cbias, b, start, cand[c, 2], d, dv, no_skip, -1.0, c_keys, c_vals, c_bias, c_sign,
+                          nr)
         box = (start - level_offset[level]) // level_rank[level]
         if level == 0:
             first_token = box * level_box[0]
             last_token = min(n, first_token + level_box[0])
-            nr = _gather_rows(k, v, token_bias, b, first_token, last_token - first_token, is_global, 1.0, c_keys,
-                              c_vals, c_bias, c_sign, nr)
+            nr = _gather_rows(k, v, token_bias, b, first_token, last_token - first_token, d, dv, is_global, 1.0,
+                              c_keys, c_vals, c_bias, c_sign, nr)
         else:
             child_rank = level_rank[level - 1]
             for child in (2 * box, 2 * box + 1):
                 if child * level_box[level - 1] < n:
                     child_start = level_offset[level - 1] + child * child_rank
-                    nr = _gather_rows(kc, vc, cbias, b, child_start, child_rank, no_skip, 1.0, c_keys, c_vals,
+                    nr = _gather_rows(kc, vc, cbias, b, child_start, child_rank, d, dv, no_skip, 1.0, c_keys, c_vals,
                                       c_bias, c_sign, nr)
     c_start[last - first] = nr
     if nr > 0:
