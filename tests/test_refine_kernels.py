@@ -42,6 +42,9 @@ def plans(kernel, q, k, v, *, block_size, rank, budget, coarsening="mean", globa
     dict(block_size=4, rank=1, budget=24),
     dict(block_size=4, rank=2, budget=40, coarsening="cluster", globals_=(0, 37)),
     dict(block_size=8, rank=2, budget=32, masked=True),
+    # small budgets: most splits cannot fit and their boxes are blocked before being scored
+    dict(block_size=8, rank=2, budget=7, masked=True),
+    dict(block_size=4, rank=1, budget=3, globals_=(0, 37)),
 ])
 def test_block_path_kernel_chooses_the_scalar_kernels_plans(case):
     # where the algorithm is unchanged (bidirectional scoring, a room that never binds), the

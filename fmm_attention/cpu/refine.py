@@ -7,10 +7,15 @@ deterministically.
 
 Scoring runs on the block path, like :func:`fmm_attention.cpu.blocks.block_attention`:
 the scoring queries are laid out once per block, transposed and padded to the
-micro-kernel's panel width (:mod:`._tiles`); the base plan's keys and each candidate's
-rows (the box's own coarse rows and its children's) are gathered into small buffers and
-scored with :func:`gemm_tiles`, their values applied with it too, all in the input dtype
-(float32 stays float32). Work buffers are allocated once per chunk of blocks.
+micro-kernel's panel width (:mod:`._tiles`); the base plan's keys are copied (one
+contiguous loop per segment) and scored with :func:`gemm_tiles` and the block kernel's
+vectorised softmax. The candidates are scored together: all their rows (each box's own
+coarse rows and its children's) in one buffer, one product, one vectorised exponential
+pass, then one small product per candidate for its values; the candidates a split
+creates are scored together the same way. A box whose split cannot fit in the budget
+or the segment room left is never scored (it could not be split later either, as the
+keys spent and the segments added only grow), so small budgets cost little. All in the
+input dtype (float32 stays float32); work buffers are allocated once per chunk of blocks.
 """
 
 import numpy as np
