@@ -6,7 +6,9 @@ script measures them on the held-out file ``minilm_MPL-2_0.npz`` (float32, the d
 dtype), bidirectional or causal, with times relative to ``exact_attention`` in the same
 process (interleaved rounds, best of 3). Then it times them on random inputs (d = 64,
 float32, one head) at larger n.
-Run from the repository root: ``python docs/make_preset_table.py [b|c|scale]``.
+``frontier`` prints the grid the presets were chosen from, on the tuning file
+``minilm_Apache-2_0.npz`` only: error against time relative to exact attention.
+Run from the repository root: ``python docs/make_preset_table.py [b|c|scale|frontier [c]]``.
 """
 
 import sys
@@ -32,6 +34,19 @@ def held_out(causal):
     print(format_rows(rows))
 
 
+def frontier(causal):
+    """Block 16, token 0 as a sink: rank, cluster Lloyd steps and refinement budget, by time."""
+    z = np.load(DATA / "minilm_Apache-2_0.npz")
+    q, k, v = (z[x].reshape(-1, 512, 32) for x in "qkv")
+    settings = [(f"mean p=4 refine {r}", dict(block_size=16, rank=4, refine=r, global_tokens=(0,))) for r in (32, 48, 64)]
+    settings += [(f"cluster {it} p={p} refine {r}",
+                  dict(block_size=16, rank=p, coarsening="cluster", cluster_iters=it, refine=r, global_tokens=(0,)))
+                 for p in (2, 4) for it in (1, 2, 3) for r in (32, 48, 64)]
+    rows = accuracy_vs_cost(q, k, v, settings, causal=causal, dtype=np.float32, repeats=3)
+    print("minilm_Apache-2_0 (tuning file)", "causal" if causal else "bidirectional")
+    print(format_rows(rows))
+
+
 def scale(ns=(4096, 65536)):
     rng = np.random.default_rng(0)
     for n in ns:
@@ -53,4 +68,9 @@ def scale(ns=(4096, 65536)):
 
 if __name__ == "__main__":
     what = sys.argv[1] if len(sys.argv) > 1 else "b"
-    scale() if what == "scale" else held_out(what == "c")
+    if what == "scale":
+        scale()
+    elif what == "frontier":
+        frontier(sys.argv[2:] == ["c"])
+    else:
+        held_out(what == "c")

@@ -16,14 +16,19 @@ from fmm_attention.cpu import _coarse_validity, coarse_buffers, refine_capacity 
 from fmm_attention.cpu.refine import refine_plans  # noqa: E402
 
 
-def plans(kernel, q, k, v, *, block_size, rank, budget, coarsening="mean", globals_=(), mask=None, extra=()):
+def plans(kernel, q, k, v, *, block_size, rank, budget, coarsening="mean", globals_=(), mask=None, extra=(),
+          room=None):
     batch = attention_inputs(q, k, v, scale=None, key_padding_mask=mask, check_finite=True)
     tree = build_tree(batch.n, block_size=block_size, rank=rank)
     kc, vc, cbias = coarse_buffers(batch, tree, coarsening, True, cluster_iters=3,
                                    coarse_valid=_coarse_validity(batch, globals_))
     base = tree.plan(global_tokens=globals_)
     B = batch.q.shape[0]
-    capacity, room = refine_capacity(tree, base, budget, len(globals_))
+    capacity, default_room = refine_capacity(tree, base, budget, len(globals_))
+    if room is None:
+        room = default_room
+    else:  # a room that never binds
+        capacity += room - default_room
     is_global = np.zeros(batch.n, dtype=np.bool_)
     is_global[list(globals_)] = True
     token_bias = (np.zeros((B, batch.n), batch.dtype) if mask is None
@@ -42,6 +47,10 @@ def plans(kernel, q, k, v, *, block_size, rank, budget, coarsening="mean", globa
     dict(block_size=4, rank=1, budget=24),
     dict(block_size=4, rank=2, budget=40, coarsening="cluster", globals_=(0, 37)),
     dict(block_size=8, rank=2, budget=32, masked=True),
+    # small budgets: most splits cannot fit and their boxes are blocked before being scored;
+    # the scalar kernel reserved a box's full width in segments, so the room must not bind
+    dict(block_size=8, rank=2, budget=7, masked=True, room=1000),
+    dict(block_size=4, rank=1, budget=3, globals_=(0, 37), room=1000),
 ])
 def test_block_path_kernel_chooses_the_scalar_kernels_plans(case):
     # where the algorithm is unchanged (bidirectional scoring, a room that never binds), the
