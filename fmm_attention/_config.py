@@ -75,6 +75,11 @@ BACKWARD_MAX_GRID = 4
 BACKWARD_MIN_SPAN = 512
 #: Learned coarsening's backward (its downward pass): tokens per parallel job.
 BACKWARD_LEARNED_TOKENS = 256
+#: FMA's backward: bytes of the key-side partial buffers (one row per plan column, for all
+#: output entries); longer sequences run in slabs of query blocks that fit. Small enough to
+#: stay in the cache between the block pass and the reduction that reads it back, large
+#: enough that a slab has many blocks per thread. The slabs change no result.
+BACKWARD_PARTIAL_BYTES = 4 << 20
 
 #: Dask, exact attention over sequence chunks: query rows per score tile (a task holds one
 #: ``rows x key chunk`` tile at a time).
