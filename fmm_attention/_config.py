@@ -79,7 +79,7 @@ BACKWARD_LEARNED_TOKENS = 256
 #: output entries); longer sequences run in slabs of query blocks that fit. Small enough to
 #: stay in the cache between the block pass and the reduction that reads it back, large
 #: enough that a slab has many blocks per thread. The slabs change no result.
-BACKWARD_PARTIAL_BYTES = 4 << 20
+BACKWARD_PARTIAL_BYTES = 8 << 20
 
 #: Dask, exact attention over sequence chunks: query rows per score tile (a task holds one
 #: ``rows x key chunk`` tile at a time).
