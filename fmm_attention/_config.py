@@ -80,6 +80,13 @@ BACKWARD_MAX_GRID = 4
 BACKWARD_MIN_SPAN = 512
 #: Learned coarsening's backward (its downward pass): tokens per parallel job.
 BACKWARD_LEARNED_TOKENS = 256
+#: FMA's backward: bytes of the key-side partial buffers (one row per plan column, for all
+#: output entries); longer sequences run in slabs of query blocks that fit, all in one
+#: buffer. Smaller means less memory and more launches; 16 MB keeps the buffer (and the
+#: gradients allocated after it) in pages the allocator reuses from call to call, where
+#: 8 MB took three times the page faults per call (n = 16384, d = 64, glibc). The slabs
+#: change no result.
+BACKWARD_PARTIAL_BYTES = 16 << 20
 
 #: Dask, exact attention over sequence chunks: query rows per score tile (a task holds one
 #: ``rows x key chunk`` tile at a time).

@@ -258,15 +258,19 @@ def _exact_pullback(batch, causal, out, lse):
 def fmm_attention_vjp(q, k, v, *, causal=False, block_size=_config.DEFAULT_BLOCK_SIZE, rank=_config.DEFAULT_RANK,
                       coarsening="mean", count_scaling=True, query_coarsening=False, scale=None,
                       key_padding_mask=None, return_lse=False, check_finite=True, backend="auto",
-                      cluster_iters=3, refine=0, global_tokens=None):
+                      cluster_iters=3, refine=0, global_tokens=None, query_offset=None):
     """:func:`~fmm_attention.fmm_attention` and its pullback.
 
     Parameters
     ----------
-    q, k, v, causal, block_size, rank, coarsening, count_scaling, query_coarsening, scale, key_padding_mask, return_lse, check_finite, backend, cluster_iters, refine, global_tokens
-        As for :func:`~fmm_attention.fmm_attention` (no ``return_stats``). ``refine``'s plan
+    q, k, v, causal, block_size, rank, coarsening, count_scaling, query_coarsening, scale, key_padding_mask, return_lse, check_finite, backend, cluster_iters, refine, global_tokens, query_offset
+        As for :func:`~fmm_attention.fmm_attention` (no ``return_stats``), broadcast
+        leading dims, grouped heads and ``n_q != n_k`` included: the gradients of a ``q``,
+        ``k`` or ``v`` row set that several output entries read (the query heads of a
+        group, a broadcast batch) are summed over them in entry order. ``refine``'s plan
         and ``coarsening="cluster"``'s group assignments are held fixed at the ones the
-        forward chose (the gradient of the branch the forward took).
+        forward chose (the gradient of the branch the forward took). Per-sequence
+        ``global_tokens`` (a 2-D index table or a bool array) have no backward yet.
 
     Returns
     -------
@@ -298,7 +302,7 @@ def fmm_attention_vjp(q, k, v, *, causal=False, block_size=_config.DEFAULT_BLOCK
         q, k, v, causal=causal, block_size=block_size, rank=rank, coarsening=coarsening,
         count_scaling=count_scaling, query_coarsening=query_coarsening, scale=scale,
         key_padding_mask=key_padding_mask, check_finite=check_finite, backend=backend,
-        cluster_iters=cluster_iters, refine=refine, global_tokens=global_tokens,
+        cluster_iters=cluster_iters, refine=refine, global_tokens=global_tokens, query_offset=query_offset,
     )
     out, lse, plan = cpu.fmm(batch, tree, options)
     pullback = _fmm_pullback(batch, tree, options, out, lse, plan)
@@ -307,11 +311,16 @@ def fmm_attention_vjp(q, k, v, *, causal=False, block_size=_config.DEFAULT_BLOCK
 
 
 def _fmm_setup(q, k, v, *, causal, block_size, rank, coarsening, count_scaling, query_coarsening, scale,
-               key_padding_mask, check_finite, backend, cluster_iters, refine, global_tokens):
-    """``(cpu, batch, tree, options)``: validated inputs and the options of the forward
-    call (its global tokens resolved against ``n``).
+               key_padding_mask, check_finite, backend, cluster_iters, refine, global_tokens, query_offset=None):
+    """``(cpu, batch, tree, options)``: validated inputs (a :class:`~fmm_attention._shapes.ShapedBatch`)
+    and the options of the forward call (its global tokens resolved against ``n_k``).
     """
+    from . import _shapes
+
     causal = check_bool(causal, "causal")
+    if _shapes.per_sequence_globals(global_tokens):
+        raise NotImplementedError("fmm_attention_vjp has no backward for per-sequence global_tokens (a 2-D index "
+                                  "table or a bool array) yet: pass one 1-D set of indices shared by every sequence")
     options = FMMOptions.create(
         causal=causal, block_size=block_size, rank=rank, coarsening=coarsening, count_scaling=count_scaling,
         query_coarsening=query_coarsening, scale=scale, cluster_iters=cluster_iters, refine=refine,
@@ -321,10 +330,19 @@ def _fmm_setup(q, k, v, *, causal, block_size, rank, coarsening, count_scaling, 
     if not options.coarsening.differentiable:
         raise ValueError(f"{options.coarsening.describe()} has no backward; use 'mean', 'cluster' or a "
                          "LearnedCoarsening")
-    batch = attention_inputs(q, k, v, scale=scale, key_padding_mask=key_padding_mask, check_finite=check_finite)
-    tree = build_tree(batch.n, block_size=block_size, rank=rank, causal=causal)
+    batch = _shapes.attention_inputs(q, k, v, scale=scale, key_padding_mask=key_padding_mask,
+                                     check_finite=check_finite, skip_masked=True, causal=causal,
+                                     query_offset=query_offset, positions=True)
+    if batch.layout.cross and (options.refine > 0 or options.query_coarsening):
+        raise ValueError(
+            f"{'refine > 0' if options.refine else 'query_coarsening=True'} needs every query of the sequence "
+            "(a block's refinement plan and coarse queries depend on all its queries): with n_q != n_k or "
+            "query_offset use fine queries and refine=0"
+        )
+    n_k = batch.k.shape[1]  # the tree is the keys': queries sit at positions in it
+    tree = build_tree(n_k, block_size=block_size, rank=rank, causal=causal)
     options.coarsening.check_tree(tree, batch.d, batch.dv)
-    global_tokens = check_global_tokens(global_tokens, batch.n)
+    global_tokens = check_global_tokens(global_tokens, n_k)
     if isinstance(global_tokens, str):
         raise ValueError("global_tokens='auto' has no backward: pass the indices it chooses "
                          "(fmm_attention.sinks.auto_global_tokens), which the gradient holds fixed")
@@ -334,9 +352,16 @@ def _fmm_setup(q, k, v, *, causal, block_size, rank, coarsening, count_scaling, 
 
 def _fmm_pullback(batch, tree, options, out, lse, plan):
     """The pullback of a forward call that returned ``out``, ``lse`` and ``plan``."""
+    from . import _shapes
     from .cpu.backward_ops import FMMResiduals, fmm_backward
 
-    res = FMMResiduals.build(batch, tree, plan if options.refine > 0 else None, coarsening=options.coarsening,
+    batch = _shapes.as_shaped(batch)
+    layout = batch.layout
+    shared = batch
+    if (options.refine > 0 or options.query_coarsening) and (layout.broadcasts or layout.groups > 1):
+        # as in the forward: refinement and coarse queries read one key set per query set
+        shared = _shapes.as_shaped(_shapes.materialise(batch))
+    res = FMMResiduals.build(shared, tree, plan if options.refine > 0 else None, coarsening=options.coarsening,
                              count_scaling=options.count_scaling, query_coarsening=options.query_coarsening,
                              global_tokens=options.global_tokens, cluster_iters=options.cluster_iters)
 
@@ -345,9 +370,27 @@ def _fmm_pullback(batch, tree, options, out, lse, plan):
         dq, dk, dv, learned = fmm_backward(res, g, lse, delta)
         if learned is not None:
             learned = LearnedCoarseningGradients(*learned)
-        return FMMGradients(_restore(batch, dq), _restore(batch, dk), _restore(batch, dv), learned)
+        dq = _sum_rows(dq, layout.q_index, layout.q_lead)
+        if shared is not batch:  # one key set per output entry: sum them back onto k, v
+            dk = _sum_rows(dk, layout.kv_index, layout.k_lead)
+            dv = _sum_rows(dv, layout.kv_index, layout.k_lead)
+        else:
+            dk, dv = (x.reshape(layout.k_lead + x.shape[1:]) for x in (dk, dv))
+        return FMMGradients(dq, dk, dv, learned)
 
     return pullback
+
+
+def _sum_rows(grad, index, lead):
+    """Gradients of one row set per output entry (B, n, x) summed onto the caller's row sets:
+    entry ``b`` adds to set ``index[b]``, in entry order (a fixed order: deterministic)."""
+    n_sets = int(np.prod(lead, dtype=np.int64))
+    if n_sets == grad.shape[0] and np.array_equal(index, np.arange(n_sets)):
+        return grad.reshape(lead + grad.shape[1:])
+    total = np.zeros((n_sets,) + grad.shape[1:], dtype=grad.dtype)
+    for b, row_set in enumerate(index):
+        total[row_set] += grad[b]
+    return total.reshape(lead + grad.shape[1:])
 
 
 # ---------------------------------------------------------------- Fastformer

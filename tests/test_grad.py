@@ -436,11 +436,10 @@ def test_fma_slabs_of_blocks_change_no_bit(monkeypatch, options):
     g = np.random.default_rng(8).standard_normal(v.shape)
     out, pullback = fmm_attention_vjp(q, k, v, key_padding_mask=mask, **options)
     whole = pullback(g)
-    monkeypatch.setattr(backward_ops, "PARTIAL_MIN_BYTES", 0)
-    monkeypatch.setattr(backward_ops, "PARTIAL_FRACTION", 1e-9)  # one block per slab
+    monkeypatch.setattr(_config, "BACKWARD_PARTIAL_BYTES", 1)  # one block per slab
     tree = build_tree(90, block_size=4, rank=2, causal=options.get("causal", False))
     col_ptr = np.arange(tree.n_blocks + 1)[None] * 10
-    assert len(backward_ops._slabs(col_ptr, 1, 1)) == tree.n_blocks
+    assert len(backward_ops._slabs(col_ptr, 1)) == tree.n_blocks
     sliced = pullback(g)
     for a, b in zip(whole[:3], sliced[:3]):
         np.testing.assert_array_equal(a, b)

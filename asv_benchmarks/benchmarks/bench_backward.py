@@ -4,7 +4,7 @@
 ``peakmem_backward_*`` measures forward + backward. Run as a script for the ratio table
 of the issue's targets (backward at most 2.5x the forward)::
 
-    python asv_benchmarks/benchmarks/bench_backward.py [--repeat 3] [--quick] [--large]
+    python asv_benchmarks/benchmarks/bench_backward.py [--repeat 3] [--quick] [--large] [--grouped]
     python asv_benchmarks/benchmarks/bench_backward.py --memory 1048576
 """
 
@@ -64,6 +64,30 @@ class FMMBackward:
         self.pullback(self.g)
 
 
+def _grouped_inputs(n, heads=(8, 2), seed=0):
+    """``q`` of ``heads[0]`` query heads, ``k``, ``v`` of ``heads[1]`` (grouped heads), and a cotangent."""
+    hq, hk = heads
+    rng = np.random.default_rng(seed)
+    q = rng.standard_normal((hq, n, D), dtype=np.float32)
+    k, v = (rng.standard_normal((hk, n, D), dtype=np.float32) for _ in range(2))
+    return q, k, v, rng.standard_normal((hq, n, D), dtype=np.float32)
+
+
+class GroupedBackward:
+    """Grouped heads (8 query heads on 2 key/value heads, no copy of k, v), FMA 32/2."""
+
+    params = [[4096], [False, True]]
+    param_names = ["n", "causal"]
+
+    def setup(self, n, causal):
+        q, k, v, self.g = _grouped_inputs(n)
+        _, self.pullback = fmm_attention_vjp(q, k, v, block_size=32, rank=2, causal=causal)
+        self.pullback(self.g)
+
+    def time_backward_grouped(self, n, causal):
+        self.pullback(self.g)
+
+
 def _learned(n, block_size=32, rank=2, seed=1):
     """A LearnedCoarsening with random Conv1d-layout weights for sequences of length n."""
     from fmm_attention import LearnedCoarsening, build_tree
@@ -106,13 +130,21 @@ def _row(name, forward, vjp, repeat):
     return name, min(tf), min(tb), min(tb) / min(tf)
 
 
-def ratio_table(repeat=3, quick=False, large=False):
+def ratio_table(repeat=3, quick=False, large=False, grouped=False):
     """Rows ``(name, forward s, backward s, ratio)`` of the issue's configurations
-    (``large``: FMA at n = 65536 too).
+    (``large``: FMA at n = 65536 too; ``grouped``: also 8 query heads on 2 key/value heads).
     """
     from functools import partial
 
     rows = []
+    if grouped:
+        n = 4096 if quick else 16384
+        q, k, v, _ = _grouped_inputs(n)
+        for causal in (False, True):
+            opts = dict(block_size=32, rank=2, causal=causal)
+            rows.append((_row(f"fma n={n} 8q/2kv heads m=32 p=2 causal={causal}",
+                              partial(fmm_attention, q, k, v, **opts), partial(fmm_attention_vjp, q, k, v, **opts),
+                              repeat)))
     exact_sizes = [1024, 4096] if quick else [4096, 16384]
     fma_sizes = [4096] if quick else [16384, 65536] if large else [16384]
     for n in exact_sizes:
@@ -155,11 +187,12 @@ if __name__ == "__main__":
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--quick", action="store_true", help="smaller sizes")
     parser.add_argument("--large", action="store_true", help="FMA at n = 65536 too")
+    parser.add_argument("--grouped", action="store_true", help="also grouped heads (8 query on 2 key/value heads)")
     parser.add_argument("--memory", type=int, metavar="N", help="only the peak-memory ratio of FMA at n = N")
     args = parser.parse_args()
     if args.memory:
         print(f"FMA n={args.memory} m=32 p=2: peak / (q, k, v, out, g, dq, dk, dv) = {memory_ratio(args.memory):.2f}")
         sys.exit()
     print(f"{'case':40s} {'forward ms':>11s} {'backward ms':>12s} {'ratio':>6s}")
-    for name, tf, tb, r in ratio_table(args.repeat, args.quick, args.large):
+    for name, tf, tb, r in ratio_table(args.repeat, args.quick, args.large, args.grouped):
         print(f"{name:40s} {tf * 1e3:11.1f} {tb * 1e3:12.1f} {r:6.2f}", flush=True)

@@ -155,20 +155,25 @@ def exact_backward_tiles(q, k, v, key_bias, has_mask, scale, causal, g, lse, del
 # ---------------------------------------------------------------- FMA: blocks over a plan
 @jit(parallel=True)
 def block_backward(
-    q, k, v, key_bias, has_mask, kc, vc, cbias, seg_lo, seg_hi, segments, col_ptr, max_keys, block_size,
-    scale, causal, g, lse, delta, n_chunks, blk_lo, blk_hi, dq, dk_cols, dv_cols,
+    q, k, v, q_index, kv_index, q_start, key_bias, has_mask, kc, vc, cbias, seg_lo, seg_hi, segments, col_ptr,
+    max_keys, block_size, scale, causal, g, lse, delta, n_chunks, blk_lo, blk_hi, dq, dk_cols, dv_cols,
 ):
     """Backward of :func:`fmm_attention.cpu.blocks.block_attention` over the same plan.
 
-    For block ``I`` of entry ``b`` (plan ``p = b``, or ``p = 0`` when shared) the plan's
-    columns are gathered in segment order, exactly as the forward lists them: token rows
-    of ``k``/``v`` with their mask bias (masked tokens zeroed, as the forward does), coarse
-    rows of ``kc``/``vc`` with ``cbias``. Writes ``dq`` of the block's queries (the far
-    field of coarse queries adds to it later) and, for plan column ``c``, the block's share
-    of that key's gradient into row ``col_ptr[p, I] + c`` of ``dk_cols``/``dv_cols``.
-    ``col_ptr`` (P, n_blocks + 1) holds each block's first column. Only the blocks
-    ``blk_lo <= I < blk_hi`` run, their columns written from row 0 (column
-    ``col_ptr[p, blk_lo]``) of the partial buffers.
+    For block ``I`` of output entry ``b`` (plan ``p = b``, or ``p = 0`` when shared) the
+    plan's columns are gathered in segment order, exactly as the forward lists them: token
+    rows of ``k``/``v`` with their mask bias (masked tokens zeroed, as the forward does),
+    coarse rows of ``kc``/``vc`` with ``cbias``. As in the forward, entry ``b`` reads the
+    queries ``q[q_index[b]]`` and the keys, values, coarse rows and key bias of
+    ``kv_index[b]`` (grouped heads and broadcast leading dims copy nothing), and query ``i``
+    sits at key position ``q_start + i``: block rows without a query are padding (weight
+    0). Writes ``dq[b]`` of the block's queries (the far field of coarse queries adds to it
+    later) and, for plan column ``c``, the block's share of that key's gradient into row
+    ``col_ptr[p, I] + c`` of ``dk_cols[b]``/``dv_cols[b]`` (per output entry: the entries
+    of one key set are summed by :func:`reduce_columns`). ``col_ptr`` (P, n_blocks + 1)
+    holds each block's first column. Only the blocks ``blk_lo <= I < blk_hi`` run (each
+    must hold a query), their columns written from row 0 (column ``col_ptr[p, blk_lo]``)
+    of the partial buffers.
 
     Layout as in the forward: logits key-major, ``scores[key, query]``, the block's queries
     padded to a multiple of the micro-kernel's panel width, so all five products run on
@@ -177,7 +182,9 @@ def block_backward(
     their feature dims padded to the panel width, and the first ``d`` (``dv``) columns are
     kept.
     """
-    n_batch, n, d = q.shape
+    n_batch = q_index.shape[0]
+    d = q.shape[2]
+    n = k.shape[1]
     dv = v.shape[2]
     shared = seg_lo.shape[0] == 1
     n_slab = blk_hi - blk_lo  # blocks blk_lo .. blk_hi - 1 run (a slab: bounded partial buffers)
@@ -189,6 +196,7 @@ def block_backward(
     dv_pad = -(-dv // panel) * panel
     rows_max = max(max_keys, 1)
     n_columns = dk_cols.shape[1]
+    n_q = q.shape[1]
     for chunk in prange(n_chunks):
         keys = np.empty((rows_max, d), dtype=q.dtype)
         vals = np.empty((rows_max, dv), dtype=q.dtype)
@@ -208,11 +216,16 @@ def block_backward(
         for job in range(chunk * n_jobs // n_chunks, (chunk + 1) * n_jobs // n_chunks):
             b = job // n_slab
             blk = blk_lo + job % n_slab
+            bq = q_index[b]
+            bk = kv_index[b]
             p = 0 if shared else b
             i0 = blk * block_size
             i1 = min(n, i0 + block_size)
-            rows = i1 - i0
+            r0 = max(i0, q_start) - i0  # block rows holding queries: r0 <= row < r1
+            r1 = min(i1, q_start + n_q) - i0
             nk = 0
+            # explicit element loops: a row slice assignment compiles a broadcast and its
+            # shape check per row, which cost more than the copy itself here
             for s in range(seg_lo[p, blk], seg_hi[p, blk]):
                 start = segments[p, s, 1]
                 count = segments[p, s, 2]
@@ -220,47 +233,52 @@ def block_backward(
                     for t in range(count):
                         col = nk + t
                         positions[col] = start + t
-                        bias[col] = key_bias[b, start + t] if has_mask else 0.0
-                        if bias[col] == -np.inf:  # masked tokens may hold anything: zero them
-                            keys[col] = 0
-                            vals[col] = 0
-                        else:
-                            keys[col] = k[b, start + t]
-                            vals[col] = v[b, start + t]
+                        bias[col] = key_bias[bk, start + t] if has_mask else 0.0
+                        live = bias[col] != -np.inf  # masked tokens may hold anything: zero them
+                        for e in range(d):
+                            keys[col, e] = k[bk, start + t, e] if live else 0
+                        for e in range(dv):
+                            vals[col, e] = v[bk, start + t, e] if live else 0
                 else:
                     for t in range(count):
                         col = nk + t
                         positions[col] = -1
-                        bias[col] = cbias[b, start + t]
-                        keys[col] = kc[b, start + t]
-                        vals[col] = vc[b, start + t]
+                        bias[col] = cbias[bk, start + t]
+                        for e in range(d):
+                            keys[col, e] = kc[bk, start + t, e]
+                        for e in range(dv):
+                            vals[col, e] = vc[bk, start + t, e]
                 nk += count
-            for i in range(rows):
-                for e in range(d):
-                    x = q[b, i0 + i, e] * scale
-                    queries_t[e, i] = x
-                    queries[i, e] = x
-                for e in range(dv):
-                    grads_t[e, i] = g[b, i0 + i, e]
-                    cotangents[i, e] = g[b, i0 + i, e]
-                shift[i] = lse[b, i0 + i] if lse[b, i0 + i] > -np.inf else np.inf
-                offset[i] = delta[b, i0 + i]
-            for i in range(rows, width):  # padding columns (the last block): weight 0
-                queries_t[:, i] = 0
-                grads_t[:, i] = 0
-                queries[i] = 0
-                cotangents[i] = 0
-                shift[i] = np.inf
-                offset[i] = 0
+            for i in range(width):
+                if r0 <= i < r1:
+                    row = i0 + i - q_start
+                    for e in range(d):
+                        x = q[bq, row, e] * scale
+                        queries_t[e, i] = x
+                        queries[i, e] = x
+                    for e in range(dv):
+                        grads_t[e, i] = g[b, row, e]
+                        cotangents[i, e] = g[b, row, e]
+                    shift[i] = lse[b, row] if lse[b, row] > -np.inf else np.inf
+                    offset[i] = delta[b, row]
+                else:  # padding (the last block), or a position without a query: weight 0
+                    for e in range(d):
+                        queries_t[e, i] = 0
+                        queries[i, e] = 0
+                    for e in range(dv):
+                        grads_t[e, i] = 0
+                        cotangents[i, e] = 0
+                    shift[i] = np.inf
+                    offset[i] = 0
             gemm_tiles(nk, width, d, keys, 0, d, 1, queries_t, 0, width, scores, 0, width, False)
             gemm_tiles(nk, width, dv, vals, 0, dv, 1, grads_t, 0, width, grads, 0, width, False)
             # probabilities from the forward's lse, and dS, in one pass
             weights_and_logit_grads(scores, grads, nk, bias, positions, i0, causal, shift, offset)
             # dq^T[feature, query] = sum over keys of key[key, feature] dS[key, query]
             gemm_tiles(d, width, nk, keys, 0, 1, d, grads, 0, width, dq_t, 0, width, False)
-            for i in range(rows):
+            for i in range(r0, r1):
                 for e in range(d):
-                    dq[b, i0 + i, e] = dq_t[e, i] * scale
+                    dq[b, i0 + i - q_start, e] = dq_t[e, i] * scale
             # key-side shares: dS @ (scale q) and P @ g, one row per plan column
             # (straight into the partial rows when the feature dims fill whole panels)
             c0 = col_ptr[p, blk] - col_ptr[p, blk_lo]  # the slab's first column is row 0
@@ -283,48 +301,56 @@ def block_backward(
 
 
 @jit(parallel=True)
-def reduce_columns(dk_cols, dv_cols, t_ptr, t_cols, col_lo, col_hi, cursor, n, dk, dv, dkc, dvc):
+def reduce_columns(dk_cols, dv_cols, t_ptr, t_cols, col_lo, col_hi, cursor, n, set_ptr, set_entries, dk, dv, dkc,
+                   dvc):
     """Add one slab's key-side partials to their targets, in the transposed plan's order.
 
     Target ``t < n`` is token row ``t`` (added to ``dk``/``dv``), target ``n + r`` is coarse
-    row ``r`` (added to ``dkc``/``dvc``); its partials are the columns
-    ``t_cols[p, t_ptr[p, t] : t_ptr[p, t + 1]]`` (ascending, so in block order). The slab
-    holds columns ``col_lo[p] <= c < col_hi[p]`` at rows ``c - col_lo[p]``; ``cursor[b, t]``
-    is the first of target ``t``'s columns not yet added, and advances past the slab's.
-    Slabs run in block order, so every target sums its partials left to right, one chain
-    whatever the slab boundaries: the result does not depend on them.
+    row ``r`` (added to ``dkc``/``dvc``), of key set ``s``: the output entries reading it are
+    ``set_entries[set_ptr[s] : set_ptr[s + 1]]`` (ascending), and entry ``b``'s partials of
+    target ``t`` are the columns ``t_cols[p, t_ptr[p, t] : t_ptr[p, t + 1]]`` of ``dk_cols[b]``
+    (ascending, so in block order; ``p = b``, or 0 for a shared plan). The slab holds columns
+    ``col_lo[p] <= c < col_hi[p]`` at rows ``c - col_lo[p]``; ``cursor[b, t]`` is the first of
+    target ``t``'s columns not yet added, and advances past the slab's (columns of blocks
+    before the first slab, which hold no query, are skipped). Slabs run in block order, and
+    within a slab the entries of a set in index order, so every target sums its partials
+    in one fixed chain, set by the shapes and the plan: never by the thread count.
     """
-    n_batch = dk_cols.shape[0]
     d = dk_cols.shape[2]
     e_v = dv_cols.shape[2]
+    n_sets = set_ptr.shape[0] - 1
     n_targets = t_ptr.shape[1] - 1
     shared = t_ptr.shape[0] == 1
-    for job in prange(n_batch * n_targets):
-        b = job // n_targets
+    for job in prange(n_sets * n_targets):
+        kb = job // n_targets
         t = job % n_targets
-        p = 0 if shared else b
-        s = cursor[b, t]
-        hi = t_ptr[p, t + 1]
-        lo_col = col_lo[p]
-        hi_col = col_hi[p]
-        if t < n:
-            while s < hi and t_cols[p, s] < hi_col:
-                c = t_cols[p, s] - lo_col
-                for e in range(d):
-                    dk[b, t, e] += dk_cols[b, c, e]
-                for e in range(e_v):
-                    dv[b, t, e] += dv_cols[b, c, e]
+        for slot in range(set_ptr[kb], set_ptr[kb + 1]):
+            b = set_entries[slot]
+            p = 0 if shared else b
+            s = cursor[b, t]
+            hi = t_ptr[p, t + 1]
+            lo_col = col_lo[p]
+            hi_col = col_hi[p]
+            while s < hi and t_cols[p, s] < lo_col:
                 s += 1
-        else:
-            r = t - n
-            while s < hi and t_cols[p, s] < hi_col:
-                c = t_cols[p, s] - lo_col
-                for e in range(d):
-                    dkc[b, r, e] += dk_cols[b, c, e]
-                for e in range(e_v):
-                    dvc[b, r, e] += dv_cols[b, c, e]
-                s += 1
-        cursor[b, t] = s
+            if t < n:
+                while s < hi and t_cols[p, s] < hi_col:
+                    c = t_cols[p, s] - lo_col
+                    for e in range(d):
+                        dk[kb, t, e] += dk_cols[b, c, e]
+                    for e in range(e_v):
+                        dv[kb, t, e] += dv_cols[b, c, e]
+                    s += 1
+            else:
+                r = t - n
+                while s < hi and t_cols[p, s] < hi_col:
+                    c = t_cols[p, s] - lo_col
+                    for e in range(d):
+                        dkc[kb, r, e] += dk_cols[b, c, e]
+                    for e in range(e_v):
+                        dvc[kb, r, e] += dv_cols[b, c, e]
+                    s += 1
+            cursor[b, t] = s
 
 
 # ---------------------------------------------------------------- coarsening adjoints

@@ -126,34 +126,48 @@ class FMMResiduals:
 def fmm_backward(res, g, lse, delta):
     """Gradients of FMA: ``(dq, dk, dv, learned)``, ``learned`` the per-level weight and
     bias gradients of a learned coarsening (``(kw, vw, kb, vb)`` tuples) or ``None``.
+
+    ``dq`` has one row set per output entry ``(B, n_q, d)``; ``dk``, ``dv`` one per key/value
+    set ``(Bk, n_k, .)``, summed over the output entries reading it (a group of query
+    heads, a broadcast batch) in entry order.
     """
-    batch, tree = res.batch, res.tree
-    B, n, d, dv_dim = batch.q.shape[0], batch.n, batch.d, batch.dv
+    from .._shapes import as_shaped
+
+    batch, tree = as_shaped(res.batch), res.tree
+    layout = batch.layout
+    B, n, d, dv_dim = layout.size, tree.n, batch.d, batch.dv
     dtype = batch.dtype
     scale = dtype.type(batch.scale)
     key_bias, has_mask = _key_bias(batch)
     seg_lo, seg_hi, segments, max_keys, col_ptr, t_ptr, t_cols, n_columns = res.plan
-    dq = np.empty_like(batch.q)
+    dq = np.empty((B, layout.n_q, d), dtype=dtype)
     dk = np.zeros_like(batch.k)
     dv = np.zeros_like(batch.v)
     dkc = np.zeros_like(res.kc)
     dvc = np.zeros_like(res.vc)
-    slabs = _slabs(col_ptr, B * (d + dv_dim) * dtype.itemsize, batch.k.nbytes + batch.v.nbytes)
+    m = tree.block_size
+    first, end = layout.query_offset // m, (layout.query_offset + layout.n_q - 1) // m + 1  # blocks with queries
+    slabs = _slabs(col_ptr, B * (d + dv_dim) * dtype.itemsize, first, end)
     width = max(int(np.max(col_ptr[:, hi] - col_ptr[:, lo])) for lo, hi in slabs)
+    # one partial buffer for every slab: its pages are touched once, and a slab's partials
+    # are read back while they are still in the cache
     dk_cols = np.empty((B, max(width, 1), d), dtype=dtype)
     dv_cols = np.empty((B, max(width, 1), dv_dim), dtype=dtype)
     cursor = np.array(np.broadcast_to(t_ptr[:, :-1], (B, t_ptr.shape[1] - 1)))
+    order = np.argsort(layout.kv_index, kind="stable")  # each key set's entries, ascending
+    set_ptr = np.searchsorted(layout.kv_index[order], np.arange(batch.k.shape[0] + 1)).astype(np.int64)
     chunks = _config.FMA_CHUNKS_PER_THREAD * numba.get_num_threads()
     for lo, hi in slabs:  # in block order: each target's partials are added left to right
         with launch_guard():
             block_backward(
-                batch.q, batch.k, batch.v, key_bias, has_mask, res.kc, res.vc, res.cbias, seg_lo, seg_hi, segments,
-                col_ptr, max_keys, tree.block_size, scale, tree.causal, g, lse, delta, chunks, lo, hi, dq, dk_cols,
-                dv_cols,
+                batch.q, batch.k, batch.v, layout.q_index, layout.kv_index, layout.query_offset, key_bias, has_mask,
+                res.kc, res.vc, res.cbias, seg_lo, seg_hi, segments, col_ptr, max_keys, m, scale, tree.causal, g,
+                lse, delta, chunks, lo, hi, dq, dk_cols, dv_cols,
             )
         with launch_guard():
             reduce_columns(dk_cols, dv_cols, t_ptr, t_cols, np.ascontiguousarray(col_ptr[:, lo]),
-                           np.ascontiguousarray(col_ptr[:, hi]), cursor, n, dk, dv, dkc, dvc)
+                           np.ascontiguousarray(col_ptr[:, hi]), cursor, n, set_ptr, order.astype(np.int64), dk, dv,
+                           dkc, dvc)
     del dk_cols, dv_cols, cursor
     if res.query_coarsening:
         _far_backward(res, g, lse, delta, dq, dkc, dvc)
@@ -171,7 +185,7 @@ def fmm_backward(res, g, lse, delta):
         elif isinstance(res.coarsening, MeanCoarsening):  # else learned: the others have no backward
             sub_sizes = np.array([lv.sub_box_size for lv in levels], dtype=np.int64)
             offsets = np.array([lv.offset for lv in levels], dtype=np.int64)
-            counts = _mean_counts(valid, has, B, tree)
+            counts = _mean_counts(valid, has, batch.k.shape[0], tree)
             mean_downward(valid, has, sub_sizes, offsets, counts, dkc, dvc, dk, dv)
         else:
             kw, vw, _, _ = res.coarsening.level_arrays(dtype)
@@ -192,23 +206,17 @@ def fmm_backward(res, g, lse, delta):
     return dq, dk, dv, learned
 
 
-#: The key-side partial buffers of FMA's backward hold at most this fraction of the bytes
-#: of ``k`` and ``v`` (and at least ``PARTIAL_MIN_BYTES``): longer sequences run in slabs of
-#: query blocks. The slabs change no result (see :func:`.backward.reduce_columns`).
-PARTIAL_FRACTION = 0.25
-PARTIAL_MIN_BYTES = 32 << 20
-
-
-def _slabs(col_ptr, bytes_per_column, kv_bytes):
-    """``[(lo, hi), ...]``: consecutive ranges of query blocks whose partial rows (the most
-    over the plans) fit the budget; at least one block each.
+def _slabs(col_ptr, bytes_per_column, first=0, end=None):
+    """``[(lo, hi), ...]``: consecutive ranges of the query blocks ``first <= I < end`` whose
+    partial rows (the most over the plans) fit ``_config.BACKWARD_PARTIAL_BYTES``; at least
+    one block each. The slabs change no result (see :func:`.backward.reduce_columns`).
     """
-    budget = max(PARTIAL_MIN_BYTES, PARTIAL_FRACTION * kv_bytes)
+    budget = int(_config.BACKWARD_PARTIAL_BYTES)
     most = max(1, int(budget // bytes_per_column))  # columns per slab
-    n_blocks = col_ptr.shape[1] - 1
+    n_blocks = col_ptr.shape[1] - 1 if end is None else end
     ends = col_ptr.max(axis=0)  # a slab's columns are at most ends[hi] - starts[lo] over the plans
     starts = col_ptr.min(axis=0)
-    slabs, lo = [], 0
+    slabs, lo = [], first
     while lo < n_blocks:
         hi = int(np.searchsorted(ends, starts[lo] + most, side="right")) - 1
         hi = min(n_blocks, max(hi, lo + 1))
@@ -227,7 +235,7 @@ def _cluster_buffers(batch, tree, count_scaling, iters, coarse_valid):
     """
     from .cluster import cluster_groups, flat_levels
 
-    B, C, n = batch.q.shape[0], tree.n_coarse, batch.n
+    B, C, n = batch.k.shape[0], tree.n_coarse, tree.n  # one upward pass per key/value set
     dtype = batch.dtype
     if coarse_valid is not None:
         valid, has_mask = coarse_valid, True
