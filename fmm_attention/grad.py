@@ -30,7 +30,6 @@ import numpy as np
 from . import _config, backends
 from ._validate import (
     as_array,
-    attention_inputs,
     attention_vector,
     check_bool,
     check_global_tokens,
@@ -448,15 +447,21 @@ def fastformer_attention_vjp(q, k, v, w_q, w_k, *, causal=False, scale=None, key
 
 
 def _fastformer_setup(q, k, v, w_q, w_k, *, causal, scale, key_padding_mask, check_finite, backend):
+    from . import _shapes
+
     causal = check_bool(causal, "causal")
     cpu = _cpu_only(backend, q, k, v, w_q, w_k)
-    batch = attention_inputs(q, k, v, scale=scale, key_padding_mask=key_padding_mask, check_finite=check_finite)
+    shaped = _shapes.attention_inputs(q, k, v, scale=scale, key_padding_mask=key_padding_mask,
+                                      check_finite=check_finite, same_length=True)
+    # as in the forward: the kernels read one row set per output entry, so broadcast leading
+    # dims are copied once here and their gradients summed back in the pullback
+    batch = _shapes.materialise(shaped)
     if batch.dv != batch.d:
         raise ValueError(
             f"v must have the feature dim d = {batch.d} of q (u = kg * v is element-wise), got "
             f"v of shape {batch.lead_shape + (batch.n, batch.dv)}"
         )
-    shapes = np.shape(as_array(w_q, "w_q")), np.shape(as_array(w_k, "w_k"))
+    shapes = np.shape(as_array(w_q, "w_q")), np.shape(as_array(w_k, "w_k")), shaped.layout
     # own writable copies (B, d): broadcast views are read-only, which Numba types apart
     wq = np.array(attention_vector(w_q, "w_q", batch, check_finite), dtype=batch.dtype, order="C")
     wk = np.array(attention_vector(w_k, "w_k", batch, check_finite), dtype=batch.dtype, order="C")
@@ -465,7 +470,7 @@ def _fastformer_setup(q, k, v, w_q, w_k, *, causal, scale, key_padding_mask, che
 
 def _fastformer_pullback(batch, causal, wq, wk, shapes):
     """The pullback (it recomputes the pools from the inputs, so needs no forward output)."""
-    shape_q, shape_k = shapes
+    shape_q, shape_k, layout = shapes
 
     def pullback(g_out):
         from .cpu.backward_fastformer import fastformer_backward
@@ -473,7 +478,8 @@ def _fastformer_pullback(batch, causal, wq, wk, shapes):
         g = _cotangent(g_out, "g_out", batch, (batch.d,))
         dq, dk, dv, dwq, dwk = fastformer_backward(batch, wq, wk, g, causal=causal)
         return FastformerGradients(
-            _restore(batch, dq), _restore(batch, dk), _restore(batch, dv),
+            _sum_rows(dq, layout.q_index, layout.q_lead), _sum_rows(dk, layout.kv_index, layout.k_lead),
+            _sum_rows(dv, layout.kv_index, layout.k_lead),
             _unbroadcast(dwq, shape_q, batch.lead_shape), _unbroadcast(dwk, shape_k, batch.lead_shape),
         )
 

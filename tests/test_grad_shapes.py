@@ -173,3 +173,40 @@ def test_grouped_sums_bitwise_deterministic_across_threads():
     for other in results[1:]:
         for a, b in zip(results[0][:3], other[:3]):
             np.testing.assert_array_equal(a, b)
+
+
+# ---------------------------------------------------------------- Fastformer
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("shapes", [((2, 3, 20, 4), (1, 3, 20, 4)), ((3, 20, 4), (2, 1, 20, 4))])
+def test_fastformer_broadcast_leading_dims(shapes, causal):
+    # The forward broadcasts q against k, v (copying the rows once); the VJP sums the
+    # gradients back onto each input's own rows. Against finite differences, and against
+    # the call on explicitly broadcast inputs whose gradients are summed by hand.
+    from fmm_attention import fastformer_attention
+    from fmm_attention.grad import fastformer_attention_vjp
+
+    q_shape, kv_shape = shapes
+    q, k, v = arrays(q_shape, kv_shape, kv_shape, seed=5)
+    w_q, w_k = arrays((4,), (4,), seed=6)
+    rng = np.random.default_rng(7)
+    out, pullback = fastformer_attention_vjp(q, k, v, w_q, w_k, causal=causal)
+    np.testing.assert_array_equal(out, fastformer_attention(q, k, v, w_q, w_k, causal=causal))
+    g = rng.standard_normal(out.shape)
+    grads = pullback(g)
+    for grad, x in zip(grads[:3], (q, k, v)):
+        assert grad.shape == x.shape
+
+    full = np.broadcast_shapes(q.shape, k.shape)
+    qb, kb, vb = (np.ascontiguousarray(np.broadcast_to(x, full)) for x in (q, k, v))
+    ref = fastformer_attention_vjp(qb, kb, vb, w_q, w_k, causal=causal)[1](g)
+    for grad, x, r in zip(grads[:3], (q, k, v), ref[:3]):
+        axes = tuple(i for i in range(len(full)) if i < len(full) - x.ndim or x.shape[i - len(full) + x.ndim] == 1)
+        np.testing.assert_allclose(grad, r.sum(axis=axes).reshape(x.shape), rtol=1e-12, atol=1e-12)
+
+    def loss(params):
+        return float(np.sum(g * fastformer_attention(*params, w_q, w_k, causal=causal)))
+
+    u = [rng.standard_normal(x.shape) for x in (q, k, v)]
+    fd = (loss([x + H * e for x, e in zip((q, k, v), u)]) - loss([x - H * e for x, e in zip((q, k, v), u)])) / (2 * H)
+    an = sum(float(np.sum(gr * e)) for gr, e in zip(grads[:3], u))
+    assert abs(fd - an) <= RTOL * max(abs(an), 1.0), (fd, an)
