@@ -51,7 +51,7 @@ MASK_ID = 256  # bytes 0..255 are the characters; one more symbol for masked pos
 VOCAB = 257
 MASK_RATE = 0.15
 
-SMALL = dict(d_model=64, n_layers=2, n_heads=2, seq_len=1024, batch=4, steps=300, lr=3e-3, warmup=30,
+SMALL = dict(d_model=64, n_layers=2, n_heads=2, seq_len=1024, batch=4, steps=200, lr=3e-3, warmup=20,
              block_size=32, rank=4, eval_every=25, val_windows=16,
              final_val_windows=64, seeds=(0, 1), pos="learned")
 FULL = dict(d_model=256, n_layers=4, n_heads=4, seq_len=2048, batch=16, steps=5000, lr=1e-3, warmup=200,
