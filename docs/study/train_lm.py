@@ -528,7 +528,8 @@ def report(out, static):
     if wall.is_file():
         w = json.loads(wall.read_text())
         rows += ["", f"The whole study took {w['wall_seconds'] / 60:.1f} minutes of wall time ({w['jobs']} runs in "
-                 f"parallel, {w['warm_seconds']:.0f} s of it compiling the kernels once before the runs) at a "
+                 f"parallel; {w['warm_seconds']:.0f} s of it the warm-up that loads, or compiles when not cached, every "
+                 f"kernel once before the runs) at a "
                  f"1-minute load average of {w['loadavg_1min_min']:.1f} to {w['loadavg_1min_max']:.1f} "
                  f"(mean {w['loadavg_1min_mean']:.1f}, sampled every 30 s) on {w['cpus']} CPUs."]
     rows += ["", "The *unigram* and *bigram* rows are the train split's character and character-pair counts "
