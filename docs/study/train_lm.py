@@ -15,10 +15,11 @@ coarse queries, O(n), masked task only: the library has no causal coarse queries
 windowed attention); ``fastformer``.
 
 One command runs the study (every task, attention and seed, each in its own process so its
-peak memory is its own) and writes JSON results; ``--report`` turns them into the docs'
-table and plot::
+peak memory is its own, ``--jobs`` of them at a time, by default one per CPU, after one
+process has filled Numba's on-disk cache) and writes JSON results; ``--report`` turns them
+into the docs' table and plot::
 
-    python docs/study/train_lm.py --out /tmp/study-runs/small            # < 1 h on 2 loaded cores
+    python docs/study/train_lm.py --out /tmp/study-runs/small            # 44 min on 2 CPUs at load 10
     python docs/study/train_lm.py --out /tmp/study-runs/small --report docs/_static
     python docs/study/train_lm.py --full --out runs/full                 # bigger model and context
 
