@@ -62,6 +62,10 @@ def test_trained_coarsening_reproduces_attention_in_numpy(study, tmp_path, task,
     cfg = tiny(study)
     result, model = study.train_one(task, kind, 0, cfg, log=lambda s: None, return_model=True)
     assert np.isfinite(result["val_bits"])
+    # the run accounts for its wall time: set-up, evaluations and steps inside the process's
+    parts = [result[f"{part}_seconds"] for part in ("startup", "setup", "train", "eval")]
+    assert min(parts) >= 0 and result["eval_seconds"] > 0 and result["step_cpu_seconds"] > 0
+    assert sum(parts) <= result["process_seconds"] + 1e-6
     attn = model.blocks[0].attn
     start = study.fmt.FMMAttention(cfg["seq_len"], attn.dh, block_size=cfg["block_size"], rank=cfg["rank"],
                                    causal=task == "causal", dtype=torch.float32)
@@ -79,7 +83,7 @@ def test_trained_coarsening_reproduces_attention_in_numpy(study, tmp_path, task,
     inputs = torch.randint(0, 256, (2, cfg["seq_len"]), generator=torch.Generator().manual_seed(1))
     model.eval()
     with torch.no_grad():
-        x = model.tok(inputs) + model.pos(torch.arange(cfg["seq_len"]))
+        x = model.tok(inputs) + model.positions(cfg["seq_len"])
         x = model.blocks[0].ln1(x)
         q, k, v = attn.qkv(x).view(2, cfg["seq_len"], 3, attn.h, attn.dh).permute(2, 0, 3, 1, 4)
         torch_out = attn.core(q.contiguous(), k.contiguous(), v.contiguous())
@@ -98,3 +102,24 @@ def test_trained_coarsening_reproduces_attention_in_numpy(study, tmp_path, task,
 def test_learned_coarse_queries_refuse_the_causal_task(study):
     with pytest.raises(ValueError, match="bidirectional"):
         study.CharModel("fma-learned-cq", tiny(study), causal=True)
+
+
+def test_sinusoidal_positions_shift_by_one_linear_map(study):
+    # what makes them learnable at n >= 1024: an offset of k positions is the same linear map
+    # (a rotation per frequency) at every position, unlike a learned table's rows
+    table = study.sinusoidal(64, 8).double().numpy()
+    for k in (1, 5):
+        a, b = table[:-k], table[k:]
+        rot, *_ = np.linalg.lstsq(a, b, rcond=None)
+        np.testing.assert_allclose(a @ rot, b, atol=1e-9)
+    assert not np.allclose(table[0], table[1])
+
+
+def test_model_refuses_an_unknown_position_encoding(study):
+    with pytest.raises(ValueError, match="position encoding"):
+        study.CharModel("exact", tiny(study, pos="rotary"), causal=True)
+
+
+def test_set_overrides_only_known_entries(study, tmp_path):
+    with pytest.raises(SystemExit, match="--set"):
+        study.main(["--out", str(tmp_path), "--set", "learning_rate=0.1"])
