@@ -414,6 +414,9 @@ def padding_masks(key_padding_mask, layout):
 
 def _shape_of(x, name):
     shape = getattr(x, "shape", None)
+    if shape is None and hasattr(x, "__cuda_array_interface__"):
+        # device objects that expose nothing else (a host conversion would refuse them)
+        shape = x.__cuda_array_interface__["shape"]
     return tuple(shape) if shape is not None else as_array(x, name).shape
 
 

@@ -21,6 +21,7 @@ import pytest
 
 import fmm_attention as fa
 from fmm_attention import LearnedCoarsening, _config, build_tree
+from fmm_attention.backends import BackendNotSupportedError
 
 
 def _numba_cuda_missing():
@@ -490,10 +491,12 @@ def test_device_input_validation(device):
         fcuda.exact_attention(cuda.to_device(q.astype(np.float16)), dk, dv)
     with pytest.raises(TypeError, match="share one dtype"):
         fcuda.exact_attention(cuda.to_device(q.astype(np.float32)), dk, dv)
-    with pytest.raises(ValueError, match="non-contiguous"):
-        fcuda.exact_attention(cuda.to_device(q)[:, ::2], dk, dv)
+    with pytest.raises(ValueError, match="non-contiguous"):  # every other row of a doubled q: q's shape
+        fcuda.exact_attention(cuda.to_device(np.repeat(q, 2, axis=1))[:, ::2], dk, dv)
     with pytest.raises(ValueError, match="same sequence length"):
         fcuda.exact_attention(dq, cuda.to_device(k[:, :5].copy()), dv)
+    with pytest.raises(BackendNotSupportedError, match=r"n_q != n_k"):  # cross lengths: CPU only
+        fcuda.exact_attention(dq, cuda.to_device(k[:, :5].copy()), cuda.to_device(v[:, :5].copy()))
     with pytest.raises(ValueError, match="feature dim d"):
         fcuda.exact_attention(dq, cuda.to_device(k[..., :2].copy()), dv)
     with pytest.raises(ValueError, match="at least 2 dims"):
