@@ -60,12 +60,18 @@ def _global_list(global_tokens):
     return np.unique(arr).astype(np.int64)
 
 
-def _check_finite(arr, name):
-    # a decode step's few tokens: NumPy's check costs less than a parallel launch
-    if arr.size > _config.DECODE_PARALLEL_MIN_WORK:
-        check_finite_array(arr, name)
-    elif not np.isfinite(arr).all():
-        raise ValueError(f"{name} contains NaN or infinity (pass check_finite=False to skip this check)")
+def _check_tokens_finite(arrays):
+    """Reject NaN or infinity in the (contiguous) ``q, k, v`` of a prefill or step."""
+    if sum(arr.size for arr in arrays) > _config.DECODE_PARALLEL_MIN_WORK:  # a prompt: the parallel check
+        for name, arr in zip("qkv", arrays):
+            check_finite_array(arr, name)
+        return
+    from .cpu.decode import first_nonfinite
+
+    # a step's few tokens: one serial call for all three (no parallel launch, no temporaries)
+    bad = first_nonfinite(*(arr.reshape(-1) for arr in arrays))
+    if bad >= 0:
+        raise ValueError(f"{'qkv'[bad]} contains NaN or infinity (pass check_finite=False to skip this check)")
 
 
 class FMMDecoder:
@@ -252,6 +258,13 @@ class FMMDecoder:
         self._accv = np.zeros((B, L, p, self.dv), dtype=dt)
         self._accn = np.zeros((B, L), dtype=np.int64)
 
+    def _all_valid(self, t):
+        # every step of an unpadded decode needs one: kept, as the kernels only read it
+        cached = getattr(self, "_all_valid_cache", None)
+        if cached is None or cached.shape[1] != t:
+            cached = self._all_valid_cache = np.ones((self._B, t), dtype=np.bool_)
+        return cached
+
     def _no_globals(self, t):
         cached = getattr(self, "_no_globals_cache", None)
         if cached is None or cached[0].size != t:
@@ -274,6 +287,8 @@ class FMMDecoder:
         return max(0, (n_tokens // self.block_size).bit_length())
 
     def _grow_globals(self, n_tokens):
+        if not self.global_tokens.size:  # the common case, on every step
+            return
         n_reached = int(np.searchsorted(self.global_tokens, n_tokens))
         have = self._gk.shape[1]
         if n_reached > have:
@@ -340,7 +355,8 @@ class FMMDecoder:
                 )
         if t < 1:
             raise ValueError("q, k and v must hold at least one token (t >= 1), got t = 0")
-        float_dtype(*arrays.items())  # TypeError for integer, bool or complex inputs
+        if any(arr.dtype != self.dtype for arr in arrays.values()):
+            float_dtype(*arrays.items())  # TypeError for integer, bool or complex inputs
         out = []
         for name, arr in arrays.items():
             # q: the g query heads of each key/value head are adjacent (head h uses h // g)
@@ -348,9 +364,9 @@ class FMMDecoder:
             arr = np.ascontiguousarray(arr, dtype=self.dtype).reshape(shape)
             if not arr.flags.writeable:  # Numba would compile every kernel again for read-only arrays
                 arr = arr.copy()
-            if check_finite:
-                _check_finite(arr, name)
             out.append(arr)
+        if check_finite:
+            _check_tokens_finite(out)
         if mask is None:
             valid = None
         else:
@@ -487,7 +503,7 @@ class FMMDecoder:
         lse = np.empty((B, g, t), dtype=dt)
         pos0 = self._position
         if valid is None:
-            valid = np.ones((B, t), dtype=np.bool_)
+            valid = self._all_valid(t)
         if self.method == "exact":
             self._grow_cache(pos0 + t)
             self._kv[:, pos0:pos0 + t], self._vv[:, pos0:pos0 + t], self._ok[:, pos0:pos0 + t] = k, v, valid

@@ -216,6 +216,27 @@ def test_inputs_not_modified():
         np.testing.assert_array_equal(a, b)
 
 
+@pytest.mark.parametrize("method", ["fmm", "exact"])
+@pytest.mark.parametrize("bad_value", [np.nan, np.inf, -np.inf])
+def test_nonfinite_tokens_are_refused_by_name(monkeypatch, method, bad_value):
+    # a step's few tokens take one serial check of all three arrays, a prompt above
+    # _config.DECODE_PARALLEL_MIN_WORK elements the parallel check per array: both name it
+    from fmm_attention import _config
+
+    monkeypatch.setattr(_config, "DECODE_PARALLEL_MIN_WORK", 64)
+    for n_tokens in (1, 20):
+        for which in range(3):
+            dec = FMMDecoder(d=D, dv=DV, block_size=M, rank=P, method=method)
+            arrays = list(qkv((), n_tokens, seed=which))
+            arrays[which][n_tokens // 2, 1] = bad_value
+            call = dec.step if n_tokens == 1 else dec.prefill
+            with pytest.raises(ValueError, match=f"{'qkv'[which]} contains NaN or infinity"):
+                call(*arrays)
+            assert dec.position == 0
+            call(*arrays, check_finite=False)  # the check is what refused them
+            assert dec.position == n_tokens
+
+
 def test_bad_inputs():
     dec = FMMDecoder(batch_shape=(2,), d=D, dv=DV, block_size=M, rank=P)
     q, k, v = qkv((2,), 1)

@@ -145,6 +145,20 @@ def _learned_finish(b, level, slot, rank, acck, accv, accn, ck, cv, cb, cn, coun
 
 
 @jit()
+def first_nonfinite(q, k, v):
+    """Which of the flat arrays ``q, k, v`` holds a NaN or infinity first (0, 1, 2), or -1.
+
+    A decode step checks a few tokens: one serial call for all three costs less than three
+    NumPy passes (each a ufunc, a temporary and a reduction).
+    """
+    for which, arr in enumerate((q, k, v)):
+        for i in range(arr.size):
+            if not np.isfinite(arr[i]):
+                return which
+    return -1
+
+
+@jit()
 def _dot(a, b):
     total = a.dtype.type(0)
     for e in range(a.size):
@@ -256,6 +270,10 @@ def fma_decode(
                     lse[b, h, s] = -np.inf
                     continue
                 total = exp_shift_sum(logits[:nk], mx)
+                if not total > 0:  # a non-finite input (check_finite=False): NaN, not a ZeroDivisionError
+                    out[b, h, s] = np.nan
+                    lse[b, h, s] = np.nan
+                    continue
                 acc[:] = 0
                 nk = 0
                 for j in range(lo, i + 1):
