@@ -56,13 +56,16 @@ def main(max_log2=20):
     for log2 in [x for x in (10, 14, 17, 20) if x <= max_log2]:
         T = 2**log2
         q, k, v = tokens(rng, T + N_STEPS)
-        t0 = time.perf_counter()
-        fmm_attention(q, k, v, causal=True, check_finite=False)
-        t_forward = time.perf_counter() - t0
-        dec = FMMDecoder(d=D, dtype=np.float32)
-        t0 = time.perf_counter()
-        dec.prefill(q[:T], k[:T], v[:T])
-        t_prefill = time.perf_counter() - t0
+        # best of 3 for the one-shot call and for the prefill (a fresh decoder each time)
+        t_forward = t_prefill = np.inf
+        for _ in range(3):
+            t0 = time.perf_counter()
+            fmm_attention(q, k, v, causal=True, check_finite=False)
+            t_forward = min(t_forward, time.perf_counter() - t0)
+            dec = FMMDecoder(d=D, dtype=np.float32)
+            t0 = time.perf_counter()
+            dec.prefill(q[:T], k[:T], v[:T])
+            t_prefill = min(t_prefill, time.perf_counter() - t0)
         t_fma = per_step(dec, q[T:], k[T:], v[T:], N_STEPS)
         t_total = t_prefill + t_fma * N_STEPS
         fma_bytes = dec.state_bytes
