@@ -62,14 +62,15 @@ def _global_list(global_tokens):
 
 def _check_tokens_finite(arrays):
     """Reject NaN or infinity in the (contiguous) ``q, k, v`` of a prefill or step."""
-    if sum(arr.size for arr in arrays) > _config.DECODE_PARALLEL_MIN_WORK:  # a prompt: the parallel check
+    if arrays[0].size + arrays[1].size + arrays[2].size > _config.DECODE_PARALLEL_MIN_WORK:  # a prompt: the parallel check
         for name, arr in zip("qkv", arrays):
             check_finite_array(arr, name)
         return
-    from .cpu.decode import first_nonfinite
+    from .cpu import decode as kernels
 
     # a step's few tokens: one serial call for all three (no parallel launch, no temporaries)
-    bad = first_nonfinite(*(arr.reshape(-1) for arr in arrays))
+    q, k, v = arrays
+    bad = kernels.first_nonfinite(q.reshape(-1), k.reshape(-1), v.reshape(-1))
     if bad >= 0:
         raise ValueError(f"{'qkv'[bad]} contains NaN or infinity (pass check_finite=False to skip this check)")
 
