@@ -105,24 +105,21 @@ def run(args):
         fn(wq, wk, wv)
         progress.update(f"warm-up {name}")
 
-    rows = []
-    for n in args.n:
-        q, k, v = random_inputs(n, args.d, heads=1)
-        ref = None
+    def measure_all(methods, q, k, v, label):
+        # the first method (exact attention) is the reference of the others
+        rows, ref = [], None
         for name, fn in methods:
             out, row = _measure(args, name, fn, q, k, v, ref)
             ref = out if ref is None else ref
             rows.append(row)
-            progress.update(f"{name} n={n}")
+            progress.update(f"{name} {label}")
+        return rows
 
+    rows = []
+    for n in args.n:
+        rows += measure_all(methods, *random_inputs(n, args.d, heads=1), f"n={n}")
     q, k, v, provenance = real_sample()
-    real_rows = []
-    ref = None
-    for name, fn in real_methods:
-        out, row = _measure(args, name, fn, q, k, v, ref)
-        ref = out if ref is None else ref
-        real_rows.append(row)
-        progress.update(f"{name} real sample")
+    real_rows = measure_all(real_methods, q, k, v, "real sample")
     progress.close()
     print(f"\nRandom Gaussian inputs, one head, d={args.d}, float32 (attention is nearly uniform):")
     print(format_table(rows, HEADERS))
