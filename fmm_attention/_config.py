@@ -87,6 +87,10 @@ BACKWARD_LEARNED_TOKENS = 256
 #: 8 MB took three times the page faults per call (n = 16384, d = 64, glibc). The slabs
 #: change no result.
 BACKWARD_PARTIAL_BYTES = 16 << 20
+#: FMA's backward: query blocks per run. A run's jobs add the near-field key gradients of
+#: its blocks straight into ``dk``, ``dv`` (even runs, then odd runs), in a few runs' rows
+#: at a time; the run grid depends on the shapes and this knob only (at least 2 blocks).
+BACKWARD_RUN_BLOCKS = 8
 
 #: Dask, exact attention over sequence chunks: query rows per score tile (a task holds one
 #: ``rows x key chunk`` tile at a time).

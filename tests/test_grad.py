@@ -425,24 +425,69 @@ def test_inputs_are_never_modified(vjp, options):
         np.testing.assert_array_equal(x, c)
 
 
-@pytest.mark.parametrize("options", [dict(block_size=4, rank=2, causal=True), dict(block_size=4, rank=2, refine=6)])
+@pytest.mark.parametrize("options", [dict(block_size=4, rank=2, causal=True), dict(block_size=4, rank=2, refine=6),
+                                     dict(block_size=4, rank=2, global_tokens=(5, 60))])
 def test_fma_slabs_of_blocks_change_no_bit(monkeypatch, options):
-    # long sequences run the backward in slabs of query blocks (bounded partial buffers);
-    # every target still sums its partials in one left-to-right chain
+    # long sequences run the backward in slabs of runs of query blocks (bounded partial
+    # buffers); every partial target still sums in one left-to-right chain, and every
+    # near-field row of dk, dv adds its blocks' shares in the order of the run grid
     from fmm_attention.cpu import backward_ops
 
     q, k, v = qkv(90, seed=24)
     mask = random_mask((2,), 90)
     g = np.random.default_rng(8).standard_normal(v.shape)
+    monkeypatch.setattr(_config, "BACKWARD_RUN_BLOCKS", 2)  # 11 runs of the 23 blocks
     out, pullback = fmm_attention_vjp(q, k, v, key_padding_mask=mask, **options)
     whole = pullback(g)
-    monkeypatch.setattr(_config, "BACKWARD_PARTIAL_BYTES", 1)  # one block per slab
+    monkeypatch.setattr(_config, "BACKWARD_PARTIAL_BYTES", 1)  # one or two runs per slab
     tree = build_tree(90, block_size=4, rank=2, causal=options.get("causal", False))
+    runs = backward_ops._runs(0, tree.n_blocks)
+    assert runs.size - 1 == 11 and np.all(np.diff(runs) >= 2)
     col_ptr = np.arange(tree.n_blocks + 1)[None] * 10
-    assert len(backward_ops._slabs(col_ptr, 1)) == tree.n_blocks
+    slabs = backward_ops._slabs(col_ptr, 1, runs)
+    assert [hi for _, hi in slabs] == [1, 3, 5, 7, 9, 11]  # each ends before an odd run
     sliced = pullback(g)
     for a, b in zip(whole[:3], sliced[:3]):
         np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("run_blocks", [2, 3, 100])
+def test_fma_run_grid_changes_only_rounding(monkeypatch, run_blocks):
+    # near-field key gradients go straight into dk, dv run by run; the run length changes
+    # the order of those sums only (and each grid is deterministic across threads)
+    q, k, v = qkv(90, seed=25)
+    mask = random_mask((2,), 90)
+    g = np.random.default_rng(9).standard_normal(v.shape)
+    options = dict(block_size=4, rank=2, key_padding_mask=mask, global_tokens=(7,))
+    want = fmm_attention_vjp(q, k, v, **options)[1](g)
+    monkeypatch.setattr(_config, "BACKWARD_RUN_BLOCKS", run_blocks)
+    before = numba.get_num_threads()
+    try:
+        got = []
+        for threads in (1, min(2, numba.config.NUMBA_NUM_THREADS)):
+            numba.set_num_threads(threads)
+            got.append(fmm_attention_vjp(q, k, v, **options)[1](g))
+    finally:
+        numba.set_num_threads(before)
+    for a, b, c in zip(got[0][:3], got[1][:3], want[:3]):
+        np.testing.assert_array_equal(a, b)
+        np.testing.assert_allclose(a, c, rtol=1e-12, atol=1e-14)
+
+
+def test_fma_near_field_columns_have_no_partial_rows():
+    # the transposed plan numbers only the columns that are not added straight into dk, dv:
+    # with the near field gone, the columns left are the coarse rows and the global tokens
+    from fmm_attention.cpu.backward_plan import shared_transpose
+    from fmm_attention.tree import TOKEN
+
+    tree = build_tree(90, block_size=4, rank=2)
+    ptr, segments, _ = tree.plan(global_tokens=(40,))
+    col_ptr = shared_transpose(tree, True, (40,))[4][0]
+    for block in range(tree.n_blocks):
+        segs = segments[ptr[block] : ptr[block + 1]]
+        far = segs[(segs[:, 0] != TOKEN) | (segs[:, 1] < (block - 1) * 4) | (segs[:, 1] + segs[:, 2] > (block + 2) * 4)]
+        assert col_ptr[block + 1] - col_ptr[block] == far[:, 2].sum()
+        assert (far[:, 0] == TOKEN).sum() == (0 if block in (9, 10, 11) else 1)  # token 40 is in block 10
 
 
 def test_leading_dims_and_pullback_reuse():

@@ -14,10 +14,13 @@ the plan, never by the thread count:
 - exact attention: a fixed grid of (query range, key range) rectangles, each writing its
   own partial sums of ``dq`` (per key range) and ``dk``, ``dv`` (per query range), summed
   in index order;
-- FMA: each query block writes ``dq`` for its queries and one row of key-side partials per
-  column of its plan (``dk_cols``, ``dv_cols``); :func:`reduce_columns` then sums, for each
-  key or coarse row, the partials of the blocks that list it, in block order (the
-  transposed plan of :mod:`fmm_attention.cpu.backward_plan`).
+- FMA: each query block writes ``dq`` for its queries, adds its near-field key gradients
+  straight into ``dk``, ``dv`` (runs of blocks in two passes, even runs then odd, so that
+  no two concurrent jobs share a row), and writes one row of key-side partials per other
+  column of its plan (``dk_cols``, ``dv_cols``: coarse rows, global tokens, refined
+  boxes); :func:`reduce_columns` then sums, for each key or coarse row, the partials of
+  the blocks that list it, in block order (the transposed plan of
+  :mod:`fmm_attention.cpu.backward_plan`).
 """
 
 import numpy as np
@@ -29,6 +32,7 @@ from ..tree import TOKEN
 from ._jit import jit
 from ._softmax import _exp32_parts, _exp64_parts, exp_shift_sum
 from ._tiles import gemm_tiles, panel_width
+from .backward_plan import is_direct
 
 
 @jit()
@@ -156,24 +160,33 @@ def exact_backward_tiles(q, k, v, key_bias, has_mask, scale, causal, g, lse, del
 @jit(parallel=True)
 def block_backward(
     q, k, v, q_index, kv_index, q_start, key_bias, has_mask, kc, vc, cbias, seg_lo, seg_hi, segments, col_ptr,
-    max_keys, block_size, scale, causal, g, lse, delta, n_chunks, blk_lo, blk_hi, dq, dk_cols, dv_cols,
+    max_keys, block_size, scale, causal, g, lse, delta, n_chunks, run_starts, run_lo, run_hi, parity, set_ptr,
+    set_entries, dq, dk, dv, dk_cols, dv_cols,
 ):
     """Backward of :func:`fmm_attention.cpu.blocks.block_attention` over the same plan.
 
     For block ``I`` of output entry ``b`` (plan ``p = b``, or ``p = 0`` when shared) the
-    plan's columns are gathered in segment order, exactly as the forward lists them: token
-    rows of ``k``/``v`` with their mask bias (masked tokens zeroed, as the forward does),
-    coarse rows of ``kc``/``vc`` with ``cbias``. As in the forward, entry ``b`` reads the
-    queries ``q[q_index[b]]`` and the keys, values, coarse rows and key bias of
-    ``kv_index[b]`` (grouped heads and broadcast leading dims copy nothing), and query ``i``
-    sits at key position ``q_start + i``: block rows without a query are padding (weight
-    0). Writes ``dq[b]`` of the block's queries (the far field of coarse queries adds to it
-    later) and, for plan column ``c``, the block's share of that key's gradient into row
-    ``col_ptr[p, I] + c`` of ``dk_cols[b]``/``dv_cols[b]`` (per output entry: the entries
-    of one key set are summed by :func:`reduce_columns`). ``col_ptr`` (P, n_blocks + 1)
-    holds each block's first column. Only the blocks ``blk_lo <= I < blk_hi`` run (each
-    must hold a query), their columns written from row 0 (column ``col_ptr[p, blk_lo]``)
-    of the partial buffers.
+    plan's segments are gathered as the forward lists them, the near-field token segments
+    (:func:`.backward_plan.is_direct`) first and the others after them, each group in
+    segment order: token rows of ``k``/``v`` with their mask bias (masked tokens zeroed, as
+    the forward does), coarse rows of ``kc``/``vc`` with ``cbias``. As in the forward,
+    entry ``b`` reads the queries ``q[q_index[b]]`` and the keys, values, coarse rows and
+    key bias of ``kv_index[b]`` (grouped heads and broadcast leading dims copy nothing),
+    and query ``i`` sits at key position ``q_start + i``: block rows without a query are
+    padding (weight 0). Writes ``dq[b]`` of the block's queries (the far field of coarse
+    queries adds to it later), adds the near-field key gradients straight into ``dk``,
+    ``dv`` of key set ``kv_index[b]``, and writes the other columns' shares into row
+    ``col_ptr[p, I] - col_ptr[p, run_starts[run_lo]]`` onwards of ``dk_cols[b]``/
+    ``dv_cols[b]`` (summed by :func:`reduce_columns`; ``col_ptr`` numbers the partial
+    columns only).
+
+    Jobs are (key set, run of blocks): runs ``run_lo <= r < run_hi`` with ``r % 2 ==
+    parity``, run ``r`` the blocks ``run_starts[r] .. run_starts[r + 1] - 1`` (each holding a
+    query), its entries ``set_entries[set_ptr[s] : set_ptr[s + 1]]``. A job walks its blocks
+    in order and, per block, its entries in order. A block's near field lies in the rows of
+    its neighbours, so two runs of the same parity (a run of at least two blocks between
+    them) never write the same rows of ``dk``, ``dv``: no atomics, and each row adds its
+    shares in one order fixed by the run grid (set from the shapes, never the threads).
 
     Layout as in the forward: logits key-major, ``scores[key, query]``, the block's queries
     padded to a multiple of the micro-kernel's panel width, so all five products run on
@@ -182,122 +195,173 @@ def block_backward(
     their feature dims padded to the panel width, and the first ``d`` (``dv``) columns are
     kept.
     """
-    n_batch = q_index.shape[0]
     d = q.shape[2]
     n = k.shape[1]
-    dv = v.shape[2]
+    dv_dim = v.shape[2]
     shared = seg_lo.shape[0] == 1
-    n_slab = blk_hi - blk_lo  # blocks blk_lo .. blk_hi - 1 run (a slab: bounded partial buffers)
-    n_jobs = n_batch * n_slab
+    n_sets = set_ptr.shape[0] - 1
+    first_run = run_lo + (run_lo + parity) % 2  # the first run of this parity
+    n_runs = max(0, (run_hi - first_run + 1) // 2)
+    n_jobs = n_sets * n_runs
     n_chunks = max(1, min(n_jobs, n_chunks))
     panel = panel_width(q)
     width = -(-block_size // panel) * panel
     d_pad = -(-d // panel) * panel
-    dv_pad = -(-dv // panel) * panel
+    dv_pad = -(-dv_dim // panel) * panel
     rows_max = max(max_keys, 1)
     n_columns = dk_cols.shape[1]
     n_q = q.shape[1]
+    slab_lo = run_starts[run_lo]
     for chunk in prange(n_chunks):
         keys = np.empty((rows_max, d), dtype=q.dtype)
-        vals = np.empty((rows_max, dv), dtype=q.dtype)
+        vals = np.empty((rows_max, dv_dim), dtype=q.dtype)
         bias = np.empty(rows_max, dtype=q.dtype)
         positions = np.empty(rows_max, dtype=np.int64)
         queries_t = np.zeros((d, width), dtype=q.dtype)  # scaled queries, transposed
-        grads_t = np.zeros((dv, width), dtype=q.dtype)  # cotangents, transposed
+        grads_t = np.zeros((dv_dim, width), dtype=q.dtype)  # cotangents, transposed
         queries = np.zeros((width, d_pad), dtype=q.dtype)  # scaled queries, row-major
         cotangents = np.zeros((width, dv_pad), dtype=q.dtype)
         scores = np.empty((rows_max, width), dtype=q.dtype)
         grads = np.empty((rows_max, width), dtype=q.dtype)
         dq_t = np.empty((d, width), dtype=q.dtype)
         dk_buf = np.empty((rows_max if d < d_pad else 1, d_pad), dtype=q.dtype)
-        dv_buf = np.empty((rows_max if dv < dv_pad else 1, dv_pad), dtype=q.dtype)
+        dv_buf = np.empty((rows_max if dv_dim < dv_pad else 1, dv_pad), dtype=q.dtype)
         shift = np.empty(width, dtype=q.dtype)
         offset = np.zeros(width, dtype=q.dtype)
         for job in range(chunk * n_jobs // n_chunks, (chunk + 1) * n_jobs // n_chunks):
-            b = job // n_slab
-            blk = blk_lo + job % n_slab
-            bq = q_index[b]
-            bk = kv_index[b]
-            p = 0 if shared else b
-            i0 = blk * block_size
-            i1 = min(n, i0 + block_size)
-            r0 = max(i0, q_start) - i0  # block rows holding queries: r0 <= row < r1
-            r1 = min(i1, q_start + n_q) - i0
+            bk = job // n_runs
+            run = first_run + 2 * (job % n_runs)
             nk = 0
-            # explicit element loops: a row slice assignment compiles a broadcast and its
-            # shape check per row, which cost more than the copy itself here
-            for s in range(seg_lo[p, blk], seg_hi[p, blk]):
-                start = segments[p, s, 1]
-                count = segments[p, s, 2]
-                if segments[p, s, 0] == TOKEN:
-                    for t in range(count):
-                        col = nk + t
-                        positions[col] = start + t
-                        bias[col] = key_bias[bk, start + t] if has_mask else 0.0
-                        live = bias[col] != -np.inf  # masked tokens may hold anything: zero them
+            n_direct = 0
+            for blk in range(run_starts[run], run_starts[run + 1]):
+                i0 = blk * block_size
+                i1 = min(n, i0 + block_size)
+                r0 = max(i0, q_start) - i0  # block rows holding queries: r0 <= row < r1
+                r1 = min(i1, q_start + n_q) - i0
+                for slot in range(set_ptr[bk], set_ptr[bk + 1]):
+                    b = set_entries[slot]
+                    bq = q_index[b]
+                    p = 0 if shared else b
+                    if not shared or slot == set_ptr[bk]:  # a shared plan gathers once per block
+                        nk = 0
+                        # near-field tokens first, then the rest: explicit element loops (a row
+                        # slice assignment compiles a broadcast and its shape check per row,
+                        # which cost more than the copy itself here)
+                        for direct_pass in (True, False):
+                            for s in range(seg_lo[p, blk], seg_hi[p, blk]):
+                                kind = segments[p, s, 0]
+                                start = segments[p, s, 1]
+                                count = segments[p, s, 2]
+                                if is_direct(kind, start, count, blk, block_size) != direct_pass:
+                                    continue
+                                if kind == TOKEN:
+                                    for t in range(count):
+                                        col = nk + t
+                                        positions[col] = start + t
+                                        bias[col] = key_bias[bk, start + t] if has_mask else 0.0
+                                        live = bias[col] != -np.inf  # masked tokens may hold anything
+                                        for e in range(d):
+                                            keys[col, e] = k[bk, start + t, e] if live else 0
+                                        for e in range(dv_dim):
+                                            vals[col, e] = v[bk, start + t, e] if live else 0
+                                else:
+                                    for t in range(count):
+                                        col = nk + t
+                                        positions[col] = -1
+                                        bias[col] = cbias[bk, start + t]
+                                        for e in range(d):
+                                            keys[col, e] = kc[bk, start + t, e]
+                                        for e in range(dv_dim):
+                                            vals[col, e] = vc[bk, start + t, e]
+                                nk += count
+                            if direct_pass:
+                                n_direct = nk
+                    for i in range(width):
+                        if r0 <= i < r1:
+                            row = i0 + i - q_start
+                            for e in range(d):
+                                x = q[bq, row, e] * scale
+                                queries_t[e, i] = x
+                                queries[i, e] = x
+                            for e in range(dv_dim):
+                                grads_t[e, i] = g[b, row, e]
+                                cotangents[i, e] = g[b, row, e]
+                            shift[i] = lse[b, row] if lse[b, row] > -np.inf else np.inf
+                            offset[i] = delta[b, row]
+                        else:  # padding (the last block), or a position without a query: weight 0
+                            for e in range(d):
+                                queries_t[e, i] = 0
+                                queries[i, e] = 0
+                            for e in range(dv_dim):
+                                grads_t[e, i] = 0
+                                cotangents[i, e] = 0
+                            shift[i] = np.inf
+                            offset[i] = 0
+                    gemm_tiles(nk, width, d, keys, 0, d, 1, queries_t, 0, width, scores, 0, width, False)
+                    gemm_tiles(nk, width, dv_dim, vals, 0, dv_dim, 1, grads_t, 0, width, grads, 0, width, False)
+                    # probabilities from the forward's lse, and dS, in one pass
+                    weights_and_logit_grads(scores, grads, nk, bias, positions, i0, causal, shift, offset)
+                    # dq^T[feature, query] = sum over keys of key[key, feature] dS[key, query]
+                    gemm_tiles(d, width, nk, keys, 0, 1, d, grads, 0, width, dq_t, 0, width, False)
+                    for i in range(r0, r1):
                         for e in range(d):
-                            keys[col, e] = k[bk, start + t, e] if live else 0
-                        for e in range(dv):
-                            vals[col, e] = v[bk, start + t, e] if live else 0
-                else:
-                    for t in range(count):
-                        col = nk + t
-                        positions[col] = -1
-                        bias[col] = cbias[bk, start + t]
-                        for e in range(d):
-                            keys[col, e] = kc[bk, start + t, e]
-                        for e in range(dv):
-                            vals[col, e] = vc[bk, start + t, e]
-                nk += count
-            for i in range(width):
-                if r0 <= i < r1:
-                    row = i0 + i - q_start
-                    for e in range(d):
-                        x = q[bq, row, e] * scale
-                        queries_t[e, i] = x
-                        queries[i, e] = x
-                    for e in range(dv):
-                        grads_t[e, i] = g[b, row, e]
-                        cotangents[i, e] = g[b, row, e]
-                    shift[i] = lse[b, row] if lse[b, row] > -np.inf else np.inf
-                    offset[i] = delta[b, row]
-                else:  # padding (the last block), or a position without a query: weight 0
-                    for e in range(d):
-                        queries_t[e, i] = 0
-                        queries[i, e] = 0
-                    for e in range(dv):
-                        grads_t[e, i] = 0
-                        cotangents[i, e] = 0
-                    shift[i] = np.inf
-                    offset[i] = 0
-            gemm_tiles(nk, width, d, keys, 0, d, 1, queries_t, 0, width, scores, 0, width, False)
-            gemm_tiles(nk, width, dv, vals, 0, dv, 1, grads_t, 0, width, grads, 0, width, False)
-            # probabilities from the forward's lse, and dS, in one pass
-            weights_and_logit_grads(scores, grads, nk, bias, positions, i0, causal, shift, offset)
-            # dq^T[feature, query] = sum over keys of key[key, feature] dS[key, query]
-            gemm_tiles(d, width, nk, keys, 0, 1, d, grads, 0, width, dq_t, 0, width, False)
-            for i in range(r0, r1):
-                for e in range(d):
-                    dq[b, i0 + i - q_start, e] = dq_t[e, i] * scale
-            # key-side shares: dS @ (scale q) and P @ g, one row per plan column
-            # (straight into the partial rows when the feature dims fill whole panels)
-            c0 = col_ptr[p, blk] - col_ptr[p, blk_lo]  # the slab's first column is row 0
-            if d == d_pad:
-                gemm_tiles(nk, d, width, grads, 0, width, 1, queries, 0, d, dk_cols, (b * n_columns + c0) * d, d,
-                           False)
-            else:
-                gemm_tiles(nk, d_pad, width, grads, 0, width, 1, queries, 0, d_pad, dk_buf, 0, d_pad, False)
-                for j in range(nk):
-                    for e in range(d):
-                        dk_cols[b, c0 + j, e] = dk_buf[j, e]
-            if dv == dv_pad:
-                gemm_tiles(nk, dv, width, scores, 0, width, 1, cotangents, 0, dv, dv_cols, (b * n_columns + c0) * dv,
-                           dv, False)
-            else:
-                gemm_tiles(nk, dv_pad, width, scores, 0, width, 1, cotangents, 0, dv_pad, dv_buf, 0, dv_pad, False)
-                for j in range(nk):
-                    for e in range(dv):
-                        dv_cols[b, c0 + j, e] = dv_buf[j, e]
+                            dq[b, i0 + i - q_start, e] = dq_t[e, i] * scale
+                    # key-side shares: dS @ (scale q) and P @ g; near-field rows added into
+                    # dk, dv (straight from the micro-kernel when the feature dims fill whole
+                    # panels), the others one partial row per column
+                    c0 = col_ptr[p, blk] - col_ptr[p, slab_lo]
+                    if d == d_pad:
+                        _direct_shares(grads, width, queries, d, dk, bk, n, segments, p, seg_lo[p, blk],
+                                       seg_hi[p, blk], blk, block_size)
+                        gemm_tiles(nk - n_direct, d, width, grads, n_direct * width, width, 1, queries, 0, d, dk_cols,
+                                   (b * n_columns + c0) * d, d, False)
+                    else:
+                        gemm_tiles(nk, d_pad, width, grads, 0, width, 1, queries, 0, d_pad, dk_buf, 0, d_pad, False)
+                        _scatter_shares(dk_buf, d, n_direct, nk, dk, bk, dk_cols, b, c0, segments, p, seg_lo[p, blk],
+                                        seg_hi[p, blk], blk, block_size)
+                    if dv_dim == dv_pad:
+                        _direct_shares(scores, width, cotangents, dv_dim, dv, bk, n, segments, p, seg_lo[p, blk],
+                                       seg_hi[p, blk], blk, block_size)
+                        gemm_tiles(nk - n_direct, dv_dim, width, scores, n_direct * width, width, 1, cotangents, 0,
+                                   dv_dim, dv_cols, (b * n_columns + c0) * dv_dim, dv_dim, False)
+                    else:
+                        gemm_tiles(nk, dv_pad, width, scores, 0, width, 1, cotangents, 0, dv_pad, dv_buf, 0, dv_pad,
+                                   False)
+                        _scatter_shares(dv_buf, dv_dim, n_direct, nk, dv, bk, dv_cols, b, c0, segments, p,
+                                        seg_lo[p, blk], seg_hi[p, blk], blk, block_size)
+
+
+@jit()
+def _direct_shares(weights, width, rhs, e_dim, target, bk, n, segments, p, s_lo, s_hi, blk, block_size):
+    """``target[bk, rows] += weights[cols] @ rhs`` for each near-field token segment of the
+    block (its columns come first in the gather, in segment order)."""
+    col = 0
+    for s in range(s_lo, s_hi):
+        start = segments[p, s, 1]
+        count = segments[p, s, 2]
+        if is_direct(segments[p, s, 0], start, count, blk, block_size):
+            gemm_tiles(count, e_dim, width, weights, col * width, width, 1, rhs, 0, e_dim, target,
+                       (bk * n + start) * e_dim, e_dim, True)
+            col += count
+
+
+@jit()
+def _scatter_shares(buf, e_dim, n_direct, nk, target, bk, cols, b, c0, segments, p, s_lo, s_hi, blk, block_size):
+    """The padded-feature case of :func:`_direct_shares`: the shares of all ``nk`` columns
+    are in ``buf``; near-field rows are added to ``target[bk]``, the rest copied into the
+    partial rows ``cols[b, c0:]``."""
+    col = 0
+    for s in range(s_lo, s_hi):
+        start = segments[p, s, 1]
+        count = segments[p, s, 2]
+        if is_direct(segments[p, s, 0], start, count, blk, block_size):
+            for t in range(count):
+                for e in range(e_dim):
+                    target[bk, start + t, e] += buf[col + t, e]
+            col += count
+    for j in range(nk - n_direct):
+        for e in range(e_dim):
+            cols[b, c0 + j, e] = buf[n_direct + j, e]
 
 
 @jit(parallel=True)

@@ -110,7 +110,7 @@ class FMMResiduals:
             np.cumsum(segments[:, :, 2], axis=1, out=csum[:, 1:])
             keys = np.take_along_axis(csum, seg_hi, 1) - np.take_along_axis(csum, seg_lo, 1)
             plan = (seg_lo, seg_hi, segments, int(keys.max())) + transpose_plan(
-                seg_lo, seg_hi, segments, tree.n, tree.n_coarse
+                seg_lo, seg_hi, segments, tree.n, tree.n_coarse, tree.block_size
             )
         return cls(batch, tree, coarsening, query_coarsening, coarse_valid, kc, vc, cbias, plan, groups)
 
@@ -147,27 +147,41 @@ def fmm_backward(res, g, lse, delta):
     dvc = np.zeros_like(res.vc)
     m = tree.block_size
     first, end = layout.query_offset // m, (layout.query_offset + layout.n_q - 1) // m + 1  # blocks with queries
-    slabs = _slabs(col_ptr, B * (d + dv_dim) * dtype.itemsize, first, end)
-    width = max(int(np.max(col_ptr[:, hi] - col_ptr[:, lo])) for lo, hi in slabs)
+    run_starts = _runs(first, end)
+    slabs = _slabs(col_ptr, B * (d + dv_dim) * dtype.itemsize, run_starts)
+    width = max(int(np.max(col_ptr[:, run_starts[hi]] - col_ptr[:, run_starts[lo]])) for lo, hi in slabs)
     # one partial buffer for every slab: its pages are touched once, and a slab's partials
     # are read back while they are still in the cache
     dk_cols = np.empty((B, max(width, 1), d), dtype=dtype)
     dv_cols = np.empty((B, max(width, 1), dv_dim), dtype=dtype)
     cursor = np.array(np.broadcast_to(t_ptr[:, :-1], (B, t_ptr.shape[1] - 1)))
-    order = np.argsort(layout.kv_index, kind="stable")  # each key set's entries, ascending
+    order = np.argsort(layout.kv_index, kind="stable").astype(np.int64)  # each key set's entries, ascending
     set_ptr = np.searchsorted(layout.kv_index[order], np.arange(batch.k.shape[0] + 1)).astype(np.int64)
     chunks = _config.FMA_CHUNKS_PER_THREAD * numba.get_num_threads()
+    # token rows with partial columns (global tokens, refined boxes) sum them apart from the
+    # near-field shares, so that both sums run in orders the slabs do not change
+    far_tokens = bool(np.any(t_ptr[:, n] > 0))
+    dk_far = np.zeros_like(dk) if far_tokens else dk
+    dv_far = np.zeros_like(dv) if far_tokens else dv
     for lo, hi in slabs:  # in block order: each target's partials are added left to right
+        for parity in (0, 1):  # even runs, then odd runs: concurrent jobs never share a row of dk, dv
+            with launch_guard():
+                block_backward(
+                    batch.q, batch.k, batch.v, layout.q_index, layout.kv_index, layout.query_offset, key_bias,
+                    has_mask, res.kc, res.vc, res.cbias, seg_lo, seg_hi, segments, col_ptr, max_keys, m, scale,
+                    tree.causal, g, lse, delta, chunks, run_starts, lo, hi, parity, set_ptr, order, dq, dk, dv,
+                    dk_cols, dv_cols,
+                )
+        if width == 0:  # no partial columns anywhere (coarse queries, no global tokens)
+            continue
         with launch_guard():
-            block_backward(
-                batch.q, batch.k, batch.v, layout.q_index, layout.kv_index, layout.query_offset, key_bias, has_mask,
-                res.kc, res.vc, res.cbias, seg_lo, seg_hi, segments, col_ptr, max_keys, m, scale, tree.causal, g,
-                lse, delta, chunks, lo, hi, dq, dk_cols, dv_cols,
-            )
-        with launch_guard():
-            reduce_columns(dk_cols, dv_cols, t_ptr, t_cols, np.ascontiguousarray(col_ptr[:, lo]),
-                           np.ascontiguousarray(col_ptr[:, hi]), cursor, n, set_ptr, order.astype(np.int64), dk, dv,
-                           dkc, dvc)
+            reduce_columns(dk_cols, dv_cols, t_ptr, t_cols, np.ascontiguousarray(col_ptr[:, run_starts[lo]]),
+                           np.ascontiguousarray(col_ptr[:, run_starts[hi]]), cursor, n, set_ptr, order, dk_far,
+                           dv_far, dkc, dvc)
+    if far_tokens:
+        dk += dk_far
+        dv += dv_far
+        del dk_far, dv_far
     del dk_cols, dv_cols, cursor
     if res.query_coarsening:
         _far_backward(res, g, lse, delta, dq, dkc, dvc)
@@ -206,20 +220,38 @@ def fmm_backward(res, g, lse, delta):
     return dq, dk, dv, learned
 
 
-def _slabs(col_ptr, bytes_per_column, first=0, end=None):
-    """``[(lo, hi), ...]``: consecutive ranges of the query blocks ``first <= I < end`` whose
-    partial rows (the most over the plans) fit ``_config.BACKWARD_PARTIAL_BYTES``; at least
-    one block each. The slabs change no result (see :func:`.backward.reduce_columns`).
+def _runs(first, end):
+    """Starts of the runs of query blocks ``first <= I < end`` (and ``end``): runs of
+    ``_config.BACKWARD_RUN_BLOCKS`` blocks (at least 2), the last one taking the remainder,
+    so every run but a lone one holds at least two blocks (what keeps runs of one parity
+    apart, see :func:`.backward.block_backward`). Set by the shapes only.
+    """
+    size = max(2, int(_config.BACKWARD_RUN_BLOCKS))
+    n_runs = max(1, (end - first) // size)
+    starts = first + size * np.arange(n_runs + 1, dtype=np.int64)
+    starts[-1] = end
+    return starts
+
+
+def _slabs(col_ptr, bytes_per_column, run_starts):
+    """``[(lo, hi), ...]``: consecutive ranges of runs (``run_starts``, from :func:`_runs`)
+    whose partial rows (the most over the plans) fit ``_config.BACKWARD_PARTIAL_BYTES``.
+    A slab ends only before an odd run (or at the end), so that it holds whole pairs of an
+    even run and the odd run after it: within a slab even runs go before odd ones, so every
+    row of ``dk``, ``dv`` adds its shares in the same order whatever the slabs (the slabs
+    change no result).
     """
     budget = int(_config.BACKWARD_PARTIAL_BYTES)
     most = max(1, int(budget // bytes_per_column))  # columns per slab
-    n_blocks = col_ptr.shape[1] - 1 if end is None else end
-    ends = col_ptr.max(axis=0)  # a slab's columns are at most ends[hi] - starts[lo] over the plans
-    starts = col_ptr.min(axis=0)
-    slabs, lo = [], first
-    while lo < n_blocks:
+    n_runs = run_starts.size - 1
+    ends = col_ptr.max(axis=0)[run_starts]  # a slab's columns are at most ends[hi] - starts[lo] over the plans
+    starts = col_ptr.min(axis=0)[run_starts]
+    slabs, lo = [], 0
+    while lo < n_runs:
         hi = int(np.searchsorted(ends, starts[lo] + most, side="right")) - 1
-        hi = min(n_blocks, max(hi, lo + 1))
+        hi = min(n_runs, max(hi, lo + 1))
+        if hi < n_runs and hi % 2 == 0:  # end before an odd run: one more run, or one less
+            hi = hi - 1 if hi - 1 > lo else hi + 1
         slabs.append((lo, hi))
         lo = hi
     return slabs

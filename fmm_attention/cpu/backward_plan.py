@@ -1,23 +1,37 @@
 """The transposed key plan of FMA's backward: for every key, the block columns that list it.
 
 The forward plan is query-major: block ``I`` lists its segments of token rows and coarse
-rows. The backward's block kernel writes one row of key-side partials per plan column;
-this module numbers those columns (block by block, segment by segment, as the forward
-gathers them) and, for each target (token row ``t``, or coarse row ``r`` as target
-``n + r``), lists its columns in block order. Summing along that list is the key-major
-reduction that makes the key-side gradients deterministic without atomics.
+rows. A token segment inside the rows of blocks ``I-1 .. I+1`` (the near field,
+:func:`is_direct`) is added by the block kernel straight into ``dk``/``dv`` (runs of
+blocks two apart never share such rows). Every other column (coarse rows, global tokens,
+refined boxes) gets one row of key-side partials; this module numbers those columns
+(block by block, segment by segment, as the forward gathers them) and, for each target
+(token row ``t``, or coarse row ``r`` as target ``n + r``), lists its columns in block
+order. Summing along that list is the key-major reduction that makes the key-side
+gradients deterministic without atomics.
 Data-free like the plan itself: shared plans are transposed once and cached.
 """
 
 import functools
 
 import numpy as np
+from numba.extending import register_jitable
 
 from ..tree import TOKEN
 
 
-def transpose_plan(seg_lo, seg_hi, segments, n, n_coarse):
-    """Column numbering and transposed plan of a (shared or per-entry) key plan.
+@register_jitable
+def is_direct(kind, start, count, block, block_size):
+    """Whether a segment of block ``block``'s plan is written straight into ``dk``/``dv``:
+    token rows inside blocks ``block - 1 .. block + 1``. The block kernel and
+    :func:`transpose_plan` both decide with this one test (vectorised over arrays here).
+    """
+    return (kind == TOKEN) & (start >= (block - 1) * block_size) & (start + count <= (block + 2) * block_size)
+
+
+def transpose_plan(seg_lo, seg_hi, segments, n, n_coarse, block_size):
+    """Column numbering and transposed plan of a (shared or per-entry) key plan, over the
+    columns of the segments that are not :func:`is_direct` (those have no partial row).
 
     Parameters
     ----------
@@ -27,11 +41,13 @@ def transpose_plan(seg_lo, seg_hi, segments, n, n_coarse):
         ``(kind, start, count)`` rows.
     n, n_coarse : int
         Token rows and coarse rows (the targets are ``n + n_coarse``).
+    block_size : int
+        Tokens per query block (what :func:`is_direct` tests against).
 
     Returns
     -------
     col_ptr : ndarray of int64, shape (P, n_blocks + 1)
-        Block ``I``'s columns are ``col_ptr[p, I] : col_ptr[p, I + 1]``.
+        Block ``I``'s partial columns are ``col_ptr[p, I] : col_ptr[p, I + 1]``.
     t_ptr : ndarray of int64, shape (P, n + n_coarse + 1)
         Target ``t``'s columns are ``t_cols[p, t_ptr[p, t] : t_ptr[p, t + 1]]``.
     t_cols : ndarray of int64, shape (P, max_columns)
@@ -48,8 +64,9 @@ def transpose_plan(seg_lo, seg_hi, segments, n, n_coarse):
         first = np.cumsum(n_seg) - n_seg  # position of each block's first segment in the list
         index = np.repeat(lo - first, n_seg) + np.arange(n_seg.sum())
         segs = segments[p, index]
-        counts = segs[:, 2]
         block = np.repeat(np.arange(n_blocks), n_seg)
+        direct = is_direct(segs[:, 0], segs[:, 1], segs[:, 2], block, block_size)
+        counts = np.where(direct, 0, segs[:, 2])  # direct segments have no partial rows
         col_ptr = np.zeros(n_blocks + 1, dtype=np.int64)
         np.cumsum(np.bincount(block, weights=counts, minlength=n_blocks).astype(np.int64), out=col_ptr[1:])
         total = int(col_ptr[-1])
@@ -80,5 +97,5 @@ def shared_transpose(tree, with_far, global_tokens):
     """
     ptr, segments, max_keys = tree.plan(with_far=with_far, global_tokens=global_tokens)
     seg_lo, seg_hi, segs = ptr[None, :-1], ptr[None, 1:], segments[None]
-    transposed = transpose_plan(seg_lo, seg_hi, segs, tree.n, tree.n_coarse)
+    transposed = transpose_plan(seg_lo, seg_hi, segs, tree.n, tree.n_coarse, tree.block_size)
     return (seg_lo, seg_hi, segs, max_keys) + transposed
