@@ -366,7 +366,7 @@ def _scatter_shares(buf, e_dim, n_direct, nk, target, bk, cols, b, c0, segments,
 
 @jit(parallel=True)
 def reduce_columns(dk_cols, dv_cols, t_ptr, t_cols, col_lo, col_hi, cursor, n, set_ptr, set_entries, dk, dv, dkc,
-                   dvc):
+                   dvc, first_target):
     """Add one slab's key-side partials to their targets, in the transposed plan's order.
 
     Target ``t < n`` is token row ``t`` (added to ``dk``/``dv``), target ``n + r`` is coarse
@@ -378,16 +378,18 @@ def reduce_columns(dk_cols, dv_cols, t_ptr, t_cols, col_lo, col_hi, cursor, n, s
     target ``t``'s columns not yet added, and advances past the slab's (columns of blocks
     before the first slab, which hold no query, are skipped). Slabs run in block order, and
     within a slab the entries of a set in index order, so every target sums its partials
-    in one fixed chain, set by the shapes and the plan: never by the thread count.
+    in one fixed chain, set by the shapes and the plan: never by the thread count. Only
+    the targets ``t >= first_target`` are visited (``n`` when no token row has a partial
+    column: the near field is added by :func:`block_backward` itself).
     """
     d = dk_cols.shape[2]
     e_v = dv_cols.shape[2]
     n_sets = set_ptr.shape[0] - 1
-    n_targets = t_ptr.shape[1] - 1
+    n_targets = t_ptr.shape[1] - 1 - first_target
     shared = t_ptr.shape[0] == 1
     for job in prange(n_sets * n_targets):
         kb = job // n_targets
-        t = job % n_targets
+        t = first_target + job % n_targets
         for slot in range(set_ptr[kb], set_ptr[kb + 1]):
             b = set_entries[slot]
             p = 0 if shared else b

@@ -177,7 +177,7 @@ def fmm_backward(res, g, lse, delta):
         with launch_guard():
             reduce_columns(dk_cols, dv_cols, t_ptr, t_cols, np.ascontiguousarray(col_ptr[:, run_starts[lo]]),
                            np.ascontiguousarray(col_ptr[:, run_starts[hi]]), cursor, n, set_ptr, order, dk_far,
-                           dv_far, dkc, dvc)
+                           dv_far, dkc, dvc, 0 if far_tokens else n)
     if far_tokens:
         dk += dk_far
         dv += dv_far
