@@ -80,7 +80,8 @@ BACKWARD_MAX_GRID = 4
 BACKWARD_MIN_SPAN = 512
 #: Learned coarsening's backward (its downward pass): tokens per parallel job.
 BACKWARD_LEARNED_TOKENS = 256
-#: FMA's backward: bytes of the key-side partial buffers (one row per plan column, for all
+#: FMA's backward: bytes of the key-side partial buffers (one row per plan column outside the
+#: near field, which goes straight into dk, dv; for all
 #: output entries); longer sequences run in slabs of query blocks that fit, all in one
 #: buffer. Smaller means less memory and more launches; 16 MB keeps the buffer (and the
 #: gradients allocated after it) in pages the allocator reuses from call to call, where
