@@ -241,7 +241,10 @@ def _fmm_vjp_bytes(layout, itemsize, tree, options, *, refine_given):
     # the refined plan and its transposition: twice the forward's per-entry plans
     residuals += 2 * parts["refinement"]
     max_keys = 3 * tree.block_size + n_globals + 3 * tree.rank * tree.n_levels + options.refine
-    partials = max(int(_config.BACKWARD_PARTIAL_BYTES), B * max_keys * (d + dv) * itemsize)
+    # a slab holds the columns that fit the budget (at least one block's), at most all of them
+    per_column = B * (d + dv) * itemsize
+    columns = min(max(int(_config.BACKWARD_PARTIAL_BYTES) // per_column, max_keys), tree.n_blocks * max_keys)
+    partials = columns * per_column
     backward = (B * n_q * (d + dv + 1) + n_sets * (n_k + C) * (d + dv) + q_size + kv_size) * itemsize
     backward += partials + B * (n_k + C) * 8  # the slab's partials, the transposed plan's cursors
     if options.coarsening.name == "learned":
