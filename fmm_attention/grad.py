@@ -177,8 +177,9 @@ def _pullback_inputs(batch, out, lse, g_out, g_lse):
 # ---------------------------------------------------------------- memory estimates
 # Each VJP's setup estimates what its forward, its residuals and its pullback allocate,
 # from the shapes alone, and refuses the call (``tree.check_memory``: the forward's error,
-# naming the argument that drives the largest part) before anything is copied. Upper
-# bounds within small factors, as the forward's estimates.
+# naming the argument that drives the largest part) before anything is copied. Estimates,
+# not strict bounds: at n = 512 to 4096 (float64, grouped and cross-length calls included)
+# they came to 0.99x - 2.3x of the measured peak of forward + pullback (caller's cotangent included).
 def _layout(q, k, v, **resolve):
     """``(layout, dtype)`` of a call from its shapes and dtypes (nothing is copied)."""
     from . import _shapes
@@ -245,7 +246,11 @@ def _fmm_vjp_bytes(layout, itemsize, tree, options, *, refine_given):
     per_column = B * (d + dv) * itemsize
     columns = min(max(int(_config.BACKWARD_PARTIAL_BYTES) // per_column, max_keys), tree.n_blocks * max_keys)
     partials = columns * per_column
-    backward = (B * n_q * (d + dv + 1) + n_sets * (n_k + C) * (d + dv) + q_size + kv_size) * itemsize
+    # dq (per output entry), g and delta; dk, dv and the coarse rows' gradients per key set;
+    # the sums onto q (and onto k, v from copied key sets) when row sets are shared
+    spread = layout.broadcasts or layout.groups > 1
+    backward = (B * n_q * (d + dv + 1) + n_sets * (n_k + C) * (d + dv) + (q_size if spread else 0)
+                + (kv_size if shared else 0)) * itemsize
     backward += partials + B * (n_k + C) * 8  # the slab's partials, the transposed plan's cursors
     if options.coarsening.name == "learned":
         backward += n_sets * n_k * (d + dv) * itemsize  # transposed k, v for the weight gradient
@@ -267,7 +272,7 @@ def _fastformer_vjp_bytes(layout, itemsize, causal):
     copies = 3 * B * n * d if layout.broadcasts or layout.groups > 1 else 0
     parts = {
         "outputs": (copies + B * n * d + 2 * B * d) * itemsize,
-        "backward buffers": (B * n * d * (4 if causal else 8) + q_size + kv_size) * itemsize,
+        "backward buffers": (B * n * d * (4 if causal else 8) + (q_size + kv_size if copies else 0)) * itemsize,
     }
     return parts, {"outputs": ("n", n), "backward buffers": ("n", n)}
 
