@@ -6,7 +6,10 @@ into :mod:`fmm_attention.grad`: the forward runs the library's forward on the ho
 saves ``out`` and ``lse`` (O(n d)); the backward rebuilds the pullback from them and runs
 the library's backward kernels. So they compose with ``jax.jit``, ``jax.grad``,
 ``jax.vjp`` and ``jax.vmap`` (one host call per mapped entry), and
-``jax.test_util.check_grads(..., modes=["rev"])`` passes.
+``jax.test_util.check_grads(..., modes=["rev"])`` passes. They take every shape the NumPy
+API takes (broadcast leading dims, grouped heads, ``n_q != n_k`` with ``query_offset``),
+resolved at trace time by the library's own rules; the gradients of ``k``, ``v`` come back
+in their own shapes.
 
 :func:`fmm_attention` trains a learned coarsening when ``coarsening`` is a
 :class:`LearnedParams` (a pytree of JAX arrays in the ``torch.nn.Conv1d`` layout of the
@@ -30,6 +33,7 @@ import numpy as np
 
 from .. import _config, _shapes
 from .. import grad as _grad
+from .._validate import check_bool
 from ..coarsening import LearnedCoarsening
 from ..options import FMMOptions
 from ..tree import build_tree
@@ -203,6 +207,7 @@ def exact_attention(q, k, v, *, causal=False, scale=None, key_padding_mask=None,
     :func:`~fmm_attention.exact_attention_vjp`).
     """
     _grad._refuse_pairwise("exact_attention", attn_mask=attn_mask, attn_bias=attn_bias, window=window)
+    causal = check_bool(causal, "causal")
     q, k, v, layout = _qkv(q, k, v, causal=causal, query_offset=query_offset)
     mask = _mask(key_padding_mask, layout)
     options = dict(causal=causal, scale=scale, check_finite=check_finite, backend="cpu", query_offset=query_offset)
@@ -323,6 +328,7 @@ def fastformer_attention(q, k, v, w_q, w_k, *, causal=False, scale=None, key_pad
     included) and ``w_q``, ``w_k`` broadcast against them as there; every gradient comes
     back in its input's own shape.
     """
+    causal = check_bool(causal, "causal")
     q, k, v, layout = _qkv(q, k, v, same_length=True)
     w_q, w_k = _float(w_q, "w_q"), _float(w_k, "w_k")
     mask = _mask(key_padding_mask, layout)
