@@ -70,6 +70,17 @@ def test_shapes_gradcheck_and_the_numpy_api(case, method):
     assert torch.autograd.gradcheck(lambda q, k, v: fn(q, k, v, return_lse=True, **options), (q, k, v))
 
 
+def test_module_takes_grouped_heads_and_query_offset():
+    module = fmt.FMMAttention(30, 3, block_size=4, rank=2)
+    q, k, v = tensors((2, 4, 7, 3), (2, 2, 30, 3), (2, 2, 30, 3), seed=10)
+    out = module(q, k, v, query_offset=10)
+    want = np_fmm_attention(*(x.detach().numpy() for x in (q, k, v)), block_size=4, rank=2,
+                            coarsening=module.coarsening(), query_offset=10)
+    np.testing.assert_array_equal(out.detach().numpy(), want)
+    out.sum().backward()
+    assert k.grad.shape == k.shape and module.key_weights[0].grad is not None
+
+
 def test_module_gradcheck_and_conv1d_layout():
     n, d, dv = 30, 3, 2
     module = fmt.FMMAttention(n, d, dv, block_size=4, rank=2)
