@@ -35,13 +35,17 @@ def held_out(causal):
 
 
 def frontier(causal):
-    """Block 16, token 0 as a sink: rank, cluster Lloyd steps and refinement budget, by time."""
+    """Token 0 as a sink: block size, rank, coarsening, Lloyd steps and refinement, by time."""
     z = np.load(DATA / "minilm_Apache-2_0.npz")
     q, k, v = (z[x].reshape(-1, 512, 32) for x in "qkv")
-    settings = [(f"mean p=4 refine {r}", dict(block_size=16, rank=4, refine=r, global_tokens=(0,))) for r in (32, 48, 64)]
-    settings += [(f"cluster {it} p={p} refine {r}",
-                  dict(block_size=16, rank=p, coarsening="cluster", cluster_iters=it, refine=r, global_tokens=(0,)))
-                 for p in (2, 4) for it in (1, 2, 3) for r in (32, 48, 64)]
+    settings = [(f"mean m={m} p={p}", dict(block_size=m, rank=p, global_tokens=(0,)))
+                for m in (16, 32, 64, 128) for p in (4, 8, 16)]
+    settings += [(f"cluster m={m} p=8 2 steps", dict(block_size=m, rank=8, coarsening="cluster", cluster_iters=2,
+                                                      global_tokens=(0,))) for m in (32, 64, 128)]
+    settings += [(f"cluster m=16 p=4 2 steps refine {r}",
+                  dict(block_size=16, rank=4, coarsening="cluster", cluster_iters=2, refine=r, global_tokens=(0,)))
+                 for r in (32, 64)]
+    settings += [("mean m=64 p=4 refine 64", dict(block_size=64, rank=4, refine=64, global_tokens=(0,)))]
     rows = accuracy_vs_cost(q, k, v, settings, causal=causal, dtype=np.float32, repeats=3)
     print("minilm_Apache-2_0 (tuning file)", "causal" if causal else "bidirectional")
     print(format_rows(rows))

@@ -29,6 +29,16 @@ from ._validate import (
 from .coarsening import LearnedCoarsening, MeanCoarsening
 
 _EMPTY_INT = np.zeros(0, dtype=np.int64)
+_KERNELS = []  # the CPU decode kernels once imported: importing the package loads no kernel module
+
+
+def _kernels():
+    """The module of CPU decode kernels (a step looks it up without an import statement)."""
+    if not _KERNELS:
+        from .cpu import decode
+
+        _KERNELS.append(decode)
+    return _KERNELS[0]
 
 
 def _positive_int(value, name):
@@ -66,8 +76,7 @@ def _check_tokens_finite(arrays):
         for name, arr in zip("qkv", arrays):
             check_finite_array(arr, name)
         return
-    from .cpu import decode as kernels
-
+    kernels = _kernels()
     # a step's few tokens: one serial call for all three (no parallel launch, no temporaries)
     q, k, v = arrays
     bad = kernels.first_nonfinite(q.reshape(-1), k.reshape(-1), v.reshape(-1))
@@ -204,6 +213,7 @@ class FMMDecoder:
         self.global_tokens = _global_list(global_tokens)
         self._B = int(np.prod(self.kv_shape, dtype=np.int64))  # one state per key/value sequence
         self._position = 0
+        self._kernel_state_cache = None
         if self.method == "exact":
             self._kv = self._ok = None
             self._vv = None
@@ -282,6 +292,27 @@ class FMMDecoder:
         self._cb = np.concatenate([self._cb, np.full((B, extra, 4, p), -np.inf, dtype=self.dtype)], axis=1)
         self._cn = np.concatenate([self._cn, np.zeros((B, extra, 4, p), dtype=self.dtype)], axis=1)
         self._n_levels = n_levels
+        self._kernel_state_cache = None
+
+    def _kernel_state(self):
+        """The decode kernel's arguments from ``block_size`` to ``gpos``, as one tuple.
+
+        Built again only after the state arrays are reallocated (:meth:`_grow_levels`,
+        :meth:`_grow_globals`): a step then passes them without looking up two dozen
+        attributes.
+        """
+        state = self._kernel_state_cache
+        if state is None:
+            gpos = self.global_tokens[: self._gk.shape[1]]
+            wv_off = self._w_off if self._learned is None else self._wv_off
+            state = self._kernel_state_cache = (
+                self.block_size, self.rank, self._n_levels, self.dtype.type(self.scale), self.count_scaling,
+                self._learned is not None,
+                self._near_k, self._near_v, self._near_ok, self._near_cv, self._ck, self._cv, self._cb, self._cn,
+                self._wkt, self._wvt, self._bk, self._bv, self._w_off, wv_off, self._bk_off, self._bv_off,
+                self._acck, self._accv, self._accn, self._gk, self._gv, self._gok, gpos,
+            )
+        return state
 
     def _levels_for(self, n_tokens):
         """Far levels with at least one finished box after ``n_tokens`` tokens."""
@@ -298,6 +329,7 @@ class FMMDecoder:
             self._gk = np.concatenate([self._gk, np.zeros((B, extra, self.d), dtype=self.dtype)], axis=1)
             self._gv = np.concatenate([self._gv, np.zeros((B, extra, self.dv), dtype=self.dtype)], axis=1)
             self._gok = np.concatenate([self._gok, np.zeros((B, extra), dtype=np.bool_)], axis=1)
+            self._kernel_state_cache = None
 
     def _grow_cache(self, n_tokens):
         have = 0 if self._kv is None else self._kv.shape[1]
@@ -382,6 +414,40 @@ class FMMDecoder:
             if not valid.flags.writeable:
                 valid = valid.copy()
         return (*out, valid, t)
+
+    def _one_token(self, q, k, v):
+        """The kernel views of one token's ``q, k, v`` if they need no conversion, else None.
+
+        A generation loop calls :meth:`step` once per token, where :meth:`_tokens`' general
+        checks and conversions cost more than the kernel: ndarrays of the decoder's dtype,
+        C-contiguous, writeable and of one token's exact shapes are taken as they are (the
+        same views :meth:`_tokens` would return); anything else goes the general way, which
+        converts it or names what is wrong.
+        """
+        if type(q) is not np.ndarray or type(k) is not np.ndarray or type(v) is not np.ndarray:
+            return None
+        shapes = self._one_token_shapes
+        if (q.shape, k.shape, v.shape) != shapes[0]:
+            return None
+        dt = self.dtype
+        if q.dtype != dt or k.dtype != dt or v.dtype != dt:
+            return None
+        for arr in (q, k, v):
+            flags = arr.flags
+            if not (flags.c_contiguous and flags.writeable):
+                return None
+        return q.reshape(shapes[1]), k.reshape(shapes[2]), v.reshape(shapes[3])
+
+    @property
+    def _one_token_shapes(self):
+        """``((q, k, v) user shapes of one token, then q's, k's and v's kernel shapes)``."""
+        cached = getattr(self, "_one_token_shapes_cache", None)
+        if cached is None:
+            kv_lead = self.batch_shape if self._g == 1 else self.kv_shape
+            user = (self.batch_shape + (1, self.d), kv_lead + (1, self.d), kv_lead + (1, self.dv))
+            cached = self._one_token_shapes_cache = (
+                user, (self._B, self._g, 1, self.d), (self._B, 1, self.d), (self._B, 1, self.dv))
+        return cached
 
     def _finish(self, out, lse, t, return_lse):
         out = out.reshape(self.batch_shape + (t, self.dv))
@@ -479,7 +545,13 @@ class FMMDecoder:
             Only with ``return_lse=True``.
         """
         return_lse = check_bool(return_lse, "return_lse")
-        qa, ka, va, valid, t = self._tokens(q, k, v, valid, "valid", check_finite)
+        one = self._one_token(q, k, v) if valid is None else None
+        if one is None:
+            qa, ka, va, valid, t = self._tokens(q, k, v, valid, "valid", check_finite)
+        else:
+            if check_bool(check_finite, "check_finite"):
+                _check_tokens_finite(one)
+            (qa, ka, va), t = one, 1
         return self._append(qa, ka, va, valid, t, return_lse)
 
     # ------------------------------------------------------------------ internals
@@ -497,8 +569,7 @@ class FMMDecoder:
                                  c.key_bias[:n_levels], c.value_bias[:n_levels])
 
     def _append(self, q, k, v, valid, t, return_lse):
-        from .cpu import decode as kernels
-
+        kernels = _kernels()
         B, g, dt = self._B, self._g, self.dtype
         out = np.empty((B, g, t, self.dv), dtype=dt)
         lse = np.empty((B, g, t), dtype=dt)
@@ -519,37 +590,32 @@ class FMMDecoder:
         else:
             self._check_reach(t)
             end = pos0 + t
-            if self._learned is None:
+            if self._learned is None and self._levels_for(end) > self._n_levels:
                 self._grow_levels(self._levels_for(end))
-            self._grow_globals(end)
             if self.global_tokens.size:
+                self._grow_globals(end)
                 positions = np.arange(pos0, end, dtype=np.int64)
                 slots = np.searchsorted(self.global_tokens, positions)
                 is_global = slots < self.global_tokens.size
                 is_global[is_global] = self.global_tokens[slots[is_global]] == positions[is_global]
             else:  # the common case, on every step: no per-call arrays
                 slots, is_global = self._no_globals(t)
-            gpos = self.global_tokens[: self._gk.shape[1]]
-            wv_off = self._w_off if self._learned is None else self._wv_off
-            keys = 2 * self.block_size + gpos.size + 2 * self.rank * self._n_levels
-            work = B * g * t * keys * (self.d + self.dv)
-            if self._learned is not None:
-                work += B * t * self.rank * self._n_levels * (self.d + self.dv)
-            kernel = kernels.fma_decode if B > 1 and work >= _config.DECODE_PARALLEL_MIN_WORK else kernels.fma_decode_serial
-            kernel(
-                q, k, v, valid, is_global, slots, pos0, self.block_size, self.rank,
-                self._n_levels, dt.type(self.scale), self.count_scaling, self._learned is not None,
-                self._near_k, self._near_v, self._near_ok, self._near_cv, self._ck, self._cv, self._cb, self._cn,
-                self._wkt, self._wvt, self._bk, self._bv, self._w_off, wv_off, self._bk_off, self._bv_off,
-                self._acck, self._accv, self._accn, self._gk, self._gv, self._gok, gpos, out, lse,
-            )
+            state = self._kernel_state()
+            kernel = kernels.fma_decode_serial
+            if B > 1:
+                keys = 2 * self.block_size + self._gk.shape[1] + 2 * self.rank * self._n_levels
+                work = B * g * t * keys * (self.d + self.dv)
+                if self._learned is not None:
+                    work += B * t * self.rank * self._n_levels * (self.d + self.dv)
+                if work >= _config.DECODE_PARALLEL_MIN_WORK:
+                    kernel = kernels.fma_decode
+            kernel(q, k, v, valid, is_global, slots, pos0, *state, out, lse)
         self._position += t
         return self._finish(out, lse, t, return_lse)
 
     def _build_state(self, k, v, valid, n, globals_now):
         """The state after a prompt of ``n`` tokens on a fresh decoder (no outputs)."""
-        from .cpu import decode as kernels
-
+        kernels = _kernels()
         B, m, p, dt = self._B, self.block_size, self.rank, self.dtype
         ok = np.ones((B, n), dtype=np.bool_) if valid is None else valid
         cvalid = ok.copy()

@@ -33,6 +33,7 @@ from ._validate import (
     attention_vector,
     check_bool,
     check_global_tokens,
+    float_dtype,
 )
 from .options import FMMOptions
 from .tree import build_tree
@@ -173,6 +174,109 @@ def _pullback_inputs(batch, out, lse, g_out, g_lse):
     return g, _delta(batch, out, g, gl)
 
 
+# ---------------------------------------------------------------- memory estimates
+# Each VJP's setup estimates what its forward, its residuals and its pullback allocate,
+# from the shapes alone, and refuses the call (``tree.check_memory``: the forward's error,
+# naming the argument that drives the largest part) before anything is copied. Estimates,
+# not strict bounds: at n = 512 to 4096 (float64, grouped and cross-length calls included)
+# they came to 0.99x - 2.3x of the measured peak of forward + pullback (caller's cotangent included).
+def _layout(q, k, v, **resolve):
+    """``(layout, dtype)`` of a call from its shapes and dtypes (nothing is copied)."""
+    from . import _shapes
+
+    arrays = {name: as_array(x, name) for name, x in (("q", q), ("k", k), ("v", v))}
+    layout = _shapes.resolve(arrays["q"].shape, arrays["k"].shape, arrays["v"].shape, **resolve)
+    return layout, float_dtype(*arrays.items())
+
+
+def _rows(layout):
+    """Elements of ``q`` and of ``k`` plus ``v`` as the caller passed them (their own sizes)."""
+    n_q_sets = int(np.prod(layout.q_lead, dtype=np.int64))
+    n_k_sets = int(np.prod(layout.k_lead, dtype=np.int64))
+    return n_q_sets * layout.n_q * layout.d, n_k_sets * layout.n_k * (layout.d + layout.dv)
+
+
+def _exact_vjp_bytes(layout, itemsize, *, masked):
+    """Parts of :func:`exact_attention_vjp`: the forward's outputs (kept as residuals) and
+    the pullback's buffers (rows gathered per output entry into a square problem of
+    ``N = max(n_q, n_k)`` rows, cotangents, per-rectangle partial gradients, the sums)."""
+    from .cpu.backward_ops import _grid
+
+    B, n_q, d, dv = layout.size, layout.n_q, layout.d, layout.dv
+    N = max(n_q, layout.n_k) if layout.cross else n_q
+    q_size, kv_size = _rows(layout)
+    sides = _grid(B, N)
+    square = B * N * (2 * d + dv)
+    # square problem, its parts and their sums; q gathered before it is embedded; the
+    # cotangents as given and embedded; the gradients summed back onto q, k, v
+    backward = (square * (1 + sides + (sides > 1)) + B * n_q * (d + dv + 1) + B * N * (dv + 2) + q_size
+                + kv_size)
+    parts = {
+        "outputs": (B * n_q * (dv + 1) + (kv_size if masked else 0)) * itemsize,
+        "backward buffers": backward * itemsize,
+    }
+    return parts, {"outputs": ("n", n_q), "backward buffers": ("n", N)}
+
+
+def _fmm_vjp_bytes(layout, itemsize, tree, options, *, refine_given):
+    """Parts of :func:`fmm_attention_vjp`: the forward's (:func:`~fmm_attention.tree.fmm_call_bytes`),
+    the residuals (coarse buffers, cluster groups, a refined plan and its transposition,
+    copies of shared key sets) and the pullback's buffers (gradients of the inputs and of
+    the coarse rows, cotangents, the slab of partials, coarse queries' far field)."""
+    from .tree import _level_sizes, fmm_call_bytes
+
+    B, n_q, n_k, d, dv = layout.size, layout.n_q, layout.n_k, layout.d, layout.dv
+    n_globals = len(options.global_tokens)
+    parts = fmm_call_bytes(tree, batch=B, d=d, dv=dv, itemsize=itemsize, refine=options.refine,
+                           query_coarsening=options.query_coarsening, n_globals=n_globals,
+                           coarsening=options.coarsening)
+    q_size, kv_size = _rows(layout)
+    shared = (options.refine > 0 or options.query_coarsening) and (layout.broadcasts or layout.groups > 1)
+    n_sets = B if shared else int(np.prod(layout.k_lead, dtype=np.int64))  # key sets the pullback reads
+    n_levels, _, C = _level_sizes(n_k, tree.block_size, tree.rank)
+    residuals = n_sets * C * (d + dv + 1) * itemsize
+    if shared:
+        residuals += B * (n_q * d + n_k * (d + dv)) * itemsize
+    if options.coarsening.name == "cluster":
+        residuals += n_sets * (n_levels * n_k + 2 * C) * 8  # labels, parents, counts
+    # the refined plan and its transposition: twice the forward's per-entry plans
+    residuals += 2 * parts["refinement"]
+    max_keys = 3 * tree.block_size + n_globals + 3 * tree.rank * tree.n_levels + options.refine
+    # a slab holds the columns that fit the budget (at least one block's), at most all of them
+    per_column = B * (d + dv) * itemsize
+    columns = min(max(int(_config.BACKWARD_PARTIAL_BYTES) // per_column, max_keys), tree.n_blocks * max_keys)
+    partials = columns * per_column
+    # dq (per output entry), g and delta; dk, dv and the coarse rows' gradients per key set;
+    # the sums onto q (and onto k, v from copied key sets) when row sets are shared
+    spread = layout.broadcasts or layout.groups > 1
+    backward = (B * n_q * (d + dv + 1) + n_sets * (n_k + C) * (d + dv) + (q_size if spread else 0)
+                + (kv_size if shared else 0)) * itemsize
+    backward += partials + B * (n_k + C) * 8  # the slab's partials, the transposed plan's cursors
+    if options.coarsening.name == "learned":
+        backward += n_sets * n_k * (d + dv) * itemsize  # transposed k, v for the weight gradient
+    if options.query_coarsening:
+        backward += (B * tree.padded_length * (2 * d + dv + 3) + 6 * B * C * (d + dv)) * itemsize
+    parts.update({"residuals": residuals, "backward buffers": backward})
+    refine_shown = refine_given if refine_given == options.refine else f"{refine_given} (clamped to n = {n_k})"
+    return parts, {"refinement": ("refine", refine_shown), "block buffers": ("block_size", tree.block_size),
+                   "outputs": ("n", n_k), "coarse buffers": ("n", n_k), "tree and key plan": ("n", n_k),
+                   "residuals": ("n", n_k), "backward buffers": ("n", n_k)}
+
+
+def _fastformer_vjp_bytes(layout, itemsize, causal):
+    """Parts of :func:`fastformer_attention_vjp`: broadcast rows copied once (as the forward
+    does), the output, the pullback's buffers (the bidirectional one's temporaries are about
+    six ``(B, n, d)`` arrays, the causal kernel's three) and the sums onto the inputs."""
+    B, n, d = layout.size, layout.n_q, layout.d
+    q_size, kv_size = _rows(layout)
+    copies = 3 * B * n * d if layout.broadcasts or layout.groups > 1 else 0
+    parts = {
+        "outputs": (copies + B * n * d + 2 * B * d) * itemsize,
+        "backward buffers": (B * n * d * (4 if causal else 8) + (q_size + kv_size if copies else 0)) * itemsize,
+    }
+    return parts, {"outputs": ("n", n), "backward buffers": ("n", n)}
+
+
 # ---------------------------------------------------------------- exact attention
 def exact_attention_vjp(q, k, v, *, causal=False, scale=None, key_padding_mask=None, return_lse=False,
                         check_finite=True, backend="auto", query_offset=None, attn_mask=None, attn_bias=None,
@@ -215,16 +319,21 @@ def exact_attention_vjp(q, k, v, *, causal=False, scale=None, key_padding_mask=N
     (64, 8)
     """
     return_lse = check_bool(return_lse, "return_lse")
-    for name, value in (("attn_mask", attn_mask), ("attn_bias", attn_bias), ("window", window)):
-        if value is not None:
-            raise NotImplementedError(f"exact_attention_vjp has no backward for {name} yet (the backward kernels "
-                                      "take no pairwise terms); key_padding_mask and causal are differentiable")
+    _refuse_pairwise("exact_attention_vjp", attn_mask=attn_mask, attn_bias=attn_bias, window=window)
     cpu, batch, causal = _exact_setup(q, k, v, causal=causal, scale=scale, key_padding_mask=key_padding_mask,
                                       check_finite=check_finite, backend=backend, query_offset=query_offset)
     out, lse = cpu.exact(batch, causal=causal)
     pullback = _exact_pullback(batch, causal, out, lse)
     result = (batch.restore(out), batch.restore(lse, last_dim=False)) if return_lse else batch.restore(out)
     return result, pullback
+
+
+def _refuse_pairwise(function, **pairwise):
+    """``NotImplementedError`` for a pairwise term (``attn_mask``, ``attn_bias``, ``window``) given."""
+    for name, value in pairwise.items():
+        if value is not None:
+            raise NotImplementedError(f"{function} has no backward for {name} yet (the backward kernels "
+                                      "take no pairwise terms); key_padding_mask and causal are differentiable")
 
 
 # The forward/pullback halves are separate so that an adapter whose forward and backward
@@ -234,6 +343,9 @@ def _exact_setup(q, k, v, *, causal, scale, key_padding_mask, check_finite, back
 
     causal = check_bool(causal, "causal")
     cpu = _cpu_only(backend, q, k, v)
+    layout, dtype = _layout(q, k, v, causal=causal, query_offset=query_offset)
+    parts, culprits = _exact_vjp_bytes(layout, dtype.itemsize, masked=key_padding_mask is not None)
+    cpu.check_memory(parts, culprits)  # before any copy of the inputs
     batch = _shapes.attention_inputs(q, k, v, scale=scale, key_padding_mask=key_padding_mask,
                                      check_finite=check_finite, causal=causal, query_offset=query_offset)
     return cpu, batch, causal
@@ -329,24 +441,33 @@ def _fmm_setup(q, k, v, *, causal, block_size, rank, coarsening, count_scaling, 
     if not options.coarsening.differentiable:
         raise ValueError(f"{options.coarsening.describe()} has no backward; use 'mean', 'cluster' or a "
                          "LearnedCoarsening")
+    layout, dtype = _layout(q, k, v, causal=causal, query_offset=query_offset, positions=True)
+    _check_cross(layout, options)
+    n_k = layout.n_k  # the tree is the keys': queries sit at positions in it
+    tree = build_tree(n_k, block_size=block_size, rank=rank, causal=causal)
+    global_tokens = check_global_tokens(global_tokens, n_k)
+    if isinstance(global_tokens, str):
+        raise ValueError("global_tokens='auto' has no backward: pass the indices it chooses "
+                         "(fmm_attention.sinks.auto_global_tokens), which the gradient holds fixed")
+    options.coarsening.check_tree(tree, layout.d, layout.dv)
+    # refine as the forward clamps it: n extra keys split every far box, more changes nothing
+    options = options.replace(global_tokens=global_tokens, refine=min(options.refine, n_k))
+    parts, culprits = _fmm_vjp_bytes(layout, dtype.itemsize, tree, options, refine_given=refine)
+    cpu.check_memory(parts, culprits)  # before any copy of the inputs
     batch = _shapes.attention_inputs(q, k, v, scale=scale, key_padding_mask=key_padding_mask,
                                      check_finite=check_finite, skip_masked=True, causal=causal,
                                      query_offset=query_offset, positions=True)
-    if batch.layout.cross and (options.refine > 0 or options.query_coarsening):
+    return cpu, batch, tree, options
+
+
+def _check_cross(layout, options):
+    """Refuse what needs every query of the sequence when the queries are not all of it."""
+    if layout.cross and (options.refine > 0 or options.query_coarsening):
         raise ValueError(
             f"{'refine > 0' if options.refine else 'query_coarsening=True'} needs every query of the sequence "
             "(a block's refinement plan and coarse queries depend on all its queries): with n_q != n_k or "
             "query_offset use fine queries and refine=0"
         )
-    n_k = batch.k.shape[1]  # the tree is the keys': queries sit at positions in it
-    tree = build_tree(n_k, block_size=block_size, rank=rank, causal=causal)
-    options.coarsening.check_tree(tree, batch.d, batch.dv)
-    global_tokens = check_global_tokens(global_tokens, n_k)
-    if isinstance(global_tokens, str):
-        raise ValueError("global_tokens='auto' has no backward: pass the indices it chooses "
-                         "(fmm_attention.sinks.auto_global_tokens), which the gradient holds fixed")
-    options = options.replace(global_tokens=global_tokens)
-    return cpu, batch, tree, options
 
 
 def _fmm_pullback(batch, tree, options, out, lse, plan):
@@ -451,6 +572,9 @@ def _fastformer_setup(q, k, v, w_q, w_k, *, causal, scale, key_padding_mask, che
 
     causal = check_bool(causal, "causal")
     cpu = _cpu_only(backend, q, k, v, w_q, w_k)
+    layout, dtype = _layout(q, k, v, same_length=True)
+    parts, culprits = _fastformer_vjp_bytes(layout, dtype.itemsize, causal)
+    cpu.check_memory(parts, culprits)  # before any copy of the inputs
     shaped = _shapes.attention_inputs(q, k, v, scale=scale, key_padding_mask=key_padding_mask,
                                       check_finite=check_finite, same_length=True)
     # as in the forward: the kernels read one row set per output entry, so broadcast leading

@@ -217,6 +217,44 @@ def test_inputs_not_modified():
 
 
 @pytest.mark.parametrize("method", ["fmm", "exact"])
+def test_step_inputs_of_every_kind_give_the_same_rows(method):
+    # a step whose arrays need no conversion takes them as they are; every other kind
+    # (list, other dtype, strided, read-only, grouped leading dims) goes the general way
+    q, k, v = qkv((2,), 40, seed=14)
+    outs = []
+    for kind in ("plain", "list", "float32", "strided", "readonly"):
+        dec = FMMDecoder(batch_shape=(2,), d=D, dv=DV, block_size=M, rank=P, method=method)
+        dec.prefill(q[:, :30], k[:, :30], v[:, :30])
+        rows = []
+        for t in range(30, 40):
+            toks = [a[:, t:t + 1] for a in (q, k, v)]
+            if kind == "list":
+                toks = [a.tolist() for a in toks]
+            elif kind == "float32":
+                toks = [a.astype(np.float32) for a in toks]
+            elif kind == "strided":
+                toks = [np.repeat(a, 2, axis=-1)[..., ::2] for a in toks]
+                assert not toks[0].flags.c_contiguous
+            elif kind == "readonly":
+                toks = [a.copy() for a in toks]
+                for a in toks:
+                    a.flags.writeable = False
+            rows.append(dec.step(*toks))
+        outs.append(np.concatenate(rows, axis=-2))
+    for kind, out in zip(("list", "float32", "strided", "readonly"), outs[1:]):
+        tol = 1e-6 if kind == "float32" else 0
+        np.testing.assert_allclose(out, outs[0], rtol=tol, atol=tol, err_msg=kind)
+    ref = forward(q, k, v, 40)[0] if method == "fmm" else None
+    if ref is not None:
+        np.testing.assert_allclose(outs[0], ref[:, 30:40], rtol=1e-12, atol=1e-12)
+    dec = FMMDecoder(batch_shape=(2,), d=D, dv=DV, block_size=M, rank=P, method=method)
+    with pytest.raises(ValueError, match="k must have shape"):
+        dec.step(q[:, :1], k[:1, :1], v[:, :1])
+    with pytest.raises(TypeError, match="q must have a real floating dtype"):
+        dec.step(q[:, :1].astype(np.int64), k[:, :1], v[:, :1])
+
+
+@pytest.mark.parametrize("method", ["fmm", "exact"])
 @pytest.mark.parametrize("bad_value", [np.nan, np.inf, -np.inf])
 def test_nonfinite_tokens_are_refused_by_name(monkeypatch, method, bad_value):
     # a step's few tokens take one serial check of all three arrays, a prompt above

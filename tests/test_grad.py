@@ -599,3 +599,40 @@ def test_fastformer_errors():
         pullback(np.ones((2, 10, 5)))
     with pytest.raises(ValueError, match="CUDA"):
         fastformer_attention_vjp(*params, backend="cuda")
+
+
+# ---------------------------------------------------------------- memory estimates
+def _vjp_call(name, q, k, v):
+    if name == "exact":
+        return exact_attention_vjp(q, k, v, causal=True)
+    if name == "fmm":
+        return fmm_attention_vjp(q, k, v, block_size=16, rank=2)
+    return fastformer_attention_vjp(q, k, v, np.ones(q.shape[-1]), np.ones(q.shape[-1]))
+
+
+@pytest.mark.parametrize("name", ["exact", "fmm", "fastformer"])
+def test_vjp_refuses_a_huge_n_by_name_before_allocating(name):
+    # zero-stride views of 8 bytes: copying one (as the validation would) needs 32 TiB, so
+    # only an estimate made from the shapes alone can answer with the ValueError
+    n = 2**40
+    x = np.broadcast_to(np.zeros(1), (n, 4))
+    with pytest.raises(ValueError, match=f"n={n} needs about .* GiB"):
+        _vjp_call(name, x, x, x)
+
+
+@pytest.mark.parametrize("name", ["exact", "fmm", "fastformer"])
+def test_vjp_estimate_counts_residuals_and_backward(monkeypatch, name):
+    """A call whose forward fits the limit but whose forward + residuals + backward do not
+    is refused by the VJP (before its forward runs)."""
+    rng = np.random.default_rng(0)
+    q, k, v = rng.standard_normal((3, 2, 512, 8))
+    monkeypatch.setattr(_config, "MAX_CALL_BYTES", 2 * 4 * q.nbytes)  # twice q, k, v and the output
+    forward = {"exact": lambda: exact_attention(q, k, v, causal=True),
+               "fmm": lambda: fmm_attention(q, k, v, block_size=16, rank=2),
+               "fastformer": lambda: fastformer_attention(q, k, v, np.ones(8), np.ones(8))}[name]
+    forward()  # the plain forward fits
+    with pytest.raises(ValueError, match="n=512 needs about .*backward buffers"):
+        _vjp_call(name, q, k, v)
+    monkeypatch.setattr(_config, "MAX_CALL_BYTES", 64 * 4 * q.nbytes)
+    out, pullback = _vjp_call(name, q, k, v)
+    pullback(np.ones_like(out))

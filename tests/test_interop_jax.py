@@ -15,7 +15,8 @@ jax.config.update("jax_enable_x64", True)
 import jax.numpy as jnp  # noqa: E402
 from jax.test_util import check_grads  # noqa: E402
 
-from fmm_attention.grad import exact_attention_vjp, fmm_attention_vjp  # noqa: E402
+import fmm_attention  # noqa: E402
+from fmm_attention.grad import exact_attention_vjp, fastformer_attention_vjp, fmm_attention_vjp  # noqa: E402
 from fmm_attention.interop import jax as fj  # noqa: E402
 
 
@@ -93,6 +94,67 @@ def test_jit_grad_equals_the_numpy_vjps():
             np.testing.assert_array_equal(np.asarray(a), b)
 
 
+# the NumPy API's shapes (shared/spec/shapes-and-decoding.md): (q, k, v shapes, mask shape, options)
+SHAPES = {
+    "grouped": (((2, 4, 13, 3), (2, 2, 13, 3), (2, 2, 13, 2)), (2, 1, 13), {}),  # Hq = 4 over Hk = 2
+    "broadcast": (((2, 1, 13, 3), (3, 13, 3), (3, 13, 2)), (3, 13), {}),  # output lead (2, 3)
+    "cross": (((2, 7, 3), (2, 19, 3), (2, 19, 2)), (2, 19), dict(causal=True, query_offset=5)),
+}
+METHODS = {
+    "exact": (fj.exact_attention, fmm_attention.exact_attention, exact_attention_vjp, {}),
+    "fmm": (fj.fmm_attention, fmm_attention.fmm_attention, fmm_attention_vjp, dict(block_size=4, rank=2)),
+}
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("case", SHAPES)
+def test_shapes_check_grads_jit_and_the_numpy_api(case, method):
+    shapes, mask_shape, options = SHAPES[case]
+    fn, np_fn, vjp, method_options = METHODS[method]
+    options = dict(options, **method_options, key_padding_mask=mask_of(mask_shape, seed=12))
+    q, k, v = arrays(*shapes, seed=13)
+
+    def f(q, k, v):
+        return fn(q, k, v, return_lse=True, **options)
+
+    rev(f, (q, k, v))
+    host = [np.asarray(x) for x in (q, k, v)]
+    np_options = dict(options, key_padding_mask=np.asarray(options["key_padding_mask"]))
+    out, lse = jax.jit(f)(q, k, v)
+    want_out, want_lse = np_fn(*host, return_lse=True, **np_options)
+    np.testing.assert_array_equal(np.asarray(out), want_out)
+    np.testing.assert_array_equal(np.asarray(lse), want_lse)
+    g, g_lse = arrays(want_out.shape, want_lse.shape, seed=14)
+    def loss(q, k, v):
+        out, lse = f(q, k, v)
+        return jnp.sum(g * out) + jnp.sum(g_lse * lse)
+
+    grads = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))(q, k, v)
+    _, pullback = vjp(*host, return_lse=True, **np_options)
+    for got, want, x in zip(grads, pullback(np.asarray(g), np.asarray(g_lse))[:3], (q, k, v)):
+        assert got.shape == x.shape  # k, v's cotangents in their own (smaller) shapes
+        np.testing.assert_array_equal(np.asarray(got), want)
+
+
+def test_fastformer_grouped_and_broadcast_check_grads():
+    q, k, v = arrays((2, 4, 9, 3), (2, 9, 3), (2, 9, 3), seed=15)  # Hq = 4 over Hk = 2
+    w_q, w_k = arrays((4, 3), (3,), seed=16)
+
+    def f(*x):
+        return fj.fastformer_attention(*x, causal=True)
+
+    rev(f, (q, k, v, w_q, w_k))
+    host = [np.asarray(x) for x in (q, k, v, w_q, w_k)]
+    np.testing.assert_array_equal(np.asarray(jax.jit(f)(q, k, v, w_q, w_k)),
+                                  fmm_attention.fastformer_attention(*host, causal=True))
+    g = arrays((2, 4, 9, 3), seed=17)[0]
+    grads = jax.grad(lambda *x: jnp.sum(g * f(*x)), argnums=(0, 1, 2, 3, 4))(q, k, v, w_q, w_k)
+    _, pullback = fastformer_attention_vjp(*host, causal=True)
+    for got, want, x in zip(grads, pullback(np.asarray(g)), (q, k, v, w_q, w_k)):
+        assert got.shape == x.shape
+        np.testing.assert_array_equal(np.asarray(got), want)
+
+
 def test_vmap_and_float32():
     q, k, v = arrays((3, 20, 4), (20, 4), (20, 4), seed=9, dtype=jnp.float32)
     out = jax.vmap(lambda q: fj.fmm_attention(q, k, v, block_size=4, rank=2))(q)
@@ -129,8 +191,18 @@ def test_errors_are_clear():
         fj.exact_attention(q.astype(jnp.int32), k, v)
     with pytest.raises(TypeError, match="key_padding_mask"):
         fj.exact_attention(q, k, v, key_padding_mask=jnp.ones(9))
-    with pytest.raises(ValueError, match="shapes"):
+    with pytest.raises(ValueError, match="same sequence length"):
         fj.exact_attention(q, k[:5], v)
+    # the NumPy API's shape errors, raised at trace time
+    q3, k3 = arrays((3, 9, 2), (2, 9, 2), seed=12)
+    with pytest.raises(ValueError, match="multiple of the key/value heads"):
+        jax.jit(lambda q: fj.fmm_attention(q, k3, k3, block_size=2, rank=1))(q3)
+    with pytest.raises(ValueError, match="query_offset"):
+        fj.exact_attention(q[:4], k, v, causal=True, query_offset=6)
+    with pytest.raises(ValueError, match="key_padding_mask"):
+        fj.exact_attention(q, k, v, key_padding_mask=jnp.ones((2, 9), bool))
+    with pytest.raises(NotImplementedError, match="attn_bias"):
+        fj.exact_attention(q, k, v, attn_bias=jnp.zeros((9, 9)))
     with pytest.raises(ValueError, match="block_size"):
         jax.jit(lambda q: fj.fmm_attention(q, k, v, block_size=0, rank=1))(q)
     with pytest.raises(ValueError, match="coarsening"):

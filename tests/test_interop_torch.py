@@ -8,6 +8,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
+from fmm_attention import exact_attention as np_exact_attention
 from fmm_attention import fmm_attention as np_fmm_attention
 from fmm_attention.interop import torch as fmt
 
@@ -39,6 +40,45 @@ def test_fastformer_gradcheck(causal):
     w_q, w_k = tensors((3, 4), (4,), seed=3)
     f = lambda *x: fmt.fastformer_attention(*x, causal=causal)
     assert torch.autograd.gradcheck(f, (q, k, v, w_q, w_k))
+
+
+# the NumPy API's shapes: (q, k, v shapes, options)
+SHAPES = {
+    "grouped": (((2, 4, 13, 3), (2, 2, 13, 3), (2, 2, 13, 2)), {}),  # Hq = 4 over Hk = 2
+    "broadcast": (((2, 1, 13, 3), (3, 13, 3), (3, 13, 2)), {}),  # output lead (2, 3)
+    "cross": (((2, 7, 3), (2, 19, 3), (2, 19, 2)), dict(causal=True, query_offset=5)),
+}
+METHODS = {
+    "exact": (fmt.exact_attention, np_exact_attention, {}),
+    "fmm": (fmt.fmm_attention, np_fmm_attention, dict(block_size=4, rank=2)),
+}
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("case", SHAPES)
+def test_shapes_gradcheck_and_the_numpy_api(case, method):
+    shapes, options = SHAPES[case]
+    fn, np_fn, method_options = METHODS[method]
+    options = dict(options, **method_options)
+    q, k, v = tensors(*shapes, seed=9)
+    out, lse = fn(q, k, v, return_lse=True, **options)
+    want_out, want_lse = np_fn(*(x.detach().numpy() for x in (q, k, v)), return_lse=True, **options)
+    np.testing.assert_array_equal(out.detach().numpy(), want_out)
+    np.testing.assert_array_equal(lse.detach().numpy(), want_lse)
+    (out.sum() + lse.sum()).backward()
+    assert [x.grad.shape for x in (q, k, v)] == [x.shape for x in (q, k, v)]  # k, v's own shapes
+    assert torch.autograd.gradcheck(lambda q, k, v: fn(q, k, v, return_lse=True, **options), (q, k, v))
+
+
+def test_module_takes_grouped_heads_and_query_offset():
+    module = fmt.FMMAttention(30, 3, block_size=4, rank=2)
+    q, k, v = tensors((2, 4, 7, 3), (2, 2, 30, 3), (2, 2, 30, 3), seed=10)
+    out = module(q, k, v, query_offset=10)
+    want = np_fmm_attention(*(x.detach().numpy() for x in (q, k, v)), block_size=4, rank=2,
+                            coarsening=module.coarsening(), query_offset=10)
+    np.testing.assert_array_equal(out.detach().numpy(), want)
+    out.sum().backward()
+    assert k.grad.shape == k.shape and module.key_weights[0].grad is not None
 
 
 def test_module_gradcheck_and_conv1d_layout():
@@ -147,3 +187,7 @@ def test_cpu_tensors_are_not_copied_and_errors_are_clear():
             fmt.exact_attention(meta, k, v)
     with pytest.raises(ValueError, match="block_size"):
         fmt.fmm_attention(q, k, v, block_size=0, rank=1)
+    with pytest.raises(NotImplementedError, match="attn_mask"):
+        fmt.exact_attention(q, k, v, attn_mask=torch.ones(9, 9, dtype=torch.bool))
+    with pytest.raises(ValueError, match="query_offset"):
+        fmt.fmm_attention(q[:4], k, v, causal=True, query_offset=6)

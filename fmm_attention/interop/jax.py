@@ -6,7 +6,10 @@ into :mod:`fmm_attention.grad`: the forward runs the library's forward on the ho
 saves ``out`` and ``lse`` (O(n d)); the backward rebuilds the pullback from them and runs
 the library's backward kernels. So they compose with ``jax.jit``, ``jax.grad``,
 ``jax.vjp`` and ``jax.vmap`` (one host call per mapped entry), and
-``jax.test_util.check_grads(..., modes=["rev"])`` passes.
+``jax.test_util.check_grads(..., modes=["rev"])`` passes. They take every shape the NumPy
+API takes (broadcast leading dims, grouped heads, ``n_q != n_k`` with ``query_offset``),
+resolved at trace time by the library's own rules; the gradients of ``k``, ``v`` come back
+in their own shapes.
 
 :func:`fmm_attention` trains a learned coarsening when ``coarsening`` is a
 :class:`LearnedParams` (a pytree of JAX arrays in the ``torch.nn.Conv1d`` layout of the
@@ -28,8 +31,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .. import _config
+from .. import _config, _shapes
 from .. import grad as _grad
+from .._validate import check_bool
 from ..coarsening import LearnedCoarsening
 from ..options import FMMOptions
 from ..tree import build_tree
@@ -107,27 +111,36 @@ def _float(x, name):
     return arr
 
 
-def _mask(mask, lead_n):
+def _mask(mask, layout):
+    """``key_padding_mask`` as a bool JAX array broadcastable to ``lead + (n_k,)`` (checked here, at trace time)."""
     if mask is None:
         return None
     arr = mask if isinstance(mask, jax.Array) else jnp.asarray(mask)
     if arr.dtype != jnp.bool_:
         raise TypeError(f"key_padding_mask must be a boolean array, got {arr.dtype}")
-    if arr.shape != lead_n:
-        raise ValueError(f"key_padding_mask must have shape {lead_n} (the leading dims and n of q), got {arr.shape}")
+    # the library's own shape check, on a zero-stride stand-in (the mask may be a tracer)
+    _shapes.padding_masks(np.broadcast_to(np.True_, arr.shape), layout)
     return arr
 
 
-def _qkv(q, k, v):
+def _qkv(q, k, v, **resolve):
+    """``q, k, v`` as float JAX arrays of one dtype and the call's :class:`~fmm_attention._shapes.Layout`.
+
+    The shapes are resolved by the NumPy API's own rules (broadcast leading dims, grouped
+    heads, ``n_q != n_k``) at trace time, so their errors are readable (inside a callback
+    they would arrive wrapped in the runtime's error).
+    """
     q, k, v = _float(q, "q"), _float(k, "k"), _float(v, "v")
-    if q.ndim < 2:
-        raise ValueError(f"q must have shape (..., n, d), got {q.shape}")
-    if k.shape != q.shape or v.shape[:-1] != q.shape[:-1] or not (q.dtype == k.dtype == v.dtype):
-        raise ValueError(
-            f"q, k, v must have shapes (..., n, d), (..., n, d), (..., n, dv) and one dtype; got "
-            f"{q.shape} {q.dtype}, {k.shape} {k.dtype}, {v.shape} {v.dtype}"
-        )
-    return q, k, v
+    if not (q.dtype == k.dtype == v.dtype):
+        # one dtype: a cotangent has its primal's dtype, and the kernels compute in one
+        raise TypeError(f"q, k, v must have one dtype; got {q.dtype}, {k.dtype}, {v.dtype}")
+    return q, k, v, _shapes.resolve(q.shape, k.shape, v.shape, **resolve)
+
+
+def _out_shapes(layout, dtype, features):
+    """The result shapes for ``jax.pure_callback``: ``out`` (lead, n_q, features), ``lse`` (lead, n_q)."""
+    lead = layout.lead_shape + (layout.n_q,)
+    return jax.ShapeDtypeStruct(lead + (features,), dtype), jax.ShapeDtypeStruct(lead, dtype)
 
 
 def _host(x, dtype=None):
@@ -182,18 +195,23 @@ def _with_lse_vjp(forward_host, backward_host, out_shape, with_mask):
 
 
 # ---------------------------------------------------------------- exact attention
-def exact_attention(q, k, v, *, causal=False, scale=None, key_padding_mask=None, return_lse=False,
-                    check_finite=True):
+def exact_attention(q, k, v, *, causal=False, scale=None, key_padding_mask=None, attn_mask=None, attn_bias=None,
+                    window=None, query_offset=None, return_lse=False, check_finite=True):
     """Differentiable :func:`fmm_attention.exact_attention` on JAX arrays.
 
-    Same keywords and results as the NumPy function (the backend is always the CPU);
-    differentiable in ``q``, ``k``, ``v`` (and through ``lse`` with ``return_lse=True``).
+    Same keywords, shapes and results as the NumPy function (broadcast leading dims,
+    grouped heads, ``n_q != n_k`` with ``query_offset``; the backend is always the CPU);
+    differentiable in ``q``, ``k``, ``v`` (and through ``lse`` with ``return_lse=True``),
+    whose gradients come back in their own shapes. ``attn_mask``, ``attn_bias`` and
+    ``window`` have no backward yet (``NotImplementedError``, as
+    :func:`~fmm_attention.exact_attention_vjp`).
     """
-    q, k, v = _qkv(q, k, v)
-    mask = _mask(key_padding_mask, q.shape[:-1])
-    options = dict(causal=causal, scale=scale, check_finite=check_finite, backend="cpu")
+    _grad._refuse_pairwise("exact_attention", attn_mask=attn_mask, attn_bias=attn_bias, window=window)
+    causal = check_bool(causal, "causal")
+    q, k, v, layout = _qkv(q, k, v, causal=causal, query_offset=query_offset)
+    mask = _mask(key_padding_mask, layout)
+    options = dict(causal=causal, scale=scale, check_finite=check_finite, backend="cpu", query_offset=query_offset)
     with_mask = mask is not None
-    out_shape = (jax.ShapeDtypeStruct(q.shape[:-1] + v.shape[-1:], q.dtype), jax.ShapeDtypeStruct(q.shape[:-1], q.dtype))
 
     def setup(q, k, v, mask, rest):
         return _grad._exact_setup(_host(q), _host(k), _host(v), key_padding_mask=None if mask is None else _host(mask),
@@ -210,34 +228,34 @@ def exact_attention(q, k, v, *, causal=False, scale=None, key_padding_mask=None,
         pullback = _grad._exact_pullback(batch, causal_, _internal(batch, out), _internal(batch, lse, last_dim=False))
         return tuple(pullback(_host(g), _host(g_lse)))
 
-    f = _with_lse_vjp(forward_host, backward_host, out_shape, with_mask)
+    f = _with_lse_vjp(forward_host, backward_host, _out_shapes(layout, q.dtype, layout.dv), with_mask)
     out, lse = f(q, k, v, *((mask,) if with_mask else ()))
     return (out, lse) if return_lse else out
 
 
 def _internal(batch, x, last_dim=True):
-    """A saved output in the caller's shape back to the kernels' ``(B, n[, x])``."""
-    B = batch.q.shape[0]
+    """A saved output in the caller's shape back to the kernels' ``(B, n_q[, x])``, ``B`` the
+    output entries (more than ``q`` has row sets when it is broadcast or grouped)."""
     tail = x.shape[-1:] if last_dim else ()
-    return np.ascontiguousarray(x, dtype=batch.dtype).reshape((B, batch.n) + tail)
+    return np.ascontiguousarray(x, dtype=batch.dtype).reshape((-1, batch.n) + tail)
 
 
 # ---------------------------------------------------------------- FMA
 def fmm_attention(q, k, v, *, causal=False, block_size=_config.DEFAULT_BLOCK_SIZE, rank=_config.DEFAULT_RANK,
                   coarsening="mean", count_scaling=True, query_coarsening=False, scale=None, key_padding_mask=None,
-                  return_lse=False, check_finite=True, cluster_iters=3, refine=0, global_tokens=None):
+                  return_lse=False, check_finite=True, cluster_iters=3, refine=0, global_tokens=None,
+                  query_offset=None):
     """Differentiable :func:`fmm_attention.fmm_attention` on JAX arrays.
 
-    Same keywords and results as the NumPy function (the backend is always the CPU; no
-    ``return_stats``). ``coarsening`` is ``"mean"``, ``"cluster"``, a
+    Same keywords, shapes and results as the NumPy function (broadcast leading dims,
+    grouped heads, ``n_q != n_k`` with ``query_offset``; the backend is always the CPU; no
+    ``return_stats``); the gradients of ``q``, ``k``, ``v`` come back in their own shapes.
+    ``coarsening`` is ``"mean"``, ``"cluster"``, a
     :class:`~fmm_attention.LearnedCoarsening` (constant weights) or a
     :class:`LearnedParams` (trainable: ``jax.grad`` returns gradients of its arrays in
     their own layout). ``refine``'s plan and ``"cluster"``'s groups are held fixed in the
     backward (the branch the forward took).
     """
-    q, k, v = _qkv(q, k, v)
-    mask = _mask(key_padding_mask, q.shape[:-1])
-    with_mask = mask is not None
     params = None
     if isinstance(coarsening, LearnedParams):
         params = coarsening
@@ -245,12 +263,16 @@ def fmm_attention(q, k, v, *, causal=False, block_size=_config.DEFAULT_BLOCK_SIZ
     options = dict(causal=causal, block_size=block_size, rank=rank, coarsening=coarsening,
                    count_scaling=count_scaling, query_coarsening=query_coarsening, scale=scale,
                    check_finite=check_finite, backend="cpu", cluster_iters=cluster_iters, refine=refine,
-                   global_tokens=global_tokens)
+                   global_tokens=global_tokens, query_offset=query_offset)
     # the option errors at trace time, where they are readable (inside a callback they
     # would arrive wrapped in the runtime's error)
-    FMMOptions.create(**{key: options[key] for key in ("causal", "block_size", "rank", "coarsening", "count_scaling",
-                                                       "query_coarsening", "scale", "cluster_iters", "refine",
-                                                       "global_tokens")})
+    checked = FMMOptions.create(**{key: options[key] for key in ("causal", "block_size", "rank", "coarsening",
+                                                                 "count_scaling", "query_coarsening", "scale",
+                                                                 "cluster_iters", "refine", "global_tokens")})
+    q, k, v, layout = _qkv(q, k, v, causal=checked.causal, query_offset=query_offset, positions=True)
+    _grad._check_cross(layout, checked)
+    mask = _mask(key_padding_mask, layout)
+    with_mask = mask is not None
     n_levels = 0
     flat = []
     if params is not None:
@@ -260,9 +282,8 @@ def fmm_attention(q, k, v, *, causal=False, block_size=_config.DEFAULT_BLOCK_SIZ
         flat = [_float(a, "coarsening parameter") for group in params for a in group]
         if len(flat) != 4 * n_levels:
             raise ValueError("coarsening: LearnedParams needs one weight and one bias per level for keys and values")
-        tree = build_tree(q.shape[-2], block_size=block_size, rank=rank, causal=causal)
-        LearnedCoarsening(*_groups([np.zeros(a.shape) for a in flat], n_levels)).check_tree(
-            tree, q.shape[-1], v.shape[-1])
+        tree = build_tree(layout.n_k, block_size=block_size, rank=rank, causal=causal)  # the keys' tree
+        LearnedCoarsening(*_groups([np.zeros(a.shape) for a in flat], n_levels)).check_tree(tree, layout.d, layout.dv)
 
     def setup(q, k, v, mask, rest):
         opts = dict(options)
@@ -270,8 +291,6 @@ def fmm_attention(q, k, v, *, causal=False, block_size=_config.DEFAULT_BLOCK_SIZ
             opts["coarsening"] = LearnedCoarsening(*_groups([_host(a, np.float64) for a in rest], n_levels))
         return _grad._fmm_setup(_host(q), _host(k), _host(v), key_padding_mask=None if mask is None else _host(mask),
                                 **opts)
-
-    out_shape = (jax.ShapeDtypeStruct(q.shape[:-1] + v.shape[-1:], q.dtype), jax.ShapeDtypeStruct(q.shape[:-1], q.dtype))
 
     def forward_host(*operands):
         cpu, batch, tree, opts = setup(*_split(operands, with_mask))
@@ -293,7 +312,7 @@ def fmm_attention(q, k, v, *, causal=False, block_size=_config.DEFAULT_BLOCK_SIZ
                      zip([a for group in grads.coarsening for a in group], operands[3 + with_mask : -4])]
         return (grads.q, grads.k, grads.v, *extra)
 
-    f = _with_lse_vjp(forward_host, backward_host, out_shape, with_mask)
+    f = _with_lse_vjp(forward_host, backward_host, _out_shapes(layout, q.dtype, layout.dv), with_mask)
     out, lse = f(q, k, v, *((mask,) if with_mask else ()), *flat)
     return (out, lse) if return_lse else out
 
@@ -305,12 +324,14 @@ def _groups(flat, n_levels):
 # ---------------------------------------------------------------- Fastformer
 def fastformer_attention(q, k, v, w_q, w_k, *, causal=False, scale=None, key_padding_mask=None, check_finite=True):
     """Differentiable :func:`fmm_attention.fastformer_attention` on JAX arrays (no
-    ``return_pools``); ``w_q``, ``w_k`` broadcast against the leading dims as there, and
-    their gradients come back in their own shapes.
+    ``return_pools``); the leading dims of ``q`` and ``k``, ``v`` broadcast (grouped heads
+    included) and ``w_q``, ``w_k`` broadcast against them as there; every gradient comes
+    back in its input's own shape.
     """
-    q, k, v = _qkv(q, k, v)
+    causal = check_bool(causal, "causal")
+    q, k, v, layout = _qkv(q, k, v, same_length=True)
     w_q, w_k = _float(w_q, "w_q"), _float(w_k, "w_k")
-    mask = _mask(key_padding_mask, q.shape[:-1])
+    mask = _mask(key_padding_mask, layout)
     with_mask = mask is not None
     options = dict(causal=causal, scale=scale, check_finite=check_finite, backend="cpu")
 
@@ -332,7 +353,7 @@ def fastformer_attention(q, k, v, w_q, w_k, *, causal=False, scale=None, key_pad
 
     @jax.custom_vjp
     def f(*operands):
-        return _callback(forward_host, jax.ShapeDtypeStruct(q.shape, q.dtype), *operands)
+        return _callback(forward_host, _out_shapes(layout, q.dtype, layout.dv)[0], *operands)
 
     def f_fwd(*operands):
         return f(*operands), operands

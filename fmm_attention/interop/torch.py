@@ -117,23 +117,31 @@ def _mask(key_padding_mask):
     return None if key_padding_mask is None else np.array(_array(key_padding_mask, "key_padding_mask"))
 
 
-def exact_attention(q, k, v, *, causal=False, scale=None, key_padding_mask=None, return_lse=False,
-                    check_finite=True):
+def exact_attention(q, k, v, *, causal=False, scale=None, key_padding_mask=None, attn_mask=None, attn_bias=None,
+                    window=None, query_offset=None, return_lse=False, check_finite=True):
     """Differentiable :func:`fmm_attention.exact_attention` on CPU tensors.
 
-    Same keywords and results as the NumPy function (``backend`` is always the CPU), as
-    tensors that ``backward()`` reaches through the library's backward kernels.
+    Same keywords, shapes and results as the NumPy function (broadcast leading dims,
+    grouped heads, ``n_q != n_k`` with ``query_offset``; ``backend`` is always the CPU), as
+    tensors that ``backward()`` reaches through the library's backward kernels; the
+    gradients of ``q``, ``k``, ``v`` have their own shapes. ``attn_mask``, ``attn_bias`` and
+    ``window`` have no backward yet (``NotImplementedError``).
     """
-    options = dict(causal=causal, scale=scale, check_finite=check_finite)
+    _grad._refuse_pairwise("exact_attention", attn_mask=attn_mask, attn_bias=attn_bias, window=window)
+    options = dict(causal=causal, scale=scale, check_finite=check_finite, query_offset=query_offset)
     out, lse = _Exact.apply(q, k, v, _mask(key_padding_mask), options)
     return (out, lse) if return_lse else out
 
 
 def fmm_attention(q, k, v, *, causal=False, block_size=_config.DEFAULT_BLOCK_SIZE, rank=_config.DEFAULT_RANK,
                   coarsening="mean", count_scaling=True, query_coarsening=False, scale=None, key_padding_mask=None,
-                  return_lse=False, check_finite=True, refine=0, global_tokens=None):
+                  return_lse=False, check_finite=True, cluster_iters=3, refine=0, global_tokens=None,
+                  query_offset=None):
     """Differentiable :func:`fmm_attention.fmm_attention` on CPU tensors.
 
+    Same keywords, shapes and results as the NumPy function (broadcast leading dims,
+    grouped heads, ``n_q != n_k`` with ``query_offset``; ``backend`` is always the CPU; no
+    ``return_stats``); the gradients of ``q``, ``k``, ``v`` have their own shapes.
     ``coarsening`` is ``"mean"``, a :class:`fmm_attention.LearnedCoarsening` (its weights
     are constants here) or an :class:`FMMAttention` module's parameters through
     :meth:`FMMAttention.forward` (trainable). ``refine``'s plan and
@@ -141,14 +149,17 @@ def fmm_attention(q, k, v, *, causal=False, block_size=_config.DEFAULT_BLOCK_SIZ
     """
     options = dict(causal=causal, block_size=block_size, rank=rank, coarsening=coarsening,
                    count_scaling=count_scaling, query_coarsening=query_coarsening, scale=scale,
-                   check_finite=check_finite, refine=refine, global_tokens=global_tokens)
+                   check_finite=check_finite, cluster_iters=cluster_iters, refine=refine,
+                   global_tokens=global_tokens, query_offset=query_offset)
     out, lse = _FMM.apply(q, k, v, _mask(key_padding_mask), options, 0)
     return (out, lse) if return_lse else out
 
 
 def fastformer_attention(q, k, v, w_q, w_k, *, causal=False, scale=None, key_padding_mask=None, check_finite=True):
     """Differentiable :func:`fmm_attention.fastformer_attention` on CPU tensors (no
-    ``return_pools``); ``w_q``, ``w_k`` broadcast against the leading dims as there.
+    ``return_pools``); the leading dims of ``q`` and ``k``, ``v`` broadcast (grouped heads
+    included) and ``w_q``, ``w_k`` broadcast against them as there; every gradient has its
+    input's shape.
     """
     options = dict(causal=causal, scale=scale, check_finite=check_finite)
     return _Fastformer.apply(q, k, v, w_q, w_k, _mask(key_padding_mask), options)
@@ -203,12 +214,15 @@ class FMMAttention(torch.nn.Module):
         self.key_bias = torch.nn.ParameterList([zeros(d, lv) for lv in tree.levels])
         self.value_bias = torch.nn.ParameterList([zeros(dv, lv) for lv in tree.levels])
 
-    def forward(self, q, k, v, *, key_padding_mask=None, return_lse=False):
-        """FMA of ``q``, ``k``, ``v`` (``(..., seq_len, d)`` CPU tensors) with the module's
-        coarsening; differentiable in the inputs and every parameter.
+    def forward(self, q, k, v, *, key_padding_mask=None, return_lse=False, query_offset=None):
+        """FMA of ``q``, ``k``, ``v`` with the module's coarsening; differentiable in the
+        inputs and every parameter. ``k``, ``v`` are ``(..., seq_len, .)`` CPU tensors; ``q``
+        takes the shapes of :func:`fmm_attention` (grouped heads, broadcast leading dims,
+        fewer queries placed at ``query_offset``).
         """
         options = dict(causal=self.causal, block_size=self.block_size, rank=self.rank,
-                       count_scaling=self.count_scaling, query_coarsening=self.query_coarsening, scale=self.scale)
+                       count_scaling=self.count_scaling, query_coarsening=self.query_coarsening, scale=self.scale,
+                       query_offset=query_offset)
         params = [*self.key_weights, *self.value_weights, *self.key_bias, *self.value_bias]
         out, lse = _FMM.apply(q, k, v, _mask(key_padding_mask), options, len(self.key_weights), *params)
         return (out, lse) if return_lse else out
