@@ -242,9 +242,12 @@ def _fmm_vjp_bytes(layout, itemsize, tree, options, *, refine_given):
     # the refined plan and its transposition: twice the forward's per-entry plans
     residuals += 2 * parts["refinement"]
     max_keys = 3 * tree.block_size + n_globals + 3 * tree.rank * tree.n_levels + options.refine
-    # a slab holds the columns that fit the budget (at least one block's), at most all of them
+    # a slab holds the columns that fit the budget, at most all of them; it is whole runs of
+    # blocks ending before an odd run, so at least two runs (the last run: under two runs'
+    # blocks), three runs' columns at most when one block's columns do not fit
     per_column = B * (d + dv) * itemsize
-    columns = min(max(int(_config.BACKWARD_PARTIAL_BYTES) // per_column, max_keys), tree.n_blocks * max_keys)
+    least = 3 * max(2, int(_config.BACKWARD_RUN_BLOCKS)) * max_keys
+    columns = min(max(int(_config.BACKWARD_PARTIAL_BYTES) // per_column, least), tree.n_blocks * max_keys)
     partials = columns * per_column
     # dq (per output entry), g and delta; dk, dv and the coarse rows' gradients per key set;
     # the sums onto q (and onto k, v from copied key sets) when row sets are shared
@@ -252,6 +255,8 @@ def _fmm_vjp_bytes(layout, itemsize, tree, options, *, refine_given):
     backward = (B * n_q * (d + dv + 1) + n_sets * (n_k + C) * (d + dv) + (q_size if spread else 0)
                 + (kv_size if shared else 0)) * itemsize
     backward += partials + B * (n_k + C) * 8  # the slab's partials, the transposed plan's cursors
+    if n_globals or options.refine:  # tokens with partial columns sum apart from the near field
+        backward += n_sets * n_k * (d + dv) * itemsize
     if options.coarsening.name == "learned":
         backward += n_sets * n_k * (d + dv) * itemsize  # transposed k, v for the weight gradient
     if options.query_coarsening:
