@@ -52,12 +52,14 @@ MASK_ID = 256  # bytes 0..255 are the characters; one more symbol for masked pos
 VOCAB = 257
 MASK_RATE = 0.15
 
-# The small defaults, chosen on the tuning split (``--tune``: a tenth of the training files
-# held out; the reported validation files were not looked at) with short runs of exact and
-# FMA attention: one window per step and 600 steps learned much faster than 4 windows and
-# 200 steps (same characters seen per CPU second, within 20 %), rotary position encoding
-# faster than a learned table, embeddings at unit scale with an untied output layer faster
-# than GPT-2's 0.02 tied ones (whose token signal the first block's outputs drown).
+# The small defaults were chosen on the tuning split (``--set tune=True``: a tenth of the
+# training files held out; the reported validation files were not looked at) with short
+# runs of exact attention (docs/study/results_small/tuning.jsonl). Per character seen, one
+# window per step learned faster than 2 or 4 (more optimiser steps; a step of one window
+# costs about 1.2x a step of two per character), so 600 steps of one window take about the
+# CPU time of the former 200 steps of four; rotary position encoding beat a learned table
+# and sinusoids; embeddings at unit scale with an untied output layer beat GPT-2's 0.02
+# tied ones, whose token signal the first block's outputs drown at the start.
 SMALL = dict(d_model=64, n_layers=2, n_heads=2, seq_len=1024, batch=1, steps=600, lr=1e-2, warmup=20,
              block_size=32, rank=4, eval_every=50, val_windows=16,
              final_val_windows=64, seeds=(0, 1), pos="rope", tie=False, emb_std=1.0, pos_std=0.02,
