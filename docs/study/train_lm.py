@@ -1,7 +1,7 @@
 """Training study: character-level language models with FMA against exact attention and peers.
 
-A small pre-LayerNorm transformer (PyTorch embeddings, MLPs, optimiser) whose attention goes
-through :mod:`fmm_attention.interop.torch`, trained on the source files of Python's standard
+A small pre-LayerNorm transformer (PyTorch embeddings, rotary position encoding, MLPs,
+optimiser) whose attention goes through :mod:`fmm_attention.interop.torch`, trained on the source files of Python's standard
 library (split into train and validation by file), on two tasks:
 
 * ``causal``: next character, validation loss in bits per character;
@@ -19,7 +19,7 @@ peak memory is its own, ``--jobs`` of them at a time, by default one per CPU, af
 process has filled Numba's on-disk cache) and writes JSON results; ``--report`` turns them
 into the docs' table and plot::
 
-    python docs/study/train_lm.py --out /tmp/study-runs/small            # 44 min on 2 CPUs at load 10
+    python docs/study/train_lm.py --out /tmp/study-runs/small            # 25 min on 2 CPUs at load 2-11
     python docs/study/train_lm.py --out /tmp/study-runs/small --report docs/_static
     python docs/study/train_lm.py --full --out runs/full                 # bigger model and context
 
@@ -314,7 +314,9 @@ def sinusoidal(n, c, std=0.02):
 
 
 class CharModel(torch.nn.Module):
-    """Embeddings (characters and absolute positions), pre-LN blocks, tied output layer."""
+    """Character embeddings (plus absolute positions, unless rotary), pre-LN blocks, a final
+    LayerNorm and an output layer (tied to the embeddings when ``cfg["tie"]``).
+    """
 
     def __init__(self, kind, cfg, causal):
         super().__init__()
@@ -333,7 +335,9 @@ class CharModel(torch.nn.Module):
             raise ValueError(f"unknown position encoding {self.pos_kind!r}; expected 'sinusoidal', 'learned' or 'rope'")
         self.blocks = torch.nn.ModuleList(Block(kind, cfg, causal) for _ in range(cfg["n_layers"]))
         self.ln = torch.nn.LayerNorm(c)
-        # small embeddings (GPT-2's 0.02): the tied output layer starts near uniform logits
+        # unit scale (the default): the token signal is not drowned by the first block's
+        # outputs at the start; a tied output layer then needs GPT-2's 0.02 instead, or its
+        # starting logits are large. An untied one starts at 0.02: near uniform logits.
         torch.nn.init.normal_(self.tok.weight, std=cfg.get("emb_std", 0.02))
         self.head = None if cfg.get("tie", True) else torch.nn.Linear(c, VOCAB, bias=False)
         if self.head is not None:
