@@ -147,15 +147,15 @@ def write_corpus(path, train, val):
 
 
 def test_count_baselines_match_hand_counts(study, tmp_path):
-    # train "aab": unigram counts a 2, b 1; pairs aa 1, ab 1; add-one smoothing over 257 symbols
-    # gives p(a) = 3/260, p(b) = 2/260, p(b|a) = 2/259 (row a: 2 + 2 + 255), p(a|b) = 1/257
-    # (b is never followed by anything, so its row is the smoothing alone)
-    write_corpus(tmp_path / "c.npz", b"aab", b"ab" * 6)
-    cfg = tiny(study, seq_len=4, batch=2, val_windows=2, final_val_windows=2, corpus_cache=str(tmp_path / "c.npz"))
-    # both windows (starts 0 and 6) read "abab" -> next "baba": inputs a, b alternate with targets b, a
+    # train "aab": unigram counts a 2, b 1, c 0; pairs aa 1, ab 1; add-one smoothing over 257
+    # symbols gives p(a) = 3/260, p(b) = 2/260, p(c) = 1/260, p(b|a) = 2/259 (row a: 2 + 2 +
+    # 255), p(c|b) = p(a|c) = 1/257 (b and c are never followed by anything in train)
+    write_corpus(tmp_path / "c.npz", b"aab", b"abc" * 4)
+    cfg = tiny(study, seq_len=3, batch=2, val_windows=2, final_val_windows=2, corpus_cache=str(tmp_path / "c.npz"))
+    # the windows (starts 0 and 7) read "abca" and "bcab": the pairs ab, bc, ca once each
     got = study.count_baselines(cfg, "causal")
-    uni = -(np.log2(3 / 260) + np.log2(2 / 260)) / 2
-    big = -(np.log2(2 / 259) + np.log2(1 / 257)) / 2
+    uni = -(np.log2(3 / 260) + np.log2(2 / 260) + np.log2(1 / 260)) / 3
+    big = -(np.log2(2 / 259) + 2 * np.log2(1 / 257)) / 3
     for name in ("curve", "final"):
         np.testing.assert_allclose(got[name], (uni, big), rtol=1e-12)
 
