@@ -104,7 +104,7 @@ def exact_backward_tiles(k, v, key_bias, causal, q_t, g_t, q_rows, g_rows, shift
     (``scores[key, query]``) as in FMA's block kernel, so that all five products run on
     :func:`._tiles.gemm_tiles` with no temporary and no transposed copy: they read the keys
     and values a row at a time where they lie and add into the partials in place (``np.dot``
-    ran the last three at about 60 % of the first two's rate, with a temporary and a ``+=``
+    ran the last three at about 70 % of the first two's rate, with a temporary and a ``+=``
     pass each: docs/performance.rst).
 
     Operands (``B`` entries, ``n`` positions, ``T`` query tiles of ``w`` columns, ``w`` a
