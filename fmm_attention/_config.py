@@ -70,7 +70,9 @@ CLUSTER_CHUNKS = 64
 FMA_CHUNKS_PER_THREAD = 4
 
 #: Exact attention's backward: query rows and keys per tile inside each rectangle of the
-#: grid of partial sums.
+#: grid of partial sums (the query tile is rounded up to the micro-kernel's panel width, 16
+#: in float32 and 8 in float64; 32 to 128 by 64 to 384 measured within the noise of
+#: 64 x 256: docs/performance.rst).
 BACKWARD_QUERY_TILE = 64
 BACKWARD_KEY_TILE = 256
 #: Exact attention's backward: the grid of partial sums has at most this many rectangles

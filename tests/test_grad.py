@@ -108,6 +108,32 @@ def test_exact_on_a_grid_of_partial_sums(causal):
         np.testing.assert_array_equal(a, b)
 
 
+@pytest.mark.parametrize("causal", [False, True])
+def test_exact_feature_dims_filling_whole_panels(causal):
+    # d and dv multiples of the micro-kernel's panel width (8 in float64, 16 in float32):
+    # the backward reads q and g in place instead of padded copies; n = 1100 gives a 2 x 2
+    # grid and a last query tile past n
+    q, k, v = qkv(1100, d=16, dv=32, lead=(1,), seed=22)
+    mask = random_mask((1,), 1100)
+    want = check_qkv(exact_attention, exact_attention_vjp, q, k, v, causal=causal, key_padding_mask=mask)
+    assert np.all(want.k[~mask] == 0) and np.all(want.v[~mask] == 0)
+    q32, k32, v32 = (x.astype(np.float32) for x in (q, k, v))
+    g = np.random.default_rng(2).standard_normal(v.shape).astype(np.float32)
+    want = exact_attention_vjp(q, k, v, causal=causal, key_padding_mask=mask)[1](g.astype(np.float64))
+    before = numba.get_num_threads()
+    try:
+        runs = []
+        for threads in (1, min(2, numba.config.NUMBA_NUM_THREADS)):
+            numba.set_num_threads(threads)
+            runs.append(exact_attention_vjp(q32, k32, v32, causal=causal, key_padding_mask=mask)[1](g))
+    finally:
+        numba.set_num_threads(before)
+    for a, b, w in zip(*runs, want):
+        assert a.dtype == np.float32
+        np.testing.assert_array_equal(a, b)
+        assert np.linalg.norm(a - w) <= 1e-4 * np.linalg.norm(w)
+
+
 def test_exact_scale_and_long_tiles():
     q, k, v = qkv(300, d=5, dv=2, lead=(), seed=3)  # several tiles of both passes
     check_qkv(exact_attention, exact_attention_vjp, q, k, v, causal=True, scale=0.7)

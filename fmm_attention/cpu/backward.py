@@ -30,7 +30,7 @@ from numba.extending import overload
 from .. import _config
 from ..tree import TOKEN
 from ._jit import jit
-from ._softmax import _exp32_parts, _exp64_parts, exp_shift_sum
+from ._softmax import _exp32_parts, _exp64_parts
 from ._tiles import gemm_tiles, panel_width
 from .backward_plan import is_direct
 
@@ -91,69 +91,183 @@ def _weights_and_logit_grads_overload(scores, grads, rows, bias, positions, firs
 
 # ---------------------------------------------------------------- exact attention
 @jit(parallel=True)
-def exact_backward_tiles(q, k, v, key_bias, has_mask, scale, causal, g, lse, delta, span_q, span_k, query_tile,
-                         key_tile, dq_part, dk_part, dv_part):
+def exact_backward_tiles(k, v, key_bias, causal, q_t, g_t, q_rows, g_rows, shift, offset, positions, span,
+                         key_tile, dq_t_part, dk_part, dv_part):
     """Exact attention's gradients in one recompute, as partial sums over a fixed grid.
 
-    The (query, key) square is cut into ``n_h x n_c`` rectangles (``span_q`` queries by
-    ``span_k`` keys; ``n_h = dk_part.shape[0]``, ``n_c = dq_part.shape[0]``), one parallel
-    job each. Job ``(h, c)`` computes every logit of its rectangle once and writes
-    ``dq_part[c]`` for its queries and ``dk_part[h]``, ``dv_part[h]`` for its keys, rows no
-    other job writes; the caller sums the parts in index order. The grid depends on the
-    shapes only, never on the thread count, so the sums are always the same. Inside a
-    rectangle, ``query_tile`` rows meet ``key_tile`` keys at a time.
+    The (query, key) square is cut into ``sides x sides`` rectangles of ``span`` queries by
+    ``span`` keys (``sides = dk_part.shape[0]``, ``span`` a multiple of the query tile), one
+    parallel job each. Job ``(h, c)`` recomputes every logit of its rectangle once and adds
+    into ``dq_t_part[c]`` for its queries and ``dk_part[h]``, ``dv_part[h]`` for its keys,
+    entries no other job writes (it zeroes them first); :func:`exact_backward_reduce` sums the
+    parts in index order. The grid depends on the shapes only, never on the thread count, so
+    the sums are always the same.
+
+    Inside a rectangle the loop is key-major (FlashAttention-2's backward): for each tile of
+    ``key_tile`` keys, every query tile in order, logits stored key-major
+    (``scores[key, query]``) as in FMA's block kernel, so that all five products run on
+    :func:`._tiles.gemm_tiles` with no temporary and no transposed copy: they read the keys
+    and values a row at a time where they lie and add into the partials in place (``np.dot``
+    ran the last three at about 70 % of the first two's rate, with a temporary and a ``+=``
+    pass each: docs/performance.rst).
+
+    Operands (``B`` entries, ``n`` positions, ``T`` query tiles of ``w`` columns, ``w`` a
+    multiple of the panel width): ``k`` (B, n, d), ``v`` (B, n, dv); ``key_bias`` (B or 1,
+    n), 0 or ``-inf``; ``q_t`` (B, T, d, w), the scaled queries transposed tile by tile, and
+    ``g_t`` (B, T, dv, w) the cotangents, zero past ``n`` (one tile's block is contiguous: as
+    one (d, n) array the rows of a panel lay ``4 n`` bytes apart, all in one L1 set);
+    ``q_rows`` (B, n, d_pad), ``g_rows`` (B, n, dv_pad) the unscaled queries and the
+    cotangents row-major, feature dims padded with zeros to the panel width; ``shift`` (B,
+    T * w) the forward's ``lse`` (``+inf`` for a query without a valid key and past ``n``:
+    weight 0), ``offset`` (B, T * w) ``delta``; ``positions`` ``arange(n)``. Results:
+    ``dq_t_part`` (sides, B, T, d, w) ``sum_j dS_ij k_j`` in the layout of ``q_t``,
+    ``dk_part`` (sides, B, n, d_pad) ``sum_i dS_ij q_i`` (both without the scale),
+    ``dv_part`` (sides, B, n, dv_pad) ``sum_i P_ij g_i``.
     """
-    n_batch, n, d = q.shape
-    n_h = dk_part.shape[0]
-    n_c = dq_part.shape[0]
-    for job in prange(n_batch * n_h * n_c):
-        b = job // (n_h * n_c)
-        # query ranges in the order 0, n_h-1, 1, n_h-2, ...: causal range h costs about
+    n_batch, n, d = k.shape
+    dv = v.shape[2]
+    n_tiles, width = q_t.shape[1], q_t.shape[3]
+    d_pad = q_rows.shape[2]
+    dv_pad = g_rows.shape[2]
+    sides = dk_part.shape[0]
+    # flat views: every product reads and writes at flat offsets, so gemm_tiles is compiled
+    # for one operand layout only
+    k_flat, v_flat = k.reshape(-1), v.reshape(-1)
+    qt_flat, gt_flat = q_t.reshape(-1), g_t.reshape(-1)
+    qr_flat, gr_flat = q_rows.reshape(-1), g_rows.reshape(-1)
+    dq_flat, dk_flat, dv_flat = dq_t_part.reshape(-1), dk_part.reshape(-1), dv_part.reshape(-1)
+    masked = key_bias.shape[0] > 1
+    for job in prange(n_batch * sides * sides):
+        b = job // (sides * sides)
+        # query ranges in the order 0, sides-1, 1, sides-2, ...: causal range h costs about
         # h + 1/2 rectangles, so each pair costs the same and the contiguous runs of jobs
         # that prange gives each thread get equal work (in range order the thread with the
-        # last ranges got three quarters of it). Jobs write disjoint rows: no result changes.
-        slot = (job // n_c) % n_h
-        h = slot // 2 if slot % 2 == 0 else n_h - 1 - slot // 2
-        c = job % n_c
-        qa = min(n, h * span_q)
-        qb = min(n, qa + span_q)
-        ka = min(n, c * span_k)
-        kb = min(n, ka + span_k)
-        dq_part[c, b, qa:qb] = 0
-        dk_part[h, b, ka:kb] = 0
-        dv_part[h, b, ka:kb] = 0
-        if causal and ka >= qb:  # every key after every query: nothing to add
-            continue
-        for i0 in range(qa, qb, query_tile):
-            i1 = min(qb, i0 + query_tile)
-            rows = i1 - i0
-            q_tile = q[b, i0:i1] * scale
-            g_tile = np.ascontiguousarray(g[b, i0:i1])
-            acc = np.zeros((rows, d), dtype=q.dtype)
-            key_end = min(kb, i1) if causal else kb
-            for j0 in range(ka, key_end, key_tile):
-                j1 = min(key_end, j0 + key_tile)
-                scores = np.dot(q_tile, k[b, j0:j1].T)
-                grads = np.dot(g_tile, v[b, j0:j1].T)
+        # last ranges got three quarters of it). Jobs write disjoint entries: no result changes.
+        slot = (job // sides) % sides
+        h = slot // 2 if slot % 2 == 0 else sides - 1 - slot // 2
+        c = job % sides
+        qa = min(n, h * span)
+        qb = min(n, qa + span)
+        ka = min(n, c * span)
+        kb = min(n, ka + span)
+        # zero this job's entries of the partials: its query tiles of dq_t_part[c] (padding
+        # columns included), its keys' rows of dk_part[h] and dv_part[h]
+        t_lo = qa // width
+        t_hi = (qb + width - 1) // width
+        for x in range(((c * n_batch + b) * n_tiles + t_lo) * d * width,
+                       ((c * n_batch + b) * n_tiles + t_hi) * d * width):
+            dq_flat[x] = 0
+        dk_base = (h * n_batch + b) * n
+        for x in range((dk_base + ka) * d_pad, (dk_base + kb) * d_pad):
+            dk_flat[x] = 0
+        for x in range((dk_base + ka) * dv_pad, (dk_base + kb) * dv_pad):
+            dv_flat[x] = 0
+        if causal:
+            kb = min(kb, qb)  # keys after the rectangle's last query: nothing to add
+        scores_flat = np.empty(key_tile * width, dtype=k.dtype)
+        grads_flat = np.empty(key_tile * width, dtype=k.dtype)
+        scores = scores_flat.reshape((key_tile, width))
+        grads = grads_flat.reshape((key_tile, width))
+        bias_row = 0 if not masked else b
+        for j0 in range(ka, kb, key_tile):
+            j1 = min(kb, j0 + key_tile)
+            nk = j1 - j0
+            first = t_lo
+            if causal and j0 > qa:  # the first query tile holding a query at or after key j0
+                first = j0 // width
+            for tile in range(first, t_hi):
+                i0 = tile * width
+                rows = min(qb, i0 + width) - i0
+                q_off = (b * n_tiles + tile) * d * width
+                g_off = (b * n_tiles + tile) * dv * width
+                # scores[key, query] = k . (scale q), grads[key, query] = v . g
+                gemm_tiles(nk, width, d, k_flat, (b * n + j0) * d, d, 1, qt_flat, q_off, width, scores_flat, 0, width,
+                           False)
+                gemm_tiles(nk, width, dv, v_flat, (b * n + j0) * dv, dv, 1, gt_flat, g_off, width, grads_flat, 0,
+                           width, False)
+                # P from the forward's lse and dS = P (dP - delta), one pass; the causal mask
+                # only where the tile crosses the diagonal
+                weights_and_logit_grads(scores, grads, nk, key_bias[bias_row, j0:j1], positions[j0:j1], i0,
+                                        causal and j1 - 1 > i0, shift[b, i0:i0 + width],
+                                        offset[b, i0:i0 + width])
+                # dq^T[feature, query] += sum over keys of k[key, feature] dS[key, query]
+                gemm_tiles(d, width, nk, k_flat, (b * n + j0) * d, 1, d, grads_flat, 0, width, dq_flat,
+                           (c * n_batch * n_tiles) * d * width + q_off, width, True)
+                # dk[key] += sum over queries of dS[key, query] q[query], dv[key] += P g
+                gemm_tiles(nk, d_pad, rows, grads_flat, 0, width, 1, qr_flat, (b * n + i0) * d_pad, d_pad, dk_flat,
+                           (dk_base + j0) * d_pad, d_pad, True)
+                gemm_tiles(nk, dv_pad, rows, scores_flat, 0, width, 1, gr_flat, (b * n + i0) * dv_pad, dv_pad,
+                           dv_flat, (dk_base + j0) * dv_pad, dv_pad, True)
+
+
+@jit(parallel=True)
+def exact_backward_prepare(q, g, lse, delta, scale, q_t, g_t, shift, offset):
+    """The query-side operands of :func:`exact_backward_tiles` in one parallel pass, one
+    query tile per job: ``q_t = scale q`` and ``g_t = g`` transposed tile by tile
+    (B, T, ., w), ``shift = lse`` (``+inf`` where ``lse = -inf``) and ``offset = delta``
+    (B, T * w); past ``n``: zeros, and ``shift = +inf``.
+    """
+    n_batch, n, d = q.shape
+    dv = g.shape[2]
+    n_tiles, width = q_t.shape[1], q_t.shape[3]
+    for job in prange(n_batch * n_tiles):
+        b = job // n_tiles
+        tile = job % n_tiles
+        i0 = tile * width
+        rows = min(n, i0 + width) - i0
+        for e in range(d):
+            for i in range(rows):
+                q_t[b, tile, e, i] = q[b, i0 + i, e] * scale
+            for i in range(rows, width):
+                q_t[b, tile, e, i] = 0
+        for e in range(dv):
+            for i in range(rows):
+                g_t[b, tile, e, i] = g[b, i0 + i, e]
+            for i in range(rows, width):
+                g_t[b, tile, e, i] = 0
+        for i in range(i0, i0 + rows):
+            shift[b, i] = lse[b, i] if lse[b, i] > -np.inf else np.inf
+            offset[b, i] = delta[b, i]
+        for i in range(i0 + rows, i0 + width):
+            shift[b, i] = np.inf
+            offset[b, i] = 0
+
+
+@jit(parallel=True)
+def exact_backward_reduce(dq_t_part, dk_part, dv_part, scale, dq, dk, dv):
+    """The gradients from :func:`exact_backward_tiles`' partials, each summed over the
+    leading axis in index order (a chain fixed by the shapes), one query tile's rows per
+    job: ``dq = scale sum_c dq_t_part[c]`` transposed back, ``dk = scale sum_h dk_part[h]``,
+    ``dv = sum_h dv_part[h]``, the padding dropped.
+    """
+    n_batch, n, d = dq.shape
+    dv_dim = dv.shape[2]
+    sides = dk_part.shape[0]
+    n_tiles, width = dq_t_part.shape[2], dq_t_part.shape[4]
+    for job in prange(n_batch * n_tiles):
+        b = job // n_tiles
+        tile = job % n_tiles
+        i0 = tile * width
+        rows = min(n, i0 + width) - i0
+        for e in range(d):
+            for i in range(rows):
+                dq[b, i0 + i, e] = dq_t_part[0, b, tile, e, i]
+            for part in range(1, sides):
                 for i in range(rows):
-                    row = scores[i]
-                    if lse[b, i0 + i] == -np.inf:
-                        row[:] = 0
-                        grads[i] = 0
-                        continue
-                    if has_mask:
-                        for j in range(j1 - j0):
-                            row[j] += key_bias[b, j0 + j]
-                    if causal:
-                        row[max(0, i0 + i + 1 - j0):] = -np.inf
-                    exp_shift_sum(row, lse[b, i0 + i])
-                    shift = delta[b, i0 + i]
-                    for j in range(j1 - j0):
-                        grads[i, j] = row[j] * (grads[i, j] - shift)
-                acc += np.dot(grads, k[b, j0:j1])
-                dk_part[h, b, j0:j1] += np.dot(grads.T, q_tile)  # q_tile carries the scale
-                dv_part[h, b, j0:j1] += np.dot(scores.T, g_tile)
-            dq_part[c, b, i0:i1] = acc * scale
+                    dq[b, i0 + i, e] += dq_t_part[part, b, tile, e, i]
+            for i in range(rows):
+                dq[b, i0 + i, e] *= scale
+        for i in range(i0, i0 + rows):
+            for e in range(d):
+                total = dk_part[0, b, i, e]
+                for part in range(1, sides):
+                    total += dk_part[part, b, i, e]
+                dk[b, i, e] = total * scale
+            for e in range(dv_dim):
+                total = dv_part[0, b, i, e]
+                for part in range(1, sides):
+                    total += dv_part[part, b, i, e]
+                dv[b, i, e] = total
 
 
 # ---------------------------------------------------------------- FMA: blocks over a plan

@@ -21,6 +21,8 @@ from ._launch import launch_guard
 from .backward import (
     block_backward,
     cluster_downward,
+    exact_backward_prepare,
+    exact_backward_reduce,
     exact_backward_tiles,
     learned_downward_level,
     learned_weight_grad,
@@ -48,24 +50,58 @@ def _grid(n_batch, n):
     return sides
 
 
+def _padded(x, width):
+    """``x`` (B, n, e) with its last dim zero-padded to a multiple of ``width`` (``x`` itself
+    when it already is one and C-contiguous)."""
+    e = x.shape[2]
+    e_pad = -(-e // width) * width
+    if e == e_pad:
+        return np.ascontiguousarray(x)
+    out = np.zeros(x.shape[:2] + (e_pad,), dtype=x.dtype)
+    out[:, :, :e] = x
+    return out
+
+
 def exact_backward(batch, causal, g, lse, delta):
     """Gradients ``(dq, dk, dv)`` of exact attention, each ``(B, n, .)``."""
-    key_bias, has_mask = _key_bias(batch)
-    scale = batch.dtype.type(batch.scale)
-    B, n = batch.q.shape[:2]
+    dtype = batch.dtype
+    scale = dtype.type(batch.scale)
+    q = np.ascontiguousarray(batch.q)
+    k, v = np.ascontiguousarray(batch.k), np.ascontiguousarray(batch.v)
+    g = np.ascontiguousarray(g)
+    B, n, d = q.shape
+    dv = v.shape[2]
+    panel = 64 // dtype.itemsize  # the micro-kernel's panel width (_tiles.panel_width)
+    tile = -(-max(1, int(_config.BACKWARD_QUERY_TILE)) // panel) * panel
+    key_tile = max(1, int(_config.BACKWARD_KEY_TILE))
     sides = _grid(B, n)
-    span = -(-n // sides)
-    dq_part = np.empty((sides,) + batch.q.shape, dtype=batch.dtype)
-    dk_part = np.empty((sides,) + batch.k.shape, dtype=batch.dtype)
-    dv_part = np.empty((sides,) + batch.v.shape, dtype=batch.dtype)
-    with launch_guard(calls_blas=True):
-        exact_backward_tiles(batch.q, batch.k, batch.v, key_bias, has_mask, scale, causal, g, lse, delta,
-                             span, span, max(1, int(_config.BACKWARD_QUERY_TILE)),
-                             max(1, int(_config.BACKWARD_KEY_TILE)), dq_part, dk_part, dv_part)
-    if sides == 1:
-        return dq_part[0], dk_part[0], dv_part[0]
-    # sums over the leading axis add the parts in index order: the same whatever the threads
-    return dq_part.sum(axis=0), dk_part.sum(axis=0), dv_part.sum(axis=0)
+    per_side = -(-n // sides)
+    span = -(-per_side // tile) * tile  # whole query tiles: no tile spans two jobs
+    n_pad = -(-n // tile) * tile
+    if batch.valid is None:
+        key_bias = np.zeros((1, n), dtype=dtype)
+    else:
+        key_bias = np.where(batch.valid, 0.0, -np.inf).astype(dtype)
+    n_tiles = n_pad // tile
+    q_t = np.empty((B, n_tiles, d, tile), dtype=dtype)
+    g_t = np.empty((B, n_tiles, dv, tile), dtype=dtype)
+    shift = np.empty((B, n_pad), dtype=dtype)
+    offset = np.empty((B, n_pad), dtype=dtype)
+    q_rows, g_rows = _padded(q, panel), _padded(g, panel)
+    # every entry is zeroed by the job that owns it
+    dq_t_part = np.empty((sides, B, n_tiles, d, tile), dtype=dtype)
+    dk_part = np.empty((sides, B, n, q_rows.shape[2]), dtype=dtype)
+    dv_part = np.empty((sides, B, n, g_rows.shape[2]), dtype=dtype)
+    dq = np.empty((B, n, d), dtype=dtype)
+    dk = np.empty((B, n, d), dtype=dtype)
+    dv_out = np.empty((B, n, dv), dtype=dtype)
+    with launch_guard():
+        exact_backward_prepare(q, g, lse.astype(dtype, copy=False), delta.astype(dtype, copy=False), scale,
+                               q_t, g_t, shift, offset)
+        exact_backward_tiles(k, v, key_bias, causal, q_t, g_t, q_rows, g_rows, shift, offset,
+                             np.arange(n, dtype=np.int64), span, key_tile, dq_t_part, dk_part, dv_part)
+        exact_backward_reduce(dq_t_part, dk_part, dv_part, scale, dq, dk, dv_out)
+    return dq, dk, dv_out
 
 
 @dataclass(frozen=True, eq=False)
