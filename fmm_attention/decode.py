@@ -214,6 +214,12 @@ class FMMDecoder:
         self._B = int(np.prod(self.kv_shape, dtype=np.int64))  # one state per key/value sequence
         self._position = 0
         self._kernel_state_cache = None
+        # one token's (q, k, v) shapes as given, then q's, k's and v's kernel shapes (step's fast path)
+        kv_lead = self.batch_shape if self._g == 1 else self.kv_shape
+        self._one_token_shapes = (
+            (self.batch_shape + (1, self.d), kv_lead + (1, self.d), kv_lead + (1, self.dv)),
+            (self._B, self._g, 1, self.d), (self._B, 1, self.d), (self._B, 1, self.dv),
+        )
         if self.method == "exact":
             self._kv = self._ok = None
             self._vv = None
@@ -438,17 +444,6 @@ class FMMDecoder:
                 return None
         return q.reshape(shapes[1]), k.reshape(shapes[2]), v.reshape(shapes[3])
 
-    @property
-    def _one_token_shapes(self):
-        """``((q, k, v) user shapes of one token, then q's, k's and v's kernel shapes)``."""
-        cached = getattr(self, "_one_token_shapes_cache", None)
-        if cached is None:
-            kv_lead = self.batch_shape if self._g == 1 else self.kv_shape
-            user = (self.batch_shape + (1, self.d), kv_lead + (1, self.d), kv_lead + (1, self.dv))
-            cached = self._one_token_shapes_cache = (
-                user, (self._B, self._g, 1, self.d), (self._B, 1, self.d), (self._B, 1, self.dv))
-        return cached
-
     def _finish(self, out, lse, t, return_lse):
         out = out.reshape(self.batch_shape + (t, self.dv))
         if return_lse:
@@ -590,7 +585,7 @@ class FMMDecoder:
         else:
             self._check_reach(t)
             end = pos0 + t
-            if self._learned is None and self._levels_for(end) > self._n_levels:
+            if self._learned is None:
                 self._grow_levels(self._levels_for(end))
             if self.global_tokens.size:
                 self._grow_globals(end)
