@@ -133,9 +133,10 @@ def _cpu_only(backend, *arrays, options=None):
     return chosen
 
 
-def _cotangent(value, name, batch, tail, *, required=True):
+def _cotangent(value, name, batch, tail, *, required=True, check_finite=True):
     """Validate a cotangent of caller shape ``lead + (n,) + tail``; ``(B, n[, x])`` in the
-    batch dtype, or ``None`` when omitted and not required.
+    batch dtype, or ``None`` when omitted and not required. ``check_finite=False`` leaves the
+    NaN/infinity check to the caller (:func:`_pullback_inputs` folds it into ``delta``).
     """
     if value is None:
         if required:
@@ -147,18 +148,31 @@ def _cotangent(value, name, batch, tail, *, required=True):
     want = batch.lead_shape + (batch.n,) + tail
     if arr.shape != want:
         raise ValueError(f"{name} must have the shape of the output {want}, got {arr.shape}")
-    if not np.isfinite(arr).all():
+    if check_finite and not np.isfinite(arr).all():
         raise ValueError(f"{name} contains NaN or infinity")
     # -1: the output entries (a broadcast or grouped batch has more of them than q has rows)
     return np.ascontiguousarray(arr, dtype=batch.dtype).reshape((-1, batch.n) + tail)
 
 
 def _delta(batch, out, g, g_lse):
-    """``delta_i = g_i . out_i - g_lse_i`` (B, n), the per-query term of ``dS = P (dP - delta)``."""
-    delta = np.einsum("bne,bne->bn", g, out)  # no BLAS: the result must not depend on its threads
+    """``delta_i = g_i . out_i - g_lse_i`` (B, n), the per-query term of ``dS = P (dP - delta)``.
+
+    One parallel pass (:func:`.cpu.backward.cotangent_delta`) that also checks ``g`` for
+    NaN and infinity: ``g`` is scanned again only when some ``delta`` is not finite.
+    """
+    from .cpu._launch import launch_guard
+    from .cpu.backward import cotangent_delta
+
+    rows = g.shape[0] * g.shape[1]
+    delta = np.empty(rows, dtype=batch.dtype)
+    with launch_guard():
+        cotangent_delta(g.reshape(rows, g.shape[2]), np.ascontiguousarray(out).reshape(rows, g.shape[2]), delta)
+    if not np.isfinite(delta).all() and not np.isfinite(g).all():
+        raise ValueError("g_out contains NaN or infinity")
+    delta = delta.reshape(g.shape[:2])
     if g_lse is not None:
-        delta = delta - g_lse
-    return np.ascontiguousarray(delta, dtype=batch.dtype)
+        delta -= g_lse
+    return delta
 
 
 def _restore(batch, x):
@@ -166,7 +180,7 @@ def _restore(batch, x):
 
 
 def _pullback_inputs(batch, out, lse, g_out, g_lse):
-    g = _cotangent(g_out, "g_out", batch, (batch.dv,))
+    g = _cotangent(g_out, "g_out", batch, (batch.dv,), check_finite=False)  # checked by _delta
     gl = _cotangent(g_lse, "g_lse", batch, (), required=False)
     if gl is not None:
         # a query with no valid key has lse = -inf for every input: its gradient is zero

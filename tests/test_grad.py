@@ -469,8 +469,8 @@ def test_fma_slabs_of_blocks_change_no_bit(monkeypatch, options):
     tree = build_tree(90, block_size=4, rank=2, causal=options.get("causal", False))
     runs = backward_ops._runs(0, tree.n_blocks)
     assert runs.size - 1 == 11 and np.all(np.diff(runs) >= 2)
-    col_ptr = np.arange(tree.n_blocks + 1)[None] * 10
-    slabs = backward_ops._slabs(col_ptr, 1, runs)
+    col_ptr = np.arange(runs.size)[None] * 10  # partial rows per run
+    slabs = backward_ops._slabs(col_ptr, 1)
     assert [hi for _, hi in slabs] == [1, 3, 5, 7, 9, 11]  # each ends before an odd run
     sliced = pullback(g)
     for a, b in zip(whole[:3], sliced[:3]):
@@ -501,19 +501,38 @@ def test_fma_run_grid_changes_only_rounding(monkeypatch, run_blocks):
 
 
 def test_fma_near_field_columns_have_no_partial_rows():
-    # the transposed plan numbers only the columns that are not added straight into dk, dv:
-    # with the near field gone, the columns left are the coarse rows and the global tokens
+    # the transposed plan numbers only the columns that are not added straight into dk, dv,
+    # one partial row per (run, target): with the near field gone, what is left are the
+    # distinct coarse rows and global tokens the blocks of each run list
     from fmm_attention.cpu.backward_plan import shared_transpose
     from fmm_attention.tree import TOKEN
 
     tree = build_tree(90, block_size=4, rank=2)
     ptr, segments, _ = tree.plan(global_tokens=(40,))
-    col_ptr = shared_transpose(tree, True, (40,))[4][0]
-    for block in range(tree.n_blocks):
-        segs = segments[ptr[block] : ptr[block + 1]]
-        far = segs[(segs[:, 0] != TOKEN) | (segs[:, 1] < (block - 1) * 4) | (segs[:, 1] + segs[:, 2] > (block + 2) * 4)]
-        assert col_ptr[block + 1] - col_ptr[block] == far[:, 2].sum()
-        assert (far[:, 0] == TOKEN).sum() == (0 if block in (9, 10, 11) else 1)  # token 40 is in block 10
+    plan = shared_transpose(tree, True, (40,), 0, tree.n_blocks, 3)
+    runs, col_ptr, seg_col, t_ptr, t_cols = (x[0] if x.ndim > 1 else x for x in plan[4:9])
+    assert runs.tolist() == [0, 3, 6, 9, 12, 15, 18, 23]
+    row_target = np.empty(col_ptr[-1], dtype=np.int64)
+    row_target[t_cols[: col_ptr[-1]]] = np.repeat(np.arange(t_ptr.size - 1), np.diff(t_ptr))
+    shared = 0
+    for r in range(runs.size - 1):
+        targets = set()
+        for block in range(runs[r], runs[r + 1]):
+            for s in range(ptr[block], ptr[block + 1]):
+                kind, start, count = segments[s]
+                near = kind == TOKEN and (block - 1) * 4 <= start and start + count <= (block + 2) * 4
+                if near:
+                    assert seg_col[s] == -1
+                    continue
+                first = start + (0 if kind == TOKEN else tree.n)
+                assert col_ptr[r] <= seg_col[s] and seg_col[s] + count <= col_ptr[r + 1]
+                assert row_target[seg_col[s] : seg_col[s] + count].tolist() == list(range(first, first + count))
+                targets.update(range(first, first + count))
+                shared += count
+        assert col_ptr[r + 1] - col_ptr[r] == len(targets)  # one row per distinct target
+        assert (np.diff(row_target[col_ptr[r] : col_ptr[r + 1]]) > 0).all()
+    assert col_ptr[-1] < shared  # blocks of a run share their coarse rows
+    assert (np.diff(t_cols[: col_ptr[-1]])[np.diff(row_target[t_cols[: col_ptr[-1]]]) == 0] > 0).all()
 
 
 def test_leading_dims_and_pullback_reuse():

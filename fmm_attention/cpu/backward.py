@@ -89,6 +89,23 @@ def _weights_and_logit_grads_overload(scores, grads, rows, bias, positions, firs
     return None
 
 
+@jit(parallel=True)
+def cotangent_delta(g, out, delta):
+    """``delta[r] = g[r] . out[r]`` for every row ``r`` of ``g``, ``out`` (rows, e), in parallel.
+
+    One pass over the cotangent that is also its finiteness check: a NaN or infinite entry
+    of row ``r`` makes ``delta[r]`` non-finite (``out`` is the forward's output, finite), so
+    the caller scans ``g`` itself only when some ``delta`` is not finite. No fastmath flag
+    assumes finite values (``_config.FASTMATH`` has no ``nnan``/``ninf``); each row is one
+    thread's sum in a fixed order, so the result does not depend on the thread count.
+    """
+    for r in prange(g.shape[0]):
+        total = g.dtype.type(0)
+        for e in range(g.shape[1]):
+            total += g[r, e] * out[r, e]
+        delta[r] = total
+
+
 # ---------------------------------------------------------------- exact attention
 @jit(parallel=True)
 def exact_backward_tiles(k, v, key_bias, causal, q_t, g_t, q_rows, g_rows, shift, offset, positions, span,
@@ -274,8 +291,8 @@ def exact_backward_reduce(dq_t_part, dk_part, dv_part, scale, dq, dk, dv):
 @jit(parallel=True)
 def block_backward(
     q, k, v, q_index, kv_index, q_start, key_bias, has_mask, kc, vc, cbias, seg_lo, seg_hi, segments, col_ptr,
-    max_keys, block_size, scale, causal, g, lse, delta, n_chunks, run_starts, run_lo, run_hi, parity, set_ptr,
-    set_entries, dq, dk, dv, dk_cols, dv_cols,
+    seg_col, max_keys, block_size, scale, causal, g, lse, delta, n_chunks, run_starts, run_lo, run_hi, parity,
+    set_ptr, set_entries, dq, dk, dv, dk_cols, dv_cols,
 ):
     """Backward of :func:`fmm_attention.cpu.blocks.block_attention` over the same plan.
 
@@ -289,10 +306,13 @@ def block_backward(
     and query ``i`` sits at key position ``q_start + i``: block rows without a query are
     padding (weight 0). Writes ``dq[b]`` of the block's queries (the far field of coarse
     queries adds to it later), adds the near-field key gradients straight into ``dk``,
-    ``dv`` of key set ``kv_index[b]``, and writes the other columns' shares into row
-    ``col_ptr[p, I] - col_ptr[p, run_starts[run_lo]]`` onwards of ``dk_cols[b]``/
-    ``dv_cols[b]`` (summed by :func:`reduce_columns`; ``col_ptr`` numbers the partial
-    columns only).
+    ``dv`` of key set ``kv_index[b]``, and adds the other columns' shares into the run's
+    partial rows of ``dk_cols[b]``/``dv_cols[b]`` (:func:`.backward_plan.transpose_plan`:
+    run ``r`` owns rows ``col_ptr[p, r] .. col_ptr[p, r + 1] - 1``, stored from row
+    ``col_ptr[p, r] - col_ptr[p, run_lo]``, one per target its blocks list, and segment
+    ``s`` starts at row ``seg_col[p, s]``): the blocks of a run that list the same coarse
+    row add into one partial row, in block order, which :func:`reduce_columns` then sums
+    run by run.
 
     Jobs are (key set, run of blocks): runs ``run_lo <= r < run_hi`` with ``r % 2 ==
     parity``, run ``r`` the blocks ``run_starts[r] .. run_starts[r + 1] - 1`` (each holding a
@@ -323,9 +343,7 @@ def block_backward(
     d_pad = -(-d // panel) * panel
     dv_pad = -(-dv_dim // panel) * panel
     rows_max = max(max_keys, 1)
-    n_columns = dk_cols.shape[1]
     n_q = q.shape[1]
-    slab_lo = run_starts[run_lo]
     for chunk in prange(n_chunks):
         keys = np.empty((rows_max, d), dtype=q.dtype)
         vals = np.empty((rows_max, dv_dim), dtype=q.dtype)
@@ -338,8 +356,8 @@ def block_backward(
         scores = np.empty((rows_max, width), dtype=q.dtype)
         grads = np.empty((rows_max, width), dtype=q.dtype)
         dq_t = np.empty((d, width), dtype=q.dtype)
-        dk_buf = np.empty((rows_max if d < d_pad else 1, d_pad), dtype=q.dtype)
-        dv_buf = np.empty((rows_max if dv_dim < dv_pad else 1, dv_pad), dtype=q.dtype)
+        dk_buf = np.empty((rows_max, d_pad), dtype=q.dtype)  # key-side shares of the partial columns
+        dv_buf = np.empty((rows_max, dv_pad), dtype=q.dtype)
         shift = np.empty(width, dtype=q.dtype)
         offset = np.zeros(width, dtype=q.dtype)
         for job in range(chunk * n_jobs // n_chunks, (chunk + 1) * n_jobs // n_chunks):
@@ -347,6 +365,14 @@ def block_backward(
             run = first_run + 2 * (job % n_runs)
             nk = 0
             n_direct = 0
+            for slot in range(set_ptr[bk], set_ptr[bk + 1]):  # the run's partial rows start at zero
+                b = set_entries[slot]
+                p = 0 if shared else b
+                for c in range(col_ptr[p, run] - col_ptr[p, run_lo], col_ptr[p, run + 1] - col_ptr[p, run_lo]):
+                    for e in range(d):
+                        dk_cols[b, c, e] = 0
+                    for e in range(dv_dim):
+                        dv_cols[b, c, e] = 0
             for blk in range(run_starts[run], run_starts[run + 1]):
                 i0 = blk * block_size
                 i1 = min(n, i0 + block_size)
@@ -422,27 +448,32 @@ def block_backward(
                             dq[b, i0 + i - q_start, e] = dq_t[e, i] * scale
                     # key-side shares: dS @ (scale q) and P @ g; near-field rows added into
                     # dk, dv (straight from the micro-kernel when the feature dims fill whole
-                    # panels), the others one partial row per column
-                    c0 = col_ptr[p, blk] - col_ptr[p, slab_lo]
+                    # panels), the others into the run's partial rows
+                    col0 = col_ptr[p, run_lo]
+                    s_lo, s_hi = seg_lo[p, blk], seg_hi[p, blk]
                     if d == d_pad:
-                        _direct_shares(grads, width, queries, d, dk, bk, n, segments, p, seg_lo[p, blk],
-                                       seg_hi[p, blk], blk, block_size)
-                        gemm_tiles(nk - n_direct, d, width, grads, n_direct * width, width, 1, queries, 0, d, dk_cols,
-                                   (b * n_columns + c0) * d, d, False)
+                        _direct_shares(grads, width, queries, d, dk, bk, n, segments, p, s_lo, s_hi, blk, block_size)
+                        gemm_tiles(nk - n_direct, d, width, grads, n_direct * width, width, 1, queries, 0, d, dk_buf, 0,
+                                   d, False)
+                        _add_partials(dk_buf, 0, d, dk_cols, b, col0, seg_col, segments, p, s_lo, s_hi, blk, block_size)
                     else:
                         gemm_tiles(nk, d_pad, width, grads, 0, width, 1, queries, 0, d_pad, dk_buf, 0, d_pad, False)
-                        _scatter_shares(dk_buf, d, n_direct, nk, dk, bk, dk_cols, b, c0, segments, p, seg_lo[p, blk],
-                                        seg_hi[p, blk], blk, block_size)
+                        _scatter_direct(dk_buf, d, dk, bk, segments, p, s_lo, s_hi, blk, block_size)
+                        _add_partials(dk_buf, n_direct, d, dk_cols, b, col0, seg_col, segments, p, s_lo, s_hi, blk,
+                                      block_size)
                     if dv_dim == dv_pad:
-                        _direct_shares(scores, width, cotangents, dv_dim, dv, bk, n, segments, p, seg_lo[p, blk],
-                                       seg_hi[p, blk], blk, block_size)
+                        _direct_shares(scores, width, cotangents, dv_dim, dv, bk, n, segments, p, s_lo, s_hi, blk,
+                                       block_size)
                         gemm_tiles(nk - n_direct, dv_dim, width, scores, n_direct * width, width, 1, cotangents, 0,
-                                   dv_dim, dv_cols, (b * n_columns + c0) * dv_dim, dv_dim, False)
+                                   dv_dim, dv_buf, 0, dv_dim, False)
+                        _add_partials(dv_buf, 0, dv_dim, dv_cols, b, col0, seg_col, segments, p, s_lo, s_hi, blk,
+                                      block_size)
                     else:
                         gemm_tiles(nk, dv_pad, width, scores, 0, width, 1, cotangents, 0, dv_pad, dv_buf, 0, dv_pad,
                                    False)
-                        _scatter_shares(dv_buf, dv_dim, n_direct, nk, dv, bk, dv_cols, b, c0, segments, p,
-                                        seg_lo[p, blk], seg_hi[p, blk], blk, block_size)
+                        _scatter_direct(dv_buf, dv_dim, dv, bk, segments, p, s_lo, s_hi, blk, block_size)
+                        _add_partials(dv_buf, n_direct, dv_dim, dv_cols, b, col0, seg_col, segments, p, s_lo, s_hi,
+                                      blk, block_size)
 
 
 @jit()
@@ -460,10 +491,9 @@ def _direct_shares(weights, width, rhs, e_dim, target, bk, n, segments, p, s_lo,
 
 
 @jit()
-def _scatter_shares(buf, e_dim, n_direct, nk, target, bk, cols, b, c0, segments, p, s_lo, s_hi, blk, block_size):
-    """The padded-feature case of :func:`_direct_shares`: the shares of all ``nk`` columns
-    are in ``buf``; near-field rows are added to ``target[bk]``, the rest copied into the
-    partial rows ``cols[b, c0:]``."""
+def _scatter_direct(buf, e_dim, target, bk, segments, p, s_lo, s_hi, blk, block_size):
+    """The padded-feature case of :func:`_direct_shares`: the shares of all the block's
+    columns are in ``buf``; the near-field rows are added to ``target[bk]``."""
     col = 0
     for s in range(s_lo, s_hi):
         start = segments[p, s, 1]
@@ -473,9 +503,24 @@ def _scatter_shares(buf, e_dim, n_direct, nk, target, bk, cols, b, c0, segments,
                 for e in range(e_dim):
                     target[bk, start + t, e] += buf[col + t, e]
             col += count
-    for j in range(nk - n_direct):
-        for e in range(e_dim):
-            cols[b, c0 + j, e] = buf[n_direct + j, e]
+
+
+@jit()
+def _add_partials(buf, first, e_dim, cols, b, col0, seg_col, segments, p, s_lo, s_hi, blk, block_size):
+    """Add the shares of the block's other columns, rows ``first ..`` of ``buf`` in gather
+    order (``first = n_direct`` when ``buf`` holds every column's share), into the run's
+    partial rows ``cols[b, seg_col[p, s] - col0 ..]`` of each of its segments ``s``."""
+    row = first
+    for s in range(s_lo, s_hi):
+        start = segments[p, s, 1]
+        count = segments[p, s, 2]
+        if is_direct(segments[p, s, 0], start, count, blk, block_size):
+            continue
+        c = seg_col[p, s] - col0
+        for t in range(count):
+            for e in range(e_dim):
+                cols[b, c + t, e] += buf[row + t, e]
+        row += count
 
 
 @jit(parallel=True)

@@ -29,7 +29,7 @@ from .backward import (
     mean_downward,
     reduce_columns,
 )
-from .backward_plan import shared_transpose, transpose_plan
+from .backward_plan import query_runs, shared_transpose, transpose_plan
 
 
 def _key_bias(batch):
@@ -116,7 +116,7 @@ class FMMResiduals:
     kc: np.ndarray
     vc: np.ndarray
     cbias: np.ndarray
-    plan: tuple  # seg_lo, seg_hi, segments, max_keys, col_ptr, t_ptr, t_cols, n_columns
+    plan: tuple  # seg_lo, seg_hi, segments, max_keys, run_starts, col_ptr, seg_col, t_ptr, t_cols, n_columns
     groups: tuple | None = None  # cluster coarsening: (labels, parents, counts), held fixed
 
     @classmethod
@@ -136,8 +136,12 @@ class FMMResiduals:
             kc, vc, cbias, groups = _cluster_buffers(batch, tree, count_scaling, coarsening.iters, coarse_valid)
         else:
             kc, vc, cbias = coarse_buffers(batch, tree, coarsening, count_scaling, coarse_valid=coarse_valid)
+        layout = batch.layout
+        m = tree.block_size
+        first, end = layout.query_offset // m, (layout.query_offset + layout.n_q - 1) // m + 1  # blocks with queries
+        run_size = int(_config.BACKWARD_RUN_BLOCKS)
         if refined_plan is None:
-            plan = shared_transpose(tree, not query_coarsening, tuple(global_tokens))
+            plan = shared_transpose(tree, not query_coarsening, tuple(global_tokens), first, end, run_size)
         else:
             seg_lo, seg_hi, segments = (np.ascontiguousarray(x, dtype=np.int64) for x in refined_plan[:3])
             for arr in (seg_lo, seg_hi, segments):
@@ -145,8 +149,9 @@ class FMMResiduals:
             csum = np.zeros((segments.shape[0], segments.shape[1] + 1), dtype=np.int64)
             np.cumsum(segments[:, :, 2], axis=1, out=csum[:, 1:])
             keys = np.take_along_axis(csum, seg_hi, 1) - np.take_along_axis(csum, seg_lo, 1)
-            plan = (seg_lo, seg_hi, segments, int(keys.max())) + transpose_plan(
-                seg_lo, seg_hi, segments, tree.n, tree.n_coarse, tree.block_size
+            run_starts = query_runs(first, end, run_size)
+            plan = (seg_lo, seg_hi, segments, int(keys.max()), run_starts) + transpose_plan(
+                seg_lo, seg_hi, segments, tree.n, tree.n_coarse, tree.block_size, run_starts
             )
         return cls(batch, tree, coarsening, query_coarsening, coarse_valid, kc, vc, cbias, plan, groups)
 
@@ -175,17 +180,15 @@ def fmm_backward(res, g, lse, delta):
     dtype = batch.dtype
     scale = dtype.type(batch.scale)
     key_bias, has_mask = _key_bias(batch)
-    seg_lo, seg_hi, segments, max_keys, col_ptr, t_ptr, t_cols, n_columns = res.plan
+    seg_lo, seg_hi, segments, max_keys, run_starts, col_ptr, seg_col, t_ptr, t_cols, n_columns = res.plan
     dq = np.empty((B, layout.n_q, d), dtype=dtype)
-    dk = np.zeros_like(batch.k)
-    dv = np.zeros_like(batch.v)
-    dkc = np.zeros_like(res.kc)
-    dvc = np.zeros_like(res.vc)
+    dk = np.zeros(batch.k.shape, batch.k.dtype)
+    dv = np.zeros(batch.v.shape, batch.v.dtype)
+    dkc = np.zeros(res.kc.shape, res.kc.dtype)
+    dvc = np.zeros(res.vc.shape, res.vc.dtype)
     m = tree.block_size
-    first, end = layout.query_offset // m, (layout.query_offset + layout.n_q - 1) // m + 1  # blocks with queries
-    run_starts = _runs(first, end)
-    slabs = _slabs(col_ptr, B * (d + dv_dim) * dtype.itemsize, run_starts)
-    width = max(int(np.max(col_ptr[:, run_starts[hi]] - col_ptr[:, run_starts[lo]])) for lo, hi in slabs)
+    slabs = _slabs(col_ptr, B * (d + dv_dim) * dtype.itemsize)
+    width = max(int(np.max(col_ptr[:, hi] - col_ptr[:, lo])) for lo, hi in slabs)
     # one partial buffer for every slab: its pages are touched once, and a slab's partials
     # are read back while they are still in the cache
     dk_cols = np.empty((B, max(width, 1), d), dtype=dtype)
@@ -197,22 +200,22 @@ def fmm_backward(res, g, lse, delta):
     # token rows with partial columns (global tokens, refined boxes) sum them apart from the
     # near-field shares, so that both sums run in orders the slabs do not change
     far_tokens = bool(np.any(t_ptr[:, n] > 0))
-    dk_far = np.zeros_like(dk) if far_tokens else dk
-    dv_far = np.zeros_like(dv) if far_tokens else dv
+    dk_far = np.zeros(dk.shape, dk.dtype) if far_tokens else dk
+    dv_far = np.zeros(dv.shape, dv.dtype) if far_tokens else dv
     for lo, hi in slabs:  # in block order: each target's partials are added left to right
         for parity in (0, 1):  # even runs, then odd runs: concurrent jobs never share a row of dk, dv
             with launch_guard():
                 block_backward(
                     batch.q, batch.k, batch.v, layout.q_index, layout.kv_index, layout.query_offset, key_bias,
-                    has_mask, res.kc, res.vc, res.cbias, seg_lo, seg_hi, segments, col_ptr, max_keys, m, scale,
+                    has_mask, res.kc, res.vc, res.cbias, seg_lo, seg_hi, segments, col_ptr, seg_col, max_keys, m, scale,
                     tree.causal, g, lse, delta, chunks, run_starts, lo, hi, parity, set_ptr, order, dq, dk, dv,
                     dk_cols, dv_cols,
                 )
         if width == 0:  # no partial columns anywhere (coarse queries, no global tokens)
             continue
         with launch_guard():
-            reduce_columns(dk_cols, dv_cols, t_ptr, t_cols, np.ascontiguousarray(col_ptr[:, run_starts[lo]]),
-                           np.ascontiguousarray(col_ptr[:, run_starts[hi]]), cursor, n, set_ptr, order, dk_far,
+            reduce_columns(dk_cols, dv_cols, t_ptr, t_cols, np.ascontiguousarray(col_ptr[:, lo]),
+                           np.ascontiguousarray(col_ptr[:, hi]), cursor, n, set_ptr, order, dk_far,
                            dv_far, dkc, dvc, 0 if far_tokens else n)
     if far_tokens:
         dk += dk_far
@@ -257,21 +260,13 @@ def fmm_backward(res, g, lse, delta):
 
 
 def _runs(first, end):
-    """Starts of the runs of query blocks ``first <= I < end`` (and ``end``): runs of
-    ``_config.BACKWARD_RUN_BLOCKS`` blocks (at least 2), the last one taking the remainder,
-    so every run but a lone one holds at least two blocks (what keeps runs of one parity
-    apart, see :func:`.backward.block_backward`). Set by the shapes only.
-    """
-    size = max(2, int(_config.BACKWARD_RUN_BLOCKS))
-    n_runs = max(1, (end - first) // size)
-    starts = first + size * np.arange(n_runs + 1, dtype=np.int64)
-    starts[-1] = end
-    return starts
+    """:func:`.backward_plan.query_runs` with ``_config.BACKWARD_RUN_BLOCKS`` blocks per run."""
+    return query_runs(first, end, _config.BACKWARD_RUN_BLOCKS)
 
 
-def _slabs(col_ptr, bytes_per_column, run_starts):
-    """``[(lo, hi), ...]``: consecutive ranges of runs (``run_starts``, from :func:`_runs`)
-    whose partial rows (the most over the plans) fit ``_config.BACKWARD_PARTIAL_BYTES``.
+def _slabs(col_ptr, bytes_per_column):
+    """``[(lo, hi), ...]``: consecutive ranges of runs whose partial rows (``col_ptr``, per
+    run, the most over the plans) fit ``_config.BACKWARD_PARTIAL_BYTES``.
     A slab ends only before an odd run (or at the end), so that it holds whole pairs of an
     even run and the odd run after it: within a slab even runs go before odd ones, so every
     row of ``dk``, ``dv`` adds its shares in the same order whatever the slabs (the slabs
@@ -279,9 +274,9 @@ def _slabs(col_ptr, bytes_per_column, run_starts):
     """
     budget = int(_config.BACKWARD_PARTIAL_BYTES)
     most = max(1, int(budget // bytes_per_column))  # columns per slab
-    n_runs = run_starts.size - 1
-    ends = col_ptr.max(axis=0)[run_starts]  # a slab's columns are at most ends[hi] - starts[lo] over the plans
-    starts = col_ptr.min(axis=0)[run_starts]
+    n_runs = col_ptr.shape[1] - 1
+    ends = col_ptr.max(axis=0)  # a slab's columns are at most ends[hi] - starts[lo] over the plans
+    starts = col_ptr.min(axis=0)
     slabs, lo = [], 0
     while lo < n_runs:
         hi = int(np.searchsorted(ends, starts[lo] + most, side="right")) - 1

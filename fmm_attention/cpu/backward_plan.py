@@ -1,15 +1,17 @@
-"""The transposed key plan of FMA's backward: for every key, the block columns that list it.
+"""The transposed key plan of FMA's backward: for every key, the partial rows that list it.
 
 The forward plan is query-major: block ``I`` lists its segments of token rows and coarse
 rows. A token segment inside the rows of blocks ``I-1 .. I+1`` (the near field,
 :func:`is_direct`) is added by the block kernel straight into ``dk``/``dv`` (runs of
 blocks two apart never share such rows). Every other column (coarse rows, global tokens,
-refined boxes) gets one row of key-side partials; this module numbers those columns
-(block by block, segment by segment, as the forward gathers them) and, for each target
-(token row ``t``, or coarse row ``r`` as target ``n + r``), lists its columns in block
+refined boxes) is a share of a target row that the backward sums key-major. The blocks of
+one *run* (:func:`query_runs`, the unit of work of the block kernel) list mostly the same
+coarse rows, so the run adds its blocks' shares of one target into one partial row: this
+module numbers those rows, run by run and, within a run, by target, and lists, for each
+target (token row ``t``, or coarse row ``r`` as target ``n + r``), its partial rows in run
 order. Summing along that list is the key-major reduction that makes the key-side
 gradients deterministic without atomics.
-Data-free like the plan itself: shared plans are transposed once and cached.
+Data-free like the plan itself: shared plans are transposed once per run grid and cached.
 """
 
 import functools
@@ -29,9 +31,22 @@ def is_direct(kind, start, count, block, block_size):
     return (kind == TOKEN) & (start >= (block - 1) * block_size) & (start + count <= (block + 2) * block_size)
 
 
-def transpose_plan(seg_lo, seg_hi, segments, n, n_coarse, block_size):
-    """Column numbering and transposed plan of a (shared or per-entry) key plan, over the
-    columns of the segments that are not :func:`is_direct` (those have no partial row).
+def query_runs(first, end, size):
+    """Starts of the runs of query blocks ``first <= I < end`` (and ``end``): runs of ``size``
+    blocks (at least 2), the last one taking the remainder, so every run but a lone one holds
+    at least two blocks (what keeps runs of one parity apart, see
+    :func:`.backward.block_backward`). Set by the shapes only.
+    """
+    size = max(2, int(size))
+    n_runs = max(1, (end - first) // size)
+    starts = first + size * np.arange(n_runs + 1, dtype=np.int64)
+    starts[-1] = end
+    return starts
+
+
+def transpose_plan(seg_lo, seg_hi, segments, n, n_coarse, block_size, run_starts):
+    """Partial-row numbering and transposed plan of a (shared or per-entry) key plan, over
+    the segments that are not :func:`is_direct` (those have no partial row).
 
     Parameters
     ----------
@@ -43,21 +58,28 @@ def transpose_plan(seg_lo, seg_hi, segments, n, n_coarse, block_size):
         Token rows and coarse rows (the targets are ``n + n_coarse``).
     block_size : int
         Tokens per query block (what :func:`is_direct` tests against).
+    run_starts : ndarray of int64
+        The runs of query blocks (:func:`query_runs`); blocks outside them get no rows.
 
     Returns
     -------
-    col_ptr : ndarray of int64, shape (P, n_blocks + 1)
-        Block ``I``'s partial columns are ``col_ptr[p, I] : col_ptr[p, I + 1]``.
+    col_ptr : ndarray of int64, shape (P, n_runs + 1)
+        Run ``r``'s partial rows are ``col_ptr[p, r] : col_ptr[p, r + 1]``, one per target
+        its blocks list outside their near field, ascending by target.
+    seg_col : ndarray of int64, shape (P, S)
+        The partial row of the first target of each such segment (a segment's targets are
+        consecutive rows, so its rows are consecutive too); -1 for the others.
     t_ptr : ndarray of int64, shape (P, n + n_coarse + 1)
-        Target ``t``'s columns are ``t_cols[p, t_ptr[p, t] : t_ptr[p, t + 1]]``.
-    t_cols : ndarray of int64, shape (P, max_columns)
-        Column numbers, ascending (so in block order) within each target.
+        Target ``t``'s partial rows are ``t_cols[p, t_ptr[p, t] : t_ptr[p, t + 1]]``.
+    t_cols : ndarray of int64, shape (P, max_rows)
+        Partial rows, ascending (so in run order) within each target.
     n_columns : int
-        The most columns of any plan (rows of the partial buffers).
+        The most partial rows of any plan (rows of the partial buffers).
     """
     P, n_blocks = seg_lo.shape
     n_targets = n + n_coarse
-    col_ptrs, t_ptrs, t_cols_list = [], [], []
+    n_runs = run_starts.size - 1
+    col_ptrs, seg_cols, t_ptrs, t_cols_list = [], [], [], []
     for p in range(P):
         lo, hi = seg_lo[p].astype(np.int64), seg_hi[p].astype(np.int64)
         n_seg = hi - lo
@@ -65,37 +87,47 @@ def transpose_plan(seg_lo, seg_hi, segments, n, n_coarse, block_size):
         index = np.repeat(lo - first, n_seg) + np.arange(n_seg.sum())
         segs = segments[p, index]
         block = np.repeat(np.arange(n_blocks), n_seg)
-        direct = is_direct(segs[:, 0], segs[:, 1], segs[:, 2], block, block_size)
-        counts = np.where(direct, 0, segs[:, 2])  # direct segments have no partial rows
-        col_ptr = np.zeros(n_blocks + 1, dtype=np.int64)
-        np.cumsum(np.bincount(block, weights=counts, minlength=n_blocks).astype(np.int64), out=col_ptr[1:])
-        total = int(col_ptr[-1])
-        seg_col = np.cumsum(counts) - counts  # first column of each segment
+        run = np.searchsorted(run_starts, block, side="right") - 1
+        in_runs = (block >= run_starts[0]) & (block < run_starts[-1])
+        shared = ~is_direct(segs[:, 0], segs[:, 1], segs[:, 2], block, block_size) & in_runs
+        counts = np.where(shared, segs[:, 2], 0)
         target0 = segs[:, 1] + np.where(segs[:, 0] == TOKEN, 0, n)
-        targets = np.repeat(target0 - seg_col, counts) + np.arange(total)
+        # one key per (run, target) share, then one partial row per distinct key
+        seg_first = np.cumsum(counts) - counts
+        keys = run.repeat(counts) * n_targets + np.repeat(target0 - seg_first, counts) + np.arange(counts.sum())
+        rows = np.unique(keys)
+        col_ptr = np.searchsorted(rows, np.arange(n_runs + 1, dtype=np.int64) * n_targets).astype(np.int64)
+        seg_col = np.full(segments.shape[1], -1, dtype=np.int64)
+        seg_col[index[shared]] = np.searchsorted(rows, run[shared] * n_targets + target0[shared])
+        targets = rows % n_targets
         order = np.argsort(targets, kind="stable")
         t_ptr = np.zeros(n_targets + 1, dtype=np.int64)
         np.cumsum(np.bincount(targets, minlength=n_targets), out=t_ptr[1:])
         col_ptrs.append(col_ptr)
+        seg_cols.append(seg_col)
         t_ptrs.append(t_ptr)
         t_cols_list.append(order.astype(np.int64))
     n_columns = max(1, max(c.size for c in t_cols_list))
     t_cols = np.zeros((P, n_columns), dtype=np.int64)
     for p, cols in enumerate(t_cols_list):
         t_cols[p, : cols.size] = cols
-    out = (np.stack(col_ptrs), np.stack(t_ptrs), t_cols)
+    out = (np.stack(col_ptrs), np.stack(seg_cols), np.stack(t_ptrs), t_cols)
     for arr in out:  # read-only like the forward's plans: one compiled kernel variant
         arr.setflags(write=False)
     return out + (n_columns,)
 
 
 @functools.lru_cache(maxsize=8)
-def shared_transpose(tree, with_far, global_tokens):
-    """:func:`transpose_plan` of ``tree.plan(with_far=..., global_tokens=...)``, cached.
+def shared_transpose(tree, with_far, global_tokens, first, end, run_size):
+    """:func:`transpose_plan` of ``tree.plan(with_far=..., global_tokens=...)`` over the
+    runs ``query_runs(first, end, run_size)``, cached.
 
-    Returns ``(seg_lo, seg_hi, segments, max_keys, col_ptr, t_ptr, t_cols, n_columns)``.
+    Returns ``(seg_lo, seg_hi, segments, max_keys, run_starts, col_ptr, seg_col, t_ptr,
+    t_cols, n_columns)``.
     """
     ptr, segments, max_keys = tree.plan(with_far=with_far, global_tokens=global_tokens)
     seg_lo, seg_hi, segs = ptr[None, :-1], ptr[None, 1:], segments[None]
-    transposed = transpose_plan(seg_lo, seg_hi, segs, tree.n, tree.n_coarse, tree.block_size)
-    return (seg_lo, seg_hi, segs, max_keys) + transposed
+    run_starts = query_runs(first, end, run_size)
+    run_starts.setflags(write=False)
+    transposed = transpose_plan(seg_lo, seg_hi, segs, tree.n, tree.n_coarse, tree.block_size, run_starts)
+    return (seg_lo, seg_hi, segs, max_keys, run_starts) + transposed
