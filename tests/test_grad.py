@@ -563,6 +563,28 @@ def test_bad_cotangents_raise():
         pullback(np.ones((20, 3)))
 
 
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_one_nonfinite_cotangent_entry_is_named(bad):
+    # the finiteness check of g_out is folded into delta = g . out: one bad entry must
+    # still be found, also in a row whose output is 0 (a query with no valid key, where
+    # inf * 0 is what makes delta non-finite) and in float32
+    q, k, v = qkv(20, seed=31)
+    mask = np.ones(20, dtype=bool)
+    mask[:5] = False
+    for dtype in (np.float64, np.float32):
+        x = [a.astype(dtype) for a in (q, k, v)]
+        for vjp, extra in ((exact_attention_vjp, dict(causal=True)), (fmm_attention_vjp, dict(block_size=4, rank=2))):
+            out, pullback = vjp(*x, key_padding_mask=mask, **extra)
+            rows = (0, 7) if vjp is exact_attention_vjp else (7,)  # causal: query 0 sees only masked keys
+            for row in rows:
+                g = np.ones_like(out)
+                g[..., row, -1] = bad
+                with pytest.raises(ValueError, match="g_out contains NaN or infinity"):
+                    pullback(g)
+                assert not np.isfinite(g[..., row, -1]).any()  # not modified
+            np.testing.assert_array_equal(np.isfinite(pullback(np.ones_like(out)).q), True)
+
+
 def test_unsupported_backends_and_options_raise():
     q, k, v = qkv(20, seed=19)
     with pytest.raises(ValueError, match="CUDA"):
