@@ -22,6 +22,7 @@ The result is a :class:`ShapedBatch`, a :class:`~fmm_attention._validate.Batch` 
 
 from __future__ import annotations
 
+import math
 import numbers
 from dataclasses import dataclass
 
@@ -192,7 +193,7 @@ def resolve(q_shape, k_shape, v_shape, *, causal=False, query_offset=None, posit
 
 
 def _prod(shape):
-    return int(np.prod(shape, dtype=np.int64))
+    return math.prod(int(x) for x in shape)  # np.prod costs microseconds per call on a tuple
 
 
 @dataclass(frozen=True)
