@@ -70,7 +70,7 @@ def exact_batch(batch, *, causal, attn_mask=None, attn_bias=None, window=None):
     unbounded = n_q + n_k + abs(layout.query_offset) + 1  # farther than any key
     left, right = (unbounded, unbounded) if window is None else (
         unbounded if x is None else x for x in window)
-    with _launch_guard(calls_blas=True):
+    with _launch_guard():  # the kernel calls no BLAS: nothing to pin
         exact_kernel(batch.q, batch.k, v, layout.q_index, layout.kv_index, pad, has_pad,
                      mask.flat, mask.offset, mask.si, mask.sj, attn_mask is not None,
                      bias.flat, bias.offset, bias.si, bias.sj, attn_bias is not None,

@@ -1,8 +1,13 @@
 """Exact softmax attention on the CPU, streamed in tiles (flash-style), O(n d) memory.
 
 Each parallel job owns a tile of query rows and walks the key tiles with an online
-softmax: scores by BLAS (``np.dot``), then a vectorised max and a fused exp-and-sum per
-row, then the weighted values by BLAS. No ``(n, n)`` array exists at any time.
+softmax. The layout is that of FMA's block kernel and of exact attention's backward:
+logits key-major (``scores[key, query]``), the tile's scaled queries transposed and padded
+to the micro-kernel's panel width, so that both products (the logits, then the weighted
+values) run on the register-blocked micro-kernel of :mod:`._tiles`, reading keys and
+values a row at a time where they lie, and the softmax passes (maximum, rescale,
+exponential and sum) run along contiguous rows across the tile's queries. No BLAS call
+and no ``(n, n)`` array.
 
 Queries and keys may differ in number and in batch: each output entry names the row sets
 it reads (broadcast leading dims and grouped heads copy nothing), and each query has a
