@@ -6,8 +6,11 @@ logits key-major (``scores[key, query]``), the tile's scaled queries transposed 
 to the micro-kernel's panel width, so that both products (the logits, then the weighted
 values) run on the register-blocked micro-kernel of :mod:`._tiles`, reading keys and
 values a row at a time where they lie, and the softmax passes (maximum, rescale,
-exponential and sum) run along contiguous rows across the tile's queries. No BLAS call
-and no ``(n, n)`` array.
+exponential and sum) run along contiguous rows across the tile's queries
+(:func:`exact_tiles`). That is the float32 path; float64 keeps the earlier query-major
+kernel whose products are BLAS calls (:func:`exact_tiles_blas`), faster there because
+OpenBLAS's double products at these shapes beat the micro-kernel's
+(``_config.EXACT_MICRO_KERNEL_DTYPES`` chooses). No ``(n, n)`` array in either.
 
 Queries and keys may differ in number and in batch: each output entry names the row sets
 it reads (broadcast leading dims and grouped heads copy nothing), and each query has a
@@ -26,7 +29,7 @@ from numba import njit, prange
 from .. import _config
 from ._jit import jit
 from ._launch import Chunked
-from ._softmax import _maxnum, exp_columns
+from ._softmax import _maxnum, exp_columns, exp_shift_sum, row_max
 from ._tiles import gemm_tiles, panel_width
 
 
@@ -217,6 +220,94 @@ def exact_tiles(job_lo, job_hi, query_tile, key_tile, members, group_start, q, k
                     lse[b, i0 + i] = -np.inf
 
 
+@jit(parallel=True)
+def exact_tiles_blas(job_lo, job_hi, query_tile, key_tile, members, group_start, q, k, v, q_index, kv_index, pad,
+                has_pad, mask_flat, mask_off, mask_si, mask_sj, has_attn_mask, bias_flat, bias_off, bias_si, bias_sj,
+                has_bias, scale, causal, offset, left, right, out, lse):
+    """:func:`exact_tiles` with its two products by BLAS (``np.dot``) on query-major tiles:
+    the same arguments and contract. Scores ``q_tile k_tile^T`` one query row at a time
+    through the masks and the online softmax (a vectorised max, a fused exp-and-sum per
+    row), then ``acc += weights @ v_tile``. The dtypes not in
+    ``_config.EXACT_MICRO_KERNEL_DTYPES`` run here (float64 by default: OpenBLAS's small
+    double products beat the micro-kernel's, docs/performance.rst); the caller pins BLAS
+    to one thread around it (:func:`calls_blas`).
+    """
+    n_q = q.shape[1]
+    n_k = k.shape[1]
+    d = q.shape[2]
+    dv = v.shape[2]
+    n_tiles = (n_q + query_tile - 1) // query_tile
+    if causal:
+        right = min(right, 0)
+    for job in prange(job_lo, job_hi):
+        group = job // n_tiles
+        first = group_start[group]
+        size = group_start[group + 1] - first
+        bk = kv_index[members[first]]
+        i0 = _tile_of(job % n_tiles, n_tiles) * query_tile
+        i1 = min(n_q, i0 + query_tile)
+        rows = i1 - i0
+        q_tiles = np.empty((size, rows, d), dtype=q.dtype)
+        for e in range(size):
+            q_tiles[e] = q[q_index[members[first + e]], i0:i1] * scale
+        acc = np.zeros((size, rows, dv), dtype=q.dtype)
+        run_max = np.full((size, rows), -np.inf, dtype=q.dtype)
+        run_sum = np.zeros((size, rows), dtype=q.dtype)
+        # keys any query of the tile may see: [first - left, last + right]
+        key_start = max(0, offset + i0 - left)
+        key_end = min(n_k, offset + i1 + right)  # offset + (i1 - 1) + right + 1
+        for j0 in range(key_start, key_end, key_tile):
+            j1 = min(key_end, j0 + key_tile)
+            k_tile = k[bk, j0:j1].T
+            v_tile = v[bk, j0:j1]
+            for e in range(size):
+                b = members[first + e]
+                scores = np.dot(q_tiles[e], k_tile)
+                for i in range(rows):
+                    row = scores[i]
+                    if has_bias:
+                        base = bias_off[b] + (i0 + i) * bias_si
+                        for j in range(j1 - j0):
+                            row[j] += bias_flat[base + (j0 + j) * bias_sj]
+                    # select, never add: a masked key may hold inf or NaN (its logit too)
+                    if has_pad:
+                        for j in range(j1 - j0):
+                            if not pad[b, j0 + j]:
+                                row[j] = -np.inf
+                    if has_attn_mask:
+                        base = mask_off[b] + (i0 + i) * mask_si
+                        for j in range(j1 - j0):
+                            if not mask_flat[base + (j0 + j) * mask_sj]:
+                                row[j] = -np.inf
+                    t = offset + i0 + i
+                    lo = t - left - j0  # first column query i sees (may be < 0: all of them)
+                    hi = t + right + 1 - j0  # one past its last
+                    if lo > 0:
+                        row[: min(lo, j1 - j0)] = -np.inf
+                    if hi < j1 - j0:
+                        row[max(hi, 0) :] = -np.inf
+                    new_max = max(run_max[e, i], row_max(row))
+                    if new_max == -np.inf:
+                        row[:] = 0
+                        continue
+                    if new_max > run_max[e, i]:
+                        rescale = np.exp(run_max[e, i] - new_max)
+                        run_sum[e, i] *= rescale
+                        acc[e, i] *= rescale
+                        run_max[e, i] = new_max
+                    run_sum[e, i] += exp_shift_sum(row, new_max)
+                acc[e] += np.dot(scores, v_tile)
+        for e in range(size):
+            b = members[first + e]
+            for i in range(rows):
+                if run_sum[e, i] > 0:
+                    out[b, i0 + i] = acc[e, i] / run_sum[e, i]
+                    lse[b, i0 + i] = run_max[e, i] + np.log(run_sum[e, i])
+                else:
+                    out[b, i0 + i] = 0
+                    lse[b, i0 + i] = -np.inf
+
+
 def _groups(kv_index, n_tiles, cap, threads):
     """Split the output entries into groups that share their keys and values.
 
@@ -278,11 +369,34 @@ def _layout(q, k, v, q_index, kv_index, pad, has_pad, mask_flat, mask_off, mask_
         in_order = per_tile[_tile_order(n_tiles)]
         return np.concatenate(([0.0], np.cumsum(np.outer(sizes, in_order).ravel())))
 
-    knobs = (query_tile, key_tile, members, group_start)
+    knobs = (query_tile, key_tile, members, group_start, not calls_blas(q.dtype))
     return knobs, sizes.size * n_tiles, sizes.sum() * float(per_tile.sum()), cumulative
+
+
+def calls_blas(dtype):
+    """Whether exact attention's forward in ``dtype`` calls BLAS (``np.dot``): the dtypes
+    not in ``_config.EXACT_MICRO_KERNEL_DTYPES`` (read now). The caller then pins BLAS to
+    one thread (:func:`._launch.launch_guard`)."""
+    return np.dtype(dtype).name not in tuple(_config.EXACT_MICRO_KERNEL_DTYPES)
+
+
+class _Kernels:
+    """The forward kernel a call runs: ``(job_lo, job_hi, query_tile, key_tile, members,
+    group_start, micro, *args)`` runs :func:`exact_tiles` (``micro``) or
+    :func:`exact_tiles_blas` on ``(job_lo, job_hi, query_tile, key_tile, members,
+    group_start, *args)``. Each compiles only the dtypes that reach it."""
+
+    def __call__(self, job_lo, job_hi, query_tile, key_tile, members, group_start, micro, *args):
+        kernel = exact_tiles if micro else exact_tiles_blas
+        return kernel(job_lo, job_hi, query_tile, key_tile, members, group_start, *args)
+
+    @property
+    def signatures(self):
+        """The compiled variants of both kernels."""
+        return list(exact_tiles.signatures) + list(exact_tiles_blas.signatures)
 
 
 #: ``exact_kernel(q, k, v, q_index, kv_index, pad, has_pad, mask_flat, mask_off, mask_si, mask_sj,
 #: has_attn_mask, bias_flat, bias_off, bias_si, bias_sj, has_bias, scale, causal, offset, left, right,
 #: out, lse)``: every tile.
-exact_kernel = Chunked(exact_tiles, _layout, group=2)
+exact_kernel = Chunked(_Kernels(), _layout, group=2)
