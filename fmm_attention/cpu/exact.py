@@ -369,7 +369,7 @@ def _layout(q, k, v, q_index, kv_index, pad, has_pad, mask_flat, mask_off, mask_
         in_order = per_tile[_tile_order(n_tiles)]
         return np.concatenate(([0.0], np.cumsum(np.outer(sizes, in_order).ravel())))
 
-    knobs = (query_tile, key_tile, members, group_start, not calls_blas(q.dtype))
+    knobs = (query_tile, key_tile, members, group_start)
     return knobs, sizes.size * n_tiles, sizes.sum() * float(per_tile.sum()), cumulative
 
 
@@ -381,14 +381,13 @@ def calls_blas(dtype):
 
 
 class _Kernels:
-    """The forward kernel a call runs: ``(job_lo, job_hi, query_tile, key_tile, members,
-    group_start, micro, *args)`` runs :func:`exact_tiles` (``micro``) or
-    :func:`exact_tiles_blas` on ``(job_lo, job_hi, query_tile, key_tile, members,
-    group_start, *args)``. Each compiles only the dtypes that reach it."""
+    """The forward kernel for the dtype of ``q``: ``(job_lo, job_hi, query_tile, key_tile,
+    members, group_start, q, *args)`` runs :func:`exact_tiles`, or :func:`exact_tiles_blas`
+    where :func:`calls_blas` says so. Each compiles only the dtypes that reach it."""
 
-    def __call__(self, job_lo, job_hi, query_tile, key_tile, members, group_start, micro, *args):
-        kernel = exact_tiles if micro else exact_tiles_blas
-        return kernel(job_lo, job_hi, query_tile, key_tile, members, group_start, *args)
+    def __call__(self, job_lo, job_hi, query_tile, key_tile, members, group_start, q, *args):
+        kernel = exact_tiles_blas if calls_blas(q.dtype) else exact_tiles
+        return kernel(job_lo, job_hi, query_tile, key_tile, members, group_start, q, *args)
 
     @property
     def signatures(self):
