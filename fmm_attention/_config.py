@@ -46,6 +46,11 @@ EXACT_KEY_TILE = 512
 #: and value tile once for all of them; their query and output tiles and the key and value
 #: tiles together stay within a 1 MiB L2 cache at the default tiles and d = 64.
 EXACT_GROUP_ENTRIES = 8
+#: Exact attention's forward: the dtypes (names) whose products run on the library's
+#: register-blocked micro-kernel, logits key-major; the others call BLAS (``np.dot``) per
+#: tile. float64 stays on BLAS: there the micro-kernel took 0.98 to 1.34 times BLAS's time
+#: (float32: 0.78 to 0.93; docs/performance.rst, "Exact attention's forward").
+EXACT_MICRO_KERNEL_DTYPES = ("float32",)
 
 #: ``check_finite``: elements per parallel chunk of the finiteness pass (large enough that
 #: scheduling costs nothing).

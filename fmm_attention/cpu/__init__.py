@@ -13,7 +13,7 @@ import numpy as np
 from .. import _config
 from ..coarsening import as_coarsening
 from ._launch import launch_guard as _launch_guard
-from .exact import exact_kernel
+from .exact import calls_blas as _exact_calls_blas, exact_kernel
 from .blocks import block_attention
 from .fastformer import fastformer_batch
 from .query_coarsening import coarse_queries, downward_pass, far_partials
@@ -70,7 +70,7 @@ def exact_batch(batch, *, causal, attn_mask=None, attn_bias=None, window=None):
     unbounded = n_q + n_k + abs(layout.query_offset) + 1  # farther than any key
     left, right = (unbounded, unbounded) if window is None else (
         unbounded if x is None else x for x in window)
-    with _launch_guard(calls_blas=True):
+    with _launch_guard(calls_blas=_exact_calls_blas(batch.dtype)):
         exact_kernel(batch.q, batch.k, v, layout.q_index, layout.kv_index, pad, has_pad,
                      mask.flat, mask.offset, mask.si, mask.sj, attn_mask is not None,
                      bias.flat, bias.offset, bias.si, bias.sj, attn_bias is not None,

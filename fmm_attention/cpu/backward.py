@@ -188,7 +188,6 @@ def exact_backward_tiles(k, v, key_bias, causal, q_t, g_t, q_rows, g_rows, shift
         bias_row = 0 if not masked else b
         for j0 in range(ka, kb, key_tile):
             j1 = min(kb, j0 + key_tile)
-            nk = j1 - j0
             first = t_lo
             if causal and j0 > qa:  # the first query tile holding a query at or after key j0
                 first = j0 // width
@@ -197,6 +196,9 @@ def exact_backward_tiles(k, v, key_bias, causal, q_t, g_t, q_rows, g_rows, shift
                 rows = min(qb, i0 + width) - i0
                 q_off = (b * n_tiles + tile) * d * width
                 g_off = (b * n_tiles + tile) * dv * width
+                # causal: the keys after the tile's last query have weight 0 for all of it, so
+                # they are left out (their terms were exact zeros at the end of each sum)
+                nk = j1 - j0 if not causal else min(j1, i0 + rows) - j0
                 # scores[key, query] = k . (scale q), grads[key, query] = v . g
                 gemm_tiles(nk, width, d, k_flat, (b * n + j0) * d, d, 1, qt_flat, q_off, width, scores_flat, 0, width,
                            False)
@@ -205,7 +207,7 @@ def exact_backward_tiles(k, v, key_bias, causal, q_t, g_t, q_rows, g_rows, shift
                 # P from the forward's lse and dS = P (dP - delta), one pass; the causal mask
                 # only where the tile crosses the diagonal
                 weights_and_logit_grads(scores, grads, nk, key_bias[bias_row, j0:j1], positions[j0:j1], i0,
-                                        causal and j1 - 1 > i0, shift[b, i0:i0 + width],
+                                        causal and j0 + nk - 1 > i0, shift[b, i0:i0 + width],
                                         offset[b, i0:i0 + width])
                 # dq^T[feature, query] += sum over keys of k[key, feature] dS[key, query]
                 gemm_tiles(d, width, nk, k_flat, (b * n + j0) * d, 1, d, grads_flat, 0, width, dq_flat,
@@ -261,30 +263,37 @@ def exact_backward_reduce(dq_t_part, dk_part, dv_part, scale, dq, dk, dv):
     dv_dim = dv.shape[2]
     sides = dk_part.shape[0]
     n_tiles, width = dq_t_part.shape[2], dq_t_part.shape[4]
+    # Each entry's sum is the chain part 0 + part 1 + ... then the scale, as before; the
+    # loops run along contiguous rows (a whole row of parts at a time) so they vectorise,
+    # where summing one entry over its parts in the innermost loop read them scalar.
     for job in prange(n_batch * n_tiles):
         b = job // n_tiles
         tile = job % n_tiles
         i0 = tile * width
         rows = min(n, i0 + width) - i0
+        total = np.empty((d, width), dtype=dq.dtype)
         for e in range(d):
-            for i in range(rows):
-                dq[b, i0 + i, e] = dq_t_part[0, b, tile, e, i]
+            for i in range(width):
+                total[e, i] = dq_t_part[0, b, tile, e, i]
             for part in range(1, sides):
-                for i in range(rows):
-                    dq[b, i0 + i, e] += dq_t_part[part, b, tile, e, i]
-            for i in range(rows):
-                dq[b, i0 + i, e] *= scale
+                for i in range(width):
+                    total[e, i] += dq_t_part[part, b, tile, e, i]
+        for i in range(rows):
+            for e in range(d):
+                dq[b, i0 + i, e] = total[e, i] * scale
         for i in range(i0, i0 + rows):
             for e in range(d):
-                total = dk_part[0, b, i, e]
-                for part in range(1, sides):
-                    total += dk_part[part, b, i, e]
-                dk[b, i, e] = total * scale
+                dk[b, i, e] = dk_part[0, b, i, e]
+            for part in range(1, sides):
+                for e in range(d):
+                    dk[b, i, e] += dk_part[part, b, i, e]
+            for e in range(d):
+                dk[b, i, e] *= scale
             for e in range(dv_dim):
-                total = dv_part[0, b, i, e]
-                for part in range(1, sides):
-                    total += dv_part[part, b, i, e]
-                dv[b, i, e] = total
+                dv[b, i, e] = dv_part[0, b, i, e]
+            for part in range(1, sides):
+                for e in range(dv_dim):
+                    dv[b, i, e] += dv_part[part, b, i, e]
 
 
 # ---------------------------------------------------------------- FMA: blocks over a plan

@@ -1,8 +1,16 @@
 """Exact softmax attention on the CPU, streamed in tiles (flash-style), O(n d) memory.
 
 Each parallel job owns a tile of query rows and walks the key tiles with an online
-softmax: scores by BLAS (``np.dot``), then a vectorised max and a fused exp-and-sum per
-row, then the weighted values by BLAS. No ``(n, n)`` array exists at any time.
+softmax. The layout is that of FMA's block kernel and of exact attention's backward:
+logits key-major (``scores[key, query]``), the tile's scaled queries transposed and padded
+to the micro-kernel's panel width, so that both products (the logits, then the weighted
+values) run on the register-blocked micro-kernel of :mod:`._tiles`, reading keys and
+values a row at a time where they lie, and the softmax passes (maximum, rescale,
+exponential and sum) run along contiguous rows across the tile's queries
+(:func:`exact_tiles`). That is the float32 path; float64 keeps the earlier query-major
+kernel whose products are BLAS calls (:func:`exact_tiles_blas`), faster there because
+OpenBLAS's double products at these shapes beat the micro-kernel's
+(``_config.EXACT_MICRO_KERNEL_DTYPES`` chooses). No ``(n, n)`` array in either.
 
 Queries and keys may differ in number and in batch: each output entry names the row sets
 it reads (broadcast leading dims and grouped heads copy nothing), and each query has a
@@ -16,12 +24,13 @@ jobs in chunks so that a long call stays interruptible (:class:`._launch.Chunked
 
 import numba
 import numpy as np
-from numba import prange
+from numba import njit, prange
 
 from .. import _config
 from ._jit import jit
-from ._softmax import exp_shift_sum, row_max
 from ._launch import Chunked
+from ._softmax import _maxnum, exp_columns, exp_shift_sum, row_max
+from ._tiles import gemm_tiles, panel_width
 
 
 @jit()
@@ -44,6 +53,42 @@ def _tile_order(n_tiles):
     return np.where(slot % 2 == 0, slot // 2, n_tiles - 1 - slot // 2)
 
 
+@njit(cache=_config.CACHE, fastmath=_config.FASTMATH | {"nnan"})
+def online_softmax_columns(scores, n_keys, run_max, run_sum, acc_t, tile_max, shift, rescale):
+    """One key tile's step of the online softmax, key-major: ``scores[:n_keys]`` (one row per
+    key, one column per query) becomes the tile's unnormalised weights, in place.
+
+    Each column's running maximum ``run_max`` rises to the tile's maximum; where it rises,
+    the column's running sum ``run_sum`` and its accumulated weighted values ``acc_t[:, i]``
+    (one row per value feature) are rescaled by ``exp(old - new)``. The weights are
+    ``exp(score - run_max)`` (0 for a column still all ``-inf``) and their sums are added to
+    ``run_sum``. Every pass runs along contiguous rows, across the queries; the maximum is
+    LLVM's ``maxnum`` as in :func:`._softmax.softmax_columns`. ``tile_max``, ``shift`` and
+    ``rescale`` are scratch, one entry per column.
+    """
+    width = scores.shape[1]
+    for i in range(width):
+        tile_max[i] = run_max[i]
+    for j in range(n_keys):
+        for i in range(width):
+            tile_max[i] = _maxnum(tile_max[i], scores[j, i])
+    grew = False
+    for i in range(width):
+        new = tile_max[i]
+        rescale[i] = 1
+        if new > run_max[i]:  # so new > -inf; exp(-inf - new) = 0 for a column's first keys
+            rescale[i] = np.exp(run_max[i] - new)
+            run_sum[i] *= rescale[i]
+            run_max[i] = new
+            grew = True
+        shift[i] = new if new > -np.inf else 0  # all masked so far: exp(-inf) = 0
+    if grew:
+        for f in range(acc_t.shape[0]):
+            for i in range(width):
+                acc_t[f, i] *= rescale[i]
+    exp_columns(scores, n_keys, shift, run_sum)
+
+
 @jit(parallel=True)
 def exact_tiles(job_lo, job_hi, query_tile, key_tile, members, group_start, q, k, v, q_index, kv_index, pad,
                 has_pad, mask_flat, mask_off, mask_si, mask_sj, has_attn_mask, bias_flat, bias_off, bias_si, bias_sj,
@@ -55,10 +100,18 @@ def exact_tiles(job_lo, job_hi, query_tile, key_tile, members, group_start, q, k
     ``members[group_start[group]:group_start[group + 1]]``, all reading the same keys and
     values (:func:`_groups`); entry ``b`` reads the query rows ``q[q_index[b]]`` and the keys
     and values ``k[kv_index[b]]``, ``v[kv_index[b]]``: a broadcast or grouped-head call reads
-    each row set where it lies. A job loads each key tile once and runs every member's query
-    tile against it, so grouped heads read their keys and values once per group, not once
+    each row set where it lies. A job walks its key tiles once and runs every member's query
+    tile against each, so grouped heads read their keys and values once per group, not once
     per query head. Each entry's arithmetic (its products, in the same shapes, and its
     softmax passes) is the same whatever group it is in: groups change no bit of the result.
+
+    Layout (as FMA's block kernel and exact attention's backward): logits key-major,
+    ``scores[key, query]``, with the tile's queries scaled, transposed and padded to a
+    multiple of the micro-kernel's panel width (:func:`._tiles.panel_width`), so both products
+    run on :func:`._tiles.gemm_tiles` reading keys and values a row at a time where they lie
+    (no copy, no BLAS call): ``scores = k_tile (scale q)^T``, then ``acc_t[feature, query] +=
+    v_tile^T weights``. The online softmax runs along the contiguous query rows
+    (:func:`online_softmax_columns`). Padding columns score 0 and are never written.
 
     Query ``i`` sits at position ``t = offset + i`` of the keys and sees the keys
     ``t - left <= j <= t + right`` (``causal``: ``j <= t`` too; ``left``/``right`` larger than
@@ -70,6 +123,114 @@ def exact_tiles(job_lo, job_hi, query_tile, key_tile, members, group_start, q, k
     is replaced by ``-inf`` whatever the key holds; its *value* still enters the weighted sum
     with weight 0, so the caller hands over ``v`` with padded rows finite (see
     :func:`fmm_attention.cpu.exact_batch`).
+    """
+    n_q = q.shape[1]
+    n_k = k.shape[1]
+    d = q.shape[2]
+    dv = v.shape[2]
+    n_tiles = (n_q + query_tile - 1) // query_tile
+    panel = panel_width(q)
+    width = -(-query_tile // panel) * panel  # queries per tile, padded
+    if causal:
+        right = min(right, 0)
+    # flat views: gemm_tiles is compiled for one operand layout only (see cpu/blocks.py)
+    k_flat = k.reshape(k.size)
+    v_flat = v.reshape(v.size)
+    minus_inf = q.dtype.type(-np.inf)
+    for job in prange(job_lo, job_hi):
+        group = job // n_tiles
+        first = group_start[group]
+        size = group_start[group + 1] - first
+        bk = kv_index[members[first]]
+        i0 = _tile_of(job % n_tiles, n_tiles) * query_tile
+        i1 = min(n_q, i0 + query_tile)
+        rows = i1 - i0
+        # keys any query of the tile may see: [first - left, last + right]
+        key_start = max(0, offset + i0 - left)
+        key_end = min(n_k, offset + i1 + right)  # offset + (i1 - 1) + right + 1
+        span = min(key_tile, max(key_end - key_start, 0))
+        queries_t = np.empty(size * d * width, dtype=q.dtype)  # per member: scale q^T (d, width)
+        acc_flat = np.zeros(size * dv * width, dtype=q.dtype)  # per member: (dv, width)
+        acc_t = acc_flat.reshape((size, dv, width))
+        run_max = np.full((size, width), minus_inf, dtype=q.dtype)
+        run_sum = np.zeros((size, width), dtype=q.dtype)
+        scores_flat = np.empty(max(span, 1) * width, dtype=q.dtype)
+        scores = scores_flat.reshape((max(span, 1), width))
+        tile_max = np.empty(width, dtype=q.dtype)
+        shift = np.empty(width, dtype=q.dtype)
+        rescale = np.empty(width, dtype=q.dtype)
+        for e in range(size):
+            bq = q_index[members[first + e]]
+            base = e * d * width
+            for f in range(d):
+                for i in range(rows):
+                    queries_t[base + f * width + i] = q[bq, i0 + i, f] * scale
+                for i in range(rows, width):
+                    queries_t[base + f * width + i] = 0
+        for j0 in range(key_start, key_end, key_tile):
+            j1 = min(key_end, j0 + key_tile)
+            nk = j1 - j0
+            for e in range(size):
+                b = members[first + e]
+                # scores[key, query] = k . (scale q)
+                gemm_tiles(nk, width, d, k_flat, (bk * n_k + j0) * d, d, 1, queries_t, e * d * width, width,
+                           scores_flat, 0, width, False)
+                if has_bias:
+                    for i in range(rows):
+                        base = bias_off[b] + (i0 + i) * bias_si + j0 * bias_sj
+                        for j in range(nk):
+                            scores[j, i] += bias_flat[base + j * bias_sj]
+                # select, never add: a masked key may hold inf or NaN (its logit too)
+                if has_pad:
+                    for j in range(nk):
+                        if not pad[b, j0 + j]:
+                            for i in range(width):
+                                scores[j, i] = minus_inf
+                if has_attn_mask:
+                    for i in range(rows):
+                        base = mask_off[b] + (i0 + i) * mask_si + j0 * mask_sj
+                        for j in range(nk):
+                            if not mask_flat[base + j * mask_sj]:
+                                scores[j, i] = minus_inf
+                # key j0 + j is seen by the columns j0 + j - right <= offset + i0 + i <= j0 + j + left
+                for j in range(nk):
+                    lo = j0 + j - right - offset - i0  # first column that sees it (may be < 0)
+                    hi = j0 + j + left - offset - i0 + 1  # one past the last
+                    if lo > 0:
+                        for i in range(min(lo, width)):
+                            scores[j, i] = minus_inf
+                    if hi < width:
+                        for i in range(max(hi, 0), width):
+                            scores[j, i] = minus_inf
+                online_softmax_columns(scores, nk, run_max[e], run_sum[e], acc_t[e], tile_max, shift, rescale)
+                # acc_t[feature, query] += sum over keys of v[key, feature] weight[key, query]
+                gemm_tiles(dv, width, nk, v_flat, (bk * n_k + j0) * dv, 1, dv, scores_flat, 0, width,
+                           acc_flat, e * dv * width, width, True)
+        for e in range(size):
+            b = members[first + e]
+            for i in range(rows):
+                total = run_sum[e, i]
+                if total > 0:
+                    for f in range(dv):
+                        out[b, i0 + i, f] = acc_t[e, f, i] / total
+                    lse[b, i0 + i] = run_max[e, i] + np.log(total)
+                else:
+                    for f in range(dv):
+                        out[b, i0 + i, f] = 0
+                    lse[b, i0 + i] = -np.inf
+
+
+@jit(parallel=True)
+def exact_tiles_blas(job_lo, job_hi, query_tile, key_tile, members, group_start, q, k, v, q_index, kv_index, pad,
+                has_pad, mask_flat, mask_off, mask_si, mask_sj, has_attn_mask, bias_flat, bias_off, bias_si, bias_sj,
+                has_bias, scale, causal, offset, left, right, out, lse):
+    """:func:`exact_tiles` with its two products by BLAS (``np.dot``) on query-major tiles:
+    the same arguments and contract. Scores ``q_tile k_tile^T`` one query row at a time
+    through the masks and the online softmax (a vectorised max, a fused exp-and-sum per
+    row), then ``acc += weights @ v_tile``. The dtypes not in
+    ``_config.EXACT_MICRO_KERNEL_DTYPES`` run here (float64 by default: OpenBLAS's small
+    double products beat the micro-kernel's, docs/performance.rst); the caller pins BLAS
+    to one thread around it (:func:`calls_blas`).
     """
     n_q = q.shape[1]
     n_k = k.shape[1]
@@ -212,7 +373,29 @@ def _layout(q, k, v, q_index, kv_index, pad, has_pad, mask_flat, mask_off, mask_
     return knobs, sizes.size * n_tiles, sizes.sum() * float(per_tile.sum()), cumulative
 
 
+def calls_blas(dtype):
+    """Whether exact attention's forward in ``dtype`` calls BLAS (``np.dot``): the dtypes
+    not in ``_config.EXACT_MICRO_KERNEL_DTYPES`` (read now). The caller then pins BLAS to
+    one thread (:func:`._launch.launch_guard`)."""
+    return np.dtype(dtype).name not in tuple(_config.EXACT_MICRO_KERNEL_DTYPES)
+
+
+class _Kernels:
+    """The forward kernel for the dtype of ``q``: ``(job_lo, job_hi, query_tile, key_tile,
+    members, group_start, q, *args)`` runs :func:`exact_tiles`, or :func:`exact_tiles_blas`
+    where :func:`calls_blas` says so. Each compiles only the dtypes that reach it."""
+
+    def __call__(self, job_lo, job_hi, query_tile, key_tile, members, group_start, q, *args):
+        kernel = exact_tiles_blas if calls_blas(q.dtype) else exact_tiles
+        return kernel(job_lo, job_hi, query_tile, key_tile, members, group_start, q, *args)
+
+    @property
+    def signatures(self):
+        """The compiled variants of both kernels."""
+        return list(exact_tiles.signatures) + list(exact_tiles_blas.signatures)
+
+
 #: ``exact_kernel(q, k, v, q_index, kv_index, pad, has_pad, mask_flat, mask_off, mask_si, mask_sj,
 #: has_attn_mask, bias_flat, bias_off, bias_si, bias_sj, has_bias, scale, causal, offset, left, right,
 #: out, lse)``: every tile.
-exact_kernel = Chunked(exact_tiles, _layout, group=2)
+exact_kernel = Chunked(_Kernels(), _layout, group=2)
