@@ -38,6 +38,11 @@ INTERRUPT_SECONDS = 0.25
 #: (a slow 1e9 per second: the first long call starts with a short chunk).
 INTERRUPT_FIRST_SECONDS_PER_WORK = 1e-9
 
+#: Threaded serial kernels (FMA's block kernel and mean upward pass, ``cpu/_launch.py``): a
+#: call of less work than this (multiply-adds) runs in the calling thread alone (waking a
+#: worker thread costs more than it gains).
+THREADED_MIN_WORK = 1_000_000
+
 #: Exact attention: query rows per tile (the unit of parallel work) and keys per tile.
 EXACT_QUERY_TILE = 64
 EXACT_KEY_TILE = 512
