@@ -38,6 +38,11 @@ INTERRUPT_SECONDS = 0.25
 #: (a slow 1e9 per second: the first long call starts with a short chunk).
 INTERRUPT_FIRST_SECONDS_PER_WORK = 1e-9
 
+#: Threaded serial kernels (FMA's block kernel and mean upward pass, ``cpu/_launch.py``): a
+#: call of less work than this (multiply-adds) runs in the calling thread alone (waking a
+#: worker thread costs more than it gains).
+THREADED_MIN_WORK = 1_000_000
+
 #: Exact attention: query rows per tile (the unit of parallel work) and keys per tile.
 EXACT_QUERY_TILE = 64
 EXACT_KEY_TILE = 512
@@ -70,8 +75,9 @@ CLUSTER_FLAT_SIZE = 128
 #: result depends neither on it nor on the thread count).
 CLUSTER_CHUNKS = 64
 
-#: FMA block attention: chunks of query blocks per thread; each chunk allocates its work
-#: buffers once (more chunks balance uneven threads, fewer allocate less).
+#: FMA's refinement and backward block kernels: chunks of query blocks per thread; each
+#: chunk allocates its work buffers once (more chunks balance uneven threads, fewer
+#: allocate less). The forward block kernel runs one range of blocks per thread.
 FMA_CHUNKS_PER_THREAD = 4
 
 #: Exact attention's backward: query rows and keys per tile inside each rectangle of the

@@ -7,11 +7,14 @@
 * BLAS threads: pinned to one around the kernels that call BLAS.
 * Ctrl-C: long kernels run as a series of short launches (:class:`Chunked`), and Python
   handles the signal between two of them.
+* Threaded serial kernels (:class:`Threaded`): a ``nogil`` kernel over a range of jobs, run
+  on a few Python threads at once instead of a ``prange`` (no parfor to compile).
 """
 
 import contextlib
 import functools
 import os
+import queue
 import threading
 import time
 
@@ -23,6 +26,9 @@ from .. import _config
 
 _LAUNCH_LOCK = threading.Lock()
 _BLAS_LOCK = threading.Lock()
+#: Worker threads of :class:`Threaded` kernels, one job queue each (started on demand).
+_team = []
+_TEAM_LOCK = threading.Lock()
 _blas_state = {"users": 0, "limiter": None}
 #: Set in a child forked after GNU OpenMP ran: its parallel kernels cannot run.
 _fork_state = {"after_gnu_openmp": False}
@@ -54,10 +60,13 @@ def _choose_layer():
 
 def _after_fork_in_child():
     # Only the forking thread survives: a lock another thread held stays locked for good.
-    global _LAUNCH_LOCK, _BLAS_LOCK
+    global _LAUNCH_LOCK, _BLAS_LOCK, _TEAM_LOCK
     _LAUNCH_LOCK = threading.Lock()
     _BLAS_LOCK = threading.Lock()
+    _TEAM_LOCK = threading.Lock()
     _blas_state.update(users=0, limiter=None)
+    # the parent's worker threads do not exist here: the child starts its own when needed
+    _team.clear()
     if _layer() == "omp":
         from numba.np.ufunc import omppool
 
@@ -209,3 +218,121 @@ class Chunked:
         elapsed = time.perf_counter() - start
         if elapsed > 1e-3 and work > 0:  # shorter launches time the wake-up, not the work
             self.seconds_per_work = elapsed / work
+
+
+def _work(tasks):
+    # A worker thread: runs job ranges until the process ends (daemon thread).
+    while True:
+        kernel, lo, hi, args, task = tasks.get()
+        try:
+            kernel(lo, hi, *args)
+        except BaseException as exc:  # noqa: BLE001 - handed to the caller, who raises it
+            task.error = exc
+        finally:
+            task.done.release()
+
+
+def _workers(count):
+    """The job queues of ``count`` worker threads, starting the missing ones."""
+    if len(_team) < count:
+        with _TEAM_LOCK:
+            while len(_team) < count:
+                tasks = queue.SimpleQueue()
+                threading.Thread(target=_work, args=(tasks,), name=f"fmm_attention-{len(_team) + 1}",
+                                 daemon=True).start()
+                _team.append(tasks)
+    return _team[:count]
+
+
+class _Task:
+    __slots__ = ("done", "error")
+
+    def __init__(self):
+        self.done = threading.Lock()
+        self.done.acquire()  # released by the worker when its range is done
+        self.error = None
+
+    def wait(self):
+        interrupted = None
+        while True:
+            try:
+                self.done.acquire()
+                break
+            except BaseException as exc:  # noqa: BLE001 - Ctrl-C: the worker still writes the outputs
+                interrupted = exc
+        if interrupted is not None:
+            raise interrupted
+        if self.error is not None:
+            raise self.error
+
+
+class Threaded:
+    """A serial ``nogil`` kernel over independent jobs, run on several threads at once.
+
+    Replaces a ``prange`` over the jobs: Numba compiles a parallel loop's body twice more
+    (as a gufunc, then again with the calling function), which made the FMA block kernel's
+    first call cost three times its serial compile. Here the jobs are split into
+    ``numba.get_num_threads()`` contiguous ranges (as ``prange``'s static schedule does),
+    the calling thread runs the first and persistent Python worker threads the others; the
+    kernel releases the GIL, so they run at once. No Numba threading layer is involved, so
+    these launches may come from several Python threads at once under any layer, and a
+    forked child starts its own workers.
+
+    Parameters
+    ----------
+    kernel : numba dispatcher
+        Compiled with ``nogil=True``; called as ``kernel(job_lo, job_hi, *args)`` and runs
+        jobs ``job_lo <= job < job_hi``, each writing only its own outputs, so the result
+        does not depend on the split.
+    layout : callable
+        ``layout(*args) -> (n_jobs, work)``: the number of jobs of a call and their cost in
+        multiply-adds (or any unit of about a nanosecond).
+
+    Notes
+    -----
+    A call of less than ``_config.THREADED_MIN_WORK`` runs in the calling thread alone:
+    waking a worker costs more than it gains. Ctrl-C is handled once every range is done,
+    as after a single compiled call. An error raised by the kernel in any range is raised
+    in the caller once all ranges are done.
+    """
+
+    def __init__(self, kernel, layout):
+        self.kernel = kernel
+        self.layout = layout
+
+    @property
+    def signatures(self):
+        """The compiled variants of the kernel."""
+        return self.kernel.signatures
+
+    @property
+    def py_func(self):
+        """The kernel's Python function."""
+        return self.kernel.py_func
+
+    def __call__(self, *args):
+        self.launch(*self.layout(*args), *args)
+
+    def launch(self, n_jobs, work, *args):
+        """Run jobs ``0 .. n_jobs - 1`` (``work`` in all) of ``kernel(job_lo, job_hi, *args)``."""
+        threads = min(numba.get_num_threads(), n_jobs)
+        if threads <= 1 or work < _config.THREADED_MIN_WORK:
+            self.kernel(0, n_jobs, *args)
+            return
+        tasks = []
+        for worker, jobs in enumerate(_workers(threads - 1), start=1):
+            task = _Task()
+            jobs.put((self.kernel, worker * n_jobs // threads, (worker + 1) * n_jobs // threads, args, task))
+            tasks.append(task)
+        error = None
+        try:
+            self.kernel(0, n_jobs // threads, *args)
+        except BaseException as exc:  # noqa: BLE001 - raised once the workers are done with the outputs
+            error = exc
+        for task in tasks:
+            try:
+                task.wait()
+            except BaseException as exc:  # noqa: BLE001 - the first error is raised
+                error = exc if error is None else error
+        if error is not None:
+            raise error

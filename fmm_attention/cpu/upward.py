@@ -10,11 +10,16 @@ no valid token.
 import numpy as np
 from numba import prange
 
+from .. import _config
 from ._jit import jit
+from ._launch import Threaded
 
-@jit(parallel=True)
-def mean_upward(k, v, valid, has_mask, sub_sizes, offsets, n_rows, count_scaling, kc, vc, cbias, counts):
-    """Mean coarsening of every level in one O(n d) upward pass.
+
+@jit(nogil=True)
+def _mean_levels(job_lo, job_hi, level_lo, level_hi, k, v, valid, has_mask, sub_sizes, offsets, n_rows,
+                 count_scaling, kc, vc, cbias, counts):
+    """Mean coarsening of levels ``level_lo <= level < level_hi``, jobs (coarse rows of all
+    batch entries) ``job_lo <= job < job_hi`` of each level.
 
     Level 1 averages tokens; each later level either reuses the previous level's sub-boxes
     (same sub-box size, more slots) or merges pairs of them, weighted by their counts.
@@ -22,18 +27,22 @@ def mean_upward(k, v, valid, has_mask, sub_sizes, offsets, n_rows, count_scaling
     """
     n_batch, n, d = k.shape
     dv = v.shape[2]
-    for level in range(sub_sizes.size):
+    for level in range(level_lo, level_hi):
         size = sub_sizes[level]
         start = offsets[level]
-        for job in prange(n_batch * n_rows[level]):
+        for job in range(max(job_lo, 0), min(job_hi, n_batch * n_rows[level])):
             b = job // n_rows[level]
             g = job % n_rows[level]
             row = start + g
             # explicit loops over channels: row expressions like kc[b, row] += k[b, t]
-            # allocate a temporary per token in compiled code
+            # allocate a temporary per token in compiled code, and row assignments compile
+            # a broadcast with a shape-mismatch error whose message is built with Numba's
+            # string routines (about 2 s of a cold first call)
             if level == 0:
-                kc[b, row] = 0
-                vc[b, row] = 0
+                for e in range(d):
+                    kc[b, row, e] = 0
+                for e in range(dv):
+                    vc[b, row, e] = 0
                 count = 0
                 for t in range(g * size, min(n, (g + 1) * size)):
                     if has_mask and not valid[b, t]:
@@ -51,8 +60,10 @@ def mean_upward(k, v, valid, has_mask, sub_sizes, offsets, n_rows, count_scaling
                         vc[b, row, e] *= inv
             elif sub_sizes[level - 1] == size:
                 prev = offsets[level - 1] + g
-                kc[b, row] = kc[b, prev]
-                vc[b, row] = vc[b, prev]
+                for e in range(d):
+                    kc[b, row, e] = kc[b, prev, e]
+                for e in range(dv):
+                    vc[b, row, e] = vc[b, prev, e]
                 count = counts[b, prev]
             else:
                 left = offsets[level - 1] + 2 * g
@@ -67,8 +78,10 @@ def mean_upward(k, v, valid, has_mask, sub_sizes, offsets, n_rows, count_scaling
                     for e in range(dv):
                         vc[b, row, e] = w0 * vc[b, left, e] + w1 * vc[b, left + 1, e]
                 else:
-                    kc[b, row] = 0
-                    vc[b, row] = 0
+                    for e in range(d):
+                        kc[b, row, e] = 0
+                    for e in range(dv):
+                        vc[b, row, e] = 0
             counts[b, row] = count
             if count == 0:
                 cbias[b, row] = -np.inf
@@ -76,6 +89,53 @@ def mean_upward(k, v, valid, has_mask, sub_sizes, offsets, n_rows, count_scaling
                 cbias[b, row] = np.log(count)
             else:
                 cbias[b, row] = 0
+
+
+_mean_level = Threaded(_mean_levels, None)
+
+
+class _MeanUpward:
+    """``mean_upward(k, v, valid, has_mask, sub_sizes, offsets, n_rows, count_scaling, kc, vc,
+    cbias, counts)``: mean coarsening of every level in one O(n d) upward pass.
+
+    Levels run bottom up (each reads the one below); a level with enough work runs on
+    several threads (:class:`._launch.Threaded`), consecutive small ones in one serial call.
+    A serial kernel rather than a ``prange``: the parallel loop cost about 3 s of a cold
+    first call to compile.
+    """
+
+    @property
+    def signatures(self):
+        """The compiled variants of the kernel."""
+        return _mean_levels.signatures
+
+    @property
+    def py_func(self):
+        """The kernel's Python function."""
+        return _mean_levels.py_func
+
+    def __call__(self, k, v, valid, has_mask, sub_sizes, offsets, n_rows, count_scaling, kc, vc, cbias, counts):
+        args = (k, v, valid, has_mask, sub_sizes, offsets, n_rows, count_scaling, kc, vc, cbias, counts)
+        n_batch, n, d = k.shape
+        per_row = d + v.shape[2]
+        everything = np.iinfo(np.int64).max
+        level = first = 0
+        n_levels = sub_sizes.size
+        while level < n_levels:
+            n_jobs = n_batch * int(n_rows[level])
+            # level 1 reads every token once; a later level merges two rows per row
+            work = (n_batch * n if level == 0 else 2 * n_jobs) * per_row
+            if work >= _config.THREADED_MIN_WORK:
+                if first < level:
+                    _mean_levels(0, everything, first, level, *args)
+                _mean_level.launch(n_jobs, work, level, level + 1, *args)
+                first = level + 1
+            level += 1
+        if first < n_levels:
+            _mean_levels(0, everything, first, n_levels, *args)
+
+
+mean_upward = _MeanUpward()
 
 
 @jit(parallel=True)
