@@ -140,6 +140,33 @@ def test_fma_bits_do_not_depend_on_threads_or_splitting(dtype, case, two_threads
         np.testing.assert_array_equal(lse, results[0][1])
 
 
+@pytest.mark.parametrize("case", ["plain", "mask-causal-globals", "grouped"])
+def test_fma_gradients_do_not_depend_on_threads_or_splitting(case, two_threads, monkeypatch):
+    """The backward block kernel runs on the same threads: its gradients are bitwise the
+    same for one thread, two threads and an unsplit call (float32: rounding would show)."""
+    from fmm_attention.grad import fmm_attention_vjp
+
+    rng = np.random.default_rng(4)
+    n = 150
+    q, k, v = (rng.standard_normal((3, n, 8)).astype(np.float32) for _ in range(3))
+    options = dict(block_size=8, rank=2)
+    if case == "mask-causal-globals":
+        options.update(causal=True, key_padding_mask=rng.random((3, n)) > 0.3, global_tokens=(5, 90))
+    elif case == "grouped":
+        q = rng.standard_normal((3, 2, n, 8)).astype(np.float32)
+        k, v = k[:, None], v[:, None]
+    out, pullback = fmm_attention_vjp(q, k, v, **options)
+    g = rng.standard_normal(out.shape).astype(np.float32)
+    results = []
+    for threads, min_work in ((1, 0), (2, 0), (2, 10**15)):
+        numba.set_num_threads(threads)
+        monkeypatch.setattr(_config, "THREADED_MIN_WORK", min_work)
+        results.append(pullback(g))
+    for grads in results[1:]:
+        for a, b in zip(grads[:3], results[0][:3]):
+            np.testing.assert_array_equal(a, b)
+
+
 def test_forked_child_starts_its_own_workers():
     """The parent's worker threads do not exist in a forked child: it starts new ones."""
     proc = run_script("""

@@ -30,6 +30,7 @@ from numba.extending import overload
 from .. import _config
 from ..tree import TOKEN
 from ._jit import jit
+from ._launch import Threaded
 from ._softmax import _exp32_parts, _exp64_parts
 from ._tiles import gemm_tiles, panel_width
 from .backward_plan import is_direct
@@ -297,13 +298,14 @@ def exact_backward_reduce(dq_t_part, dk_part, dv_part, scale, dq, dk, dv):
 
 
 # ---------------------------------------------------------------- FMA: blocks over a plan
-@jit(parallel=True)
-def block_backward(
-    q, k, v, q_index, kv_index, q_start, key_bias, has_mask, kc, vc, cbias, seg_lo, seg_hi, segments, col_ptr,
+@jit(nogil=True)
+def _block_backward_jobs(
+    job_lo, job_hi, q, k, v, q_index, kv_index, q_start, key_bias, has_mask, kc, vc, cbias, seg_lo, seg_hi, segments, col_ptr,
     seg_col, max_keys, block_size, scale, causal, g, lse, delta, n_chunks, run_starts, run_lo, run_hi, parity,
     set_ptr, set_entries, dq, dk, dv, dk_cols, dv_cols,
 ):
-    """Backward of :func:`fmm_attention.cpu.blocks.block_attention` over the same plan.
+    """Jobs ``job_lo <= job < job_hi`` of :data:`block_backward`, the backward of
+    :data:`fmm_attention.cpu.blocks.block_attention` over the same plan.
 
     For block ``I`` of output entry ``b`` (plan ``p = b``, or ``p = 0`` when shared) the
     plan's segments are gathered as the forward lists them, the near-field token segments
@@ -323,8 +325,9 @@ def block_backward(
     row add into one partial row, in block order, which :func:`reduce_columns` then sums
     run by run.
 
-    Jobs are (key set, run of blocks): runs ``run_lo <= r < run_hi`` with ``r % 2 ==
-    parity``, run ``r`` the blocks ``run_starts[r] .. run_starts[r + 1] - 1`` (each holding a
+    Jobs are (key set, run of blocks), ``job = set * n_runs + i`` for the ``i``-th run
+    ``r`` of ``run_lo <= r < run_hi`` with ``r % 2 == parity`` (``n_chunks`` is unused: the
+    threads split the jobs), run ``r`` the blocks ``run_starts[r] .. run_starts[r + 1] - 1`` (each holding a
     query), its entries ``set_entries[set_ptr[s] : set_ptr[s + 1]]``. A job walks its blocks
     in order and, per block, its entries in order. A block's near field lies in the rows of
     its neighbours, so two runs of the same parity (a run of at least two blocks between
@@ -342,147 +345,161 @@ def block_backward(
     n = k.shape[1]
     dv_dim = v.shape[2]
     shared = seg_lo.shape[0] == 1
-    n_sets = set_ptr.shape[0] - 1
     first_run = run_lo + (run_lo + parity) % 2  # the first run of this parity
     n_runs = max(0, (run_hi - first_run + 1) // 2)
-    n_jobs = n_sets * n_runs
-    n_chunks = max(1, min(n_jobs, n_chunks))
     panel = panel_width(q)
     width = -(-block_size // panel) * panel
     d_pad = -(-d // panel) * panel
     dv_pad = -(-dv_dim // panel) * panel
     rows_max = max(max_keys, 1)
     n_q = q.shape[1]
-    for chunk in prange(n_chunks):
-        keys = np.empty((rows_max, d), dtype=q.dtype)
-        vals = np.empty((rows_max, dv_dim), dtype=q.dtype)
-        bias = np.empty(rows_max, dtype=q.dtype)
-        positions = np.empty(rows_max, dtype=np.int64)
-        queries_t = np.zeros((d, width), dtype=q.dtype)  # scaled queries, transposed
-        grads_t = np.zeros((dv_dim, width), dtype=q.dtype)  # cotangents, transposed
-        queries = np.zeros((width, d_pad), dtype=q.dtype)  # scaled queries, row-major
-        cotangents = np.zeros((width, dv_pad), dtype=q.dtype)
-        scores = np.empty((rows_max, width), dtype=q.dtype)
-        grads = np.empty((rows_max, width), dtype=q.dtype)
-        dq_t = np.empty((d, width), dtype=q.dtype)
-        dk_buf = np.empty((rows_max, d_pad), dtype=q.dtype)  # key-side shares of the partial columns
-        dv_buf = np.empty((rows_max, dv_pad), dtype=q.dtype)
-        shift = np.empty(width, dtype=q.dtype)
-        offset = np.zeros(width, dtype=q.dtype)
-        for job in range(chunk * n_jobs // n_chunks, (chunk + 1) * n_jobs // n_chunks):
-            bk = job // n_runs
-            run = first_run + 2 * (job % n_runs)
-            nk = 0
-            n_direct = 0
-            for slot in range(set_ptr[bk], set_ptr[bk + 1]):  # the run's partial rows start at zero
+    # work buffers once per call: each thread runs one range of jobs
+    keys = np.empty((rows_max, d), dtype=q.dtype)
+    vals = np.empty((rows_max, dv_dim), dtype=q.dtype)
+    bias = np.empty(rows_max, dtype=q.dtype)
+    positions = np.empty(rows_max, dtype=np.int64)
+    queries_t = np.zeros((d, width), dtype=q.dtype)  # scaled queries, transposed
+    grads_t = np.zeros((dv_dim, width), dtype=q.dtype)  # cotangents, transposed
+    queries = np.zeros((width, d_pad), dtype=q.dtype)  # scaled queries, row-major
+    cotangents = np.zeros((width, dv_pad), dtype=q.dtype)
+    scores = np.empty((rows_max, width), dtype=q.dtype)
+    grads = np.empty((rows_max, width), dtype=q.dtype)
+    dq_t = np.empty((d, width), dtype=q.dtype)
+    dk_buf = np.empty((rows_max, d_pad), dtype=q.dtype)  # key-side shares of the partial columns
+    dv_buf = np.empty((rows_max, dv_pad), dtype=q.dtype)
+    shift = np.empty(width, dtype=q.dtype)
+    offset = np.zeros(width, dtype=q.dtype)
+    for job in range(job_lo, job_hi):
+        bk = job // n_runs
+        run = first_run + 2 * (job % n_runs)
+        nk = 0
+        n_direct = 0
+        for slot in range(set_ptr[bk], set_ptr[bk + 1]):  # the run's partial rows start at zero
+            b = set_entries[slot]
+            p = 0 if shared else b
+            for c in range(col_ptr[p, run] - col_ptr[p, run_lo], col_ptr[p, run + 1] - col_ptr[p, run_lo]):
+                for e in range(d):
+                    dk_cols[b, c, e] = 0
+                for e in range(dv_dim):
+                    dv_cols[b, c, e] = 0
+        for blk in range(run_starts[run], run_starts[run + 1]):
+            i0 = blk * block_size
+            i1 = min(n, i0 + block_size)
+            r0 = max(i0, q_start) - i0  # block rows holding queries: r0 <= row < r1
+            r1 = min(i1, q_start + n_q) - i0
+            for slot in range(set_ptr[bk], set_ptr[bk + 1]):
                 b = set_entries[slot]
+                bq = q_index[b]
                 p = 0 if shared else b
-                for c in range(col_ptr[p, run] - col_ptr[p, run_lo], col_ptr[p, run + 1] - col_ptr[p, run_lo]):
-                    for e in range(d):
-                        dk_cols[b, c, e] = 0
-                    for e in range(dv_dim):
-                        dv_cols[b, c, e] = 0
-            for blk in range(run_starts[run], run_starts[run + 1]):
-                i0 = blk * block_size
-                i1 = min(n, i0 + block_size)
-                r0 = max(i0, q_start) - i0  # block rows holding queries: r0 <= row < r1
-                r1 = min(i1, q_start + n_q) - i0
-                for slot in range(set_ptr[bk], set_ptr[bk + 1]):
-                    b = set_entries[slot]
-                    bq = q_index[b]
-                    p = 0 if shared else b
-                    if not shared or slot == set_ptr[bk]:  # a shared plan gathers once per block
-                        nk = 0
-                        # near-field tokens first, then the rest: explicit element loops (a row
-                        # slice assignment compiles a broadcast and its shape check per row,
-                        # which cost more than the copy itself here)
-                        for direct_pass in (True, False):
-                            for s in range(seg_lo[p, blk], seg_hi[p, blk]):
-                                kind = segments[p, s, 0]
-                                start = segments[p, s, 1]
-                                count = segments[p, s, 2]
-                                if is_direct(kind, start, count, blk, block_size) != direct_pass:
-                                    continue
-                                if kind == TOKEN:
-                                    for t in range(count):
-                                        col = nk + t
-                                        positions[col] = start + t
-                                        bias[col] = key_bias[bk, start + t] if has_mask else 0.0
-                                        live = bias[col] != -np.inf  # masked tokens may hold anything
-                                        for e in range(d):
-                                            keys[col, e] = k[bk, start + t, e] if live else 0
-                                        for e in range(dv_dim):
-                                            vals[col, e] = v[bk, start + t, e] if live else 0
-                                else:
-                                    for t in range(count):
-                                        col = nk + t
-                                        positions[col] = -1
-                                        bias[col] = cbias[bk, start + t]
-                                        for e in range(d):
-                                            keys[col, e] = kc[bk, start + t, e]
-                                        for e in range(dv_dim):
-                                            vals[col, e] = vc[bk, start + t, e]
-                                nk += count
-                            if direct_pass:
-                                n_direct = nk
-                    for i in range(width):
-                        if r0 <= i < r1:
-                            row = i0 + i - q_start
-                            for e in range(d):
-                                x = q[bq, row, e] * scale
-                                queries_t[e, i] = x
-                                queries[i, e] = x
-                            for e in range(dv_dim):
-                                grads_t[e, i] = g[b, row, e]
-                                cotangents[i, e] = g[b, row, e]
-                            shift[i] = lse[b, row] if lse[b, row] > -np.inf else np.inf
-                            offset[i] = delta[b, row]
-                        else:  # padding (the last block), or a position without a query: weight 0
-                            for e in range(d):
-                                queries_t[e, i] = 0
-                                queries[i, e] = 0
-                            for e in range(dv_dim):
-                                grads_t[e, i] = 0
-                                cotangents[i, e] = 0
-                            shift[i] = np.inf
-                            offset[i] = 0
-                    gemm_tiles(nk, width, d, keys, 0, d, 1, queries_t, 0, width, scores, 0, width, False)
-                    gemm_tiles(nk, width, dv_dim, vals, 0, dv_dim, 1, grads_t, 0, width, grads, 0, width, False)
-                    # probabilities from the forward's lse, and dS, in one pass
-                    weights_and_logit_grads(scores, grads, nk, bias, positions, i0, causal, shift, offset)
-                    # dq^T[feature, query] = sum over keys of key[key, feature] dS[key, query]
-                    gemm_tiles(d, width, nk, keys, 0, 1, d, grads, 0, width, dq_t, 0, width, False)
-                    for i in range(r0, r1):
+                if not shared or slot == set_ptr[bk]:  # a shared plan gathers once per block
+                    nk = 0
+                    # near-field tokens first, then the rest: explicit element loops (a row
+                    # slice assignment compiles a broadcast and its shape check per row,
+                    # which cost more than the copy itself here)
+                    for direct_pass in (True, False):
+                        for s in range(seg_lo[p, blk], seg_hi[p, blk]):
+                            kind = segments[p, s, 0]
+                            start = segments[p, s, 1]
+                            count = segments[p, s, 2]
+                            if is_direct(kind, start, count, blk, block_size) != direct_pass:
+                                continue
+                            if kind == TOKEN:
+                                for t in range(count):
+                                    col = nk + t
+                                    positions[col] = start + t
+                                    bias[col] = key_bias[bk, start + t] if has_mask else 0.0
+                                    live = bias[col] != -np.inf  # masked tokens may hold anything
+                                    for e in range(d):
+                                        keys[col, e] = k[bk, start + t, e] if live else 0
+                                    for e in range(dv_dim):
+                                        vals[col, e] = v[bk, start + t, e] if live else 0
+                            else:
+                                for t in range(count):
+                                    col = nk + t
+                                    positions[col] = -1
+                                    bias[col] = cbias[bk, start + t]
+                                    for e in range(d):
+                                        keys[col, e] = kc[bk, start + t, e]
+                                    for e in range(dv_dim):
+                                        vals[col, e] = vc[bk, start + t, e]
+                            nk += count
+                        if direct_pass:
+                            n_direct = nk
+                for i in range(width):
+                    if r0 <= i < r1:
+                        row = i0 + i - q_start
                         for e in range(d):
-                            dq[b, i0 + i - q_start, e] = dq_t[e, i] * scale
-                    # key-side shares: dS @ (scale q) and P @ g; near-field rows added into
-                    # dk, dv (straight from the micro-kernel when the feature dims fill whole
-                    # panels), the others into the run's partial rows
-                    col0 = col_ptr[p, run_lo]
-                    s_lo, s_hi = seg_lo[p, blk], seg_hi[p, blk]
-                    if d == d_pad:
-                        _direct_shares(grads, width, queries, d, dk, bk, n, segments, p, s_lo, s_hi, blk, block_size)
-                        gemm_tiles(nk - n_direct, d, width, grads, n_direct * width, width, 1, queries, 0, d, dk_buf, 0,
-                                   d, False)
-                        _add_partials(dk_buf, 0, d, dk_cols, b, col0, seg_col, segments, p, s_lo, s_hi, blk, block_size)
-                    else:
-                        gemm_tiles(nk, d_pad, width, grads, 0, width, 1, queries, 0, d_pad, dk_buf, 0, d_pad, False)
-                        _scatter_direct(dk_buf, d, dk, bk, segments, p, s_lo, s_hi, blk, block_size)
-                        _add_partials(dk_buf, n_direct, d, dk_cols, b, col0, seg_col, segments, p, s_lo, s_hi, blk,
-                                      block_size)
-                    if dv_dim == dv_pad:
-                        _direct_shares(scores, width, cotangents, dv_dim, dv, bk, n, segments, p, s_lo, s_hi, blk,
-                                       block_size)
-                        gemm_tiles(nk - n_direct, dv_dim, width, scores, n_direct * width, width, 1, cotangents, 0,
-                                   dv_dim, dv_buf, 0, dv_dim, False)
-                        _add_partials(dv_buf, 0, dv_dim, dv_cols, b, col0, seg_col, segments, p, s_lo, s_hi, blk,
-                                      block_size)
-                    else:
-                        gemm_tiles(nk, dv_pad, width, scores, 0, width, 1, cotangents, 0, dv_pad, dv_buf, 0, dv_pad,
-                                   False)
-                        _scatter_direct(dv_buf, dv_dim, dv, bk, segments, p, s_lo, s_hi, blk, block_size)
-                        _add_partials(dv_buf, n_direct, dv_dim, dv_cols, b, col0, seg_col, segments, p, s_lo, s_hi,
-                                      blk, block_size)
+                            x = q[bq, row, e] * scale
+                            queries_t[e, i] = x
+                            queries[i, e] = x
+                        for e in range(dv_dim):
+                            grads_t[e, i] = g[b, row, e]
+                            cotangents[i, e] = g[b, row, e]
+                        shift[i] = lse[b, row] if lse[b, row] > -np.inf else np.inf
+                        offset[i] = delta[b, row]
+                    else:  # padding (the last block), or a position without a query: weight 0
+                        for e in range(d):
+                            queries_t[e, i] = 0
+                            queries[i, e] = 0
+                        for e in range(dv_dim):
+                            grads_t[e, i] = 0
+                            cotangents[i, e] = 0
+                        shift[i] = np.inf
+                        offset[i] = 0
+                gemm_tiles(nk, width, d, keys, 0, d, 1, queries_t, 0, width, scores, 0, width, False)
+                gemm_tiles(nk, width, dv_dim, vals, 0, dv_dim, 1, grads_t, 0, width, grads, 0, width, False)
+                # probabilities from the forward's lse, and dS, in one pass
+                weights_and_logit_grads(scores, grads, nk, bias, positions, i0, causal, shift, offset)
+                # dq^T[feature, query] = sum over keys of key[key, feature] dS[key, query]
+                gemm_tiles(d, width, nk, keys, 0, 1, d, grads, 0, width, dq_t, 0, width, False)
+                for i in range(r0, r1):
+                    for e in range(d):
+                        dq[b, i0 + i - q_start, e] = dq_t[e, i] * scale
+                # key-side shares: dS @ (scale q) and P @ g; near-field rows added into
+                # dk, dv (straight from the micro-kernel when the feature dims fill whole
+                # panels), the others into the run's partial rows
+                col0 = col_ptr[p, run_lo]
+                s_lo, s_hi = seg_lo[p, blk], seg_hi[p, blk]
+                if d == d_pad:
+                    _direct_shares(grads, width, queries, d, dk, bk, n, segments, p, s_lo, s_hi, blk, block_size)
+                    gemm_tiles(nk - n_direct, d, width, grads, n_direct * width, width, 1, queries, 0, d, dk_buf, 0,
+                               d, False)
+                    _add_partials(dk_buf, 0, d, dk_cols, b, col0, seg_col, segments, p, s_lo, s_hi, blk, block_size)
+                else:
+                    gemm_tiles(nk, d_pad, width, grads, 0, width, 1, queries, 0, d_pad, dk_buf, 0, d_pad, False)
+                    _scatter_direct(dk_buf, d, dk, bk, segments, p, s_lo, s_hi, blk, block_size)
+                    _add_partials(dk_buf, n_direct, d, dk_cols, b, col0, seg_col, segments, p, s_lo, s_hi, blk,
+                                  block_size)
+                if dv_dim == dv_pad:
+                    _direct_shares(scores, width, cotangents, dv_dim, dv, bk, n, segments, p, s_lo, s_hi, blk,
+                                   block_size)
+                    gemm_tiles(nk - n_direct, dv_dim, width, scores, n_direct * width, width, 1, cotangents, 0,
+                               dv_dim, dv_buf, 0, dv_dim, False)
+                    _add_partials(dv_buf, 0, dv_dim, dv_cols, b, col0, seg_col, segments, p, s_lo, s_hi, blk,
+                                  block_size)
+                else:
+                    gemm_tiles(nk, dv_pad, width, scores, 0, width, 1, cotangents, 0, dv_pad, dv_buf, 0, dv_pad,
+                               False)
+                    _scatter_direct(dv_buf, dv_dim, dv, bk, segments, p, s_lo, s_hi, blk, block_size)
+                    _add_partials(dv_buf, n_direct, dv_dim, dv_cols, b, col0, seg_col, segments, p, s_lo, s_hi,
+                                  blk, block_size)
+
+
+def _block_backward_layout(q, k, v, q_index, kv_index, q_start, key_bias, has_mask, kc, vc, cbias, seg_lo, seg_hi,
+                           segments, col_ptr, seg_col, max_keys, block_size, scale, causal, g, lse, delta, n_chunks,
+                           run_starts, run_lo, run_hi, parity, set_ptr, *args):
+    # jobs: (key set, run of this parity); each block's five products against max_keys keys
+    first_run = run_lo + (run_lo + parity) % 2
+    n_runs = max(0, (run_hi - first_run + 1) // 2)
+    n_jobs = (set_ptr.shape[0] - 1) * n_runs
+    blocks = max(1, (int(run_starts[run_hi]) - int(run_starts[run_lo])) // max(1, run_hi - run_lo))
+    per_set = max(1, q_index.shape[0] // max(1, set_ptr.shape[0] - 1))
+    return n_jobs, n_jobs * blocks * per_set * block_size * max_keys * (q.shape[2] + v.shape[2]) * 5 // 2
+
+
+#: The backward block kernel: :func:`_block_backward_jobs` split over the threads
+#: (:class:`._launch.Threaded`: a serial ``nogil`` kernel, no ``prange`` to compile).
+block_backward = Threaded(_block_backward_jobs, _block_backward_layout)
 
 
 @jit()
