@@ -75,9 +75,9 @@ CLUSTER_FLAT_SIZE = 128
 #: result depends neither on it nor on the thread count).
 CLUSTER_CHUNKS = 64
 
-#: FMA's refinement and backward block kernels: chunks of query blocks per thread; each
-#: chunk allocates its work buffers once (more chunks balance uneven threads, fewer
-#: allocate less). The forward block kernel runs one range of blocks per thread.
+#: FMA's refinement kernel: chunks of query blocks per thread; each chunk allocates its
+#: work buffers once (more chunks balance uneven threads, fewer allocate less). The forward
+#: and backward block kernels run one range of jobs per thread (``cpu/_launch.Threaded``).
 FMA_CHUNKS_PER_THREAD = 4
 
 #: Exact attention's backward: query rows and keys per tile inside each rectangle of the
