@@ -534,6 +534,7 @@ import numpy as np
 from numba.core.registry import CPUDispatcher
 import fmm_attention.cpu as cpu
 from fmm_attention import cli
+from fmm_attention.cpu._launch import Threaded
 from fmm_attention.analysis import bounds
 
 assert cli.main(["compile", "--no-progress", "--jobs", "1"]) == 0  # in this process
@@ -543,6 +544,8 @@ for info in pkgutil.iter_modules(cpu.__path__):
     for name, obj in vars(module).items():
         if isinstance(obj, CPUDispatcher) and obj.targetoptions.get("parallel") and obj.__module__ == module.__name__:
             kernels[f"{info.name}.{name}"] = obj
+        elif isinstance(obj, Threaded) and obj.kernel.__module__ == module.__name__:  # serial kernels on threads
+            kernels[f"{info.name}.{name}"] = obj.kernel
 kernels["analysis._bound_kernel"] = bounds._bound_kernel
 report = {}
 for name, kernel in kernels.items():
@@ -563,9 +566,16 @@ def test_compile_reaches_every_parallel_kernel_in_both_dtypes():
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads(proc.stdout.strip().splitlines()[-1])
     assert len(report) > 10
+    # kernels on threads are covered too, and exact attention's forward has one kernel per
+    # product path, each compiled for the dtypes that take it
+    assert {"blocks.block_attention", "backward.block_backward", "upward._mean_level"} <= set(report)
+    micro = set(_config.EXACT_MICRO_KERNEL_DTYPES)
+    per_dtype = {"exact.exact_tiles": micro, "exact.exact_tiles_blas": {"float32", "float64"} - micro}
     for name, dtypes in report.items():
         assert dtypes, f"{name} was never compiled"
-        if name.startswith("analysis."):
+        if name in per_dtype:
+            assert per_dtype[name] <= set(dtypes), (name, dtypes)
+        elif name.startswith("analysis."):
             assert "float64" in dtypes, name
         elif "float32" in dtypes or "float64" in dtypes:
             assert {"float32", "float64"} <= set(dtypes), (name, dtypes)
