@@ -458,6 +458,7 @@ def test_fma_slabs_of_blocks_change_no_bit(monkeypatch, options):
     # buffers); every partial target still sums in one left-to-right chain, and every
     # near-field row of dk, dv adds its blocks' shares in the order of the run grid
     from fmm_attention.cpu import backward_ops
+    from fmm_attention.cpu.backward_plan import query_runs
 
     q, k, v = qkv(90, seed=24)
     mask = random_mask((2,), 90)
@@ -467,7 +468,7 @@ def test_fma_slabs_of_blocks_change_no_bit(monkeypatch, options):
     whole = pullback(g)
     monkeypatch.setattr(_config, "BACKWARD_PARTIAL_BYTES", 1)  # one or two runs per slab
     tree = build_tree(90, block_size=4, rank=2, causal=options.get("causal", False))
-    runs = backward_ops._runs(0, tree.n_blocks)
+    runs = query_runs(0, tree.n_blocks, _config.BACKWARD_RUN_BLOCKS)
     assert runs.size - 1 == 11 and np.all(np.diff(runs) >= 2)
     col_ptr = np.arange(runs.size)[None] * 10  # partial rows per run
     slabs = backward_ops._slabs(col_ptr, 1)

@@ -259,11 +259,6 @@ def fmm_backward(res, g, lse, delta):
     return dq, dk, dv, learned
 
 
-def _runs(first, end):
-    """:func:`.backward_plan.query_runs` with ``_config.BACKWARD_RUN_BLOCKS`` blocks per run."""
-    return query_runs(first, end, _config.BACKWARD_RUN_BLOCKS)
-
-
 def _slabs(col_ptr, bytes_per_column):
     """``[(lo, hi), ...]``: consecutive ranges of runs whose partial rows (``col_ptr``, per
     run, the most over the plans) fit ``_config.BACKWARD_PARTIAL_BYTES``.
