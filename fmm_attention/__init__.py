@@ -5,6 +5,7 @@ exact softmax attention as the memory-efficient reference, and error analysis ag
 Numba CPU kernels (and CUDA kernels with the ``[cuda]`` extra) behind one NumPy API.
 """
 
+from . import _threads  # noqa: F401 - applies the threading layer before anything asks Numba for threads
 from .api import exact_attention, fastformer_attention, fmm_attention
 from .grad import exact_attention_vjp, fastformer_attention_vjp, fmm_attention_vjp
 from ._stats import FMMStats

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from . import _config
+from ._threads import num_threads
 from ._validate import check_bool, check_power_of_two
 from .coarsening import as_coarsening
 
@@ -571,9 +572,7 @@ def fmm_call_bytes(tree, *, batch, d, dv, itemsize, refine=0, query_coarsening=F
     is allocated. ``coarsening``: a :class:`~fmm_attention.coarsening.Coarsening` or its name.
     """
     if n_threads is None:
-        import numba
-
-        n_threads = numba.get_num_threads()
+        n_threads = num_threads()
     n, m, B = tree.n, tree.block_size, batch
     n_blocks = tree.n_blocks
     _, boxes, rows = _level_sizes(n, m, tree.rank)

@@ -100,6 +100,29 @@ def test_default_threading_layer_is_fork_safe():
     assert proc.stdout.split()[-1] in ("workqueue", "tbb")
 
 
+#: First calls that ask Numba for its thread count before any kernel launches (memory
+#: estimates, work splits): each must still get the configured layer, not Numba's default.
+FIRST_CALLS = {
+    "fmm vjp": "from fmm_attention import fmm_attention_vjp as f; f(*np.ones((3, 64, 2)), block_size=16, rank=2)",
+    "exact vjp": "from fmm_attention import exact_attention_vjp as f; f(*np.ones((3, 8, 2)))",
+    "memory estimate": "from fmm_attention.tree import build_tree, fmm_call_bytes; "
+                       "fmm_call_bytes(build_tree(64, block_size=16, rank=2), batch=1, d=2, dv=2, itemsize=8)",
+    "thread count": "numba.get_num_threads()",
+}
+
+
+@pytest.mark.parametrize("first_call", FIRST_CALLS.values(), ids=FIRST_CALLS.keys())
+def test_threading_layer_is_fork_safe_whatever_runs_first(first_call):
+    proc = run_script(f"""
+        import numpy as np, numba
+        import fmm_attention
+        {first_call}
+        print(numba.threading_layer())
+    """)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split()[-1] in ("workqueue", "tbb")
+
+
 def test_users_threading_layer_is_kept():
     proc = run_script("""
         import numpy as np, numba

@@ -7,10 +7,10 @@ points are not named after the kernel modules ``exact`` and ``fastformer``, whic
 would hide as attributes of this package.)
 """
 
-import numba
 import numpy as np
 
 from .. import _config
+from .._threads import num_threads
 from ..coarsening import as_coarsening
 from ._launch import launch_guard as _launch_guard
 from .exact import calls_blas as _exact_calls_blas, exact_kernel
@@ -163,7 +163,7 @@ def _refined_plan(batch, tree, base, kc, vc, cbias, key_bias, has_mask, scale, b
             batch.q, batch.k, batch.v, kc, vc, cbias, token_bias, is_global, ptr, segments,
             np.array([x.offset for x in lv], dtype=np.int64), np.array([x.rank for x in lv], dtype=np.int64),
             np.array([x.box_size for x in lv], dtype=np.int64), tree.block_size, scale, tree.causal,
-            budget, capacity, room, seg_lo, seg_hi, out, _config.FMA_CHUNKS_PER_THREAD * numba.get_num_threads(),
+            budget, capacity, room, seg_lo, seg_hi, out, _config.FMA_CHUNKS_PER_THREAD * num_threads(),
         )
     # the kernels' key buffers: the most keys any emitted block plan names (unused rows are 0)
     max_keys = int(out[:, :, 2].reshape(B, tree.n_blocks, capacity).sum(axis=2).max(initial=1))
@@ -279,7 +279,7 @@ def fmm(batch, tree, options, *, entry_globals=None):
             inherit = (False, np.zeros((1, 1), dtype), np.zeros((1, 1), dtype), np.zeros((1, 1, 1), dtype))
         block_attention(
             batch.q, batch.k, batch.v, layout.q_index, layout.kv_index, layout.query_offset, key_bias, has_mask, kc, vc, cbias, seg_lo, seg_hi, segments, max_keys,
-            tree.block_size, scale, tree.causal, *inherit, _config.FMA_CHUNKS_PER_THREAD * numba.get_num_threads(),
+            tree.block_size, scale, tree.causal, *inherit, _config.FMA_CHUNKS_PER_THREAD * num_threads(),
             out, lse,
         )
     return out, lse, (seg_lo, seg_hi, segments, cbias > -np.inf)

@@ -18,11 +18,12 @@ import queue
 import threading
 import time
 
-import numba
 import numpy as np
-from numba.core import config as _numba_config
 
 from .. import _config
+from .._threads import choose_layer as _choose_layer
+from .._threads import loaded_layer as _layer
+from .._threads import num_threads
 
 _LAUNCH_LOCK = threading.Lock()
 _BLAS_LOCK = threading.Lock()
@@ -32,30 +33,6 @@ _TEAM_LOCK = threading.Lock()
 _blas_state = {"users": 0, "limiter": None}
 #: Set in a child forked after GNU OpenMP ran: its parallel kernels cannot run.
 _fork_state = {"after_gnu_openmp": False}
-
-
-def _layer():
-    """The threading layer in use, or ``None`` before the first parallel launch."""
-    try:
-        return numba.threading_layer()
-    except ValueError:
-        return None
-
-
-def _choose_layer():
-    """Apply ``_config.THREADING_LAYER`` unless the user has chosen a layer.
-
-    Numba reads its setting when it loads a layer (at the first parallel launch, or when a
-    cached parallel kernel is loaded), so this runs at import and again before each launch
-    until a layer is loaded. Any choice of the user's (the environment variable, a config
-    file, or ``numba.config.THREADING_LAYER`` set in code) leaves Numba's setting other than
-    ``"default"``, and is kept.
-    """
-    wanted = _config.THREADING_LAYER
-    if wanted is None or "NUMBA_THREADING_LAYER" in os.environ or _layer() is not None:
-        return
-    if str(_numba_config.THREADING_LAYER).lower() == "default":
-        _numba_config.THREADING_LAYER = wanted
 
 
 def _after_fork_in_child():
@@ -76,7 +53,6 @@ def _after_fork_in_child():
 
 
 os.register_at_fork(after_in_child=_after_fork_in_child)
-_choose_layer()
 
 _FORK_ERROR = (
     "fmm_attention cannot run its parallel kernels in this process: it was forked after GNU "
@@ -202,7 +178,7 @@ class Chunked:
             self._launch(0, n_jobs, total, knobs, args)
             return
         cumulative = cumulative_work()
-        threads = numba.get_num_threads()
+        threads = num_threads()
         lo = 0
         while lo < n_jobs:
             budget = cumulative[lo] + target / self.seconds_per_work
@@ -315,7 +291,7 @@ class Threaded:
 
     def launch(self, n_jobs, work, *args):
         """Run jobs ``0 .. n_jobs - 1`` (``work`` in all) of ``kernel(job_lo, job_hi, *args)``."""
-        threads = min(numba.get_num_threads(), n_jobs)
+        threads = min(num_threads(), n_jobs)
         if threads <= 1 or work < _config.THREADED_MIN_WORK:
             self.kernel(0, n_jobs, *args)
             return

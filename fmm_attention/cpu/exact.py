@@ -22,11 +22,11 @@ query heads read each key and value tile once per group. :data:`exact_kernel` la
 jobs in chunks so that a long call stays interruptible (:class:`._launch.Chunked`).
 """
 
-import numba
 import numpy as np
 from numba import njit, prange
 
 from .. import _config
+from .._threads import num_threads
 from ._jit import jit
 from ._launch import Chunked
 from ._softmax import _maxnum, exp_columns, exp_shift_sum, row_max
@@ -360,7 +360,7 @@ def _layout(q, k, v, q_index, kv_index, pad, has_pad, mask_flat, mask_off, mask_
     n_q, n_k, d = q.shape[1], k.shape[1], q.shape[2]
     width = d + v.shape[2]
     n_tiles = -(-n_q // query_tile)
-    members, group_start = _groups(kv_index, n_tiles, _config.EXACT_GROUP_ENTRIES, numba.get_num_threads())
+    members, group_start = _groups(kv_index, n_tiles, _config.EXACT_GROUP_ENTRIES, num_threads())
     sizes = np.diff(group_start).astype(np.float64)
     rows, keys = _key_span(n_q, n_k, query_tile, causal, offset, left, right)
     per_tile = (rows * keys * width).astype(np.float64)
