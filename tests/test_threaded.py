@@ -142,8 +142,9 @@ def test_fma_bits_do_not_depend_on_threads_or_splitting(dtype, case, two_threads
 
 @pytest.mark.parametrize("case", ["plain", "mask-causal-globals", "grouped"])
 def test_fma_gradients_do_not_depend_on_threads_or_splitting(case, two_threads, monkeypatch):
-    """The backward block kernel runs on the same threads: its gradients are bitwise the
-    same for one thread, two threads and an unsplit call (float32: rounding would show)."""
+    """The backward's kernels (delta, block kernel, reduction of the partials, mean
+    downward pass) run on the same threads: its gradients are bitwise the same for one
+    thread, two threads and an unsplit call (float32: rounding would show)."""
     from fmm_attention.grad import fmm_attention_vjp
 
     rng = np.random.default_rng(4)

@@ -90,21 +90,30 @@ def _weights_and_logit_grads_overload(scores, grads, rows, bias, positions, firs
     return None
 
 
-@jit(parallel=True)
-def cotangent_delta(g, out, delta):
-    """``delta[r] = g[r] . out[r]`` for every row ``r`` of ``g``, ``out`` (rows, e), in parallel.
+@jit(nogil=True)
+def _cotangent_delta_rows(row_lo, row_hi, g, out, delta):
+    """``delta[r] = g[r] . out[r]`` for the rows ``row_lo <= r < row_hi`` of ``g``, ``out``
+    (rows, e): the jobs of :data:`cotangent_delta`.
 
     One pass over the cotangent that is also its finiteness check: a NaN or infinite entry
     of row ``r`` makes ``delta[r]`` non-finite (``out`` is the forward's output, finite), so
     the caller scans ``g`` itself only when some ``delta`` is not finite. No fastmath flag
     assumes finite values (``_config.FASTMATH`` has no ``nnan``/``ninf``); each row is one
-    thread's sum in a fixed order, so the result does not depend on the thread count.
+    sum in a fixed order, so the result does not depend on the thread count.
     """
-    for r in prange(g.shape[0]):
+    for r in range(row_lo, row_hi):
         total = g.dtype.type(0)
         for e in range(g.shape[1]):
             total += g[r, e] * out[r, e]
         delta[r] = total
+
+
+def _cotangent_delta_layout(g, out, delta):
+    return g.shape[0], g.size  # one job per row, one multiply-add per entry
+
+
+#: ``delta = (g * out).sum(-1)`` row by row, on the library's threads (:func:`_cotangent_delta_rows`).
+cotangent_delta = Threaded(_cotangent_delta_rows, _cotangent_delta_layout)
 
 
 # ---------------------------------------------------------------- exact attention
@@ -549,10 +558,11 @@ def _add_partials(buf, first, e_dim, cols, b, col0, seg_col, segments, p, s_lo, 
         row += count
 
 
-@jit(parallel=True)
-def reduce_columns(dk_cols, dv_cols, t_ptr, t_cols, col_lo, col_hi, cursor, n, set_ptr, set_entries, dk, dv, dkc,
-                   dvc, first_target):
-    """Add one slab's key-side partials to their targets, in the transposed plan's order.
+@jit(nogil=True)
+def _reduce_columns_jobs(job_lo, job_hi, dk_cols, dv_cols, t_ptr, t_cols, col_lo, col_hi, cursor, n, set_ptr,
+                         set_entries, dk, dv, dkc, dvc, first_target):
+    """Jobs ``job_lo <= job < job_hi`` of :data:`reduce_columns`: add one slab's key-side
+    partials to their targets, in the transposed plan's order.
 
     Target ``t < n`` is token row ``t`` (added to ``dk``/``dv``), target ``n + r`` is coarse
     row ``r`` (added to ``dkc``/``dvc``), of key set ``s``: the output entries reading it are
@@ -565,14 +575,15 @@ def reduce_columns(dk_cols, dv_cols, t_ptr, t_cols, col_lo, col_hi, cursor, n, s
     within a slab the entries of a set in index order, so every target sums its partials
     in one fixed chain, set by the shapes and the plan: never by the thread count. Only
     the targets ``t >= first_target`` are visited (``n`` when no token row has a partial
-    column: the near field is added by :func:`block_backward` itself).
+    column: the near field is added by :func:`block_backward` itself). A job is one
+    (key set, target) pair, ``job = set * n_targets + (t - first_target)``: it alone writes
+    its target's row.
     """
     d = dk_cols.shape[2]
     e_v = dv_cols.shape[2]
-    n_sets = set_ptr.shape[0] - 1
     n_targets = t_ptr.shape[1] - 1 - first_target
     shared = t_ptr.shape[0] == 1
-    for job in prange(n_sets * n_targets):
+    for job in range(job_lo, job_hi):
         kb = job // n_targets
         t = first_target + job % n_targets
         for slot in range(set_ptr[kb], set_ptr[kb + 1]):
@@ -604,28 +615,42 @@ def reduce_columns(dk_cols, dv_cols, t_ptr, t_cols, col_lo, col_hi, cursor, n, s
             cursor[b, t] = s
 
 
+def _reduce_columns_layout(dk_cols, dv_cols, t_ptr, t_cols, col_lo, col_hi, cursor, n, set_ptr, *args):
+    first_target = args[-1]
+    n_jobs = (set_ptr.shape[0] - 1) * (t_ptr.shape[1] - 1 - first_target)
+    # every partial row of the slab is read once
+    return n_jobs, dk_cols.shape[0] * dk_cols.shape[1] * (dk_cols.shape[2] + dv_cols.shape[2]) + n_jobs
+
+
+#: The reduction of the key-side partials, on the library's threads (:func:`_reduce_columns_jobs`).
+reduce_columns = Threaded(_reduce_columns_jobs, _reduce_columns_layout)
+
+
 # ---------------------------------------------------------------- coarsening adjoints
-@jit(parallel=True)
-def mean_downward(valid, has_mask, sub_sizes, offsets, counts, dkc, dvc, dk, dv):
-    """Adjoint of :func:`fmm_attention.cpu.upward.mean_upward`, a downward pass.
+@jit(nogil=True)
+def _mean_downward_jobs(job_lo, job_hi, valid, has_mask, sub_sizes, offsets, counts, dkc, dvc, dk, dv):
+    """Jobs ``job_lo <= job < job_hi`` of :data:`mean_downward`, the adjoint of
+    :func:`fmm_attention.cpu.upward.mean_upward` (a downward pass).
 
     A coarse row is the mean of the valid tokens of its sub-box, so each of them receives
     ``d(row) / count``. Sub-boxes nest, so all tokens of one level-1 sub-box receive the
-    same total over the levels: one parallel job per level-1 sub-box sums its rows' shares
-    level by level (one launch, which matters when the cores are shared) and adds the
-    total to each of its valid tokens.
+    same total over the levels: one job per (key set, level-1 sub-box),
+    ``job = b * n_groups + r``, sums its rows' shares level by level and adds the total to
+    each of its valid tokens (rows no other job writes).
     """
     n_batch, n, d = dk.shape
     e_v = dv.shape[2]
     n_levels = sub_sizes.size
     size = sub_sizes[0]
     n_groups = (n + size - 1) // size
-    for job in prange(n_batch * n_groups):
+    share_k = np.empty(d, dtype=dk.dtype)
+    share_v = np.empty(e_v, dtype=dv.dtype)
+    for job in range(job_lo, job_hi):
         b = job // n_groups
         r = job % n_groups
         first = r * size
-        share_k = np.zeros(d, dtype=dk.dtype)
-        share_v = np.zeros(e_v, dtype=dv.dtype)
+        share_k[:] = 0
+        share_v[:] = 0
         for level in range(n_levels):
             row = offsets[level] + first // sub_sizes[level]
             count = counts[b, row]
@@ -642,6 +667,16 @@ def mean_downward(valid, has_mask, sub_sizes, offsets, counts, dkc, dvc, dk, dv)
                 dk[b, t, e] += share_k[e]
             for e in range(e_v):
                 dv[b, t, e] += share_v[e]
+
+
+def _mean_downward_layout(valid, has_mask, sub_sizes, offsets, counts, dkc, dvc, dk, dv):
+    n_batch, n, _ = dk.shape
+    size = int(sub_sizes[0])
+    return n_batch * -(-n // size), dk.size + dv.size  # one add per gradient entry
+
+
+#: The mean coarsening's adjoint, on the library's threads (:func:`_mean_downward_jobs`).
+mean_downward = Threaded(_mean_downward_jobs, _mean_downward_layout)
 
 
 @jit(parallel=True)
