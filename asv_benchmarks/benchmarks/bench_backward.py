@@ -117,21 +117,48 @@ class CoarseningBackward:
         self.pullback(self.g)
 
 
+def _minor_faults():
+    """Minor page faults of this process so far (``None`` where ``resource`` is missing)."""
+    try:
+        import resource
+    except ImportError:  # not on Windows
+        return None
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
+def _timed(f):
+    """``(seconds, minor page faults)`` of one call of ``f``."""
+    faults = _minor_faults()
+    seconds = best_time(f, repeat=1)
+    after = _minor_faults()
+    return seconds, None if faults is None else after - faults
+
+
 def _row(name, forward, vjp, repeat):
-    """``(name, forward s, backward s, ratio)``: best of ``repeat`` runs of each."""
+    """``(name, forward s, backward s, ratio, forward faults, backward faults)``: best of
+    ``repeat`` runs of each, and the median minor page faults per call of each.
+
+    The faults are there because they move the ratio: fresh memory that the allocator
+    returned to the system between calls costs a fault per page on its first write, and on
+    some virtual machines that costs about 16 us per 4 KiB page (docs/performance.rst,
+    "Page faults").
+    """
     _, pullback = vjp()
     g = np.ones_like(forward())
     pullback(g)  # compiled and warm
     # interleaved, so that a change of the machine's load hits both alike
     tf, tb = [], []
     for _ in range(repeat):
-        tf.append(best_time(forward, repeat=1))
-        tb.append(best_time(lambda: pullback(g), repeat=1))
-    return name, min(tf), min(tb), min(tb) / min(tf)
+        tf.append(_timed(forward))
+        tb.append(_timed(lambda: pullback(g)))
+    best_f, best_b = min(t for t, _ in tf), min(t for t, _ in tb)
+    faults = [None if tf[0][1] is None else int(np.median([f for _, f in x])) for x in (tf, tb)]
+    return name, best_f, best_b, best_b / best_f, *faults
 
 
 def ratio_table(repeat=3, quick=False, large=False, grouped=False):
-    """Rows ``(name, forward s, backward s, ratio)`` of the issue's configurations
+    """Rows ``(name, forward s, backward s, ratio, forward faults, backward faults)`` of the
+    issue's configurations
     (``large``: FMA at n = 65536 too; ``grouped``: also 8 query heads on 2 key/value heads).
     """
     from functools import partial
@@ -193,6 +220,6 @@ if __name__ == "__main__":
     if args.memory:
         print(f"FMA n={args.memory} m=32 p=2: peak / (q, k, v, out, g, dq, dk, dv) = {memory_ratio(args.memory):.2f}")
         sys.exit()
-    print(f"{'case':40s} {'forward ms':>11s} {'backward ms':>12s} {'ratio':>6s}")
-    for name, tf, tb, r in ratio_table(args.repeat, args.quick, args.large, args.grouped):
-        print(f"{name:40s} {tf * 1e3:11.1f} {tb * 1e3:12.1f} {r:6.2f}", flush=True)
+    print(f"{'case':40s} {'forward ms':>11s} {'backward ms':>12s} {'ratio':>6s} {'faults fwd / bwd':>17s}")
+    for name, tf, tb, r, ff, fb in ratio_table(args.repeat, args.quick, args.large, args.grouped):
+        print(f"{name:40s} {tf * 1e3:11.1f} {tb * 1e3:12.1f} {r:6.2f} {ff!s:>8s} {fb!s:>8s}", flush=True)
