@@ -279,7 +279,6 @@ def fmm(batch, tree, options, *, entry_globals=None):
             inherit = (False, np.zeros((1, 1), dtype), np.zeros((1, 1), dtype), np.zeros((1, 1, 1), dtype))
         block_attention(
             batch.q, batch.k, batch.v, layout.q_index, layout.kv_index, layout.query_offset, key_bias, has_mask, kc, vc, cbias, seg_lo, seg_hi, segments, max_keys,
-            tree.block_size, scale, tree.causal, *inherit, _config.FMA_CHUNKS_PER_THREAD * num_threads(),
-            out, lse,
+            tree.block_size, scale, tree.causal, *inherit, out, lse,
         )
     return out, lse, (seg_lo, seg_hi, segments, cbias > -np.inf)

@@ -310,7 +310,7 @@ def exact_backward_reduce(dq_t_part, dk_part, dv_part, scale, dq, dk, dv):
 @jit(nogil=True)
 def _block_backward_jobs(
     job_lo, job_hi, q, k, v, q_index, kv_index, q_start, key_bias, has_mask, kc, vc, cbias, seg_lo, seg_hi, segments, col_ptr,
-    seg_col, max_keys, block_size, scale, causal, g, lse, delta, n_chunks, run_starts, run_lo, run_hi, parity,
+    seg_col, max_keys, block_size, scale, causal, g, lse, delta, run_starts, run_lo, run_hi, parity,
     set_ptr, set_entries, dq, dk, dv, dk_cols, dv_cols,
 ):
     """Jobs ``job_lo <= job < job_hi`` of :data:`block_backward`, the backward of
@@ -335,8 +335,8 @@ def _block_backward_jobs(
     run by run.
 
     Jobs are (key set, run of blocks), ``job = set * n_runs + i`` for the ``i``-th run
-    ``r`` of ``run_lo <= r < run_hi`` with ``r % 2 == parity`` (``n_chunks`` is unused: the
-    threads split the jobs), run ``r`` the blocks ``run_starts[r] .. run_starts[r + 1] - 1`` (each holding a
+    ``r`` of ``run_lo <= r < run_hi`` with ``r % 2 == parity`` (the threads split the
+    jobs), run ``r`` the blocks ``run_starts[r] .. run_starts[r + 1] - 1`` (each holding a
     query), its entries ``set_entries[set_ptr[s] : set_ptr[s + 1]]``. A job walks its blocks
     in order and, per block, its entries in order. A block's near field lies in the rows of
     its neighbours, so two runs of the same parity (a run of at least two blocks between
@@ -495,7 +495,7 @@ def _block_backward_jobs(
 
 
 def _block_backward_layout(q, k, v, q_index, kv_index, q_start, key_bias, has_mask, kc, vc, cbias, seg_lo, seg_hi,
-                           segments, col_ptr, seg_col, max_keys, block_size, scale, causal, g, lse, delta, n_chunks,
+                           segments, col_ptr, seg_col, max_keys, block_size, scale, causal, g, lse, delta,
                            run_starts, run_lo, run_hi, parity, set_ptr, *args):
     # jobs: (key set, run of this parity); each block's five products against max_keys keys
     first_run = run_lo + (run_lo + parity) % 2

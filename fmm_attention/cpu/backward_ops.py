@@ -15,7 +15,6 @@ from dataclasses import dataclass
 import numpy as np
 
 from .. import _config
-from .._threads import num_threads
 from ..coarsening import ClusterCoarsening, MeanCoarsening, as_coarsening
 from ._launch import launch_guard
 from .backward import (
@@ -196,7 +195,6 @@ def fmm_backward(res, g, lse, delta):
     cursor = np.array(np.broadcast_to(t_ptr[:, :-1], (B, t_ptr.shape[1] - 1)))
     order = np.argsort(layout.kv_index, kind="stable").astype(np.int64)  # each key set's entries, ascending
     set_ptr = np.searchsorted(layout.kv_index[order], np.arange(batch.k.shape[0] + 1)).astype(np.int64)
-    chunks = _config.FMA_CHUNKS_PER_THREAD * num_threads()
     # token rows with partial columns (global tokens, refined boxes) sum them apart from the
     # near-field shares, so that both sums run in orders the slabs do not change
     far_tokens = bool(np.any(t_ptr[:, n] > 0))
@@ -208,7 +206,7 @@ def fmm_backward(res, g, lse, delta):
                 block_backward(
                     batch.q, batch.k, batch.v, layout.q_index, layout.kv_index, layout.query_offset, key_bias,
                     has_mask, res.kc, res.vc, res.cbias, seg_lo, seg_hi, segments, col_ptr, seg_col, max_keys, m, scale,
-                    tree.causal, g, lse, delta, chunks, run_starts, lo, hi, parity, set_ptr, order, dq, dk, dv,
+                    tree.causal, g, lse, delta, run_starts, lo, hi, parity, set_ptr, order, dq, dk, dv,
                     dk_cols, dv_cols,
                 )
         if width == 0:  # no partial columns anywhere (coarse queries, no global tokens)

@@ -18,7 +18,7 @@ from ._tiles import gemm_tiles, panel_width
 @jit(nogil=True)
 def _block_jobs(
     job_lo, job_hi, q, k, v, q_index, kv_index, q_start, key_bias, has_mask, kc, vc, cbias, seg_lo, seg_hi, segments, max_keys, block_size,
-    scale, causal, inherit, inh_max, inh_sum, inh_num, n_chunks, out, lse,
+    scale, causal, inherit, inh_max, inh_sum, inh_num, out, lse,
 ):
     """Jobs ``job_lo <= job < job_hi`` of :func:`block_attention`: the joint softmax of
     every query block over its planned keys.
@@ -37,7 +37,7 @@ def _block_jobs(
     come out as ``out_t[feature, query]``, normalised on the way into ``out``. With
     ``inherit`` (coarse queries) the block's far field arrives as a ready partial
     ``(inh_max, inh_sum, inh_num)`` and is merged into the same softmax. Work buffers are
-    allocated once per call (``n_chunks`` is unused: the threads split the jobs).
+    allocated once per range of jobs (each thread runs one range).
 
     Output entry ``b`` reads the queries ``q[q_index[b]]`` and the keys, values, coarse
     rows and key bias of ``kv_index[b]`` (grouped heads and broadcast leading dims copy
@@ -217,7 +217,7 @@ def _layout(q, k, v, q_index, kv_index, q_start, key_bias, has_mask, kc, vc, cbi
 
 #: ``block_attention(q, k, v, q_index, kv_index, q_start, key_bias, has_mask, kc, vc, cbias,
 #: seg_lo, seg_hi, segments, max_keys, block_size, scale, causal, inherit, inh_max, inh_sum,
-#: inh_num, n_chunks, out, lse)``: every job of :func:`_block_jobs`, on
+#: inh_num, out, lse)``: every job of :func:`_block_jobs`, on
 #: ``numba.get_num_threads()`` threads. A serial kernel on Python threads rather than a
 #: ``prange``: the parallel loop's body was compiled again as a gufunc and once more with
 #: the calling function, two thirds of a cold first call (docs/performance.rst).

@@ -14,7 +14,6 @@ import numba
 import numpy as np
 
 from .. import _config
-from .._threads import num_threads
 from .._validate import check_finite_array
 from ..tree import COARSE, TOKEN, build_tree
 
@@ -756,7 +755,6 @@ def _attend_chunk(chunk, halo_left, halo_right, exports, export_dest, totals, to
         ids = np.arange(B, dtype=np.int64)  # one query and key set per entry, no offset
         block_attention(
             q_local, k_local, v_local, ids, ids, 0, key_bias, has_mask, kc, vc, cbias, ptr[None, :-1], ptr[None, 1:],
-            segments[None], max_keys, m, dtype.type(meta["scale"]), tree.causal, *inherit,
-            _config.FMA_CHUNKS_PER_THREAD * num_threads(), out, lse,
+            segments[None], max_keys, m, dtype.type(meta["scale"]), tree.causal, *inherit, out, lse,
         )
     return out[:, left : left + c], lse[:, left : left + c]
