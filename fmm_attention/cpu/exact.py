@@ -47,6 +47,18 @@ def _tile_of(slot, n_tiles):
     return half if slot % 2 == 0 else n_tiles - 1 - half
 
 
+@jit()
+def _job_tile(job, n_tiles, query_tile, n_q, members, group_start, kv_index):
+    """``(first, size, bk, i0, i1)`` of job ``job`` of the exact kernels: its group's first
+    member slot and size, the key set the group reads, and its query rows ``i0 <= i < i1``
+    (tile :func:`_tile_of` of the job's slot)."""
+    group = job // n_tiles
+    first = group_start[group]
+    size = group_start[group + 1] - first
+    i0 = _tile_of(job % n_tiles, n_tiles) * query_tile
+    return first, size, kv_index[members[first]], i0, min(n_q, i0 + query_tile)
+
+
 def _tile_order(n_tiles):
     """:func:`_tile_of` of every slot ``0 .. n_tiles - 1``."""
     slot = np.arange(n_tiles)
@@ -138,12 +150,7 @@ def exact_tiles(job_lo, job_hi, query_tile, key_tile, members, group_start, q, k
     v_flat = v.reshape(v.size)
     minus_inf = q.dtype.type(-np.inf)
     for job in prange(job_lo, job_hi):
-        group = job // n_tiles
-        first = group_start[group]
-        size = group_start[group + 1] - first
-        bk = kv_index[members[first]]
-        i0 = _tile_of(job % n_tiles, n_tiles) * query_tile
-        i1 = min(n_q, i0 + query_tile)
+        first, size, bk, i0, i1 = _job_tile(job, n_tiles, query_tile, n_q, members, group_start, kv_index)
         rows = i1 - i0
         # keys any query of the tile may see: [first - left, last + right]
         key_start = max(0, offset + i0 - left)
@@ -240,12 +247,7 @@ def exact_tiles_blas(job_lo, job_hi, query_tile, key_tile, members, group_start,
     if causal:
         right = min(right, 0)
     for job in prange(job_lo, job_hi):
-        group = job // n_tiles
-        first = group_start[group]
-        size = group_start[group + 1] - first
-        bk = kv_index[members[first]]
-        i0 = _tile_of(job % n_tiles, n_tiles) * query_tile
-        i1 = min(n_q, i0 + query_tile)
+        first, size, bk, i0, i1 = _job_tile(job, n_tiles, query_tile, n_q, members, group_start, kv_index)
         rows = i1 - i0
         q_tiles = np.empty((size, rows, d), dtype=q.dtype)
         for e in range(size):
