@@ -75,6 +75,14 @@ CLUSTER_FLAT_SIZE = 128
 #: result depends neither on it nor on the thread count).
 CLUSTER_CHUNKS = 64
 
+#: The gradients of a pullback (and its large scratch buffers) come from one zeroed block
+#: when together they reach ``FRESH_BLOCK_MIN_BYTES``, sized at least ``FRESH_BLOCK_BYTES``:
+#: glibc maps such a block fresh (its largest mmap threshold is 32 MiB) with huge pages,
+#: where separate arrays came from a heap whose freed top it returns page by page
+#: (``cpu/_memory.py``; docs/performance.rst, "Page faults"). 0 turns the block off.
+FRESH_BLOCK_MIN_BYTES = 8 << 20
+FRESH_BLOCK_BYTES = (32 << 20) + (1 << 20)
+
 #: FMA's refinement kernel: chunks of query blocks per thread; each chunk allocates its
 #: work buffers once (more chunks balance uneven threads, fewer allocate less). The forward
 #: and backward block kernels run one range of jobs per thread (``cpu/_launch.Threaded``).

@@ -17,6 +17,7 @@ import numpy as np
 from .. import _config
 from ..coarsening import ClusterCoarsening, MeanCoarsening, as_coarsening
 from ._launch import launch_guard
+from ._memory import zeroed_arrays
 from .backward import (
     block_backward,
     cluster_downward,
@@ -180,18 +181,16 @@ def fmm_backward(res, g, lse, delta):
     scale = dtype.type(batch.scale)
     key_bias, has_mask = _key_bias(batch)
     seg_lo, seg_hi, segments, max_keys, run_starts, col_ptr, seg_col, t_ptr, t_cols, n_columns = res.plan
-    dq = np.empty((B, layout.n_q, d), dtype=dtype)
-    dk = np.zeros(batch.k.shape, batch.k.dtype)
-    dv = np.zeros(batch.v.shape, batch.v.dtype)
-    dkc = np.zeros(res.kc.shape, res.kc.dtype)
-    dvc = np.zeros(res.vc.shape, res.vc.dtype)
+    # the gradients in one fresh block, the scratch in another (cpu/_memory.py: page faults)
+    dq, dk, dv = zeroed_arrays([((B, layout.n_q, d), dtype), (batch.k.shape, batch.k.dtype),
+                                (batch.v.shape, batch.v.dtype)])
     m = tree.block_size
     slabs = _slabs(col_ptr, B * (d + dv_dim) * dtype.itemsize)
     width = max(int(np.max(col_ptr[:, hi] - col_ptr[:, lo])) for lo, hi in slabs)
     # one partial buffer for every slab: its pages are touched once, and a slab's partials
     # are read back while they are still in the cache
-    dk_cols = np.empty((B, max(width, 1), d), dtype=dtype)
-    dv_cols = np.empty((B, max(width, 1), dv_dim), dtype=dtype)
+    dkc, dvc, dk_cols, dv_cols = zeroed_arrays([(res.kc.shape, res.kc.dtype), (res.vc.shape, res.vc.dtype),
+                                                ((B, max(width, 1), d), dtype), ((B, max(width, 1), dv_dim), dtype)])
     cursor = np.array(np.broadcast_to(t_ptr[:, :-1], (B, t_ptr.shape[1] - 1)))
     order = np.argsort(layout.kv_index, kind="stable").astype(np.int64)  # each key set's entries, ascending
     set_ptr = np.searchsorted(layout.kv_index[order], np.arange(batch.k.shape[0] + 1)).astype(np.int64)
