@@ -80,7 +80,7 @@ CLUSTER_CHUNKS = 64
 #: glibc maps such a block fresh (its largest mmap threshold is 32 MiB) with huge pages,
 #: where separate arrays came from a heap whose freed top it returns page by page
 #: (``cpu/_memory.py``; docs/performance.rst, "Page faults"). 0 turns the block off.
-FRESH_BLOCK_MIN_BYTES = 8 << 20
+FRESH_BLOCK_MIN_BYTES = 1 << 20
 FRESH_BLOCK_BYTES = (32 << 20) + (1 << 20)
 
 #: FMA's refinement kernel: chunks of query blocks per thread; each chunk allocates its

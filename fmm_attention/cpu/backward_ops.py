@@ -83,18 +83,15 @@ def exact_backward(batch, causal, g, lse, delta):
     else:
         key_bias = np.where(batch.valid, 0.0, -np.inf).astype(dtype)
     n_tiles = n_pad // tile
-    q_t = np.empty((B, n_tiles, d, tile), dtype=dtype)
-    g_t = np.empty((B, n_tiles, dv, tile), dtype=dtype)
-    shift = np.empty((B, n_pad), dtype=dtype)
-    offset = np.empty((B, n_pad), dtype=dtype)
     q_rows, g_rows = _padded(q, panel), _padded(g, panel)
-    # every entry is zeroed by the job that owns it
-    dq_t_part = np.empty((sides, B, n_tiles, d, tile), dtype=dtype)
-    dk_part = np.empty((sides, B, n, q_rows.shape[2]), dtype=dtype)
-    dv_part = np.empty((sides, B, n, g_rows.shape[2]), dtype=dtype)
-    dq = np.empty((B, n, d), dtype=dtype)
-    dk = np.empty((B, n, d), dtype=dtype)
-    dv_out = np.empty((B, n, dv), dtype=dtype)
+    # the scratch in one fresh block, the gradients in another (cpu/_memory.py: page
+    # faults); the partials' entries are also zeroed by the job that owns them
+    q_t, g_t, shift, offset, dq_t_part, dk_part, dv_part = zeroed_arrays([
+        ((B, n_tiles, d, tile), dtype), ((B, n_tiles, dv, tile), dtype), ((B, n_pad), dtype), ((B, n_pad), dtype),
+        ((sides, B, n_tiles, d, tile), dtype), ((sides, B, n, q_rows.shape[2]), dtype),
+        ((sides, B, n, g_rows.shape[2]), dtype),
+    ])
+    dq, dk, dv_out = zeroed_arrays([((B, n, d), dtype), ((B, n, d), dtype), ((B, n, dv), dtype)])
     with launch_guard():
         exact_backward_prepare(q, g, lse.astype(dtype, copy=False), delta.astype(dtype, copy=False), scale,
                                q_t, g_t, shift, offset)
