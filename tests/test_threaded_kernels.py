@@ -82,8 +82,9 @@ def arrays(result):
 @pytest.mark.parametrize("n, heads", [(300, 3), (600, 1)])
 def test_bits_do_not_depend_on_threads_splitting_or_job_order(dtype, causal, masked, n, heads, small_jobs,
                                                                two_threads, monkeypatch):
-    """At n = 300 a 4 x 4 grid of 128-query ranges leaves the last range empty: it must not
-    touch the query tile of the range before it (it zeroed it, a race at two threads)."""
+    """Small chunks and a 4 x 4 backward grid (``small_jobs``), so that every kernel has
+    several jobs per thread; the mask leaves the first entry's first half without a valid
+    position (empty chunks, causal rows without a key)."""
     for label, call in calls(dtype, n, heads, causal, masked):
         results = []
         for threads, min_work in ((1, 0), (2, 0), (2, 10**15)):

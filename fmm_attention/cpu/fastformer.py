@@ -147,7 +147,9 @@ def exclusive_scan(part_max, part_sum, part_vec, carry_max, carry_sum, carry_vec
         for c in range(n_chunks):
             carry_max[b, c] = top
             carry_sum[b, c] = total
-            carry_vec[b, c] = acc
+            # a loop: the row assignment compiled a shape check and its error message
+            for e in range(d):
+                carry_vec[b, c, e] = acc[e]
             m = part_max[b, c]
             if m == -np.inf:
                 continue
@@ -203,10 +205,13 @@ def _causal_queries_jobs(job_lo, job_hi, q, k, w_q, w_k, valid, has_mask, chunk,
                 logits_k[b, i] = -np.inf
                 p[b, i] = 0
             if store_pools:
+                # loops: a row assignment compiles a shape check and its error message
                 if total > 0:
-                    qg_out[b, i] = qg
+                    for e in range(d):
+                        qg_out[b, i, e] = qg[e]
                 else:
-                    qg_out[b, i] = 0
+                    for e in range(d):
+                        qg_out[b, i, e] = 0
         part_max[b, c] = k_top
         part_sum[b, c] = 0
         part_vec[b, c] = 0
