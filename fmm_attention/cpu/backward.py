@@ -173,8 +173,8 @@ def _exact_backward_tiles_jobs(job_lo, job_hi, k, v, key_bias, causal, q_t, g_t,
         kb = min(n, ka + span)
         # zero this job's entries of the partials: its query tiles of dq_t_part[c] (padding
         # columns included), its keys' rows of dk_part[h] and dv_part[h]. A query range past
-        # n (qa = qb = n, when (sides - 1) * span >= n: small BACKWARD_MIN_SPAN) owns no tile:
-        # it took the last tile of the range before it, counting its queries twice in dk, dv
+        # n (qa = qb = n, when (sides - 1) * span >= n: small BACKWARD_MIN_SPAN) owns no tile
+        # (it used to take the last tile of the range before it: those queries counted twice)
         t_lo = qa // width
         t_hi = (qb + width - 1) // width if qb > qa else t_lo
         for x in range(((c * n_batch + b) * n_tiles + t_lo) * d * width,
