@@ -117,14 +117,17 @@ cotangent_delta = Threaded(_cotangent_delta_rows, _cotangent_delta_layout)
 
 
 # ---------------------------------------------------------------- exact attention
-@jit(parallel=True)
-def exact_backward_tiles(k, v, key_bias, causal, q_t, g_t, q_rows, g_rows, shift, offset, positions, span,
-                         key_tile, dq_t_part, dk_part, dv_part):
-    """Exact attention's gradients in one recompute, as partial sums over a fixed grid.
+# The three kernels are serial ``nogil`` kernels over a range of jobs, run on the library's
+# threads (._launch.Threaded): a prange body is compiled three times (docs/performance.rst).
+@jit(nogil=True)
+def _exact_backward_tiles_jobs(job_lo, job_hi, k, v, key_bias, causal, q_t, g_t, q_rows, g_rows, shift, offset,
+                               positions, span, key_tile, dq_t_part, dk_part, dv_part):
+    """Exact attention's gradients in one recompute, as partial sums over a fixed grid: the
+    jobs ``job_lo <= job < job_hi`` of the ``B * sides * sides`` rectangles.
 
     The (query, key) square is cut into ``sides x sides`` rectangles of ``span`` queries by
     ``span`` keys (``sides = dk_part.shape[0]``, ``span`` a multiple of the query tile), one
-    parallel job each. Job ``(h, c)`` recomputes every logit of its rectangle once and adds
+    job each. Job ``(h, c)`` recomputes every logit of its rectangle once and adds
     into ``dq_t_part[c]`` for its queries and ``dk_part[h]``, ``dv_part[h]`` for its keys,
     entries no other job writes (it zeroes them first); :func:`exact_backward_reduce` sums the
     parts in index order. The grid depends on the shapes only, never on the thread count, so
@@ -164,12 +167,12 @@ def exact_backward_tiles(k, v, key_bias, causal, q_t, g_t, q_rows, g_rows, shift
     qr_flat, gr_flat = q_rows.reshape(-1), g_rows.reshape(-1)
     dq_flat, dk_flat, dv_flat = dq_t_part.reshape(-1), dk_part.reshape(-1), dv_part.reshape(-1)
     masked = key_bias.shape[0] > 1
-    for job in prange(n_batch * sides * sides):
+    for job in range(job_lo, job_hi):
         b = job // (sides * sides)
         # query ranges in the order 0, sides-1, 1, sides-2, ...: causal range h costs about
         # h + 1/2 rectangles, so each pair costs the same and the contiguous runs of jobs
-        # that prange gives each thread get equal work (in range order the thread with the
-        # last ranges got three quarters of it). Jobs write disjoint entries: no result changes.
+        # that each thread gets have equal work (in range order the thread with the last
+        # ranges got three quarters of it). Jobs write disjoint entries: no result changes.
         slot = (job // sides) % sides
         h = slot // 2 if slot % 2 == 0 else sides - 1 - slot // 2
         c = job % sides
@@ -178,9 +181,11 @@ def exact_backward_tiles(k, v, key_bias, causal, q_t, g_t, q_rows, g_rows, shift
         ka = min(n, c * span)
         kb = min(n, ka + span)
         # zero this job's entries of the partials: its query tiles of dq_t_part[c] (padding
-        # columns included), its keys' rows of dk_part[h] and dv_part[h]
+        # columns included), its keys' rows of dk_part[h] and dv_part[h]. A query range past
+        # n (qa = qb = n, when (sides - 1) * span >= n: small BACKWARD_MIN_SPAN) owns no tile
+        # (it used to take the last tile of the range before it: those queries counted twice)
         t_lo = qa // width
-        t_hi = (qb + width - 1) // width
+        t_hi = (qb + width - 1) // width if qb > qa else t_lo
         for x in range(((c * n_batch + b) * n_tiles + t_lo) * d * width,
                        ((c * n_batch + b) * n_tiles + t_hi) * d * width):
             dq_flat[x] = 0
@@ -229,17 +234,29 @@ def exact_backward_tiles(k, v, key_bias, causal, q_t, g_t, q_rows, g_rows, shift
                            dv_flat, (dk_base + j0) * dv_pad, dv_pad, True)
 
 
-@jit(parallel=True)
-def exact_backward_prepare(q, g, lse, delta, scale, q_t, g_t, shift, offset):
-    """The query-side operands of :func:`exact_backward_tiles` in one parallel pass, one
-    query tile per job: ``q_t = scale q`` and ``g_t = g`` transposed tile by tile
-    (B, T, ., w), ``shift = lse`` (``+inf`` where ``lse = -inf``) and ``offset = delta``
-    (B, T * w); past ``n``: zeros, and ``shift = +inf``.
+def _exact_backward_tiles_layout(k, v, key_bias, causal, q_t, g_t, q_rows, g_rows, shift, offset, positions, span,
+                                 key_tile, dq_t_part, dk_part, dv_part):
+    # five products over every (query, key) pair, half of them when causal
+    n_batch, n, d = k.shape
+    sides = dk_part.shape[0]
+    return n_batch * sides * sides, n_batch * n * n * (d + v.shape[2]) * 5 // (4 if causal else 2)
+
+
+#: :func:`_exact_backward_tiles_jobs` over the whole grid, split over the threads.
+exact_backward_tiles = Threaded(_exact_backward_tiles_jobs, _exact_backward_tiles_layout)
+
+
+@jit(nogil=True)
+def _exact_backward_prepare_jobs(job_lo, job_hi, q, g, lse, delta, scale, q_t, g_t, shift, offset):
+    """The query-side operands of :func:`exact_backward_tiles`, one query tile per job
+    (``job = b * T + tile``, the jobs ``job_lo <= job < job_hi``): ``q_t = scale q`` and
+    ``g_t = g`` transposed tile by tile (B, T, ., w), ``shift = lse`` (``+inf`` where
+    ``lse = -inf``) and ``offset = delta`` (B, T * w); past ``n``: zeros, and ``shift = +inf``.
     """
     n_batch, n, d = q.shape
     dv = g.shape[2]
     n_tiles, width = q_t.shape[1], q_t.shape[3]
-    for job in prange(n_batch * n_tiles):
+    for job in range(job_lo, job_hi):
         b = job // n_tiles
         tile = job % n_tiles
         i0 = tile * width
@@ -262,11 +279,20 @@ def exact_backward_prepare(q, g, lse, delta, scale, q_t, g_t, shift, offset):
             offset[b, i] = 0
 
 
-@jit(parallel=True)
-def exact_backward_reduce(dq_t_part, dk_part, dv_part, scale, dq, dk, dv):
+def _exact_backward_prepare_layout(q, g, lse, delta, scale, q_t, *args):
+    return q_t.shape[0] * q_t.shape[1], q_t.size + args[0].size  # q_t and g_t written
+
+
+#: :func:`_exact_backward_prepare_jobs` over every query tile, split over the threads.
+exact_backward_prepare = Threaded(_exact_backward_prepare_jobs, _exact_backward_prepare_layout)
+
+
+@jit(nogil=True)
+def _exact_backward_reduce_jobs(job_lo, job_hi, dq_t_part, dk_part, dv_part, scale, dq, dk, dv):
     """The gradients from :func:`exact_backward_tiles`' partials, each summed over the
     leading axis in index order (a chain fixed by the shapes), one query tile's rows per
-    job: ``dq = scale sum_c dq_t_part[c]`` transposed back, ``dk = scale sum_h dk_part[h]``,
+    job (``job = b * T + tile``, the jobs ``job_lo <= job < job_hi``):
+    ``dq = scale sum_c dq_t_part[c]`` transposed back, ``dk = scale sum_h dk_part[h]``,
     ``dv = sum_h dv_part[h]``, the padding dropped.
     """
     n_batch, n, d = dq.shape
@@ -276,7 +302,7 @@ def exact_backward_reduce(dq_t_part, dk_part, dv_part, scale, dq, dk, dv):
     # Each entry's sum is the chain part 0 + part 1 + ... then the scale, as before; the
     # loops run along contiguous rows (a whole row of parts at a time) so they vectorise,
     # where summing one entry over its parts in the innermost loop read them scalar.
-    for job in prange(n_batch * n_tiles):
+    for job in range(job_lo, job_hi):
         b = job // n_tiles
         tile = job % n_tiles
         i0 = tile * width
@@ -304,6 +330,15 @@ def exact_backward_reduce(dq_t_part, dk_part, dv_part, scale, dq, dk, dv):
             for part in range(1, sides):
                 for e in range(dv_dim):
                     dv[b, i, e] += dv_part[part, b, i, e]
+
+
+def _exact_backward_reduce_layout(dq_t_part, dk_part, dv_part, scale, dq, dk, dv):
+    # every partial read once
+    return dq_t_part.shape[1] * dq_t_part.shape[2], dq_t_part.size + dk_part.size + dv_part.size
+
+
+#: :func:`_exact_backward_reduce_jobs` over every query tile, split over the threads.
+exact_backward_reduce = Threaded(_exact_backward_reduce_jobs, _exact_backward_reduce_layout)
 
 
 # ---------------------------------------------------------------- FMA: blocks over a plan

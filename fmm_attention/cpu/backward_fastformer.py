@@ -9,13 +9,16 @@ Notation of :mod:`.fastformer`: ``a_i = s q_i . w_q``, ``alpha = softmax(a)``,
 Bidirectional: NumPy reductions over the sequence (``einsum``, no BLAS, so the result does
 not depend on a thread count). Causal: each prefix pool is a softmax over ``j <= i``; the
 adjoint runs backwards once with suffix sums rescaled by ``exp(lse_j - lse_{j+1}) <= 1``
-(the prefix log-sum-exp never decreases), so no exponential can overflow.
+(the prefix log-sum-exp never decreases), so no exponential can overflow. The causal kernel
+runs one sequence per job, a serial ``nogil`` kernel on the library's threads
+(:class:`._launch.Threaded`, no ``prange`` to compile): each job writes only its own
+sequence's gradients, so they do not depend on the thread count.
 """
 
 import numpy as np
-from numba import prange
 
 from ._jit import jit
+from ._launch import Threaded
 
 
 def _softmax(logits):
@@ -54,14 +57,15 @@ def _bidirectional(q, k, v, wq, wk, valid, scale, g):
     return dq, dk, dv, dwq, dwk
 
 
-@jit(parallel=True)
-def causal_backward(q, k, v, wq, wk, valid, has_mask, scale, g, dq, dk, dv, dwq, dwk):
-    """Causal Fastformer's gradients, one sequence per parallel job: a forward pass that
-    stores the prefix pools and log-sum-exps, then one backward pass with suffix sums.
+@jit(nogil=True)
+def _causal_backward_jobs(job_lo, job_hi, q, k, v, wq, wk, valid, has_mask, scale, g, dq, dk, dv, dwq, dwk):
+    """Causal Fastformer's gradients of the sequences ``job_lo <= b < job_hi``, one job each:
+    a forward pass that stores the prefix pools and log-sum-exps, then one backward pass with
+    suffix sums.
     """
     n_batch, n, d = q.shape
     neg_inf = q.dtype.type(-np.inf)
-    for b in prange(n_batch):
+    for b in range(job_lo, job_hi):
         qg = np.zeros((n, d), dtype=q.dtype)
         kg = np.zeros((n, d), dtype=q.dtype)
         lse_a = np.full(n, neg_inf, dtype=q.dtype)
@@ -157,6 +161,15 @@ def causal_backward(q, k, v, wq, wk, valid, has_mask, scale, g, dq, dk, dv, dwq,
             for e in range(d):
                 dq[b, j, e] = alpha[j] * s_q[e] + scale * da * wq[b, e]
                 dwq[b, e] += scale * da * q[b, j, e]
+
+
+def _causal_backward_layout(q, *args):
+    # per entry: about ten multiply-adds forward and twenty backward
+    return q.shape[0], 30 * q.size
+
+
+#: :func:`_causal_backward_jobs` over every sequence, split over the threads.
+causal_backward = Threaded(_causal_backward_jobs, _causal_backward_layout)
 
 
 def fastformer_backward(batch, wq, wk, g, *, causal):

@@ -18,33 +18,39 @@ are safe); the state entering each chunk is the log-sum-exp merge of the partial
 chunks before it, so every chunk runs its stretch of the scan independently. The earlier
 kernel walked each sequence on one thread: at n = 2**20 with one head the second core
 idled.
+
+Threads: each parallel pass is a serial ``nogil`` kernel over a range of ``(batch, chunk)``
+jobs, run on the library's threads (:class:`._launch.Threaded`) rather than a ``prange``
+loop, whose body Numba compiles three times. The jobs are fixed by the shapes and
+``chunk``, and each writes only its own entries, so the result does not depend on the
+thread count or on how the jobs are split.
 """
 
 import numpy as np
-from numba import prange
 
 from .. import _config
 from ._jit import jit
+from ._launch import Threaded, launch_guard
 from ._softmax import exp_inplace
-from ._launch import launch_guard
 
 
-@jit(parallel=True)
-def chunk_partials(x, w, valid, has_mask, chunk, part_max, part_sum, part_vec):
-    """Per-chunk softmax partials of the logits ``x[b, i] . w[b]`` over the rows ``x[b, i]``.
+@jit(nogil=True)
+def _chunk_partials_jobs(job_lo, job_hi, x, w, valid, has_mask, chunk, part_max, part_sum, part_vec):
+    """Per-chunk softmax partials of the logits ``x[b, i] . w[b]`` over the rows ``x[b, i]``,
+    for the ``(batch, chunk)`` jobs ``job_lo <= job < job_hi`` (``job = b * C + c``).
 
     Parameters
     ----------
     x : (B, n, d) rows to pool; w : (B, d) logit vector (scale already applied).
     valid, has_mask : (B, n) bool key validity, used only when ``has_mask``.
-    chunk : sequence positions per parallel job.
+    chunk : sequence positions per job.
     part_max, part_sum : (B, C) out, ``C = ceil(n / chunk)``: each chunk's largest logit
         (``-inf`` when it has no valid row) and ``sum_i exp(logit_i - max)``.
     part_vec : (B, C, d) out, ``sum_i exp(logit_i - max) x[b, i]``.
     """
     n_batch, n, d = x.shape
     n_chunks = part_max.shape[1]
-    for job in prange(n_batch * n_chunks):
+    for job in range(job_lo, job_hi):
         b = job // n_chunks
         c = job % n_chunks
         i0 = c * chunk
@@ -74,12 +80,22 @@ def chunk_partials(x, w, valid, has_mask, chunk, part_max, part_sum, part_vec):
                 vec[e] += weight * x[b, i0 + i, e]
 
 
-@jit(parallel=True)
-def modulate(kg, v, chunk, out):
-    """``out[b, i] = kg[b] * v[b, i]``, in parallel over ``(batch, chunk)`` jobs."""
+def _chunk_partials_layout(x, w, valid, has_mask, chunk, part_max, *args):
+    # a multiply-add per entry for the logits, another for the weighted sum
+    return part_max.size, 2 * x.size
+
+
+#: :func:`_chunk_partials_jobs` over every ``(batch, chunk)`` job, split over the threads
+#: (:class:`._launch.Threaded`: a serial ``nogil`` kernel, no ``prange`` to compile).
+chunk_partials = Threaded(_chunk_partials_jobs, _chunk_partials_layout)
+
+
+@jit(nogil=True)
+def _modulate_jobs(job_lo, job_hi, kg, v, chunk, out):
+    """``out[b, i] = kg[b] * v[b, i]`` for the ``(batch, chunk)`` jobs ``job_lo <= job < job_hi``."""
     n_batch, n, d = v.shape
     n_chunks = (n + chunk - 1) // chunk
-    for job in prange(n_batch * n_chunks):
+    for job in range(job_lo, job_hi):
         b = job // n_chunks
         i0 = (job % n_chunks) * chunk
         # explicit loops: the row expression out[b, i0:i1] = v[b, i0:i1] * kg[b] built a
@@ -87,6 +103,14 @@ def modulate(kg, v, chunk, out):
         for i in range(i0, min(n, i0 + chunk)):
             for e in range(d):
                 out[b, i, e] = kg[b, e] * v[b, i, e]
+
+
+def _modulate_layout(kg, v, chunk, out):
+    return v.shape[0] * -(-v.shape[1] // chunk), v.size
+
+
+#: :func:`_modulate_jobs` over every ``(batch, chunk)`` job, split over the threads.
+modulate = Threaded(_modulate_jobs, _modulate_layout)
 
 
 @jit()
@@ -123,7 +147,9 @@ def exclusive_scan(part_max, part_sum, part_vec, carry_max, carry_sum, carry_vec
         for c in range(n_chunks):
             carry_max[b, c] = top
             carry_sum[b, c] = total
-            carry_vec[b, c] = acc
+            # a loop: the row assignment compiled a shape check and its error message
+            for e in range(d):
+                carry_vec[b, c, e] = acc[e]
             m = part_max[b, c]
             if m == -np.inf:
                 continue
@@ -136,10 +162,11 @@ def exclusive_scan(part_max, part_sum, part_vec, carry_max, carry_sum, carry_vec
             top = new
 
 
-@jit(parallel=True)
-def causal_queries(q, k, w_q, w_k, valid, has_mask, chunk, carry_max, carry_sum, carry_vec, store_pools,
-                   p, logits_k, qg_out, part_max, part_sum, part_vec):
-    """Causal scan, second pass: prefix query pools, ``p_i``, ``b_i`` and per-chunk key partials.
+@jit(nogil=True)
+def _causal_queries_jobs(job_lo, job_hi, q, k, w_q, w_k, valid, has_mask, chunk, carry_max, carry_sum, carry_vec,
+                         store_pools, p, logits_k, qg_out, part_max, part_sum, part_vec):
+    """Causal scan, second pass: prefix query pools, ``p_i``, ``b_i`` and per-chunk key partials,
+    for the ``(batch, chunk)`` jobs ``job_lo <= job < job_hi``.
 
     ``carry_*`` (B, C[, d]) is the query pool state entering each chunk (from
     :func:`exclusive_scan` of :func:`chunk_partials`). Each ``(batch, chunk)`` job
@@ -150,7 +177,7 @@ def causal_queries(q, k, w_q, w_k, valid, has_mask, chunk, carry_max, carry_sum,
     """
     n_batch, n, d = q.shape
     n_chunks = carry_max.shape[1]
-    for job in prange(n_batch * n_chunks):
+    for job in range(job_lo, job_hi):
         b = job // n_chunks
         c = job % n_chunks
         i0 = c * chunk
@@ -178,10 +205,13 @@ def causal_queries(q, k, w_q, w_k, valid, has_mask, chunk, carry_max, carry_sum,
                 logits_k[b, i] = -np.inf
                 p[b, i] = 0
             if store_pools:
+                # loops: a row assignment compiles a shape check and its error message
                 if total > 0:
-                    qg_out[b, i] = qg
+                    for e in range(d):
+                        qg_out[b, i, e] = qg[e]
                 else:
-                    qg_out[b, i] = 0
+                    for e in range(d):
+                        qg_out[b, i, e] = 0
         part_max[b, c] = k_top
         part_sum[b, c] = 0
         part_vec[b, c] = 0
@@ -196,9 +226,20 @@ def causal_queries(q, k, w_q, w_k, valid, has_mask, chunk, carry_max, carry_sum,
                 vec[e] += weights[i] * p[b, i0 + i, e]
 
 
-@jit(parallel=True)
-def causal_keys(v, valid, has_mask, chunk, carry_max, carry_sum, carry_vec, store_pools, logits_k, out, kg_out):
-    """Causal scan, last pass: prefix key pools ``kg_i`` and ``u_i = kg_i * v_i``.
+def _causal_queries_layout(q, k, w_q, w_k, valid, has_mask, chunk, carry_max, *args):
+    # per entry: the query logit, the pool update, p_i, the key logit, the key partial
+    return carry_max.size, 5 * q.size
+
+
+#: :func:`_causal_queries_jobs` over every ``(batch, chunk)`` job, split over the threads.
+causal_queries = Threaded(_causal_queries_jobs, _causal_queries_layout)
+
+
+@jit(nogil=True)
+def _causal_keys_jobs(job_lo, job_hi, v, valid, has_mask, chunk, carry_max, carry_sum, carry_vec, store_pools,
+                      logits_k, out, kg_out):
+    """Causal scan, last pass: prefix key pools ``kg_i`` and ``u_i = kg_i * v_i``, for the
+    ``(batch, chunk)`` jobs ``job_lo <= job < job_hi``.
 
     ``out`` holds ``p_i`` on entry (from :func:`causal_queries`) and ``u_i`` on return: each
     row is read before it is overwritten. ``carry_*`` is the key pool state entering each
@@ -206,7 +247,7 @@ def causal_keys(v, valid, has_mask, chunk, carry_max, carry_sum, carry_vec, stor
     """
     n_batch, n, d = v.shape
     n_chunks = carry_max.shape[1]
-    for job in prange(n_batch * n_chunks):
+    for job in range(job_lo, job_hi):
         b = job // n_chunks
         c = job % n_chunks
         i0 = c * chunk
@@ -228,6 +269,15 @@ def causal_keys(v, valid, has_mask, chunk, carry_max, carry_sum, carry_vec, stor
                 out[b, i] = 0
                 if store_pools:
                     kg_out[b, i] = 0
+
+
+def _causal_keys_layout(v, valid, has_mask, chunk, carry_max, *args):
+    # per entry: the pool update and the output
+    return carry_max.size, 3 * v.size
+
+
+#: :func:`_causal_keys_jobs` over every ``(batch, chunk)`` job, split over the threads.
+causal_keys = Threaded(_causal_keys_jobs, _causal_keys_layout)
 
 
 def merge_partials(part_max, part_sum, part_vec):

@@ -1,0 +1,122 @@
+"""Fastformer's kernels and exact attention's backward kernels as serial kernels on threads.
+
+They were ``prange`` loops; now they are ``nogil`` kernels over a range of jobs run by
+``cpu/_launch.Threaded`` (as FMA's block kernels: tests/test_threaded.py). What must hold:
+the jobs are independent (each writes only its own entries), so the results are the same
+bit for bit for one thread, two threads, an unsplit call and any order of the jobs.
+"""
+
+import numba
+import numpy as np
+import pytest
+
+from fmm_attention import _config, exact_attention_vjp, fastformer_attention, fastformer_attention_vjp
+from fmm_attention.cpu import _launch, backward, backward_fastformer, backward_ops, fastformer
+
+#: (module whose globals the callers read, name): every converted kernel.
+KERNELS = [(fastformer, name) for name in ("chunk_partials", "modulate", "causal_queries", "causal_keys")] + [
+    (backward_fastformer, "causal_backward")] + [
+    (backward_ops, name) for name in ("exact_backward_prepare", "exact_backward_tiles", "exact_backward_reduce")]
+
+
+@pytest.fixture
+def small_jobs(monkeypatch):
+    # many Fastformer chunks and a 4 x 4 grid of exact attention's backward at small n
+    monkeypatch.setattr(_config, "FASTFORMER_CHUNK", 64)
+    monkeypatch.setattr(_config, "BACKWARD_MIN_SPAN", 64)
+
+
+@pytest.fixture
+def two_threads():
+    if numba.config.NUMBA_NUM_THREADS < 2:
+        pytest.skip("needs two Numba threads")
+    before = numba.get_num_threads()
+    yield
+    numba.set_num_threads(before)
+
+
+def one_job_at_a_time_backwards(kernel):
+    """A kernel that runs its jobs singly, last to first (independent jobs: same result)."""
+
+    def run(job_lo, job_hi, *args):
+        for job in range(job_hi - 1, job_lo - 1, -1):
+            kernel(job, job + 1, *args)
+
+    return run
+
+
+def test_every_converted_kernel_is_threaded():
+    for module, name in KERNELS:
+        kernel = getattr(module, name)
+        assert isinstance(kernel, _launch.Threaded), name
+        assert kernel.kernel.targetoptions.get("nogil") and not kernel.kernel.targetoptions.get("parallel"), name
+    assert backward.exact_backward_tiles is backward_ops.exact_backward_tiles
+
+
+def calls(dtype, n, heads, causal, masked):
+    rng = np.random.default_rng(7)
+    q, k, v, g = (rng.standard_normal((heads, n, 8)).astype(dtype) for _ in range(4))
+    w_q, w_k = rng.standard_normal((2, 8)).astype(dtype)
+    mask = rng.random((heads, n)) > 0.3 if masked else None
+    if masked:
+        mask[0, : n // 2] = False  # a long masked stretch: empty chunks, rows without a valid key
+    yield "fastformer", lambda: fastformer_attention(q, k, v, w_q, w_k, causal=causal, key_padding_mask=mask,
+                                                     return_pools=True)
+    if causal:  # the bidirectional backward is NumPy reductions
+        yield "fastformer vjp", lambda: fastformer_attention_vjp(q, k, v, w_q, w_k, causal=causal,
+                                                                 key_padding_mask=mask)[1](g)
+    yield "exact vjp", lambda: exact_attention_vjp(q, k, v, causal=causal, key_padding_mask=mask)[1](g)
+
+
+def arrays(result):
+    if isinstance(result, np.ndarray):
+        return [result]
+    if hasattr(result, "__dataclass_fields__"):
+        result = [getattr(result, field) for field in result.__dataclass_fields__]
+    return [x for item in result for x in arrays(item)]
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("causal", [False, True], ids=["bidirectional", "causal"])
+@pytest.mark.parametrize("masked", [False, True], ids=["", "mask"])
+@pytest.mark.parametrize("n, heads", [(300, 3), (600, 1)])
+def test_bits_do_not_depend_on_threads_splitting_or_job_order(dtype, causal, masked, n, heads, small_jobs,
+                                                               two_threads, monkeypatch):
+    """Small chunks and a 4 x 4 backward grid (``small_jobs``), so that every kernel has
+    several jobs per thread; the mask leaves the first entry's first half without a valid
+    position (empty chunks, causal rows without a key)."""
+    for label, call in calls(dtype, n, heads, causal, masked):
+        results = []
+        for threads, min_work in ((1, 0), (2, 0), (2, 10**15)):
+            numba.set_num_threads(threads)
+            monkeypatch.setattr(_config, "THREADED_MIN_WORK", min_work)
+            results.append(arrays(call()))
+        with monkeypatch.context() as patch:
+            patch.setattr(_config, "THREADED_MIN_WORK", 10**15)
+            for module, name in KERNELS:
+                kernel = getattr(module, name)
+                patch.setattr(module, name, _launch.Threaded(one_job_at_a_time_backwards(kernel.kernel),
+                                                             kernel.layout))
+            results.append(arrays(call()))
+        for other, how in zip(results[1:], ("two threads", "unsplit", "jobs in reverse order")):
+            assert len(other) == len(results[0])
+            for x, y in zip(other, results[0]):
+                np.testing.assert_array_equal(x, y, err_msg=f"{label}: {how}")
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["bidirectional", "causal"])
+def test_exact_backward_grid_with_an_empty_query_range(causal, small_jobs):
+    """At n = 300 a 4 x 4 grid of 128-query ranges has an empty last range. It used to take
+    the previous range's last query tile as its own (queries 256..299 counted twice in
+    ``dk`` and ``dv``); the grid may change only the rounding."""
+    from fmm_attention.cpu.backward_ops import _grid
+
+    rng = np.random.default_rng(9)
+    q, k, v, g = (rng.standard_normal((3, 300, 8)) for _ in range(4))
+    assert _grid(3, 300) == 4
+    grid = exact_attention_vjp(q, k, v, causal=causal)[1](g)
+    _config.BACKWARD_MIN_SPAN = 10**6  # monkeypatched by small_jobs: restored after the test
+    assert _grid(3, 300) == 1
+    single = exact_attention_vjp(q, k, v, causal=causal)[1](g)
+    for x, y in zip(grid, single):
+        np.testing.assert_allclose(x, y, rtol=1e-12, atol=1e-12)
