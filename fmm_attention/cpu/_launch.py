@@ -78,8 +78,9 @@ def _single_threaded_blas():
     """Pin BLAS to one thread while kernels run; restore it when the last caller leaves.
 
     Exact attention's float64 forward kernel calls BLAS (``np.dot`` compiles to SciPy's
-    BLAS) from inside its parallel loops (float32 runs on the micro-kernel and calls none). A multithreaded OpenBLAS then starts its own threads in every worker and the two
-    pools fight for the cores: measured 70x slower for exact attention at n = 4096 on two
+    BLAS) from inside its parallel loops (float32 runs on the micro-kernel and calls none).
+    A multithreaded OpenBLAS then starts its own threads in every worker and the two pools
+    fight for the cores: measured 70x slower for exact attention at n = 4096 on two
     cores. The limit is reference-counted so that concurrent callers from several Python
     threads restore the user's setting only once all of them are done.
     """
@@ -104,8 +105,8 @@ def launch_guard(*, calls_blas=False):
     Every parallel kernel of the library runs inside this guard. Before the first launch it
     applies the configured threading layer (:func:`_choose_layer`). In a process forked
     after GNU OpenMP ran it raises ``RuntimeError`` with the remedy. With ``calls_blas``
-    (kernels that call ``np.dot``: exact attention's float64 forward), BLAS goes single-threaded (see
-    :func:`_single_threaded_blas`); the other kernels do their own products and skip that
+    (kernels that call ``np.dot``: exact attention's float64 forward), BLAS goes
+    single-threaded (see :func:`_single_threaded_blas`); the other kernels do their own products and skip that
     (about 50 us per launch in threadpoolctl). Launches are serialised when the threading
     layer cannot take concurrent calls: the OpenMP and TBB layers accept launches from
     several Python threads at once, the ``workqueue`` layer aborts the process instead.

@@ -6,11 +6,12 @@ Linux) comes from the heap once an earlier large array was freed, and when sever
 freed together the heap's top is returned to the system; the next call's arrays then
 fault in page by page, 4 KiB at a time: about 3,000 faults per FMA pullback at
 n = 65,536, each 2 to 16 us on this project's virtual machines. One allocation of at least
-the threshold is always a fresh
-mapping: NumPy asks for transparent huge pages on it, and its pages fault in 2 MiB at a
-time (docs/performance.rst, "Page faults"). Pages never written are never backed, so the
-rounding up costs address space only.
+the threshold is always a fresh mapping: NumPy asks for transparent huge pages on it, and
+its pages fault in 2 MiB at a time (docs/performance.rst, "Page faults"). Pages never
+written are never backed, so the rounding up costs address space only.
 """
+
+import math
 
 import numpy as np
 
@@ -35,7 +36,7 @@ def zeroed_arrays(specs):
         until the last of them is dropped) when their total reaches
         ``_config.FRESH_BLOCK_MIN_BYTES`` (0: never), else separate ``np.zeros`` arrays.
     """
-    sizes = [int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize for shape, dtype in specs]
+    sizes = [math.prod(shape) * np.dtype(dtype).itemsize for shape, dtype in specs]
     starts = np.cumsum([0] + [-(-s // _ALIGN) * _ALIGN for s in sizes])
     least = int(_config.FRESH_BLOCK_MIN_BYTES)
     if least <= 0 or int(starts[-1]) < least:

@@ -684,8 +684,10 @@ def _mean_downward_jobs(job_lo, job_hi, valid, has_mask, sub_sizes, offsets, cou
         b = job // n_groups
         r = job % n_groups
         first = r * size
-        share_k[:] = 0
-        share_v[:] = 0
+        for e in range(d):  # loops, not slice assignments: no shape check to compile
+            share_k[e] = 0
+        for e in range(e_v):
+            share_v[e] = 0
         for level in range(n_levels):
             row = offsets[level] + first // sub_sizes[level]
             count = counts[b, row]

@@ -178,16 +178,17 @@ def fmm_backward(res, g, lse, delta):
     scale = dtype.type(batch.scale)
     key_bias, has_mask = _key_bias(batch)
     seg_lo, seg_hi, segments, max_keys, run_starts, col_ptr, seg_col, t_ptr, t_cols, n_columns = res.plan
-    # the gradients in one fresh block, the scratch in another (cpu/_memory.py: page faults)
+    # the gradients in one fresh block, the scratch in others (cpu/_memory.py: page faults)
     dq, dk, dv = zeroed_arrays([((B, layout.n_q, d), dtype), (batch.k.shape, batch.k.dtype),
                                 (batch.v.shape, batch.v.dtype)])
     m = tree.block_size
     slabs = _slabs(col_ptr, B * (d + dv_dim) * dtype.itemsize)
     width = max(int(np.max(col_ptr[:, hi] - col_ptr[:, lo])) for lo, hi in slabs)
+    dkc, dvc = zeroed_arrays([(res.kc.shape, res.kc.dtype), (res.vc.shape, res.vc.dtype)])
     # one partial buffer for every slab: its pages are touched once, and a slab's partials
-    # are read back while they are still in the cache
-    dkc, dvc, dk_cols, dv_cols = zeroed_arrays([(res.kc.shape, res.kc.dtype), (res.vc.shape, res.vc.dtype),
-                                                ((B, max(width, 1), d), dtype), ((B, max(width, 1), dv_dim), dtype)])
+    # are read back while they are still in the cache; a block of their own, freed once the
+    # slabs are reduced
+    dk_cols, dv_cols = zeroed_arrays([((B, max(width, 1), d), dtype), ((B, max(width, 1), dv_dim), dtype)])
     cursor = np.array(np.broadcast_to(t_ptr[:, :-1], (B, t_ptr.shape[1] - 1)))
     order = np.argsort(layout.kv_index, kind="stable").astype(np.int64)  # each key set's entries, ascending
     set_ptr = np.searchsorted(layout.kv_index[order], np.arange(batch.k.shape[0] + 1)).astype(np.int64)
