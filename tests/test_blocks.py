@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from numba import njit
 
-from fmm_attention.cpu._softmax import exp_shift_sum, row_max, softmax_columns
+from fmm_attention.cpu._softmax import _F64_SHIFTER, _float_bits, exp_shift_sum, row_max, softmax_columns
 
 
 @njit(cache=False)
@@ -31,6 +31,23 @@ def test_exp_shift_sum_matches_numpy(dtype, rtol, size):
     total = compiled_exp_shift_sum(work, shift)
     np.testing.assert_allclose(work, expected, rtol=4 * rtol, atol=0)
     assert total == pytest.approx(expected.sum(), rel=size * rtol + 1e-12)
+
+
+@njit(cache=False)
+def compiled_exponent_bits(k):
+    out = np.empty(k.size, np.int64)
+    for i in range(k.size):
+        out[i] = _float_bits(k[i] + _F64_SHIFTER) << np.int64(52)
+    return out
+
+
+def test_float64_exponent_bits_without_an_integer_conversion():
+    # the float64 exponential builds 2**k from the bits of k + 1.5 * 2**52 (AVX2 has no
+    # float64 -> int64 conversion); over every k it meets (and beyond) that is k << 52
+    k = np.arange(-1100.0, 1100.0)
+    expected = k.astype(np.int64) << np.int64(52)
+    np.testing.assert_array_equal(compiled_exponent_bits(k), expected)
+    np.testing.assert_array_equal([_float_bits(x + _F64_SHIFTER) << np.int64(52) for x in k[::97]], expected[::97])
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])

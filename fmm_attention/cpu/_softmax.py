@@ -32,6 +32,9 @@ _F64_LOG2E = 1.4426950408889634
 _F64_LN2_HI = 0.6931471803691238
 _F64_LN2_LO = 1.9082149292705877e-10
 _F64_FLOOR = -708.0  # 2**-1021
+# 1.5 * 2**52: for an integral |k| < 2**51, the low bits of k + this float64 are k as a
+# two's-complement integer (see _exp64_parts)
+_F64_SHIFTER = 6755399441055744.0
 _F64_C = (
     1.0 / 479001600.0, 1.0 / 39916800.0, 1.0 / 3628800.0, 1.0 / 362880.0, 1.0 / 40320.0,
     1.0 / 5040.0, 1.0 / 720.0, 1.0 / 120.0, 1.0 / 24.0, 1.0 / 6.0, 0.5,
@@ -99,7 +102,34 @@ def _exp64_parts(xi):
     p = p * r + c10
     p = p * r + 1.0
     p = p * r + 1.0
-    return (p if keep else 0.0), ((np.int64(kf) << np.int64(52)) if keep else np.int64(0))
+    # the exponent bits of 2**kf without a float64 -> int64 conversion, which AVX2 lacks (it
+    # kept this loop scalar: 2.2-3.0 ns per element against 0.6 in float32): the shifter's
+    # low 12 bits become kf's, and the shift drops the rest
+    return (p if keep else 0.0), ((_float_bits(kf + _F64_SHIFTER) << np.int64(52)) if keep else np.int64(0))
+
+
+def _float_bits(x):
+    """The bits of the float64 ``x`` as an int64 (compiled: a bitcast, which vectorises).
+    This Python version serves ``NUMBA_DISABLE_JIT=1``."""
+    return np.float64(x).view(np.int64)
+
+
+@intrinsic
+def _float_bits_intrinsic(typingctx, x):
+    if x != types.float64:
+        return None
+
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], ir.IntType(64))
+
+    return types.int64(x), codegen
+
+
+@overload(_float_bits)
+def _float_bits_overload(x):
+    if x == types.float64:
+        return lambda x: _float_bits_intrinsic(x)
+    return None
 
 
 def _exp_loops(parts, bits_type):
