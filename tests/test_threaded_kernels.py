@@ -1,4 +1,4 @@
-"""Fastformer's kernels and exact attention's backward kernels as serial kernels on threads.
+"""Fastformer's kernels and exact attention's kernels as serial kernels on threads.
 
 They were ``prange`` loops; now they are ``nogil`` kernels over a range of jobs run by
 ``cpu/_launch.Threaded`` (as FMA's block kernels: tests/test_threaded.py). What must hold:
@@ -10,20 +10,26 @@ import numba
 import numpy as np
 import pytest
 
-from fmm_attention import _config, exact_attention_vjp, fastformer_attention, fastformer_attention_vjp
-from fmm_attention.cpu import _launch, backward, backward_fastformer, backward_ops, fastformer
+from fmm_attention import _config, exact_attention, exact_attention_vjp, fastformer_attention, fastformer_attention_vjp
+from fmm_attention.cpu import _launch, backward, backward_fastformer, backward_ops, exact, fastformer
 
 #: (module whose globals the callers read, name): every converted kernel.
 KERNELS = [(fastformer, name) for name in ("chunk_partials", "modulate", "causal_queries", "causal_keys")] + [
     (backward_fastformer, "causal_backward")] + [
     (backward_ops, name) for name in ("exact_backward_prepare", "exact_backward_tiles", "exact_backward_reduce")]
+#: The exact forward's kernels (one per product path), dispatchers that ``exact_kernel``
+#: splits over the threads at each launch.
+EXACT_FORWARD = ("exact_tiles", "exact_tiles_blas")
 
 
 @pytest.fixture
 def small_jobs(monkeypatch):
-    # many Fastformer chunks and a 4 x 4 grid of exact attention's backward at small n
+    # many Fastformer chunks, a 4 x 4 grid of exact attention's backward and many query and
+    # key tiles of its forward at small n
     monkeypatch.setattr(_config, "FASTFORMER_CHUNK", 64)
     monkeypatch.setattr(_config, "BACKWARD_MIN_SPAN", 64)
+    monkeypatch.setattr(_config, "EXACT_QUERY_TILE", 16)
+    monkeypatch.setattr(_config, "EXACT_KEY_TILE", 48)
 
 
 @pytest.fixture
@@ -51,6 +57,9 @@ def test_every_converted_kernel_is_threaded():
         assert isinstance(kernel, _launch.Threaded), name
         assert kernel.kernel.targetoptions.get("nogil") and not kernel.kernel.targetoptions.get("parallel"), name
     assert backward.exact_backward_tiles is backward_ops.exact_backward_tiles
+    for name in EXACT_FORWARD:
+        kernel = getattr(exact, name)
+        assert kernel.targetoptions.get("nogil") and not kernel.targetoptions.get("parallel"), name
 
 
 def calls(dtype, n, heads, causal, masked):
@@ -65,6 +74,7 @@ def calls(dtype, n, heads, causal, masked):
     if causal:  # the bidirectional backward is NumPy reductions
         yield "fastformer vjp", lambda: fastformer_attention_vjp(q, k, v, w_q, w_k, causal=causal,
                                                                  key_padding_mask=mask)[1](g)
+    yield "exact", lambda: exact_attention(q, k, v, causal=causal, key_padding_mask=mask, return_lse=True)
     yield "exact vjp", lambda: exact_attention_vjp(q, k, v, causal=causal, key_padding_mask=mask)[1](g)
 
 
@@ -97,6 +107,8 @@ def test_bits_do_not_depend_on_threads_splitting_or_job_order(dtype, causal, mas
                 kernel = getattr(module, name)
                 patch.setattr(module, name, _launch.Threaded(one_job_at_a_time_backwards(kernel.kernel),
                                                              kernel.layout))
+            for name in EXACT_FORWARD:
+                patch.setattr(exact, name, one_job_at_a_time_backwards(getattr(exact, name)))
             results.append(arrays(call()))
         for other, how in zip(results[1:], ("two threads", "unsplit", "jobs in reverse order")):
             assert len(other) == len(results[0])

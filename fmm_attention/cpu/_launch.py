@@ -290,20 +290,22 @@ class Threaded:
     def __call__(self, *args):
         self.launch(*self.layout(*args), *args)
 
-    def launch(self, n_jobs, work, *args):
-        """Run jobs ``0 .. n_jobs - 1`` (``work`` in all) of ``kernel(job_lo, job_hi, *args)``."""
+    def launch(self, n_jobs, work, *args, first=0):
+        """Run jobs ``first .. first + n_jobs - 1`` (``work`` in all) of ``kernel(job_lo,
+        job_hi, *args)``."""
         threads = min(num_threads(), n_jobs)
         if threads <= 1 or work < _config.THREADED_MIN_WORK:
-            self.kernel(0, n_jobs, *args)
+            self.kernel(first, first + n_jobs, *args)
             return
         tasks = []
         for worker, jobs in enumerate(_workers(threads - 1), start=1):
             task = _Task()
-            jobs.put((self.kernel, worker * n_jobs // threads, (worker + 1) * n_jobs // threads, args, task))
+            lo, hi = first + worker * n_jobs // threads, first + (worker + 1) * n_jobs // threads
+            jobs.put((self.kernel, lo, hi, args, task))
             tasks.append(task)
         error = None
         try:
-            self.kernel(0, n_jobs // threads, *args)
+            self.kernel(first, first + n_jobs // threads, *args)
         except BaseException as exc:  # noqa: BLE001 - raised once the workers are done with the outputs
             error = exc
         for task in tasks:

@@ -1,7 +1,8 @@
 """Exact softmax attention on the CPU, streamed in tiles (flash-style), O(n d) memory.
 
-Each parallel job owns a tile of query rows and walks the key tiles with an online
-softmax. The layout is that of FMA's block kernel and of exact attention's backward:
+Each job owns a tile of query rows and walks the key tiles with an online softmax; the
+kernels are serial over a range of jobs and run on the library's threads
+(:class:`._launch.Threaded`), like FMA's block kernel. The layout is that of FMA's block kernel and of exact attention's backward:
 logits key-major (``scores[key, query]``), the tile's scaled queries transposed and padded
 to the micro-kernel's panel width, so that both products (the logits, then the weighted
 values) run on the register-blocked micro-kernel of :mod:`._tiles`, reading keys and
@@ -19,16 +20,17 @@ and biases are read in place with strides.
 
 A job is one (group of output entries sharing their keys and values, query tile): grouped
 query heads read each key and value tile once per group. :data:`exact_kernel` launches the
-jobs in chunks so that a long call stays interruptible (:class:`._launch.Chunked`).
+jobs in chunks so that a long call stays interruptible (:class:`._launch.Chunked`), each
+chunk split over the threads.
 """
 
 import numpy as np
-from numba import njit, prange
+from numba import njit
 
 from .. import _config
 from .._threads import num_threads
 from ._jit import jit
-from ._launch import Chunked
+from ._launch import Chunked, Threaded
 from ._softmax import _maxnum, exp_columns, exp_shift_sum, row_max
 from ._tiles import gemm_tiles, panel_width
 
@@ -38,8 +40,8 @@ def _tile_of(slot, n_tiles):
     """Return the query tile of job slot ``slot``: tiles 0, n-1, 1, n-2, ... (n = ``n_tiles``).
 
     Causal tile ``t`` costs about ``t + 1`` key tiles, so tiles ``t`` and ``n - 1 - t`` together
-    cost the same for every ``t``. Each thread of a ``prange`` takes one contiguous run of
-    slots, so in this order each gets the same work, where in tile order the thread with the
+    cost the same for every ``t``. Each thread takes one contiguous run of slots
+    (:class:`._launch.Threaded`), so in this order each gets the same work, where in tile order the thread with the
     last tiles got three quarters of the triangle. The tiles are independent: the order
     changes no result.
     """
@@ -101,7 +103,7 @@ def online_softmax_columns(scores, n_keys, run_max, run_sum, acc_t, tile_max, sh
     exp_columns(scores, n_keys, shift, run_sum)
 
 
-@jit(parallel=True)
+@jit(nogil=True)
 def exact_tiles(job_lo, job_hi, query_tile, key_tile, members, group_start, q, k, v, q_index, kv_index, pad,
                 has_pad, mask_flat, mask_off, mask_si, mask_sj, has_attn_mask, bias_flat, bias_off, bias_si, bias_sj,
                 has_bias, scale, causal, offset, left, right, out, lse):
@@ -149,7 +151,7 @@ def exact_tiles(job_lo, job_hi, query_tile, key_tile, members, group_start, q, k
     k_flat = k.reshape(k.size)
     v_flat = v.reshape(v.size)
     minus_inf = q.dtype.type(-np.inf)
-    for job in prange(job_lo, job_hi):
+    for job in range(job_lo, job_hi):
         first, size, bk, i0, i1 = _job_tile(job, n_tiles, query_tile, n_q, members, group_start, kv_index)
         rows = i1 - i0
         # keys any query of the tile may see: [first - left, last + right]
@@ -227,7 +229,7 @@ def exact_tiles(job_lo, job_hi, query_tile, key_tile, members, group_start, q, k
                     lse[b, i0 + i] = -np.inf
 
 
-@jit(parallel=True)
+@jit(nogil=True)
 def exact_tiles_blas(job_lo, job_hi, query_tile, key_tile, members, group_start, q, k, v, q_index, kv_index, pad,
                 has_pad, mask_flat, mask_off, mask_si, mask_sj, has_attn_mask, bias_flat, bias_off, bias_si, bias_sj,
                 has_bias, scale, causal, offset, left, right, out, lse):
@@ -246,7 +248,7 @@ def exact_tiles_blas(job_lo, job_hi, query_tile, key_tile, members, group_start,
     n_tiles = (n_q + query_tile - 1) // query_tile
     if causal:
         right = min(right, 0)
-    for job in prange(job_lo, job_hi):
+    for job in range(job_lo, job_hi):
         first, size, bk, i0, i1 = _job_tile(job, n_tiles, query_tile, n_q, members, group_start, kv_index)
         rows = i1 - i0
         q_tiles = np.empty((size, rows, d), dtype=q.dtype)
@@ -384,12 +386,20 @@ def calls_blas(dtype):
 
 class _Kernels:
     """The forward kernel for the dtype of ``q``: ``(job_lo, job_hi, query_tile, key_tile,
-    members, group_start, q, *args)`` runs :func:`exact_tiles`, or :func:`exact_tiles_blas`
-    where :func:`calls_blas` says so. Each compiles only the dtypes that reach it."""
+    members, group_start, q, *args)`` runs the jobs ``job_lo <= job < job_hi`` of
+    :func:`exact_tiles`, or of :func:`exact_tiles_blas` where :func:`calls_blas` says so,
+    split over the threads (:class:`._launch.Threaded`: one contiguous range each, as
+    ``prange``'s static schedule split them). Each compiles only the dtypes that reach it.
+    """
 
-    def __call__(self, job_lo, job_hi, query_tile, key_tile, members, group_start, q, *args):
+    def __call__(self, job_lo, job_hi, query_tile, key_tile, members, group_start, q, k, v, *args):
+        # looked up at call time, so that a kernel patched into the module takes effect
         kernel = exact_tiles_blas if calls_blas(q.dtype) else exact_tiles
-        return kernel(job_lo, job_hi, query_tile, key_tile, members, group_start, q, *args)
+        # multiply-adds if every job saw every key (at most twice the causal work): it only
+        # decides whether waking a thread is worth it
+        work = (job_hi - job_lo) * query_tile * k.shape[1] * (q.shape[2] + v.shape[2])
+        Threaded(kernel, None).launch(job_hi - job_lo, work, query_tile, key_tile, members, group_start, q, k, v,
+                                      *args, first=job_lo)
 
     @property
     def signatures(self):
