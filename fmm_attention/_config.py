@@ -38,9 +38,12 @@ INTERRUPT_SECONDS = 0.25
 #: (a slow 1e9 per second: the first long call starts with a short chunk).
 INTERRUPT_FIRST_SECONDS_PER_WORK = 1e-9
 
-#: Threaded serial kernels (FMA's block kernel and mean upward pass, ``cpu/_launch.py``): a
-#: call of less work than this (multiply-adds) runs in the calling thread alone (waking a
-#: worker thread costs more than it gains).
+#: Threaded serial kernels (FMA's block kernel, mean upward pass and refinement, and the
+#: others ``cpu/_launch.Threaded`` runs): a call of less work than this (multiply-adds) runs
+#: in the calling thread alone (waking a worker thread costs more than it gains). Each
+#: thread runs one contiguous range of jobs and allocates its work buffers once (this
+#: replaced the refinement's ``FMA_CHUNKS_PER_THREAD``: its chunks of a ``prange`` were
+#: split statically too, so they only added allocations).
 THREADED_MIN_WORK = 1_000_000
 
 #: Exact attention: query rows per tile (the unit of parallel work) and keys per tile.
@@ -82,11 +85,6 @@ CLUSTER_CHUNKS = 64
 #: (``cpu/_memory.py``; docs/performance.rst, "Page faults"). 0 turns the block off.
 FRESH_BLOCK_MIN_BYTES = 1 << 20
 FRESH_BLOCK_BYTES = (32 << 20) + (1 << 20)
-
-#: FMA's refinement kernel: chunks of query blocks per thread; each chunk allocates its
-#: work buffers once (more chunks balance uneven threads, fewer allocate less). The forward
-#: and backward block kernels run one range of jobs per thread (``cpu/_launch.Threaded``).
-FMA_CHUNKS_PER_THREAD = 4
 
 #: Exact attention's backward: query rows and keys per tile inside each rectangle of the
 #: grid of partial sums (the query tile is rounded up to the micro-kernel's panel width, 16

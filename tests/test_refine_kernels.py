@@ -3,14 +3,13 @@
 import sys
 from pathlib import Path
 
-import numba
 import numpy as np
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 from _refine_scalar import refine_plans as scalar_refine_plans  # noqa: E402
 
-from fmm_attention import _config, build_tree  # noqa: E402
+from fmm_attention import build_tree  # noqa: E402
 from fmm_attention._validate import attention_inputs  # noqa: E402
 from fmm_attention.cpu import _coarse_validity, coarse_buffers, refine_capacity  # noqa: E402
 from fmm_attention.cpu.refine import refine_plans  # noqa: E402
@@ -66,11 +65,10 @@ def test_block_path_kernel_chooses_the_scalar_kernels_plans(case):
         mask = np.ones((2, 96), bool)
         mask[:, 80:] = False
         mask[1, 30:35] = False
-    chunks = _config.FMA_CHUNKS_PER_THREAD * numba.get_num_threads()
-    new = plans(refine_plans, q, k, v, mask=mask, extra=(chunks,), **case)
+    new = plans(refine_plans, q, k, v, mask=mask, **case)
     old = plans(scalar_refine_plans, q, k, v, mask=mask, **case)
     assert new == old
-    new32 = plans(refine_plans, *(x.astype(np.float32) for x in (q, k, v)), mask=mask, extra=(chunks,), **case)
+    new32 = plans(refine_plans, *(x.astype(np.float32) for x in (q, k, v)), mask=mask, **case)
     same = sum(a == b for ea, eb in zip(new32, old) for a, b in zip(ea, eb))
     assert same >= 0.9 * sum(len(e) for e in old)  # float32 scoring: a near-tie may flip
 
@@ -98,8 +96,7 @@ def test_issue17_high_levels_split_at_small_budgets():
                     return level_of_row[start]
         return None
 
-    chunks = _config.FMA_CHUNKS_PER_THREAD * numba.get_num_threads()
-    new = plans(refine_plans, q, k, v, block_size=8, rank=1, budget=8, extra=(chunks,))[0]
+    new = plans(refine_plans, q, k, v, block_size=8, rank=1, budget=8)[0]
     old = plans(scalar_refine_plans, q, k, v, block_size=8, rank=1, budget=8)[0]
     assert all(finest_level_near_200(p) == len(tree.levels) for p in old[:4])  # the defect
     assert all(finest_level_near_200(p) < len(tree.levels) for p in new[:4])  # split below the top

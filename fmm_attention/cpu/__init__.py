@@ -9,8 +9,6 @@ would hide as attributes of this package.)
 
 import numpy as np
 
-from .. import _config
-from .._threads import num_threads
 from ..coarsening import as_coarsening
 from ._launch import launch_guard as _launch_guard
 from .exact import calls_blas as _exact_calls_blas, exact_kernel
@@ -163,7 +161,7 @@ def _refined_plan(batch, tree, base, kc, vc, cbias, key_bias, has_mask, scale, b
             batch.q, batch.k, batch.v, kc, vc, cbias, token_bias, is_global, ptr, segments,
             np.array([x.offset for x in lv], dtype=np.int64), np.array([x.rank for x in lv], dtype=np.int64),
             np.array([x.box_size for x in lv], dtype=np.int64), tree.block_size, scale, tree.causal,
-            budget, capacity, room, seg_lo, seg_hi, out, _config.FMA_CHUNKS_PER_THREAD * num_threads(),
+            budget, capacity, room, seg_lo, seg_hi, out,
         )
     # the kernels' key buffers: the most keys any emitted block plan names (unused rows are 0)
     max_keys = int(out[:, :, 2].reshape(B, tree.n_blocks, capacity).sum(axis=2).max(initial=1))

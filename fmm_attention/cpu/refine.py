@@ -15,24 +15,32 @@ pass, then one small product per candidate for its values; the candidates a spli
 creates are scored together the same way. A box whose split cannot fit in the budget
 or the segment room left is never scored (it could not be split later either, as the
 keys spent and the segments added only grow), so small budgets cost little. All in the
-input dtype (float32 stays float32); work buffers are allocated once per chunk of blocks.
+input dtype (float32 stays float32).
+
+Threads: the kernel is serial over a range of ``(entry, block)`` jobs and runs on the
+library's threads (:class:`._launch.Threaded`: one contiguous range per thread, as a
+``prange``'s static schedule split them) rather than a ``prange`` loop, whose body Numba
+compiled three times. Each range allocates its work buffers once; each job writes only its
+own block's plan and reads nothing another job writes, so the plans do not depend on the
+thread count or on the split.
 """
 
 import numpy as np
-from numba import prange
 
 from ..tree import COARSE, TOKEN
 from ._jit import jit
+from ._launch import Threaded
 from ._softmax import exp_columns, softmax_columns
 from ._tiles import gemm_tiles, panel_width
 
 
-@jit(parallel=True)
-def refine_plans(
-    q, k, v, kc, vc, cbias, token_bias, is_global, ptr, segments, level_offset, level_rank, level_box,
-    block_size, scale, causal, budget, capacity, room, seg_lo, seg_hi, out_segments, n_chunks,
+@jit(nogil=True)
+def _refine_jobs(
+    job_lo, job_hi, q, k, v, kc, vc, cbias, token_bias, is_global, ptr, segments, level_offset, level_rank,
+    level_box, block_size, scale, causal, budget, capacity, room, seg_lo, seg_hi, out_segments,
 ):
-    """Per (entry, block) plans with the far boxes that matter most split finer.
+    """Per (entry, block) plans with the far boxes that matter most split finer, for the jobs
+    ``job_lo <= job < job_hi`` (``job = b * n_blocks + block``).
 
     The block's scoring queries score the base plan once (max ``M_i``, normaliser ``Z_i``,
     output ``o_i``). Each far box's *benefit* is the first-order change its split would make
@@ -61,8 +69,6 @@ def refine_plans(
     dv = v.shape[2]
     n_blocks = ptr.size - 1
     n_levels = level_offset.size
-    n_jobs = n_batch * n_blocks
-    n_chunks = max(1, min(n_jobs, n_chunks))
     panel = panel_width(q)
     width = -(-block_size // panel) * panel  # scoring queries per block, padded
     max_plan = 1
@@ -83,168 +89,185 @@ def refine_plans(
     v_flat = v.reshape(v.size)
     kc_flat = kc.reshape(kc.size)
     vc_flat = vc.reshape(vc.size)
-    for chunk in prange(n_chunks):
-        queries_t = np.zeros((d, width), dtype=q.dtype)
-        keys = np.empty(max_plan * d, dtype=q.dtype)  # row-major (key, feature)
-        vals = np.empty(max_plan * dv, dtype=q.dtype)
-        bias = np.empty(max_plan, dtype=q.dtype)
-        pos = np.empty(max_plan, dtype=np.int64)
-        scores = np.empty((max_plan, width), dtype=q.dtype)
-        row_max = np.empty(width, dtype=q.dtype)
-        row_sum = np.empty(width, dtype=q.dtype)
-        shift = np.empty(width, dtype=q.dtype)
-        out_t = np.empty((dv, width), dtype=q.dtype)
-        c_keys = np.empty(max_batch * d, dtype=q.dtype)
-        c_vals = np.empty(max_batch * dv, dtype=q.dtype)
-        c_bias = np.empty(max_batch, dtype=q.dtype)
-        c_sign = np.empty(max_batch, dtype=q.dtype)
-        c_scores = np.empty((max_batch, width), dtype=q.dtype)
-        c_start = np.empty(max_segments + 1, dtype=np.int64)
-        num_t = np.empty((dv, width), dtype=q.dtype)
-        den = np.empty(width, dtype=q.dtype)
-        change = np.empty(width, dtype=q.dtype)
-        cand = np.zeros((capacity, 4), dtype=np.int64)
-        alive = np.zeros(capacity, dtype=np.bool_)
-        blocked = np.zeros(capacity, dtype=np.bool_)
-        mass = np.zeros(capacity)
-        for job in range(chunk * n_jobs // n_chunks, (chunk + 1) * n_jobs // n_chunks):
-            b = job // n_blocks
-            blk = job % n_blocks
-            i0 = blk * block_size
-            i1 = min(n, i0 + block_size)
-            s0 = max(0, i0 - block_size + 1) if causal else i0
-            s1 = i0 + 1 if causal else i1
-            rows = s1 - s0
-            # a masked query scores nothing: its column is zero here and dropped below
-            for i in range(width):
-                live = i < rows and token_bias[b, s0 + i] > -np.inf
-                for e in range(d):
-                    queries_t[e, i] = q[b, s0 + i, e] * scale if live else 0
-            # ---- base plan: gathered keys, scored once for max, normaliser and output
-            lo = ptr[blk]
-            hi = ptr[blk + 1]
-            n_plan = 0
-            for s in range(lo, hi):
-                start = segments[s, 1]
-                count = segments[s, 2]
-                if segments[s, 0] == TOKEN:
-                    _copy_rows(k_flat, v_flat, token_bias, b, start, count, d, dv, n_plan, keys, vals, bias)
-                    for t in range(count):
-                        pos[n_plan + t] = start + t
-                else:
-                    _copy_rows(kc_flat, vc_flat, cbias, b, start, count, d, dv, n_plan, keys, vals, bias)
-                    for t in range(count):
-                        pos[n_plan + t] = -1
-                n_plan += count
-            gemm_tiles(n_plan, width, d, keys, 0, d, 1, queries_t, 0, width, scores, 0, width, False)
-            softmax_columns(scores, n_plan, bias, pos, s0, causal, q.dtype.type(-np.inf), row_max, shift, row_sum)
-            gemm_tiles(dv, width, n_plan, vals, 0, 1, dv, scores, 0, width, out_t, 0, width, False)
-            for i in range(width):
-                if i >= rows or token_bias[b, s0 + i] == -np.inf:
-                    row_sum[i] = 0  # padding or a masked query: no output to change
-            for i in range(rows):
-                if row_sum[i] > 0:
-                    inv = 1 / row_sum[i]
-                    for e in range(dv):
-                        out_t[e, i] *= inv
-            # ---- candidates: (kind, start, count, level + 1 or 0 for tokens), alive, benefit
-            nc = 0
-            for s in range(lo, hi):
-                if segments[s, 0] != TOKEN and _live_rows(cbias, b, segments[s, 1], segments[s, 2]) == 0:
-                    continue  # every key of the box is masked: it contributes nothing, costs nothing
-                cand[nc, 0] = segments[s, 0]
-                cand[nc, 1] = segments[s, 1]
-                cand[nc, 2] = segments[s, 2]
-                cand[nc, 3] = 0
-                mass[nc] = 0
-                if segments[s, 0] != TOKEN:
-                    level = 0
-                    while level + 1 < n_levels and level_offset[level + 1] <= segments[s, 1]:
-                        level += 1
-                    cand[nc, 3] = level + 1
-                alive[nc] = True
-                blocked[nc] = False
-                nc += 1
-            n_base = nc
-            spent = 0
-            # a split that does not fit now never will (spent and nc only grow): such a box
-            # is blocked at once and its benefit, which could not change the plan, is not scored
-            _block_unaffordable(0, nc, cand, blocked, budget - spent, room - (nc - n_base), b, cbias, token_bias,
-                                is_global, level_offset, level_rank, level_box)
-            _split_benefits(
-                0, nc, cand, blocked, mass, queries_t, rows, shift, row_sum, out_t, k_flat, v_flat, token_bias,
-                kc_flat, vc_flat, cbias, is_global, b, level_offset, level_rank, level_box, c_keys, c_vals, c_bias,
-                c_sign, c_scores, c_start, num_t, den, change,
-            )
-            while True:
-                best = -1
-                for c in range(nc):
-                    if alive[c] and not blocked[c] and cand[c, 3] > 0 and (best < 0 or mass[c] > mass[best]):
-                        best = c
-                if best < 0:
-                    break
-                cost, added = _split_cost(cand, best, b, cbias, token_bias, is_global, level_offset, level_rank,
-                                          level_box)
-                if added < 0 or spent + cost > budget or nc - n_base + added > room:
-                    blocked[best] = True
-                    continue
-                level = cand[best, 3] - 1
-                box = (cand[best, 1] - level_offset[level]) // level_rank[level]
-                box_width = level_box[level]
-                spent += cost
-                alive[best] = False
-                if level == 0:  # the box's valid tokens, as runs between global and masked tokens
-                    first = box * box_width
-                    t = first
-                    end = min(n, first + box_width)
-                    while t < end:
-                        if is_global[t] or token_bias[b, t] == -np.inf:
-                            t += 1
-                            continue
-                        run = t
-                        while run < end and not is_global[run] and token_bias[b, run] > -np.inf:
-                            run += 1
-                        cand[nc, 0] = TOKEN
-                        cand[nc, 1] = t
-                        cand[nc, 2] = run - t
-                        cand[nc, 3] = 0
-                        mass[nc] = 0
-                        alive[nc] = True
-                        blocked[nc] = False
-                        nc += 1
-                        t = run
-                else:
-                    first_child = nc
-                    for child in (2 * box, 2 * box + 1):
-                        if child * level_box[level - 1] >= n:
-                            continue
-                        start = level_offset[level - 1] + child * level_rank[level - 1]
-                        if _live_rows(cbias, b, start, level_rank[level - 1]) == 0:
-                            continue  # a child with every key masked is left out
-                        cand[nc, 0] = COARSE
-                        cand[nc, 1] = start
-                        cand[nc, 2] = level_rank[level - 1]
-                        cand[nc, 3] = level
-                        alive[nc] = True
-                        blocked[nc] = False
-                        nc += 1
-                    _block_unaffordable(first_child, nc, cand, blocked, budget - spent, room - (nc - n_base), b,
-                                        cbias, token_bias, is_global, level_offset, level_rank, level_box)
-                    _split_benefits(
-                        first_child, nc, cand, blocked, mass, queries_t, rows, shift, row_sum, out_t, k_flat, v_flat,
-                        token_bias, kc_flat, vc_flat, cbias, is_global, b, level_offset, level_rank, level_box, c_keys,
-                        c_vals, c_bias, c_sign, c_scores, c_start, num_t, den, change,
-                    )
-            out_lo = blk * capacity
-            count = 0
+    # work buffers, once per range of jobs: every job overwrites what it reads of them
+    queries_t = np.zeros((d, width), dtype=q.dtype)
+    keys = np.empty(max_plan * d, dtype=q.dtype)  # row-major (key, feature)
+    vals = np.empty(max_plan * dv, dtype=q.dtype)
+    bias = np.empty(max_plan, dtype=q.dtype)
+    pos = np.empty(max_plan, dtype=np.int64)
+    scores = np.empty((max_plan, width), dtype=q.dtype)
+    row_max = np.empty(width, dtype=q.dtype)
+    row_sum = np.empty(width, dtype=q.dtype)
+    shift = np.empty(width, dtype=q.dtype)
+    out_t = np.empty((dv, width), dtype=q.dtype)
+    c_keys = np.empty(max_batch * d, dtype=q.dtype)
+    c_vals = np.empty(max_batch * dv, dtype=q.dtype)
+    c_bias = np.empty(max_batch, dtype=q.dtype)
+    c_sign = np.empty(max_batch, dtype=q.dtype)
+    c_scores = np.empty((max_batch, width), dtype=q.dtype)
+    c_start = np.empty(max_segments + 1, dtype=np.int64)
+    num_t = np.empty((dv, width), dtype=q.dtype)
+    den = np.empty(width, dtype=q.dtype)
+    change = np.empty(width, dtype=q.dtype)
+    cand = np.zeros((capacity, 4), dtype=np.int64)
+    alive = np.zeros(capacity, dtype=np.bool_)
+    blocked = np.zeros(capacity, dtype=np.bool_)
+    mass = np.zeros(capacity)
+    for job in range(job_lo, job_hi):
+        b = job // n_blocks
+        blk = job % n_blocks
+        i0 = blk * block_size
+        i1 = min(n, i0 + block_size)
+        s0 = max(0, i0 - block_size + 1) if causal else i0
+        s1 = i0 + 1 if causal else i1
+        rows = s1 - s0
+        # a masked query scores nothing: its column is zero here and dropped below
+        for i in range(width):
+            live = i < rows and token_bias[b, s0 + i] > -np.inf
+            for e in range(d):
+                queries_t[e, i] = q[b, s0 + i, e] * scale if live else 0
+        # ---- base plan: gathered keys, scored once for max, normaliser and output
+        lo = ptr[blk]
+        hi = ptr[blk + 1]
+        n_plan = 0
+        for s in range(lo, hi):
+            start = segments[s, 1]
+            count = segments[s, 2]
+            if segments[s, 0] == TOKEN:
+                _copy_rows(k_flat, v_flat, token_bias, b, start, count, d, dv, n_plan, keys, vals, bias)
+                for t in range(count):
+                    pos[n_plan + t] = start + t
+            else:
+                _copy_rows(kc_flat, vc_flat, cbias, b, start, count, d, dv, n_plan, keys, vals, bias)
+                for t in range(count):
+                    pos[n_plan + t] = -1
+            n_plan += count
+        gemm_tiles(n_plan, width, d, keys, 0, d, 1, queries_t, 0, width, scores, 0, width, False)
+        softmax_columns(scores, n_plan, bias, pos, s0, causal, q.dtype.type(-np.inf), row_max, shift, row_sum)
+        gemm_tiles(dv, width, n_plan, vals, 0, 1, dv, scores, 0, width, out_t, 0, width, False)
+        for i in range(width):
+            if i >= rows or token_bias[b, s0 + i] == -np.inf:
+                row_sum[i] = 0  # padding or a masked query: no output to change
+        for i in range(rows):
+            if row_sum[i] > 0:
+                inv = 1 / row_sum[i]
+                for e in range(dv):
+                    out_t[e, i] *= inv
+        # ---- candidates: (kind, start, count, level + 1 or 0 for tokens), alive, benefit
+        nc = 0
+        for s in range(lo, hi):
+            if segments[s, 0] != TOKEN and _live_rows(cbias, b, segments[s, 1], segments[s, 2]) == 0:
+                continue  # every key of the box is masked: it contributes nothing, costs nothing
+            cand[nc, 0] = segments[s, 0]
+            cand[nc, 1] = segments[s, 1]
+            cand[nc, 2] = segments[s, 2]
+            cand[nc, 3] = 0
+            mass[nc] = 0
+            if segments[s, 0] != TOKEN:
+                level = 0
+                while level + 1 < n_levels and level_offset[level + 1] <= segments[s, 1]:
+                    level += 1
+                cand[nc, 3] = level + 1
+            alive[nc] = True
+            blocked[nc] = False
+            nc += 1
+        n_base = nc
+        spent = 0
+        # a split that does not fit now never will (spent and nc only grow): such a box
+        # is blocked at once and its benefit, which could not change the plan, is not scored
+        _block_unaffordable(0, nc, cand, blocked, budget - spent, room - (nc - n_base), b, cbias, token_bias,
+                            is_global, level_offset, level_rank, level_box)
+        _split_benefits(
+            0, nc, cand, blocked, mass, queries_t, rows, shift, row_sum, out_t, k_flat, v_flat, token_bias,
+            kc_flat, vc_flat, cbias, is_global, b, level_offset, level_rank, level_box, c_keys, c_vals, c_bias,
+            c_sign, c_scores, c_start, num_t, den, change,
+        )
+        while True:
+            best = -1
             for c in range(nc):
-                if alive[c]:
-                    out_segments[b, out_lo + count, 0] = cand[c, 0]
-                    out_segments[b, out_lo + count, 1] = cand[c, 1]
-                    out_segments[b, out_lo + count, 2] = cand[c, 2]
-                    count += 1
-            seg_lo[b, blk] = out_lo
-            seg_hi[b, blk] = out_lo + count
+                if alive[c] and not blocked[c] and cand[c, 3] > 0 and (best < 0 or mass[c] > mass[best]):
+                    best = c
+            if best < 0:
+                break
+            cost, added = _split_cost(cand, best, b, cbias, token_bias, is_global, level_offset, level_rank,
+                                      level_box)
+            if added < 0 or spent + cost > budget or nc - n_base + added > room:
+                blocked[best] = True
+                continue
+            level = cand[best, 3] - 1
+            box = (cand[best, 1] - level_offset[level]) // level_rank[level]
+            box_width = level_box[level]
+            spent += cost
+            alive[best] = False
+            if level == 0:  # the box's valid tokens, as runs between global and masked tokens
+                first = box * box_width
+                t = first
+                end = min(n, first + box_width)
+                while t < end:
+                    if is_global[t] or token_bias[b, t] == -np.inf:
+                        t += 1
+                        continue
+                    run = t
+                    while run < end and not is_global[run] and token_bias[b, run] > -np.inf:
+                        run += 1
+                    cand[nc, 0] = TOKEN
+                    cand[nc, 1] = t
+                    cand[nc, 2] = run - t
+                    cand[nc, 3] = 0
+                    mass[nc] = 0
+                    alive[nc] = True
+                    blocked[nc] = False
+                    nc += 1
+                    t = run
+            else:
+                first_child = nc
+                for child in (2 * box, 2 * box + 1):
+                    if child * level_box[level - 1] >= n:
+                        continue
+                    start = level_offset[level - 1] + child * level_rank[level - 1]
+                    if _live_rows(cbias, b, start, level_rank[level - 1]) == 0:
+                        continue  # a child with every key masked is left out
+                    cand[nc, 0] = COARSE
+                    cand[nc, 1] = start
+                    cand[nc, 2] = level_rank[level - 1]
+                    cand[nc, 3] = level
+                    alive[nc] = True
+                    blocked[nc] = False
+                    nc += 1
+                _block_unaffordable(first_child, nc, cand, blocked, budget - spent, room - (nc - n_base), b,
+                                    cbias, token_bias, is_global, level_offset, level_rank, level_box)
+                _split_benefits(
+                    first_child, nc, cand, blocked, mass, queries_t, rows, shift, row_sum, out_t, k_flat, v_flat,
+                    token_bias, kc_flat, vc_flat, cbias, is_global, b, level_offset, level_rank, level_box, c_keys,
+                    c_vals, c_bias, c_sign, c_scores, c_start, num_t, den, change,
+                )
+        out_lo = blk * capacity
+        count = 0
+        for c in range(nc):
+            if alive[c]:
+                out_segments[b, out_lo + count, 0] = cand[c, 0]
+                out_segments[b, out_lo + count, 1] = cand[c, 1]
+                out_segments[b, out_lo + count, 2] = cand[c, 2]
+                count += 1
+        seg_lo[b, blk] = out_lo
+        seg_hi[b, blk] = out_lo + count
+
+
+def _refine_layout(q, k, v, kc, vc, cbias, token_bias, is_global, ptr, segments, *args):
+    # the base plan's products: each block's plan keys against its scoring queries, for the
+    # logits and the values (the candidates' products are of the same order)
+    n_batch, n, d = q.shape
+    n_blocks = ptr.size - 1
+    keys = int(segments[: ptr[-1], 2].sum())
+    return n_batch * n_blocks, n_batch * keys * -(-n // max(1, n_blocks)) * (d + v.shape[2])
+
+
+#: :func:`_refine_jobs` over every ``(entry, block)`` job, split over the threads
+#: (:class:`._launch.Threaded`: a serial ``nogil`` kernel, no ``prange`` to compile);
+#: called as ``refine_plans(q, k, v, kc, vc, cbias, token_bias, is_global, ptr, segments,
+#: level_offset, level_rank, level_box, block_size, scale, causal, budget, capacity, room,
+#: seg_lo, seg_hi, out_segments)``.
+refine_plans = Threaded(_refine_jobs, _refine_layout)
 
 
 @jit()

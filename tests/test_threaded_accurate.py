@@ -1,0 +1,96 @@
+"""The accurate setting's kernels and coarse queries' kernels as serial kernels on threads.
+
+FMA's refinement (``refine=``), the cluster upward pass (``coarsening="cluster"``) and the
+coarse-query passes (``query_coarsening=True``) were ``prange`` loops; now they are
+``nogil`` kernels over a range of jobs run by ``cpu/_launch.Threaded`` (as FMA's block
+kernels: tests/test_threaded.py, and Fastformer's and exact attention's:
+tests/test_threaded_kernels.py). What must hold: the jobs are independent (each writes only
+its own entries and reads nothing another job of the same launch writes), so the results
+are the same bit for bit for one thread, two threads, an unsplit call and the jobs run one
+at a time in reverse order.
+"""
+
+import numba
+import numpy as np
+import pytest
+
+from fmm_attention import _config, fmm_attention, fmm_attention_vjp
+from fmm_attention.cpu import _launch, refine
+
+#: (module, name) of every converted kernel: a ``Threaded`` whose serial kernel is patched.
+KERNELS = [(refine, "refine_plans")]
+
+
+@pytest.fixture
+def two_threads():
+    if numba.config.NUMBA_NUM_THREADS < 2:
+        pytest.skip("needs two Numba threads")
+    before = numba.get_num_threads()
+    yield
+    numba.set_num_threads(before)
+
+
+def one_job_at_a_time_backwards(kernel):
+    """A kernel that runs its jobs singly, last to first (independent jobs: same result)."""
+
+    def run(job_lo, job_hi, *args):
+        for job in range(job_hi - 1, job_lo - 1, -1):
+            kernel(job, job + 1, *args)
+
+    return run
+
+
+def test_every_converted_kernel_is_threaded_nogil_and_not_parallel():
+    for module, name in KERNELS:
+        kernel = getattr(module, name)
+        assert isinstance(kernel, _launch.Threaded), name
+        options = kernel.kernel.targetoptions
+        assert options.get("nogil") and not options.get("parallel"), name
+
+
+def calls(dtype, n, heads, causal, masked):
+    rng = np.random.default_rng(11)
+    q, k, v, g = (rng.standard_normal((heads, n, 8)).astype(dtype) for _ in range(4))
+    q *= 2  # peaked attention: the refinement's choices differ from block to block
+    mask = rng.random((heads, n)) > 0.3 if masked else None
+    if masked:
+        mask[0, : n // 2] = False  # a long masked stretch: blocks without a valid query or key
+    refined = dict(block_size=4, rank=1, refine=12, causal=causal, key_padding_mask=mask)
+    yield "refine", lambda: fmm_attention(q, k, v, return_lse=True, **refined)
+    yield "refine, cluster, global tokens", lambda: fmm_attention(
+        q, k, v, block_size=8, rank=2, refine=16, coarsening="cluster", global_tokens=[0, 40], causal=causal,
+        key_padding_mask=mask, return_lse=True)
+    yield "refine vjp", lambda: fmm_attention_vjp(q, k, v, **refined)[1](g)
+
+
+def arrays(result):
+    if result is None:
+        return []
+    if isinstance(result, np.ndarray):
+        return [result]
+    return [x for item in result for x in arrays(item)]
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("causal", [False, True], ids=["bidirectional", "causal"])
+@pytest.mark.parametrize("masked", [False, True], ids=["", "mask"])
+def test_bits_do_not_depend_on_threads_splitting_or_job_order(dtype, causal, masked, two_threads, monkeypatch):
+    """n = 301 (not a multiple of any block size), three heads: each kernel has tens of jobs
+    per thread; the mask leaves the first head's first half without a valid position."""
+    for label, call in calls(dtype, 301, 3, causal, masked):
+        results = []
+        for threads, min_work in ((1, 0), (2, 0), (2, 10**15)):
+            numba.set_num_threads(threads)
+            monkeypatch.setattr(_config, "THREADED_MIN_WORK", min_work)
+            results.append(arrays(call()))
+        with monkeypatch.context() as patch:
+            patch.setattr(_config, "THREADED_MIN_WORK", 10**15)
+            for module, name in KERNELS:
+                kernel = getattr(module, name)
+                # the Threaded object itself: callers that imported it see the patch too
+                patch.setattr(kernel, "kernel", one_job_at_a_time_backwards(kernel.kernel))
+            results.append(arrays(call()))
+        for other, how in zip(results[1:], ("two threads", "unsplit", "jobs in reverse order")):
+            assert len(other) == len(results[0])
+            for x, y in zip(other, results[0]):
+                np.testing.assert_array_equal(x, y, err_msg=f"{label}: {how}")
