@@ -38,12 +38,13 @@ INTERRUPT_SECONDS = 0.25
 #: (a slow 1e9 per second: the first long call starts with a short chunk).
 INTERRUPT_FIRST_SECONDS_PER_WORK = 1e-9
 
-#: Threaded serial kernels (FMA's block kernel, mean upward pass and refinement, and the
-#: others ``cpu/_launch.Threaded`` runs): a call of less work than this (multiply-adds) runs
+#: Threaded serial kernels (FMA's block kernel, mean upward pass and refinement, cluster
+#: coarsening, and the others ``cpu/_launch.Threaded`` runs): a call of less work than this (multiply-adds) runs
 #: in the calling thread alone (waking a worker thread costs more than it gains). Each
 #: thread runs one contiguous range of jobs and allocates its work buffers once (this
-#: replaced the refinement's ``FMA_CHUNKS_PER_THREAD``: its chunks of a ``prange`` were
-#: split statically too, so they only added allocations).
+#: replaced the refinement's ``FMA_CHUNKS_PER_THREAD`` and cluster coarsening's
+#: ``CLUSTER_CHUNKS``: their chunks of a ``prange`` were split statically too, so they only
+#: added allocations).
 THREADED_MIN_WORK = 1_000_000
 
 #: Exact attention: query rows per tile (the unit of parallel work) and keys per tile.
@@ -74,9 +75,6 @@ FINITE_PARALLEL_MIN_BYTES = 1 << 25
 #: O(n p^2 d iters / box size). With 128 every level of a sequence of at most 512 tokens
 #: clusters tokens (docs/accuracy.rst measures what the group levels cost).
 CLUSTER_FLAT_SIZE = 128
-#: Cluster coarsening: work items per parallel loop (each allocates its scratch once; the
-#: result depends neither on it nor on the thread count).
-CLUSTER_CHUNKS = 64
 
 #: The gradients of a pullback (and its large scratch buffers) come from one zeroed block
 #: when together they reach ``FRESH_BLOCK_MIN_BYTES``, sized at least ``FRESH_BLOCK_BYTES``:

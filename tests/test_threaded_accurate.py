@@ -15,10 +15,10 @@ import numpy as np
 import pytest
 
 from fmm_attention import _config, fmm_attention, fmm_attention_vjp
-from fmm_attention.cpu import _launch, refine
+from fmm_attention.cpu import _launch, cluster, refine
 
 #: (module, name) of every converted kernel: a ``Threaded`` whose serial kernel is patched.
-KERNELS = [(refine, "refine_plans")]
+KERNELS = [(refine, "refine_plans"), (cluster, "flat_spans"), (cluster, "merged_boxes")]
 
 
 @pytest.fixture
@@ -61,6 +61,11 @@ def calls(dtype, n, heads, causal, masked):
         q, k, v, block_size=8, rank=2, refine=16, coarsening="cluster", global_tokens=[0, 40], causal=causal,
         key_padding_mask=mask, return_lse=True)
     yield "refine vjp", lambda: fmm_attention_vjp(q, k, v, **refined)[1](g)
+    # block 4, rank 2: levels of 8 .. 256 tokens, token-level up to 128, then group levels
+    clustered = dict(block_size=4, rank=2, coarsening="cluster", cluster_iters=3, causal=causal,
+                     key_padding_mask=mask)
+    yield "cluster", lambda: fmm_attention(q, k, v, return_lse=True, **clustered)
+    yield "cluster vjp", lambda: fmm_attention_vjp(q, k, v, **clustered)[1](g)
 
 
 def arrays(result):
@@ -75,7 +80,7 @@ def arrays(result):
 @pytest.mark.parametrize("causal", [False, True], ids=["bidirectional", "causal"])
 @pytest.mark.parametrize("masked", [False, True], ids=["", "mask"])
 def test_bits_do_not_depend_on_threads_splitting_or_job_order(dtype, causal, masked, two_threads, monkeypatch):
-    """n = 301 (not a multiple of any block size), three heads: each kernel has tens of jobs
+    """At n = 301 (not a multiple of any block size), three heads, each kernel has tens of jobs
     per thread; the mask leaves the first head's first half without a valid position."""
     for label, call in calls(dtype, 301, 3, causal, masked):
         results = []

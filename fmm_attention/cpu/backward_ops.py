@@ -306,7 +306,7 @@ def _cluster_buffers(batch, tree, count_scaling, iters, coarse_valid):
     parents = np.zeros((B, C), dtype=np.int64)
     with launch_guard():
         cluster_groups(batch.k, batch.v, valid, has_mask, box_sizes, ranks, offsets, iters, count_scaling, flat_size,
-                       max(1, int(_config.CLUSTER_CHUNKS)), kc, vc, cbias, counts, True, labels, parents)
+                       kc, vc, cbias, counts, True, labels, parents)
     return kc, vc, cbias, (labels, parents, counts)
 
 

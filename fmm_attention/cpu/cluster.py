@@ -4,13 +4,20 @@ Levels whose boxes hold at most ``_config.CLUSTER_FLAT_SIZE`` tokens (and level 
 box's valid *tokens*; every level above groups the *groups* of its box's two children, each
 a weighted point (its key mean, weighted by its token count). Either way a group's key and
 value are the means of the tokens it holds. See :func:`cluster_upward`.
+
+Threads: each level's boxes (at the token-level levels, each span of boxes) are independent
+jobs of a serial ``nogil`` kernel over a range of them, run on the library's threads
+(:class:`._launch.Threaded`) rather than a ``prange`` loop, whose body Numba compiled three
+times. Each range allocates its scratch once; a job writes only its own boxes' rows and
+reads only its own tokens and the level below (written by the previous launch), so the
+result does not depend on the thread count or the split.
 """
 
 import numpy as np
-from numba import prange
 
 from .. import _config
 from ._jit import jit
+from ._launch import Threaded
 
 
 @jit()
@@ -90,9 +97,9 @@ def _group_box(x, xv, index, weight, count, group, rank, iters, centre, total, b
             cbias[b, row] = np.log(total[g]) if count_scaling else 0
 
 
-@jit()
-def _flat_spans(k, v, valid, has_mask, box_sizes, ranks, offsets, n_flat, iters, count_scaling, first_job, last_job,
-                kc, vc, cbias, counts, record, labels):
+@jit(nogil=True)
+def _flat_spans_jobs(first_job, last_job, k, v, valid, has_mask, box_sizes, ranks, offsets, n_flat, iters,
+                     count_scaling, kc, vc, cbias, counts, record, labels):
     """Token-level levels ``0 .. n_flat-1`` of the spans ``first_job <= job < last_job``.
 
     A span is one box of the last token-level level (``job = b * n_spans + span``); all its
@@ -137,9 +144,9 @@ def _flat_spans(k, v, valid, has_mask, box_sizes, ranks, offsets, n_flat, iters,
                         labels[b, level, index[i]] = group[i]
 
 
-@jit()
-def _merged_boxes(box_size, rank, offset, prev_rank, prev_offset, iters, count_scaling, first_job, last_job,
-                  n_boxes, kc, vc, cbias, counts, record, parents):
+@jit(nogil=True)
+def _merged_boxes_jobs(first_job, last_job, box_size, rank, offset, prev_rank, prev_offset, iters, count_scaling,
+                       n_boxes, kc, vc, cbias, counts, record, parents):
     """Group-level level: boxes ``first_job <= job < last_job`` (``job = b * n_boxes + c``).
 
     With ``record``, ``parents[b, row]`` receives the coarse row that each non-empty child
@@ -171,6 +178,12 @@ def _merged_boxes(box_size, rank, offset, prev_rank, prev_offset, iters, count_s
                 parents[b, index[i]] = offset + c * rank + group[i]
 
 
+#: :func:`_flat_spans_jobs` and :func:`_merged_boxes_jobs` split over the threads (the jobs
+#: and their work in multiply-adds are given at each launch).
+flat_spans = Threaded(_flat_spans_jobs, None)
+merged_boxes = Threaded(_merged_boxes_jobs, None)
+
+
 def flat_levels(box_sizes, flat_size):
     """How many levels (from level 1) group tokens rather than groups: level 1 and every
     level whose boxes hold at most ``flat_size`` tokens.
@@ -181,19 +194,17 @@ def flat_levels(box_sizes, flat_size):
     return n_flat
 
 
-def cluster_upward(k, v, valid, has_mask, box_sizes, ranks, offsets, iters, count_scaling, flat_size, chunks,
-                   kc, vc, cbias):
+def cluster_upward(k, v, valid, has_mask, box_sizes, ranks, offsets, iters, count_scaling, flat_size, kc, vc, cbias):
     """Content-grouped coarsening of every level (:func:`cluster_groups` without the record of
     the group assignments, which only the backward needs).
     """
     counts = np.zeros(cbias.shape, dtype=np.float64)
     none = np.zeros((1, 1, 1), dtype=np.int64)
-    cluster_groups(k, v, valid, has_mask, box_sizes, ranks, offsets, iters, count_scaling, flat_size, chunks,
+    cluster_groups(k, v, valid, has_mask, box_sizes, ranks, offsets, iters, count_scaling, flat_size,
                    kc, vc, cbias, counts, False, none, none[0])
 
 
-@jit(parallel=True)
-def cluster_groups(k, v, valid, has_mask, box_sizes, ranks, offsets, iters, count_scaling, flat_size, chunks,
+def cluster_groups(k, v, valid, has_mask, box_sizes, ranks, offsets, iters, count_scaling, flat_size,
                    kc, vc, cbias, counts, record, labels, parents):
     """Content-grouped coarsening of every level in one upward pass (k-means up the tree).
 
@@ -204,16 +215,18 @@ def cluster_groups(k, v, valid, has_mask, box_sizes, ranks, offsets, iters, coun
 
     * the box's valid tokens, at level 1 and at every level whose boxes hold at most
       ``flat_size`` tokens (these levels run span by span, a span being one box of the
-      last of them, so its tokens are read from memory once): O(n p d iters) per level;
+      last of them, so its tokens are read from memory once; one job per span):
+      O(n p d iters) per level;
     * above, the children's non-empty groups, each a point at its key mean weighted by its
-      token count: whole groups move, O(p^2 d iters) per box.
+      token count: whole groups move, O(p^2 d iters) per box (one job per box, one
+      launch per level).
 
     Lloyd steps are skipped where a box has one token per slot (``w_l <= r_l``: exact).
     Coarse key and value are the group's (weighted) means, which are the means of its
     tokens' keys and values; the bias is ``log(count)`` (count scaling) or 0, and ``-inf``
     with zero key and value for an empty group. Rows of boxes that start at or after ``n``
-    are left as given. Deterministic (nothing depends on the thread count or on ``chunks``,
-    the work items per parallel loop) and causal-safe: a box's groups depend only on its own
+    are left as given. Deterministic (nothing depends on the thread count or on how the
+    jobs are split) and causal-safe: a box's groups depend only on its own
     tokens.
 
     ``counts`` (B, C) float64, zeros on entry, receives each row's token count. With
@@ -222,35 +235,29 @@ def cluster_groups(k, v, valid, has_mask, box_sizes, ranks, offsets, iters, coun
     ``parents`` (B, C) the row that each non-empty row of a level joins at the next
     group-level level.
     """
-    n_batch, n = k.shape[:2]
-    n_flat = 1
-    while n_flat < box_sizes.size and box_sizes[n_flat] <= flat_size:
-        n_flat += 1
-    span = box_sizes[n_flat - 1]
-    jobs = n_batch * ((n + span - 1) // span)
-    n_chunks = min(jobs, chunks)
-    for chunk in prange(n_chunks):
-        _flat_spans(k, v, valid, has_mask, box_sizes, ranks, offsets, n_flat, iters, count_scaling,
-                    chunk * jobs // n_chunks, (chunk + 1) * jobs // n_chunks, kc, vc, cbias, counts, record, labels)
+    n_batch, n, d = k.shape
+    n_flat = flat_levels(box_sizes, flat_size)
+    span = int(box_sizes[n_flat - 1])
+    steps = iters + 1
+    # work: a distance per (token or group, slot, feature) per Lloyd step
+    flat_spans.launch(n_batch * -(-n // span), n_batch * n * d * n_flat * int(ranks[:n_flat].max()) * steps,
+                      k, v, valid, has_mask, box_sizes, ranks, offsets, n_flat, iters, count_scaling,
+                      kc, vc, cbias, counts, record, labels)
     for level in range(n_flat, box_sizes.size):
-        box_size = box_sizes[level]
-        n_boxes = (n + box_size - 1) // box_size
-        jobs = n_batch * n_boxes
-        n_chunks = min(jobs, chunks)
-        for chunk in prange(n_chunks):
-            _merged_boxes(box_size, ranks[level], offsets[level], ranks[level - 1], offsets[level - 1], iters,
-                          count_scaling, chunk * jobs // n_chunks, (chunk + 1) * jobs // n_chunks, n_boxes,
-                          kc, vc, cbias, counts, record, parents)
-
+        n_boxes = -(-n // int(box_sizes[level]))
+        work = n_batch * n_boxes * 2 * int(ranks[level - 1]) * int(ranks[level]) * d * steps
+        merged_boxes.launch(n_batch * n_boxes, work, box_sizes[level], ranks[level], offsets[level],
+                            ranks[level - 1], offsets[level - 1], iters, count_scaling, n_boxes,
+                            kc, vc, cbias, counts, record, parents)
 
 def upward(coarsening, batch, tree, *, valid, has_mask, count_scaling, kc, vc, cbias):
     """The upward pass of a :class:`~fmm_attention.ClusterCoarsening` (its CPU kernel entry).
 
     The calling convention of :attr:`fmm_attention.coarsening.Coarsening.kernels`; the
-    level split and the work chunks are read from ``_config`` at call time.
+    level split is read from ``_config`` at call time.
     """
     levels = tree.levels
     box_sizes, ranks, offsets = (np.array([getattr(lv, a) for lv in levels], dtype=np.int64)
                                  for a in ("box_size", "rank", "offset"))
     cluster_upward(batch.k, batch.v, valid, has_mask, box_sizes, ranks, offsets, coarsening.iters, count_scaling,
-                   int(_config.CLUSTER_FLAT_SIZE), max(1, int(_config.CLUSTER_CHUNKS)), kc, vc, cbias)
+                   int(_config.CLUSTER_FLAT_SIZE), kc, vc, cbias)
