@@ -15,10 +15,11 @@ import numpy as np
 import pytest
 
 from fmm_attention import _config, fmm_attention, fmm_attention_vjp
-from fmm_attention.cpu import _launch, cluster, refine
+from fmm_attention.cpu import _launch, cluster, query_coarsening, refine
 
 #: (module, name) of every converted kernel: a ``Threaded`` whose serial kernel is patched.
-KERNELS = [(refine, "refine_plans"), (cluster, "flat_spans"), (cluster, "merged_boxes")]
+KERNELS = [(refine, "refine_plans"), (cluster, "flat_spans"), (cluster, "merged_boxes")] + [
+    (query_coarsening, name) for name in ("_coarse_queries_level", "far_partials", "_downward_level")]
 
 
 @pytest.fixture
@@ -66,6 +67,10 @@ def calls(dtype, n, heads, causal, masked):
                      key_padding_mask=mask)
     yield "cluster", lambda: fmm_attention(q, k, v, return_lse=True, **clustered)
     yield "cluster vjp", lambda: fmm_attention_vjp(q, k, v, **clustered)[1](g)
+    if not causal:  # coarse queries are bidirectional only
+        coarse = dict(block_size=4, rank=2, query_coarsening=True, key_padding_mask=mask)
+        yield "coarse queries", lambda: fmm_attention(q, k, v, return_lse=True, **coarse)
+        yield "coarse queries vjp", lambda: fmm_attention_vjp(q, k, v, **coarse)[1](g)
 
 
 def arrays(result):
