@@ -10,35 +10,23 @@ are the same bit for bit for one thread, two threads, an unsplit call and the jo
 at a time in reverse order.
 """
 
+import sys
+from pathlib import Path
+
 import numba
 import numpy as np
 import pytest
 
-from fmm_attention import _config, fmm_attention, fmm_attention_vjp
-from fmm_attention.cpu import _launch, cluster, query_coarsening, refine
+sys.path.insert(0, str(Path(__file__).parent))
+# the same fixture (two Numba threads) and job-order wrapper as the sibling test
+from test_threaded_kernels import one_job_at_a_time_backwards, two_threads  # noqa: E402, F401
+
+from fmm_attention import _config, fmm_attention, fmm_attention_vjp  # noqa: E402
+from fmm_attention.cpu import _launch, cluster, query_coarsening, refine  # noqa: E402
 
 #: (module, name) of every converted kernel: a ``Threaded`` whose serial kernel is patched.
 KERNELS = [(refine, "refine_plans"), (cluster, "flat_spans"), (cluster, "merged_boxes")] + [
     (query_coarsening, name) for name in ("_coarse_queries_level", "far_partials", "_downward_level")]
-
-
-@pytest.fixture
-def two_threads():
-    if numba.config.NUMBA_NUM_THREADS < 2:
-        pytest.skip("needs two Numba threads")
-    before = numba.get_num_threads()
-    yield
-    numba.set_num_threads(before)
-
-
-def one_job_at_a_time_backwards(kernel):
-    """A kernel that runs its jobs singly, last to first (independent jobs: same result)."""
-
-    def run(job_lo, job_hi, *args):
-        for job in range(job_hi - 1, job_lo - 1, -1):
-            kernel(job, job + 1, *args)
-
-    return run
 
 
 def test_every_converted_kernel_is_threaded_nogil_and_not_parallel():
@@ -84,7 +72,8 @@ def arrays(result):
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("causal", [False, True], ids=["bidirectional", "causal"])
 @pytest.mark.parametrize("masked", [False, True], ids=["", "mask"])
-def test_bits_do_not_depend_on_threads_splitting_or_job_order(dtype, causal, masked, two_threads, monkeypatch):
+@pytest.mark.usefixtures("two_threads")
+def test_bits_do_not_depend_on_threads_splitting_or_job_order(dtype, causal, masked, monkeypatch):
     """At n = 301 (not a multiple of any block size), three heads, each kernel has tens of jobs
     per thread; the mask leaves the first head's first half without a valid position."""
     for label, call in calls(dtype, 301, 3, causal, masked):
