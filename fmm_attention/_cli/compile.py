@@ -62,6 +62,19 @@ def _fma_calls(**options):
     return run
 
 
+def _cluster(dtype):
+    # At n = 64 every box holds at most CLUSTER_FLAT_SIZE tokens, so only the token-level
+    # kernel would run; with the size at 0 the levels above level 1 group groups, which
+    # reaches the group-level kernel too (its types do not depend on the size).
+    saved = _config.CLUSTER_FLAT_SIZE
+    try:
+        for flat_size in (saved, 0):
+            _config.CLUSTER_FLAT_SIZE = flat_size
+            _fma_calls(coarsening="cluster", cluster_iters=2)(dtype)
+    finally:
+        _config.CLUSTER_FLAT_SIZE = saved
+
+
 def _learned(dtype):
     from ..api import fmm_attention
     from ..coarsening import LearnedCoarsening
@@ -162,7 +175,7 @@ VARIANTS = {
     "exact": (_exact, DTYPES),
     "fma": (_fma_calls(), DTYPES),
     "fma-coarse-queries": (_fma_calls(query_coarsening=True), DTYPES),
-    "fma-cluster": (_fma_calls(coarsening="cluster", cluster_iters=2), DTYPES),
+    "fma-cluster": (_cluster, DTYPES),
     "fma-learned": (_learned, DTYPES),
     "fma-refine": (_fma_calls(refine=8), DTYPES),
     "fma-global-tokens": (_fma_calls(global_tokens=[0, _N - 1]), DTYPES),
