@@ -542,7 +542,9 @@ kernels = {}
 for info in pkgutil.iter_modules(cpu.__path__):
     module = importlib.import_module(f"fmm_attention.cpu.{info.name}")
     for name, obj in vars(module).items():
-        if isinstance(obj, CPUDispatcher) and obj.targetoptions.get("parallel") and obj.__module__ == module.__name__:
+        # parallel loops, and serial nogil kernels (those on the library's threads)
+        if (isinstance(obj, CPUDispatcher) and (obj.targetoptions.get("parallel") or obj.targetoptions.get("nogil"))
+                and obj.__module__ == module.__name__):
             kernels[f"{info.name}.{name}"] = obj
         elif isinstance(obj, Threaded) and obj.kernel.__module__ == module.__name__:  # serial kernels on threads
             kernels[f"{info.name}.{name}"] = obj.kernel
@@ -568,7 +570,8 @@ def test_compile_reaches_every_parallel_kernel_in_both_dtypes():
     assert len(report) > 10
     # kernels on threads are covered too, and exact attention's forward has one kernel per
     # product path, each compiled for the dtypes that take it
-    assert {"blocks.block_attention", "backward.block_backward", "upward._mean_level"} <= set(report)
+    assert {"blocks.block_attention", "backward.block_backward", "upward._mean_level", "exact.exact_tiles",
+            "exact.exact_tiles_blas", "upward.learned_upward_level", "backward.learned_weight_grad"} <= set(report)
     micro = set(_config.EXACT_MICRO_KERNEL_DTYPES)
     per_dtype = {"exact.exact_tiles": micro, "exact.exact_tiles_blas": {"float32", "float64"} - micro}
     for name, dtypes in report.items():

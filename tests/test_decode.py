@@ -337,6 +337,25 @@ def test_parallel_kernel_equals_forward(monkeypatch, coarsening):
     np.testing.assert_allclose(lse, ref_lse, **TOL)
 
 
+@pytest.mark.parametrize("method, coarsening", [("fmm", "mean"), ("fmm", "learned"), ("exact", "mean")])
+def test_parallel_kernel_changes_no_bit(monkeypatch, method, coarsening):
+    """The parallel decode kernels (one job per state for FMA, per (query, key chunk) for
+    exact) give the bits of the serial ones."""
+    from fmm_attention import _config
+
+    coarse = learned(4) if coarsening == "learned" else "mean"
+    q, k, v = qkv((5,), 100, seed=21)
+    valid = np.random.default_rng(22).random((5, 100)) > 0.2
+    results = []
+    for least in (0, 10**15):
+        monkeypatch.setattr(_config, "DECODE_PARALLEL_MIN_WORK", least)
+        dec = FMMDecoder(batch_shape=(5,), d=D, dv=DV, block_size=M, rank=P, coarsening=coarse, global_tokens=[3],
+                         method=method)
+        results.append(decode(dec, q, k, v, prompt=30, chunk=7, valid=valid))
+    for x, y in zip(*results):
+        np.testing.assert_array_equal(x, y)
+
+
 def test_exact_decoder_over_key_chunks(monkeypatch):
     """A long cache is split over key chunks merged by log-sum-exp (parallel kernel)."""
     from fmm_attention import _config

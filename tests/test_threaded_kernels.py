@@ -10,13 +10,17 @@ import numba
 import numpy as np
 import pytest
 
-from fmm_attention import _config, exact_attention, exact_attention_vjp, fastformer_attention, fastformer_attention_vjp
-from fmm_attention.cpu import _launch, backward, backward_fastformer, backward_ops, exact, fastformer
+from fmm_attention import (LearnedCoarsening, _config, exact_attention, exact_attention_vjp, fastformer_attention,
+                           fastformer_attention_vjp, fmm_attention, fmm_attention_vjp)
+from fmm_attention.cpu import _launch, backward, backward_fastformer, backward_ops, coarse, exact, fastformer, upward
+from fmm_attention.tree import build_tree
 
 #: (module whose globals the callers read, name): every converted kernel.
 KERNELS = [(fastformer, name) for name in ("chunk_partials", "modulate", "causal_queries", "causal_keys")] + [
     (backward_fastformer, "causal_backward")] + [
-    (backward_ops, name) for name in ("exact_backward_prepare", "exact_backward_tiles", "exact_backward_reduce")]
+    (backward_ops, name) for name in ("exact_backward_prepare", "exact_backward_tiles", "exact_backward_reduce")] + [
+    (coarse, "learned_upward_level"), (coarse, "box_counts_bias")] + [
+    (backward_ops, name) for name in ("cluster_downward", "learned_downward_level", "learned_weight_grad")]
 #: The exact forward's kernels (one per product path), dispatchers that ``exact_kernel``
 #: splits over the threads at each launch.
 EXACT_FORWARD = ("exact_tiles", "exact_tiles_blas")
@@ -57,6 +61,8 @@ def test_every_converted_kernel_is_threaded():
         assert isinstance(kernel, _launch.Threaded), name
         assert kernel.kernel.targetoptions.get("nogil") and not kernel.kernel.targetoptions.get("parallel"), name
     assert backward.exact_backward_tiles is backward_ops.exact_backward_tiles
+    assert backward.learned_weight_grad is backward_ops.learned_weight_grad
+    assert upward.learned_upward_level is coarse.learned_upward_level
     for name in EXACT_FORWARD:
         kernel = getattr(exact, name)
         assert kernel.targetoptions.get("nogil") and not kernel.targetoptions.get("parallel"), name
@@ -74,11 +80,24 @@ def calls(dtype, n, heads, causal, masked):
     if causal:  # the bidirectional backward is NumPy reductions
         yield "fastformer vjp", lambda: fastformer_attention_vjp(q, k, v, w_q, w_k, causal=causal,
                                                                  key_padding_mask=mask)[1](g)
+    # learned coarsening (its upward pass, box counts, downward pass and weight gradients)
+    # and cluster coarsening (its downward pass), forward and pullback
+    m = 16
+    tree = build_tree(n, block_size=m, rank=2, causal=causal)
+    weights = [[(rng.standard_normal((lv.rank * 8, 1, lv.box_size)) / lv.box_size).astype(dtype) for lv in tree.levels]
+               for _ in range(2)]
+    biases = [[(0.1 * rng.standard_normal(lv.rank * 8)).astype(dtype) for lv in tree.levels] for _ in range(2)]
+    for name, coarsening in (("learned", LearnedCoarsening(*weights, *biases)), ("cluster", "cluster")):
+        options = dict(causal=causal, block_size=m, rank=2, key_padding_mask=mask, coarsening=coarsening)
+        yield f"fma {name}", lambda options=options: fmm_attention(q, k, v, **options)
+        yield f"fma {name} vjp", lambda options=options: fmm_attention_vjp(q, k, v, **options)[1](g)
     yield "exact", lambda: exact_attention(q, k, v, causal=causal, key_padding_mask=mask, return_lse=True)
     yield "exact vjp", lambda: exact_attention_vjp(q, k, v, causal=causal, key_padding_mask=mask)[1](g)
 
 
 def arrays(result):
+    if result is None:  # a gradient the call has none of
+        return []
     if isinstance(result, np.ndarray):
         return [result]
     if hasattr(result, "__dataclass_fields__"):

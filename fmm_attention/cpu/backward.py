@@ -24,7 +24,7 @@ the plan, never by the thread count:
 """
 
 import numpy as np
-from numba import prange, types
+from numba import types
 from numba.extending import overload
 
 from .. import _config
@@ -716,20 +716,22 @@ def _mean_downward_layout(valid, has_mask, sub_sizes, offsets, counts, dkc, dvc,
 mean_downward = Threaded(_mean_downward_jobs, _mean_downward_layout)
 
 
-@jit(parallel=True)
-def cluster_downward(valid, has_mask, box_sizes, ranks, offsets, labels, parents, counts, dkc, dvc, dk, dv):
-    """Adjoint of :func:`fmm_attention.cpu.cluster.cluster_groups` with its groups held fixed.
+@jit(nogil=True)
+def _cluster_downward_jobs(job_lo, job_hi, valid, has_mask, box_sizes, ranks, offsets, labels, parents, counts, dkc,
+                           dvc, dk, dv):
+    """Adjoint of :func:`fmm_attention.cpu.cluster.cluster_groups` with its groups held fixed,
+    jobs (tokens of all batch entries) ``job_lo <= job < job_hi``.
 
     Every coarse row is the mean of the tokens of its group, so each of them receives
     ``d(row) / count``. A token's row is ``labels`` at the token-level levels (its slot in
-    its box) and follows ``parents`` from the row below above them; one parallel job per
-    token sums its rows' shares level by level (tokens are independent: no atomics).
+    its box) and follows ``parents`` from the row below above them; each job sums its
+    token's shares level by level (tokens are independent: no atomics).
     """
     n_batch, n, d = dk.shape
     e_v = dv.shape[2]
     n_levels = box_sizes.size
     n_flat = labels.shape[1]
-    for job in prange(n_batch * n):
+    for job in range(job_lo, job_hi):
         b = job // n
         t = job % n
         if has_mask and not valid[b, t]:
@@ -747,11 +749,23 @@ def cluster_downward(valid, has_mask, box_sizes, ranks, offsets, labels, parents
                 dv[b, t, e] += dvc[b, row, e] * inv
 
 
-@jit(parallel=True)
-def learned_downward_level(weights_t, valid, has_mask, box_size, rank, offset, tokens_per_job, dout, dx):
-    """Adjoint of :func:`fmm_attention.cpu.upward.learned_upward_level` for its input: the
-    transposed grouped convolution ``dx[c*w + u, e] += sum_t W[e*r + t, u] dout[c*r + t, e]``
-    (valid tokens only; padded and masked tokens entered as zeros).
+def _cluster_downward_layout(valid, has_mask, box_sizes, ranks, offsets, labels, parents, counts, dkc, dvc, dk, dv):
+    n_batch, n, d = dk.shape
+    return n_batch * n, n_batch * n * box_sizes.size * (d + dv.shape[2])  # each token: one row per level
+
+
+#: ``cluster_downward(valid, has_mask, box_sizes, ranks, offsets, labels, parents, counts, dkc, dvc,
+#: dk, dv)``: :func:`_cluster_downward_jobs` over every token, split over the threads.
+cluster_downward = Threaded(_cluster_downward_jobs, _cluster_downward_layout)
+
+
+@jit(nogil=True)
+def _learned_downward_jobs(job_lo, job_hi, weights_t, valid, has_mask, box_size, rank, offset, tokens_per_job, dout,
+                           dx):
+    """Adjoint of :func:`fmm_attention.cpu.upward.learned_upward_level` for its input, jobs
+    ``job_lo <= job < job_hi``: the transposed grouped convolution ``dx[c*w + u, e] += sum_t
+    W[e*r + t, u] dout[c*r + t, e]`` (valid tokens only; padded and masked tokens entered as
+    zeros).
 
     ``weights_t`` is ``W`` transposed, ``(w, r*d)``: a token reads one contiguous row (in
     ``W`` its ``r*d`` weights lie a row apart, one cache line each, and the top levels'
@@ -760,7 +774,7 @@ def learned_downward_level(weights_t, valid, has_mask, box_size, rank, offset, t
     """
     n_batch, n, d = dx.shape
     n_runs = (n + tokens_per_job - 1) // tokens_per_job
-    for job in prange(n_batch * n_runs):
+    for job in range(job_lo, job_hi):
         b = job // n_runs
         lo = (job % n_runs) * tokens_per_job
         for t in range(lo, min(n, lo + tokens_per_job)):
@@ -775,9 +789,20 @@ def learned_downward_level(weights_t, valid, has_mask, box_size, rank, offset, t
                 dx[b, t, e] += acc
 
 
-@jit(parallel=True)
-def learned_weight_grad(x_t, valid, has_mask, box_size, rank, offset, dout, dw, dbias):
-    """Weight and bias gradients of one level's grouped convolution (Conv1d layout rows):
+def _learned_downward_layout(weights_t, valid, has_mask, box_size, rank, offset, tokens_per_job, dout, dx):
+    n_batch, n, d = dx.shape
+    return n_batch * -(-n // tokens_per_job), n_batch * n * d * rank
+
+
+#: ``learned_downward_level(weights_t, valid, has_mask, box_size, rank, offset, tokens_per_job,
+#: dout, dx)``: :func:`_learned_downward_jobs` over every run of tokens, split over the threads.
+learned_downward_level = Threaded(_learned_downward_jobs, _learned_downward_layout)
+
+
+@jit(nogil=True)
+def _learned_weight_grad_jobs(job_lo, job_hi, x_t, valid, has_mask, box_size, rank, offset, dout, dw, dbias):
+    """Weight and bias gradients of one level's grouped convolution (Conv1d layout rows),
+    jobs (weight rows) ``job_lo <= job < job_hi``:
     ``dw[e*r + t, u] = sum_{b, c} dout[b, c*r + t, e] x[b, c*w + u, e]`` over valid tokens,
     ``dbias[e*r + t] = sum_{b, c} dout[b, c*r + t, e]``; one weight row per job, summed over
     ``b`` then ``c`` in order. ``x_t`` is ``x`` transposed, ``(B, d, n)``: a job reads one
@@ -785,10 +810,11 @@ def learned_weight_grad(x_t, valid, has_mask, box_size, rank, offset, dout, dw, 
     """
     n_batch, d, n = x_t.shape
     n_boxes = (n + box_size - 1) // box_size
-    for w_row in prange(d * rank):
+    for w_row in range(job_lo, job_hi):
         e = w_row // rank
         t = w_row % rank
-        dw[w_row] = 0
+        for u in range(dw.shape[1]):
+            dw[w_row, u] = 0
         total = dw.dtype.type(0)
         for b in range(n_batch):
             for c in range(n_boxes):
@@ -800,3 +826,13 @@ def learned_weight_grad(x_t, valid, has_mask, box_size, rank, offset, dout, dw, 
                         continue
                     dw[w_row, u] += grad * x_t[b, e, first + u]
         dbias[w_row] = total
+
+
+def _learned_weight_grad_layout(x_t, valid, has_mask, box_size, rank, offset, dout, dw, dbias):
+    n_batch, d, n = x_t.shape
+    return d * rank, n_batch * n * d * rank  # each weight row: one product per token of its feature
+
+
+#: ``learned_weight_grad(x_t, valid, has_mask, box_size, rank, offset, dout, dw, dbias)``:
+#: :func:`_learned_weight_grad_jobs` over every weight row, split over the threads.
+learned_weight_grad = Threaded(_learned_weight_grad_jobs, _learned_weight_grad_layout)

@@ -8,7 +8,6 @@ no valid token.
 """
 
 import numpy as np
-from numba import prange
 
 from .. import _config
 from ._jit import jit
@@ -138,16 +137,17 @@ class _MeanUpward:
 mean_upward = _MeanUpward()
 
 
-@jit(parallel=True)
-def learned_upward_level(x, valid, has_mask, weights, bias, box_size, rank, offset, out):
-    """Grouped-convolution coarsening of one level for one of keys or values.
+@jit(nogil=True)
+def _learned_upward_jobs(job_lo, job_hi, x, valid, has_mask, weights, bias, box_size, rank, offset, out):
+    """Grouped-convolution coarsening of one level for one of keys or values, jobs (boxes of
+    all batch entries) ``job_lo <= job < job_hi``.
 
     ``out[b, offset + c*rank + t, e] = sum_u weights[e*rank + t, u] * x[b, c*box_size + u, e]
     + bias[e*rank + t]`` with padded and masked tokens entering as zeros.
     """
     n_batch, n, d = x.shape
     n_boxes = (n + box_size - 1) // box_size  # boxes of padding only are never planned
-    for job in prange(n_batch * n_boxes):
+    for job in range(job_lo, job_hi):
         b = job // n_boxes
         c = job % n_boxes
         first = c * box_size
@@ -164,12 +164,28 @@ def learned_upward_level(x, valid, has_mask, weights, bias, box_size, rank, offs
                 out[b, row, e] = acc
 
 
-@jit(parallel=True)
-def box_counts_bias(valid, has_mask, n, box_size, rank, offset, count_scaling, kc, vc, cbias):
-    """Bias ``log(valid(box) / rank)`` (or 0) of the learned coarse keys; masks empty boxes."""
-    n_batch = cbias.shape[0]
+def _boxes_layout(x_or_valid, n, box_size, rank, per_token):
+    n_batch = x_or_valid.shape[0]
+    return n_batch * ((n + box_size - 1) // box_size), n_batch * n * rank * per_token
+
+
+def _learned_upward_layout(x, valid, has_mask, weights, bias, box_size, rank, offset, out):
+    return _boxes_layout(x, x.shape[1], box_size, rank, x.shape[2])  # each token: rank weights per feature
+
+
+#: ``learned_upward_level(x, valid, has_mask, weights, bias, box_size, rank, offset, out)``:
+#: :func:`_learned_upward_jobs` over every box, split over the threads.
+learned_upward_level = Threaded(_learned_upward_jobs, _learned_upward_layout)
+
+
+@jit(nogil=True)
+def _box_counts_jobs(job_lo, job_hi, valid, has_mask, n, box_size, rank, offset, count_scaling, kc, vc, cbias):
+    """Bias ``log(valid(box) / rank)`` (or 0) of the learned coarse keys, jobs (boxes of all
+    batch entries) ``job_lo <= job < job_hi``; masks empty boxes."""
     n_boxes = (n + box_size - 1) // box_size
-    for job in prange(n_batch * n_boxes):
+    d = kc.shape[2]
+    dv = vc.shape[2]
+    for job in range(job_lo, job_hi):
         b = job // n_boxes
         c = job % n_boxes
         first = c * box_size
@@ -182,9 +198,22 @@ def box_counts_bias(valid, has_mask, n, box_size, rank, offset, count_scaling, k
             row = offset + c * rank + t
             if count == 0:
                 cbias[b, row] = -np.inf
-                kc[b, row] = 0  # keep masked rows finite: 0 * nan would poison the products
-                vc[b, row] = 0
+                # keep masked rows finite: 0 * nan would poison the products (explicit loops:
+                # a row assignment compiles a broadcast and its shape-mismatch error)
+                for e in range(d):
+                    kc[b, row, e] = 0
+                for e in range(dv):
+                    vc[b, row, e] = 0
             elif count_scaling:
                 cbias[b, row] = np.log(count / rank)
             else:
                 cbias[b, row] = 0
+
+
+def _box_counts_layout(valid, has_mask, n, box_size, rank, offset, count_scaling, kc, vc, cbias):
+    return _boxes_layout(cbias, n, box_size, 1, 1)  # one pass over the mask
+
+
+#: ``box_counts_bias(valid, has_mask, n, box_size, rank, offset, count_scaling, kc, vc, cbias)``:
+#: :func:`_box_counts_jobs` over every box, split over the threads.
+box_counts_bias = Threaded(_box_counts_jobs, _box_counts_layout)
