@@ -2,13 +2,13 @@
 
 Each job owns a tile of query rows and walks the key tiles with an online softmax; the
 kernels are serial over a range of jobs and run on the library's threads
-(:class:`._launch.Threaded`), like FMA's block kernel. The layout is that of FMA's block kernel and of exact attention's backward:
-logits key-major (``scores[key, query]``), the tile's scaled queries transposed and padded
-to the micro-kernel's panel width, so that both products (the logits, then the weighted
-values) run on the register-blocked micro-kernel of :mod:`._tiles`, reading keys and
-values a row at a time where they lie, and the softmax passes (maximum, rescale,
-exponential and sum) run along contiguous rows across the tile's queries
-(:func:`exact_tiles`). That is the float32 path; float64 keeps the earlier query-major
+(:class:`._launch.Threaded`), like FMA's block kernel. The layout is that of FMA's block
+kernel and of exact attention's backward: logits key-major (``scores[key, query]``), the
+tile's scaled queries transposed and padded to the micro-kernel's panel width, so that both
+products (the logits, then the weighted values) run on the register-blocked micro-kernel
+of :mod:`._tiles`, reading keys and values a row at a time where they lie, and the softmax
+passes (maximum, rescale, exponential and sum) run along contiguous rows across the tile's
+queries (:func:`exact_tiles`). That is the float32 path; float64 keeps the earlier query-major
 kernel whose products are BLAS calls (:func:`exact_tiles_blas`), faster there because
 OpenBLAS's double products at these shapes beat the micro-kernel's
 (``_config.EXACT_MICRO_KERNEL_DTYPES`` chooses). No ``(n, n)`` array in either.
@@ -41,8 +41,8 @@ def _tile_of(slot, n_tiles):
 
     Causal tile ``t`` costs about ``t + 1`` key tiles, so tiles ``t`` and ``n - 1 - t`` together
     cost the same for every ``t``. Each thread takes one contiguous run of slots
-    (:class:`._launch.Threaded`), so in this order each gets the same work, where in tile order the thread with the
-    last tiles got three quarters of the triangle. The tiles are independent: the order
+    (:class:`._launch.Threaded`), so in this order each gets the same work, where in tile
+    order the thread with the last tiles got three quarters of the triangle. The tiles are independent: the order
     changes no result.
     """
     half = slot // 2
