@@ -13,15 +13,14 @@ at a time in reverse order.
 import sys
 from pathlib import Path
 
-import numba
 import numpy as np
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
-# the same fixture (two Numba threads) and job-order wrapper as the sibling test
-from test_threaded_kernels import one_job_at_a_time_backwards, two_threads  # noqa: E402, F401
+# the same fixture (two Numba threads) and bitwise check as the sibling test
+from test_threaded_kernels import assert_bits_do_not_depend_on_threads, two_threads  # noqa: E402, F401
 
-from fmm_attention import _config, fmm_attention, fmm_attention_vjp  # noqa: E402
+from fmm_attention import fmm_attention, fmm_attention_vjp  # noqa: E402
 from fmm_attention.cpu import _launch, cluster, query_coarsening, refine  # noqa: E402
 
 #: (module, name) of every converted kernel: a ``Threaded`` whose serial kernel is patched.
@@ -61,14 +60,6 @@ def calls(dtype, n, heads, causal, masked):
         yield "coarse queries vjp", lambda: fmm_attention_vjp(q, k, v, **coarse)[1](g)
 
 
-def arrays(result):
-    if result is None:
-        return []
-    if isinstance(result, np.ndarray):
-        return [result]
-    return [x for item in result for x in arrays(item)]
-
-
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("causal", [False, True], ids=["bidirectional", "causal"])
 @pytest.mark.parametrize("masked", [False, True], ids=["", "mask"])
@@ -76,20 +67,5 @@ def arrays(result):
 def test_bits_do_not_depend_on_threads_splitting_or_job_order(dtype, causal, masked, monkeypatch):
     """At n = 301 (not a multiple of any block size), three heads, each kernel has tens of jobs
     per thread; the mask leaves the first head's first half without a valid position."""
-    for label, call in calls(dtype, 301, 3, causal, masked):
-        results = []
-        for threads, min_work in ((1, 0), (2, 0), (2, 10**15)):
-            numba.set_num_threads(threads)
-            monkeypatch.setattr(_config, "THREADED_MIN_WORK", min_work)
-            results.append(arrays(call()))
-        with monkeypatch.context() as patch:
-            patch.setattr(_config, "THREADED_MIN_WORK", 10**15)
-            for module, name in KERNELS:
-                kernel = getattr(module, name)
-                # the Threaded object itself: callers that imported it see the patch too
-                patch.setattr(kernel, "kernel", one_job_at_a_time_backwards(kernel.kernel))
-            results.append(arrays(call()))
-        for other, how in zip(results[1:], ("two threads", "unsplit", "jobs in reverse order")):
-            assert len(other) == len(results[0])
-            for x, y in zip(other, results[0]):
-                np.testing.assert_array_equal(x, y, err_msg=f"{label}: {how}")
+    assert_bits_do_not_depend_on_threads(calls(dtype, 301, 3, causal, masked),
+                                         [getattr(module, name) for module, name in KERNELS], monkeypatch)

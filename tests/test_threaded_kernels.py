@@ -15,7 +15,7 @@ from fmm_attention import (LearnedCoarsening, _config, exact_attention, exact_at
 from fmm_attention.cpu import _launch, backward, backward_fastformer, backward_ops, coarse, exact, fastformer, upward
 from fmm_attention.tree import build_tree
 
-#: (module whose globals the callers read, name): every converted kernel.
+#: (module, name) of every converted kernel (a ``Threaded``).
 KERNELS = [(fastformer, name) for name in ("chunk_partials", "modulate", "causal_queries", "causal_keys")] + [
     (backward_fastformer, "causal_backward")] + [
     (backward_ops, name) for name in ("exact_backward_prepare", "exact_backward_tiles", "exact_backward_reduce")] + [
@@ -105,6 +105,32 @@ def arrays(result):
     return [x for item in result for x in arrays(item)]
 
 
+def assert_bits_do_not_depend_on_threads(calls, threaded, monkeypatch, dispatchers=()):
+    """Each of ``calls`` (``(label, call)`` pairs) gives the same arrays, bit for bit, on one
+    thread, on two, unsplit (``THREADED_MIN_WORK`` huge) and with the jobs run one at a time
+    in reverse order: the serial kernel of each ``Threaded`` in ``threaded`` replaced on the
+    object itself (so every module that imported it sees it), and each ``(module, name)`` of
+    ``dispatchers`` (kernels a caller looks up in its module and splits itself) replaced there.
+    """
+    for label, call in calls:
+        results = []
+        for threads, min_work in ((1, 0), (2, 0), (2, 10**15)):
+            numba.set_num_threads(threads)
+            monkeypatch.setattr(_config, "THREADED_MIN_WORK", min_work)
+            results.append(arrays(call()))
+        with monkeypatch.context() as patch:
+            patch.setattr(_config, "THREADED_MIN_WORK", 10**15)
+            for kernel in threaded:
+                patch.setattr(kernel, "kernel", one_job_at_a_time_backwards(kernel.kernel))
+            for module, name in dispatchers:
+                patch.setattr(module, name, one_job_at_a_time_backwards(getattr(module, name)))
+            results.append(arrays(call()))
+        for other, how in zip(results[1:], ("two threads", "unsplit", "jobs in reverse order")):
+            assert len(other) == len(results[0])
+            for x, y in zip(other, results[0]):
+                np.testing.assert_array_equal(x, y, err_msg=f"{label}: {how}")
+
+
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("causal", [False, True], ids=["bidirectional", "causal"])
 @pytest.mark.parametrize("masked", [False, True], ids=["", "mask"])
@@ -114,25 +140,9 @@ def test_bits_do_not_depend_on_threads_splitting_or_job_order(dtype, causal, mas
     """Small chunks and a 4 x 4 backward grid (``small_jobs``), so that every kernel has
     several jobs per thread; the mask leaves the first entry's first half without a valid
     position (empty chunks, causal rows without a key)."""
-    for label, call in calls(dtype, n, heads, causal, masked):
-        results = []
-        for threads, min_work in ((1, 0), (2, 0), (2, 10**15)):
-            numba.set_num_threads(threads)
-            monkeypatch.setattr(_config, "THREADED_MIN_WORK", min_work)
-            results.append(arrays(call()))
-        with monkeypatch.context() as patch:
-            patch.setattr(_config, "THREADED_MIN_WORK", 10**15)
-            for module, name in KERNELS:
-                kernel = getattr(module, name)
-                patch.setattr(module, name, _launch.Threaded(one_job_at_a_time_backwards(kernel.kernel),
-                                                             kernel.layout))
-            for name in EXACT_FORWARD:
-                patch.setattr(exact, name, one_job_at_a_time_backwards(getattr(exact, name)))
-            results.append(arrays(call()))
-        for other, how in zip(results[1:], ("two threads", "unsplit", "jobs in reverse order")):
-            assert len(other) == len(results[0])
-            for x, y in zip(other, results[0]):
-                np.testing.assert_array_equal(x, y, err_msg=f"{label}: {how}")
+    assert_bits_do_not_depend_on_threads(calls(dtype, n, heads, causal, masked),
+                                         [getattr(module, name) for module, name in KERNELS], monkeypatch,
+                                         dispatchers=[(exact, name) for name in EXACT_FORWARD])
 
 
 @pytest.mark.parametrize("causal", [False, True], ids=["bidirectional", "causal"])

@@ -164,8 +164,9 @@ def _learned_upward_jobs(job_lo, job_hi, x, valid, has_mask, weights, bias, box_
                 out[b, row, e] = acc
 
 
-def _boxes_layout(x_or_valid, n, box_size, rank, per_token):
-    n_batch = x_or_valid.shape[0]
+def _boxes_layout(batched, n, box_size, rank, per_token):
+    # jobs: the boxes of every batch entry (``batched.shape[0]`` of them); work: per token
+    n_batch = batched.shape[0]
     return n_batch * ((n + box_size - 1) // box_size), n_batch * n * rank * per_token
 
 
