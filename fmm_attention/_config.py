@@ -39,10 +39,10 @@ INTERRUPT_SECONDS = 0.25
 INTERRUPT_FIRST_SECONDS_PER_WORK = 1e-9
 
 #: Threaded serial kernels (FMA's block kernel, mean upward pass and refinement, cluster
-#: coarsening, and the others ``cpu/_launch.Threaded`` runs): a call of less work than this (multiply-adds) runs
-#: in the calling thread alone (waking a worker thread costs more than it gains). Each
-#: thread runs one contiguous range of jobs and allocates its work buffers once (this
-#: replaced the refinement's ``FMA_CHUNKS_PER_THREAD`` and cluster coarsening's
+#: coarsening, and the others ``cpu/_launch.Threaded`` runs): a call of less work than this
+#: (multiply-adds) runs in the calling thread alone (waking a worker thread costs more than
+#: it gains). Each thread runs one contiguous range of jobs and allocates its work buffers
+#: once (this replaced the refinement's ``FMA_CHUNKS_PER_THREAD`` and cluster coarsening's
 #: ``CLUSTER_CHUNKS``: their chunks of a ``prange`` were split statically too, so they only
 #: added allocations).
 THREADED_MIN_WORK = 1_000_000
