@@ -118,6 +118,10 @@ DASK_EXACT_QUERY_ROWS = 512
 #: thread (a parallel launch costs more than a few microseconds of work).
 DECODE_PARALLEL_MIN_WORK = 1 << 18
 
+#: Streaming exact decode: fewest cache rows per key chunk of one query (a chunk is one
+#: parallel job; their softmax partials are merged by log-sum-exp).
+DECODE_EXACT_CHUNK_KEYS = 4096
+
 #: Fastformer: sequence chunk length of the parallel bidirectional reductions.
 FASTFORMER_CHUNK = 4096
 

@@ -410,7 +410,9 @@ def padding_masks(key_padding_mask, layout):
             f"key_padding_mask must have shape (..., n_k) broadcastable to {want} (the output's leading dims, "
             f"then n_k; size-1 head or batch axes broadcast), got {mask.shape}"
         )
-    return np.ascontiguousarray(np.broadcast_to(mask, want)).reshape(layout.size, layout.n_k)
+    # always a copy (n_k bytes per sequence): a mask of the full shape would otherwise pass
+    # as a read-only broadcast view and compile every kernel a second time (see as_shaped)
+    return np.array(np.broadcast_to(mask, want), order="C").reshape(layout.size, layout.n_k)
 
 
 def _shape_of(x, name):

@@ -574,7 +574,7 @@ class FMMDecoder:
         if self.method == "exact":
             self._grow_cache(pos0 + t)
             self._kv[:, pos0:pos0 + t], self._vv[:, pos0:pos0 + t], self._ok[:, pos0:pos0 + t] = k, v, valid
-            n_chunks = max(1, min(4 * num_threads(), (pos0 + t) // 4096))
+            n_chunks = max(1, min(4 * num_threads(), (pos0 + t) // _config.DECODE_EXACT_CHUNK_KEYS))
             work = B * g * t * (pos0 + t) * (self.d + self.dv)
             kernel = kernels.exact_decode if work >= _config.DECODE_PARALLEL_MIN_WORK else kernels.exact_decode_serial
             part_max = np.empty((B, g, t, n_chunks), dtype=dt)

@@ -532,6 +532,7 @@ _KERNEL_COVERAGE = r'''
 import importlib, json, pkgutil, sys
 import numpy as np
 from numba.core.registry import CPUDispatcher
+import fmm_attention
 import fmm_attention.cpu as cpu
 from fmm_attention import cli
 from fmm_attention.cpu._launch import Threaded
@@ -552,21 +553,49 @@ kernels["analysis._bound_kernel"] = bounds._bound_kernel
 report = {}
 for name, kernel in kernels.items():
     report[name] = sorted({str(getattr(t, "dtype", "")) for sig in kernel.signatures for t in sig} - {""})
-print(json.dumps(report))
+# Signatures of one jitted function (any, kernel or helper) that differ only in a literal
+# integer or in an array's writeable flag: a whole compile for the same machine work.
+from numba.core import types
+
+def plain(t):
+    t = types.unliteral(t)
+    return t.copy(readonly=False) if isinstance(t, types.Array) else t
+
+twins = []
+for info in pkgutil.walk_packages(fmm_attention.__path__, "fmm_attention."):
+    if info.name.endswith("__main__") or ".cuda" in info.name or ".interop" in info.name:
+        continue
+    module = importlib.import_module(info.name)
+    for name, obj in vars(module).items():
+        if isinstance(obj, CPUDispatcher) and obj.__module__ == module.__name__:
+            seen = {}
+            for sig in obj.signatures:
+                key = tuple(plain(t) for t in sig)
+                if key in seen:
+                    twins.append(f"{info.name}.{name}: {seen[key]} and {sig}")
+                seen[key] = sig
+print(json.dumps({"dtypes": report, "twins": twins}))
 '''
 
 
 @pytest.mark.slow
-def test_compile_reaches_every_parallel_kernel_in_both_dtypes():
-    """In a fresh process: after ``compile`` every parallel CPU kernel has its variants."""
+def test_compile_reaches_every_parallel_kernel_in_both_dtypes(tmp_path):
+    """In a fresh process with an empty cache: after ``compile`` every parallel CPU kernel
+    has its variants, and no jitted function was compiled twice for the same work."""
     import json
 
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(Path(fmm_attention.__file__).parents[1]),
-                                                                    os.environ.get("PYTHONPATH")])))
+    # An empty cache: a kernel loaded from it brings its callees compiled inside it, so only
+    # a full compile shows every function's signatures.
+    env = dict(os.environ, NUMBA_CACHE_DIR=str(tmp_path / "numba-cache"),
+               PYTHONPATH=os.pathsep.join(filter(None, [str(Path(fmm_attention.__file__).parents[1]),
+                                                        os.environ.get("PYTHONPATH")])))
     proc = subprocess.run([sys.executable, "-c", _KERNEL_COVERAGE], capture_output=True, text=True, env=env,
                           timeout=1800)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    # one compile per kernel and type: no literal-integer or read-only twin (see cpu/_jit.py)
+    assert result["twins"] == []
+    report = result["dtypes"]
     assert len(report) > 10
     # kernels on threads are covered too, and exact attention's forward has one kernel per
     # product path, each compiled for the dtypes that take it

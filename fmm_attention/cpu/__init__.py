@@ -117,6 +117,14 @@ def _coarse_validity(batch, global_tokens, key_globals=None):
     return valid
 
 
+def _freeze(*plans):
+    # Read-only like the tree's cached plans: Numba compiles one kernel variant per
+    # (dtype, layout, writeable), so a writeable plan would compile the block kernel and
+    # its backward a second time (about 2.6 s each per dtype).
+    for arr in plans:
+        arr.setflags(write=False)
+
+
 def _stacked_plans(tree, with_far, entry_globals):
     """Per-entry key plans ``(seg_lo, seg_hi, segments, max_keys)`` for per-sequence global
     tokens: one plan per distinct token set, laid out per output entry."""
@@ -130,6 +138,7 @@ def _stacked_plans(tree, with_far, entry_globals):
         ptr, segs, _ = plans[tokens]
         segments[b, : segs.shape[0]] = segs
         seg_lo[b], seg_hi[b] = ptr[:-1], ptr[1:]
+    _freeze(seg_lo, seg_hi, segments)
     return seg_lo, seg_hi, segments, max(p[2] for p in plans.values())
 
 
@@ -165,6 +174,7 @@ def _refined_plan(batch, tree, base, kc, vc, cbias, key_bias, has_mask, scale, b
         )
     # the kernels' key buffers: the most keys any emitted block plan names (unused rows are 0)
     max_keys = int(out[:, :, 2].reshape(B, tree.n_blocks, capacity).sum(axis=2).max(initial=1))
+    _freeze(seg_lo, seg_hi, out)
     return seg_lo, seg_hi, out, max_keys
 
 

@@ -417,7 +417,7 @@ def _block_backward_jobs(
         bk = job // n_runs
         run = first_run + 2 * (job % n_runs)
         nk = 0
-        n_direct = 0
+        n_direct = np.int64(0)
         for slot in range(set_ptr[bk], set_ptr[bk + 1]):  # the run's partial rows start at zero
             b = set_entries[slot]
             p = 0 if shared else b
@@ -508,7 +508,7 @@ def _block_backward_jobs(
                     _direct_shares(grads, width, queries, d, dk, bk, n, segments, p, s_lo, s_hi, blk, block_size)
                     gemm_tiles(nk - n_direct, d, width, grads, n_direct * width, width, 1, queries, 0, d, dk_buf, 0,
                                d, False)
-                    _add_partials(dk_buf, 0, d, dk_cols, b, col0, seg_col, segments, p, s_lo, s_hi, blk, block_size)
+                    _add_partials(dk_buf, np.int64(0), d, dk_cols, b, col0, seg_col, segments, p, s_lo, s_hi, blk, block_size)
                 else:
                     gemm_tiles(nk, d_pad, width, grads, 0, width, 1, queries, 0, d_pad, dk_buf, 0, d_pad, False)
                     _scatter_direct(dk_buf, d, dk, bk, segments, p, s_lo, s_hi, blk, block_size)
@@ -519,7 +519,7 @@ def _block_backward_jobs(
                                    block_size)
                     gemm_tiles(nk - n_direct, dv_dim, width, scores, n_direct * width, width, 1, cotangents, 0,
                                dv_dim, dv_buf, 0, dv_dim, False)
-                    _add_partials(dv_buf, 0, dv_dim, dv_cols, b, col0, seg_col, segments, p, s_lo, s_hi, blk,
+                    _add_partials(dv_buf, np.int64(0), dv_dim, dv_cols, b, col0, seg_col, segments, p, s_lo, s_hi, blk,
                                   block_size)
                 else:
                     gemm_tiles(nk, dv_pad, width, scores, 0, width, 1, cotangents, 0, dv_pad, dv_buf, 0, dv_pad,

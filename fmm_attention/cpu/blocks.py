@@ -177,7 +177,7 @@ def _block_jobs(
             gemm_tiles(count, width, d, k_flat, (bk * n + start) * d, d, 1, queries_t, 0, width,
                        scores, key * width, width, False)
             key += count
-        floor_max = inh_max[b, blk] if inherit else -np.inf
+        floor_max = inh_max[b, blk] if inherit else inh_max.dtype.type(-np.inf)
         softmax_columns(scores, nk, bias, positions, i0, causal, floor_max, col_max, shift, col_sum)
         # out_t[feature, query] = sum over keys of value[key, feature] * weight[key, query]
         gemm_tiles(dv, width, n_gathered, gathered_vals, 0, 1, dv, scores, 0, width, out_t, 0, width, False)

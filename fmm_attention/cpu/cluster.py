@@ -127,7 +127,7 @@ def _flat_spans_jobs(first_job, last_job, k, v, valid, has_mask, box_sizes, rank
             steps = iters if box_size > rank else 0  # one token per slot: every group is exact already
             half = box_size // 2
             for first in range(lo, hi, box_size):
-                count = 0
+                count = np.int64(0)
                 for t in range(first, min(hi, first + box_size)):
                     if not has_mask or valid[b, t]:
                         index[count] = t
@@ -164,7 +164,7 @@ def _merged_boxes_jobs(first_job, last_job, box_size, rank, offset, prev_rank, p
         b = job // n_boxes
         c = job % n_boxes
         first = prev_offset + 2 * c * prev_rank
-        count = 0
+        count = np.int64(0)
         for i in range(n_points):
             if counts[b, first + i] > 0:
                 index[count] = first + i

@@ -37,7 +37,7 @@ def _mean_level1(near_k, near_v, near_cv, b, first, block_size, rank, slot, ck, 
             ck[b, 0, slot, t, e] = 0
         for e in range(dv):
             cv[b, 0, slot, t, e] = 0
-        count = 0
+        count = np.int64(0)
         for u in range(first + t * size, first + (t + 1) * size):
             s = u % ring
             if not near_cv[b, s]:
@@ -53,7 +53,7 @@ def _mean_level1(near_k, near_v, near_cv, b, first, block_size, rank, slot, ck, 
                 ck[b, 0, slot, t, e] *= inv
             for e in range(dv):
                 cv[b, 0, slot, t, e] *= inv
-        _set_bias(cb, cn, b, 0, slot, t, count, count_scaling)  # int count, as the forward's level 1
+        _set_bias(cb, cn, b, np.int64(0), slot, t, count, count_scaling)  # int count, as the forward's level 1
 
 
 @jit()

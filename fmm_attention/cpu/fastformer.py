@@ -186,6 +186,7 @@ def _causal_queries_jobs(job_lo, job_hi, q, k, w_q, w_k, valid, has_mask, chunk,
         top = carry_max[b, c]
         total = carry_sum[b, c]
         qg = acc / total if total > 0 else np.zeros(d, dtype=q.dtype)  # a masked first row keeps the carry
+        total = np.float64(total)  # the running sum is float64 (_online_add's `+ 1` promotes it)
         k_top = q.dtype.type(-np.inf)
         for i in range(i0, i1):
             if not has_mask or valid[b, i]:
@@ -254,7 +255,7 @@ def _causal_keys_jobs(job_lo, job_hi, v, valid, has_mask, chunk, carry_max, carr
         i1 = min(n, i0 + chunk)
         acc = carry_vec[b, c].copy()
         top = carry_max[b, c]
-        total = carry_sum[b, c]
+        total = np.float64(carry_sum[b, c])  # float64, as _online_add's `+ 1` makes it
         for i in range(i0, i1):
             if not has_mask or valid[b, i]:
                 top, total = _online_add(acc, top, total, logits_k[b, i], out[b, i])

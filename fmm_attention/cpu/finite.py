@@ -42,7 +42,7 @@ def _max_exponent_range(bits, exponent_mask, lo, hi):
 @njit(cache=_config.CACHE)
 def _max_exponent_serial(bits, exponent_mask):
     """The largest ``bits & exponent_mask`` over a 1-D unsigned-integer array, on this thread."""
-    return _max_exponent_range(bits, exponent_mask, 0, bits.size)
+    return _max_exponent_range(bits, exponent_mask, np.int64(0), bits.size)
 
 
 @njit(cache=_config.CACHE, parallel=True)

@@ -129,7 +129,7 @@ def _refine_jobs(
         # ---- base plan: gathered keys, scored once for max, normaliser and output
         lo = ptr[blk]
         hi = ptr[blk + 1]
-        n_plan = 0
+        n_plan = np.int64(0)
         for s in range(lo, hi):
             start = segments[s, 1]
             count = segments[s, 2]
@@ -154,7 +154,7 @@ def _refine_jobs(
                 for e in range(dv):
                     out_t[e, i] *= inv
         # ---- candidates: (kind, start, count, level + 1 or 0 for tokens), alive, benefit
-        nc = 0
+        nc = np.int64(0)
         for s in range(lo, hi):
             if segments[s, 0] != TOKEN and _live_rows(cbias, b, segments[s, 1], segments[s, 2]) == 0:
                 continue  # every key of the box is masked: it contributes nothing, costs nothing
@@ -175,15 +175,15 @@ def _refine_jobs(
         spent = 0
         # a split that does not fit now never will (spent and nc only grow): such a box
         # is blocked at once and its benefit, which could not change the plan, is not scored
-        _block_unaffordable(0, nc, cand, blocked, budget - spent, room - (nc - n_base), b, cbias, token_bias,
+        _block_unaffordable(np.int64(0), nc, cand, blocked, budget - spent, room - (nc - n_base), b, cbias, token_bias,
                             is_global, level_offset, level_rank, level_box)
         _split_benefits(
-            0, nc, cand, blocked, mass, queries_t, rows, shift, row_sum, out_t, k_flat, v_flat, token_bias,
+            np.int64(0), nc, cand, blocked, mass, queries_t, rows, shift, row_sum, out_t, k_flat, v_flat, token_bias,
             kc_flat, vc_flat, cbias, is_global, b, level_offset, level_rank, level_box, c_keys, c_vals, c_bias,
             c_sign, c_scores, c_start, num_t, den, change,
         )
         while True:
-            best = -1
+            best = np.int64(-1)
             for c in range(nc):
                 if alive[c] and not blocked[c] and cand[c, 3] > 0 and (best < 0 or mass[c] > mass[best]):
                     best = c
@@ -397,7 +397,7 @@ def _split_benefits(first, last, cand, blocked, mass, queries_t, rows, shift, ro
     dv = out_t.shape[0]
     n = token_bias.shape[1]  # k, v, kc, vc: flat views
     no_skip = is_global[:1]  # size 1: skip nothing
-    nr = 0
+    nr = np.int64(0)
     for c in range(first, last):
         c_start[c - first] = nr
         if cand[c, 3] == 0 or blocked[c]:  # a token run, or a split that cannot happen
