@@ -576,7 +576,10 @@ class FMMDecoder:
             self._kv[:, pos0:pos0 + t], self._vv[:, pos0:pos0 + t], self._ok[:, pos0:pos0 + t] = k, v, valid
             n_chunks = max(1, min(4 * num_threads(), (pos0 + t) // _config.DECODE_EXACT_CHUNK_KEYS))
             work = B * g * t * (pos0 + t) * (self.d + self.dv)
-            kernel = kernels.exact_decode if work >= _config.DECODE_PARALLEL_MIN_WORK else kernels.exact_decode_serial
+            # one job (a single query over one chunk) has nothing to share: the parallel
+            # launch would only add its cost
+            parallel = work >= _config.DECODE_PARALLEL_MIN_WORK and B * g * t * n_chunks > 1
+            kernel = kernels.exact_decode if parallel else kernels.exact_decode_serial
             part_max = np.empty((B, g, t, n_chunks), dtype=dt)
             part_sum = np.empty((B, g, t, n_chunks), dtype=dt)
             part_num = np.empty((B, g, t, n_chunks, self.dv), dtype=dt)

@@ -370,6 +370,29 @@ def test_exact_decoder_over_key_chunks(monkeypatch):
     np.testing.assert_allclose(lse[:, -5:], ref_lse[:, -5:], **TOL)
 
 
+def test_exact_decode_runs_one_job_on_the_calling_thread(monkeypatch):
+    """A single query over a cache of one key chunk is one job: above the work threshold it
+    still takes the serial kernel (a parallel launch would only add its cost), and two
+    sequences take the parallel one."""
+    from fmm_attention import _config
+    from fmm_attention.cpu import decode as kernels
+
+    monkeypatch.setattr(_config, "DECODE_PARALLEL_MIN_WORK", 0)
+    ran = []
+    for name in ("exact_decode", "exact_decode_serial"):
+        kernel = getattr(kernels, name)
+        monkeypatch.setattr(kernels, name, lambda *args, _k=kernel, _n=name: (ran.append(_n), _k(*args))[1])
+    for batch, expected in ((1, "exact_decode_serial"), (2, "exact_decode")):
+        q, k, v = qkv((batch,), 40, seed=17)
+        dec = FMMDecoder(batch_shape=(batch,), d=D, dv=DV, method="exact")
+        dec.prefill(q[:, :39], k[:, :39], v[:, :39])
+        ran.clear()
+        out = dec.step(q[:, 39:], k[:, 39:], v[:, 39:])
+        assert ran == [expected]
+        ref = exact_attention(q, k, v, causal=True)[:, 39:]
+        np.testing.assert_allclose(out, ref, **TOL)
+
+
 # ------------------------------------------------------------------ grouped heads (Hq = g * Hk)
 @pytest.mark.parametrize("method, coarsening", [("fmm", "mean"), ("fmm", "learned"), ("exact", "mean")])
 @pytest.mark.parametrize("prompt", [0, 37])
