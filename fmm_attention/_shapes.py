@@ -22,6 +22,7 @@ The result is a :class:`ShapedBatch`, a :class:`~fmm_attention._validate.Batch` 
 
 from __future__ import annotations
 
+import functools
 import math
 import numbers
 from dataclasses import dataclass
@@ -113,6 +114,9 @@ def _broadcast(shapes, what):
 def resolve(q_shape, k_shape, v_shape, *, causal=False, query_offset=None, positions=False, same_length=False):
     """Resolve the shapes of a call into a :class:`Layout`, or raise naming the argument.
 
+    Layouts are cached by their arguments (a model calls with a few shapes, and resolving
+    costs tens of microseconds of a small call); their index arrays are read-only.
+
     Parameters
     ----------
     q_shape, k_shape, v_shape : tuple
@@ -129,6 +133,13 @@ def resolve(q_shape, k_shape, v_shape, *, causal=False, query_offset=None, posit
     -------
     Layout
     """
+    offset = _check_offset(query_offset)  # before the cache: an unhashable offset is a TypeError naming it
+    return _resolve(tuple(q_shape), tuple(k_shape), tuple(v_shape), bool(causal), offset, bool(positions),
+                    bool(same_length))
+
+
+@functools.lru_cache(maxsize=256)
+def _resolve(q_shape, k_shape, v_shape, causal, offset, positions, same_length):
     for name, shape in (("q", q_shape), ("k", k_shape), ("v", v_shape)):
         if len(shape) < 2:
             raise ValueError(f"{name} must have at least 2 dims (..., n, features), got shape {shape}")
@@ -168,7 +179,6 @@ def resolve(q_shape, k_shape, v_shape, *, causal=False, query_offset=None, posit
     if groups > 1:
         k_ids = np.repeat(k_ids, groups, axis=-1)  # indices only: query head h reads key head h // g
     k_ids = np.broadcast_to(k_ids, lead)
-    offset = _check_offset(query_offset)
     given = offset is not None
     if same_length and given and offset != 0:
         raise ValueError(f"query_offset must be 0 or None here, got {offset}")
@@ -187,8 +197,13 @@ def resolve(q_shape, k_shape, v_shape, *, causal=False, query_offset=None, posit
                 "the keys, so the first ones would sit before the first key; pass query_offset "
                 f"(0 <= query_offset <= n_k - n_q) or at most n_k queries"
             )
-    return Layout(lead, n_q, n_k, d, dv, groups, np.ascontiguousarray(q_ids).reshape(-1),
-                  np.ascontiguousarray(k_ids).reshape(-1), q_lead, k_lead, offset, given,
+    # read-only whether broadcasting copied them or not: shared by every call of these
+    # shapes, and one kernel variant either way (cpu/_jit.py)
+    q_index = np.array(q_ids, dtype=np.int64).reshape(-1)
+    kv_index = np.array(k_ids, dtype=np.int64).reshape(-1)
+    q_index.setflags(write=False)
+    kv_index.setflags(write=False)
+    return Layout(lead, n_q, n_k, d, dv, groups, q_index, kv_index, q_lead, k_lead, offset, given,
                   q_lead != lead or k_heads != lead)
 
 

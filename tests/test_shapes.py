@@ -462,3 +462,22 @@ def test_vjp_refuses_pairwise_terms():
                         ("window", (1, 1))):
         with pytest.raises(NotImplementedError, match=name):
             exact_attention_vjp(q, q, q, **{name: value})
+
+
+@pytest.mark.parametrize("k_shape", [(2, 3, 8, 4), (1, 3, 8, 4)])  # as given, and broadcast over dim 0
+def test_layouts_are_cached_and_read_only(k_shape):
+    """A layout is resolved once per shapes and options; its index arrays are read-only
+    whether broadcasting copied them or not (one compiled kernel variant either way)."""
+    first = _shapes.resolve((2, 3, 8, 4), k_shape, k_shape, causal=True)
+    again = _shapes.resolve([2, 3, 8, 4], list(k_shape), k_shape, causal=True, query_offset=None)
+    assert again is first
+    assert _shapes.resolve((2, 3, 8, 4), k_shape, k_shape) is not first  # another option, another layout
+    for index in (first.q_index, first.kv_index):
+        assert not index.flags.writeable and index.dtype == np.int64 and index.shape == (6,)
+    np.testing.assert_array_equal(first.kv_index, np.arange(6) % (3 if k_shape[0] == 1 else 6))
+
+
+@pytest.mark.parametrize("offset", [[1], 1.5, True, "1"])
+def test_query_offset_of_the_wrong_type_is_a_type_error_naming_it(offset):
+    with pytest.raises(TypeError, match="query_offset"):
+        _shapes.resolve((8, 4), (8, 4), (8, 4), query_offset=offset)

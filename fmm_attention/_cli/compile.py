@@ -48,6 +48,7 @@ def _exact(dtype):
     exact_attention(q, k, v)
     exact_attention(q, k, v, causal=True, return_lse=True)
     exact_attention(q, k, v, key_padding_mask=_mask(), check_finite=False)
+    exact_attention(q, k[:1], v[:1])  # k, v broadcast over the heads: the same kernel variant
 
 
 def _fma_calls(**options):

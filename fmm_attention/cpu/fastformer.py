@@ -195,10 +195,14 @@ def _causal_queries_jobs(job_lo, job_hi, q, k, w_q, w_k, valid, has_mask, chunk,
                     a += q[b, i, e] * w_q[b, e]
                 top, total = _online_add(acc, top, total, a, q[b, i])
                 inv = 1 / total
-                logit = q.dtype.type(0)
                 for e in range(d):
                     qg[e] = acc[e] * inv
                     p[b, i, e] = qg[e] * k[b, i, e]
+                # a loop of its own: fused with the stores above, the sum's vectorised form
+                # (and so its last bits) depended on where malloc put ``qg``, a fresh array on
+                # each thread (a run-time overlap check, it seems): bits moved with the threads
+                logit = q.dtype.type(0)
+                for e in range(d):
                     logit += p[b, i, e] * w_k[b, e]
                 logits_k[b, i] = logit
                 k_top = max(k_top, logit)
