@@ -11,8 +11,8 @@ machine code's work:
   starts at one (``count = 0`` ... ``count += 1`` ... ``f(count)``: type inference
   resolves the call once while ``count`` is still ``Literal[int](0)``), compiles the callee
   for ``Literal[int](0)`` besides ``int64``. Such arguments start as ``np.int64(0)``.
-* A read-only array where another call passes a writeable one: the library's plans are
-  read-only (the tree caches them), masks and inputs writeable.
+* A read-only array where another call passes a writeable one: the library's plans and
+  the layouts' index arrays are read-only (both are cached), masks and inputs writeable.
 
 The compile-coverage test checks that no kernel holds two signatures of either kind.
 """
