@@ -57,9 +57,10 @@ EXACT_KEY_TILE = 512
 EXACT_GROUP_ENTRIES = 8
 #: Exact attention's forward: the dtypes (names) whose products run on the library's
 #: register-blocked micro-kernel, logits key-major; the others call BLAS (``np.dot``) per
-#: tile. float64 stays on BLAS: there the micro-kernel took 0.98 to 1.34 times BLAS's time
-#: (float32: 0.78 to 0.93; docs/performance.rst, "Exact attention's forward").
-EXACT_MICRO_KERNEL_DTYPES = ("float32",)
+#: tile. Both by default: on a quiet machine the micro-kernel took 0.83 to 0.91 times
+#: BLAS's time in float64 as well (docs/performance.rst, "Exact attention's forward"); a
+#: host whose BLAS beats it at these shapes can name fewer.
+EXACT_MICRO_KERNEL_DTYPES = ("float32", "float64")
 
 #: ``check_finite``: elements per parallel chunk of the finiteness pass (large enough that
 #: scheduling costs nothing).

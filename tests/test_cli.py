@@ -598,13 +598,13 @@ def test_compile_reaches_every_parallel_kernel_in_both_dtypes(tmp_path):
     report = result["dtypes"]
     assert len(report) > 10
     # kernels on threads are covered too, and exact attention's forward has one kernel per
-    # product path, each compiled for the dtypes that take it
+    # product path, each compiled for the dtypes that take it (by default none take BLAS's)
     assert {"blocks.block_attention", "backward.block_backward", "upward._mean_level", "exact.exact_tiles",
-            "exact.exact_tiles_blas", "upward.learned_upward_level", "backward.learned_weight_grad"} <= set(report)
+            "upward.learned_upward_level", "backward.learned_weight_grad"} <= set(report)
     micro = set(_config.EXACT_MICRO_KERNEL_DTYPES)
     per_dtype = {"exact.exact_tiles": micro, "exact.exact_tiles_blas": {"float32", "float64"} - micro}
     for name, dtypes in report.items():
-        assert dtypes, f"{name} was never compiled"
+        assert dtypes or per_dtype.get(name) == set(), f"{name} was never compiled"
         if name in per_dtype:
             assert per_dtype[name] <= set(dtypes), (name, dtypes)
         elif name.startswith("analysis."):

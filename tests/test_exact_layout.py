@@ -36,8 +36,7 @@ def _oracle(q, k, v, kw):
 @pytest.mark.parametrize("tiles", TILES, ids=lambda t: f"{t[0]}x{t[1]}")
 @pytest.mark.parametrize("causal", [False, True])
 def test_every_feature_at_tiles_off_the_panel_width_float64(tiles, causal, monkeypatch):
-    """The micro-kernel path in float64 (by default float64 calls BLAS), at 1e-12."""
-    monkeypatch.setattr(_config, "EXACT_MICRO_KERNEL_DTYPES", ("float32", "float64"))
+    """The micro-kernel path in float64 (the default), at 1e-12."""
     monkeypatch.setattr(_config, "EXACT_QUERY_TILE", tiles[0])
     monkeypatch.setattr(_config, "EXACT_KEY_TILE", tiles[1])
     q, k, v, kw = _case(np.float64, causal)
@@ -94,15 +93,15 @@ def test_rescale_across_key_tiles_with_rising_logits(monkeypatch):
 
 
 def test_dtype_picks_the_kernel(monkeypatch):
-    """float32 runs on the micro-kernel, float64 on BLAS unless the knob names it; both
-    paths give the same attention."""
+    """Both dtypes run on the micro-kernel by default; a dtype the knob leaves out calls
+    BLAS, and both paths give the same attention."""
     from fmm_attention.cpu import exact as cpu_exact
 
-    assert not cpu_exact.calls_blas(np.float32) and cpu_exact.calls_blas(np.float64)
+    assert not cpu_exact.calls_blas(np.float32) and not cpu_exact.calls_blas(np.float64)
     q, k, v, kw = _case(np.float64, True, seed=2)
-    blas = exact_attention(q, k, v, **kw)
-    monkeypatch.setattr(_config, "EXACT_MICRO_KERNEL_DTYPES", ("float64",))
-    assert not cpu_exact.calls_blas(np.float64)
     micro = exact_attention(q, k, v, **kw)
+    monkeypatch.setattr(_config, "EXACT_MICRO_KERNEL_DTYPES", ("float32",))
+    assert cpu_exact.calls_blas(np.float64)
+    blas = exact_attention(q, k, v, **kw)
     for a, b in zip(micro, blas):
         np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-13)

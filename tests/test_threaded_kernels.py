@@ -146,6 +146,17 @@ def test_bits_do_not_depend_on_threads_splitting_or_job_order(dtype, causal, mas
 
 
 @pytest.mark.parametrize("causal", [False, True], ids=["bidirectional", "causal"])
+def test_exact_forward_on_blas_bits_do_not_depend_on_threads(causal, small_jobs, two_threads, monkeypatch):
+    """The BLAS path of exact attention's forward (a dtype left out of
+    ``EXACT_MICRO_KERNEL_DTYPES``) splits its jobs like the micro-kernel path."""
+    monkeypatch.setattr(_config, "EXACT_MICRO_KERNEL_DTYPES", ("float32",))
+    assert exact.calls_blas(np.float64)
+    exact_calls = [(label, call) for label, call in calls(np.float64, 300, 3, causal, True) if label == "exact"]
+    assert_bits_do_not_depend_on_threads(exact_calls, [], monkeypatch,
+                                         dispatchers=[(exact, name) for name in EXACT_FORWARD])
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["bidirectional", "causal"])
 def test_exact_backward_grid_with_an_empty_query_range(causal, small_jobs):
     """At n = 300 a 4 x 4 grid of 128-query ranges has an empty last range. It used to take
     the previous range's last query tile as its own (queries 256..299 counted twice in
