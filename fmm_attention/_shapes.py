@@ -232,9 +232,19 @@ class PairTerm:
 
     @staticmethod
     def empty(dtype, size):
-        """The placeholder of an absent term (one element, offsets 0)."""
-        fill = True if np.dtype(dtype) == np.bool_ else 0
-        return PairTerm(np.full(1, fill, dtype=dtype), np.zeros(size, dtype=np.int64), 0, 0)
+        """The placeholder of an absent term (one element, offsets 0).
+
+        Cached: every call of one size shares it. Its arrays stay writeable, like those of
+        a real term (Numba compiles one kernel variant per writeable flag), and the kernels
+        only read them.
+        """
+        return _empty_term(np.dtype(dtype), size)
+
+
+@functools.lru_cache(maxsize=64)
+def _empty_term(dtype, size):
+    fill = True if dtype == np.bool_ else 0
+    return PairTerm(np.full(1, fill, dtype=dtype), np.zeros(size, dtype=np.int64), 0, 0)
 
 
 def _flat_view(arr):

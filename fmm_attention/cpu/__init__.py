@@ -21,6 +21,11 @@ from .refine import refine_plans
 __all__ = ["coarse_buffers", "exact_batch", "fastformer_batch", "fmm", "refine_capacity"]
 
 
+#: The padding placeholder of exact attention's kernel (never written; writeable like a
+#: real mask, so that both compile to one kernel variant).
+_NO_PADDING = np.ones((1, 1), dtype=np.bool_)
+
+
 def _key_bias(batch):
     """``(B, n)`` additive key bias (0 or ``-inf``) and whether any key is masked."""
     if batch.valid is None:
@@ -62,7 +67,7 @@ def exact_batch(batch, *, causal, attn_mask=None, attn_bias=None, window=None):
     # masked keys are selected out inside the kernel; masked values must be made finite here
     v = _masked_rows_zeroed(batch.v, batch.valid)
     has_pad = batch.pad is not None
-    pad = batch.pad if has_pad else np.ones((1, 1), dtype=np.bool_)
+    pad = batch.pad if has_pad else _NO_PADDING
     mask = attn_mask if attn_mask is not None else PairTerm.empty(np.bool_, B)
     bias = attn_bias if attn_bias is not None else PairTerm.empty(batch.dtype, B)
     unbounded = n_q + n_k + abs(layout.query_offset) + 1  # farther than any key

@@ -8,10 +8,10 @@ tile's scaled queries transposed and padded to the micro-kernel's panel width, s
 products (the logits, then the weighted values) run on the register-blocked micro-kernel
 of :mod:`._tiles`, reading keys and values a row at a time where they lie, and the softmax
 passes (maximum, rescale, exponential and sum) run along contiguous rows across the tile's
-queries (:func:`exact_tiles`). That is the float32 path; float64 keeps the earlier query-major
-kernel whose products are BLAS calls (:func:`exact_tiles_blas`), faster there because
-OpenBLAS's double products at these shapes beat the micro-kernel's
-(``_config.EXACT_MICRO_KERNEL_DTYPES`` chooses). No ``(n, n)`` array in either.
+queries (:func:`exact_tiles`). That is the path of both dtypes by default; the earlier
+query-major kernel whose products are BLAS calls (:func:`exact_tiles_blas`) runs the dtypes
+that ``_config.EXACT_MICRO_KERNEL_DTYPES`` leaves out, for a host whose BLAS beats the
+micro-kernel at these shapes. No ``(n, n)`` array in either.
 
 Queries and keys may differ in number and in batch: each output entry names the row sets
 it reads (broadcast leading dims and grouped heads copy nothing), and each query has a
@@ -23,6 +23,8 @@ query heads read each key and value tile once per group. :data:`exact_kernel` la
 jobs in chunks so that a long call stays interruptible (:class:`._launch.Chunked`), each
 chunk split over the threads.
 """
+
+import functools
 
 import numpy as np
 from numba import njit
@@ -237,9 +239,9 @@ def exact_tiles_blas(job_lo, job_hi, query_tile, key_tile, members, group_start,
     the same arguments and contract. Scores ``q_tile k_tile^T`` one query row at a time
     through the masks and the online softmax (a vectorised max, a fused exp-and-sum per
     row), then ``acc += weights @ v_tile``. The dtypes not in
-    ``_config.EXACT_MICRO_KERNEL_DTYPES`` run here (float64 by default: OpenBLAS's small
-    double products beat the micro-kernel's, docs/performance.rst); the caller pins BLAS
-    to one thread around it (:func:`calls_blas`).
+    ``_config.EXACT_MICRO_KERNEL_DTYPES`` run here (none by default: on a quiet machine the
+    micro-kernel beat OpenBLAS's small products in float64 too, docs/performance.rst); the
+    caller pins BLAS to one thread around it (:func:`calls_blas`).
     """
     n_q = q.shape[1]
     n_k = k.shape[1]
@@ -361,27 +363,43 @@ def _layout(q, k, v, q_index, kv_index, pad, has_pad, mask_flat, mask_off, mask_
     (a tile reads only the keys its queries may see).
     """
     query_tile, key_tile = max(1, int(_config.EXACT_QUERY_TILE)), max(1, int(_config.EXACT_KEY_TILE))
-    n_q, n_k, d = q.shape[1], k.shape[1], q.shape[2]
-    width = d + v.shape[2]
+    # kv_index by value: one plan per call shape, a few microseconds instead of tens
+    members, group_start, n_jobs, total, per_tile, sizes = _job_plan(
+        q.shape[1], k.shape[1], q.shape[2] + v.shape[2], query_tile, bool(causal), int(offset), int(left),
+        int(right), np.ascontiguousarray(kv_index, dtype=np.int64).tobytes(), int(_config.EXACT_GROUP_ENTRIES), num_threads())
+
+    def cumulative():
+        in_order = per_tile[_tile_order(per_tile.size)]
+        return np.concatenate(([0.0], np.cumsum(np.outer(sizes, in_order).ravel())))
+
+    return (query_tile, key_tile, members, group_start), n_jobs, total, cumulative
+
+
+@functools.lru_cache(maxsize=_config.PLAN_CACHE_SIZE * 8)
+def _job_plan(n_q, n_k, width, query_tile, causal, offset, left, right, kv_bytes, cap, threads):
+    """The jobs of one call shape: ``(members, group_start, n_jobs, total, per_tile, sizes)``
+    (:func:`_groups`; the multiply-adds of the jobs and of each query tile; the size of each
+    group). The arrays are read-only: the cache hands the same ones to every call."""
     n_tiles = -(-n_q // query_tile)
-    members, group_start = _groups(kv_index, n_tiles, _config.EXACT_GROUP_ENTRIES, num_threads())
+    members, group_start = _groups(np.frombuffer(kv_bytes, dtype=np.int64), n_tiles, cap, threads)
     sizes = np.diff(group_start).astype(np.float64)
     rows, keys = _key_span(n_q, n_k, query_tile, causal, offset, left, right)
     per_tile = (rows * keys * width).astype(np.float64)
-
-    def cumulative():
-        in_order = per_tile[_tile_order(n_tiles)]
-        return np.concatenate(([0.0], np.cumsum(np.outer(sizes, in_order).ravel())))
-
-    knobs = (query_tile, key_tile, members, group_start)
-    return knobs, sizes.size * n_tiles, sizes.sum() * float(per_tile.sum()), cumulative
+    for arr in (members, group_start, per_tile, sizes):
+        arr.setflags(write=False)
+    return members, group_start, sizes.size * n_tiles, float(sizes.sum()) * float(per_tile.sum()), per_tile, sizes
 
 
 def calls_blas(dtype):
     """Whether exact attention's forward in ``dtype`` calls BLAS (``np.dot``): the dtypes
     not in ``_config.EXACT_MICRO_KERNEL_DTYPES`` (read now). The caller then pins BLAS to
     one thread (:func:`._launch.launch_guard`)."""
-    return np.dtype(dtype).name not in tuple(_config.EXACT_MICRO_KERNEL_DTYPES)
+    return _calls_blas(np.dtype(dtype), tuple(_config.EXACT_MICRO_KERNEL_DTYPES))
+
+
+@functools.lru_cache(maxsize=16)
+def _calls_blas(dtype, micro_kernel_dtypes):
+    return dtype.name not in micro_kernel_dtypes  # dtype.name costs microseconds: asked twice a call
 
 
 class _Kernels:
