@@ -146,7 +146,6 @@ def exact_tiles(job_lo, job_hi, query_tile, key_tile, members, group_start, q, k
     dv = v.shape[2]
     n_tiles = (n_q + query_tile - 1) // query_tile
     panel = panel_width(q)
-    width = -(-query_tile // panel) * panel  # queries per tile, padded
     if causal:
         right = min(right, 0)
     # flat views: gemm_tiles is compiled for one operand layout only (see cpu/blocks.py)
@@ -156,6 +155,7 @@ def exact_tiles(job_lo, job_hi, query_tile, key_tile, members, group_start, q, k
     for job in range(job_lo, job_hi):
         first, size, bk, i0, i1 = _job_tile(job, n_tiles, query_tile, n_q, members, group_start, kv_index)
         rows = i1 - i0
+        width = -(-rows // panel) * panel  # the tile's queries, padded (no wider: a short call's work)
         # keys any query of the tile may see: [first - left, last + right]
         key_start = max(0, offset + i0 - left)
         key_end = min(n_k, offset + i1 + right)  # offset + (i1 - 1) + right + 1
