@@ -513,7 +513,9 @@ def fastformer_attention(q, k, v, w_q, w_k, *, causal=False, scale=None, key_pad
     return_pools = check_bool(return_pools, "return_pools")
     features = _shapes.call_features(q, k, v, same_length=True)
     be = backends.select(backend, (q, k, v, w_q, w_k), "fastformer", features=features)
-    batch = be.inputs(q, k, v, scale=scale, key_padding_mask=key_padding_mask, check_finite=check_finite,
+    check_finite = check_bool(check_finite, "check_finite")
+    fused = check_finite and "fastformer" in be.fused_finite_checks  # checked by the kernels as they read
+    batch = be.inputs(q, k, v, scale=scale, key_padding_mask=key_padding_mask, check_finite=check_finite and not fused,
                       same_length=True)
     if hasattr(batch, "layout"):
         # the kernels read one q, k, v row set per entry: broadcast leading dims are copied once
@@ -526,5 +528,6 @@ def fastformer_attention(q, k, v, w_q, w_k, *, causal=False, scale=None, key_pad
         )
     w_q = be.vector(w_q, "w_q", batch, check_finite)  # check_finite: checked by inputs
     w_k = be.vector(w_k, "w_k", batch, check_finite)
-    out, qg, kg = be.fastformer(batch, w_q, w_k, causal=causal, return_pools=return_pools)
+    out, qg, kg = be.fastformer(batch, w_q, w_k, causal=causal, return_pools=return_pools,
+                                **({"check_finite": True} if fused else {}))
     return be.finish_pools(batch, out, qg, kg, causal=causal, return_pools=return_pools)

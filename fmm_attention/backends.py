@@ -107,6 +107,12 @@ class Backend:
         and keys of different lengths, pairwise masks and biases, windows.
     dtypes : tuple of numpy.dtype
         The dtypes it computes in.
+    fused_finite_checks : frozenset of str
+        Operations whose kernels check ``q``, ``k``, ``v`` for NaN and infinity as they read
+        them: for these the public function validates the inputs with
+        ``check_finite=False`` and passes ``check_finite=True`` to the operation instead,
+        which then raises the same ``ValueError`` (so no separate pass reads the inputs).
+        Only ``"fastformer"`` may be listed. Empty by default.
     """
 
     name = ""
@@ -116,6 +122,7 @@ class Backend:
     fmm_features = frozenset()
     shape_features = frozenset()
     dtypes = KERNEL_DTYPES
+    fused_finite_checks = frozenset()
 
     # ------------------------------------------------------------ capabilities
     def not_supported(self, op, options=None, *, return_stats=False, features=frozenset()):
@@ -316,6 +323,7 @@ class CPUBackend(Backend):
     name = "cpu"
     title = "Numba CPU kernels"
     supports = frozenset({"exact", "fmm", "fastformer", "backward", "decode"})
+    fused_finite_checks = frozenset({"fastformer"})
     coarsenings = frozenset()  # every coarsening with a "cpu" kernel (Coarsening.kernels)
     fmm_features = frozenset(FMM_FEATURES)
     shape_features = frozenset(SHAPE_FEATURES)
@@ -352,7 +360,7 @@ class CPUBackend(Backend):
         """
         return self._kernels().fmm(batch, tree, options, entry_globals=entry_globals)
 
-    def fastformer(self, batch, w_q, w_k, *, causal, return_pools):
+    def fastformer(self, batch, w_q, w_k, *, causal, return_pools, check_finite=False):
         """Fastformer with the CPU kernels (see :meth:`Backend.fastformer`).
 
         Parameters
@@ -360,8 +368,12 @@ class CPUBackend(Backend):
         batch : Batch
         w_q, w_k : ndarray
         causal, return_pools : bool
+        check_finite : bool, optional
+            Check ``q``, ``k``, ``v`` inside the kernels' passes (this backend lists
+            ``"fastformer"`` in :attr:`fused_finite_checks`).
         """
-        return self._kernels().fastformer_batch(batch, w_q, w_k, causal=causal, return_pools=return_pools)
+        return self._kernels().fastformer_batch(batch, w_q, w_k, causal=causal, return_pools=return_pools,
+                                                check_finite=check_finite)
 
 
 class CUDABackend(Backend):

@@ -379,3 +379,54 @@ def test_empty_leading_dims_give_empty_results(rng):
     assert u.shape == (0, 3, 5, 4) and qg.shape == kg.shape == (0, 3, 4)
     u, qg, kg = fastformer_attention(q, q, q, w, w, causal=True, return_pools=True)
     assert u.shape == qg.shape == kg.shape == (0, 3, 5, 4)
+
+
+# --------------------------------------------------------------------------- the fused check_finite
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("causal", [False, True], ids=["bidirectional", "causal"])
+@pytest.mark.parametrize("which", ["q", "k", "v"])
+def test_fused_check_finds_one_bad_element_anywhere(rng, dtype, causal, which, monkeypatch):
+    """The CPU kernels check finiteness as they read (no separate pass): one NaN or
+    infinity at any position of any chunk, masked or not, first or last row, is found and
+    named, as the separate check found it; a finite call gives the bits of an unchecked one."""
+    monkeypatch.setattr(_config, "FASTFORMER_CHUNK", 4)
+    q, k, v, w_q, w_k = make_inputs(rng, (2,), 11, 5, dtype)
+    valid = rng.random((2, 11)) < 0.6
+    valid[:, 0] = True
+    masked = tuple(np.argwhere(~valid)[0])
+    args = dict(q=q, k=k, v=v)
+    for mask in (None, valid):
+        want = fastformer_attention(q, k, v, w_q, w_k, causal=causal, key_padding_mask=mask, return_pools=True,
+                                    check_finite=False)
+        got = fastformer_attention(q, k, v, w_q, w_k, causal=causal, key_padding_mask=mask, return_pools=True)
+        for x, y in zip(got, want):
+            np.testing.assert_array_equal(x, y)
+        for where in ((0, 0, 0), (1, 10, 4), (1, 6, 2), masked + (3,)):
+            for bad in (np.nan, np.inf, -np.inf):
+                arrays = {name: x.copy() for name, x in args.items()}
+                arrays[which][where] = bad
+                with pytest.raises(ValueError, match=f"^{which} contains NaN or infinity"):
+                    fastformer_attention(arrays["q"], arrays["k"], arrays["v"], w_q, w_k, causal=causal,
+                                         key_padding_mask=mask)
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["bidirectional", "causal"])
+def test_fused_check_names_the_first_bad_input_and_reads_no_extra_pass(rng, causal, monkeypatch):
+    from fmm_attention import _validate
+
+    q, k, v, w_q, w_k = make_inputs(rng, (), 9, 4)
+    checked = []
+    real = _validate.check_finite_array
+    monkeypatch.setattr(_validate, "check_finite_array", lambda arr, name, valid=None: (checked.append(name),
+                                                                                         real(arr, name, valid)))
+    import fmm_attention._shapes as shapes
+
+    monkeypatch.setattr(shapes, "check_finite_array", _validate.check_finite_array)
+    fastformer_attention(q, k, v, w_q, w_k, causal=causal)
+    assert checked == ["w_q", "w_k"]  # the vectors alone: the kernels checked q, k and v
+    for names in (("k", "v"), ("q", "v"), ("q", "k", "v")):
+        arrays = dict(q=q.copy(), k=k.copy(), v=v.copy())
+        for name in names:
+            arrays[name][4, 1] = np.inf
+        with pytest.raises(ValueError, match=f"^{names[0]} contains"):
+            fastformer_attention(arrays["q"], arrays["k"], arrays["v"], w_q, w_k, causal=causal)

@@ -32,10 +32,26 @@ from .. import _config
 from ._jit import jit
 from ._launch import Threaded, launch_guard
 from ._softmax import exp_inplace
+from .finite import exponent_bits
+
+
+@jit()
+def _row_exponent(bits, b, i, exponent_mask, top):
+    """``max(top, bits[b, i, e] & exponent_mask over e)``: the finiteness check of one row,
+    read while the row is in the cache (a float is NaN or infinite exactly when its exponent
+    field is all ones; see :mod:`.finite`)."""
+    word = bits.dtype.type
+    row = bits[b, i]
+    for e in range(row.size):
+        field = word(row[e] & exponent_mask)
+        if field > top:
+            top = field
+    return top
 
 
 @jit(nogil=True)
-def _chunk_partials_jobs(job_lo, job_hi, x, w, valid, has_mask, chunk, part_max, part_sum, part_vec):
+def _chunk_partials_jobs(job_lo, job_hi, x, w, valid, has_mask, chunk, part_max, part_sum, part_vec, x_bits,
+                         exponent_mask, check, part_exponent):
     """Per-chunk softmax partials of the logits ``x[b, i] . w[b]`` over the rows ``x[b, i]``,
     for the ``(batch, chunk)`` jobs ``job_lo <= job < job_hi`` (``job = b * C + c``).
 
@@ -47,6 +63,9 @@ def _chunk_partials_jobs(job_lo, job_hi, x, w, valid, has_mask, chunk, part_max,
     part_max, part_sum : (B, C) out, ``C = ceil(n / chunk)``: each chunk's largest logit
         (``-inf`` when it has no valid row) and ``sum_i exp(logit_i - max)``.
     part_vec : (B, C, d) out, ``sum_i exp(logit_i - max) x[b, i]``.
+    x_bits, exponent_mask, check, part_exponent : with ``check``, the largest exponent field
+        of each chunk's rows (all of them, masked or not) goes to ``part_exponent`` (B, C),
+        from ``x_bits``, ``x`` viewed as unsigned integers (the fused ``check_finite``).
     """
     n_batch, n, d = x.shape
     n_chunks = part_max.shape[1]
@@ -57,14 +76,18 @@ def _chunk_partials_jobs(job_lo, job_hi, x, w, valid, has_mask, chunk, part_max,
         i1 = min(n, i0 + chunk)
         logits = np.empty(i1 - i0, dtype=x.dtype)
         top = x.dtype.type(-np.inf)
+        exponent = x_bits.dtype.type(0)
         for i in range(i1 - i0):
             acc = x.dtype.type(0)
             for e in range(d):
                 acc += x[b, i0 + i, e] * w[b, e]
+            if check:
+                exponent = _row_exponent(x_bits, b, i0 + i, exponent_mask, exponent)
             if has_mask and not valid[b, i0 + i]:
                 acc = -np.inf
             logits[i] = acc
             top = max(top, acc)
+        part_exponent[b, c] = exponent
         part_max[b, c] = top
         part_vec[b, c] = 0
         if top == -np.inf:
@@ -91,21 +114,27 @@ chunk_partials = Threaded(_chunk_partials_jobs, _chunk_partials_layout)
 
 
 @jit(nogil=True)
-def _modulate_jobs(job_lo, job_hi, kg, v, chunk, out):
-    """``out[b, i] = kg[b] * v[b, i]`` for the ``(batch, chunk)`` jobs ``job_lo <= job < job_hi``."""
+def _modulate_jobs(job_lo, job_hi, kg, v, chunk, out, v_bits, exponent_mask, check, part_exponent):
+    """``out[b, i] = kg[b] * v[b, i]`` for the ``(batch, chunk)`` jobs ``job_lo <= job < job_hi``;
+    with ``check``, each chunk's largest exponent field of ``v`` into ``part_exponent`` (B, C)
+    (as :func:`_chunk_partials_jobs`)."""
     n_batch, n, d = v.shape
     n_chunks = (n + chunk - 1) // chunk
     for job in range(job_lo, job_hi):
         b = job // n_chunks
         i0 = (job % n_chunks) * chunk
+        exponent = v_bits.dtype.type(0)
         # explicit loops: the row expression out[b, i0:i1] = v[b, i0:i1] * kg[b] built a
         # temporary of the whole chunk first, an extra write and read of it
         for i in range(i0, min(n, i0 + chunk)):
             for e in range(d):
                 out[b, i, e] = kg[b, e] * v[b, i, e]
+            if check:
+                exponent = _row_exponent(v_bits, b, i, exponent_mask, exponent)
+        part_exponent[b, job % n_chunks] = exponent
 
 
-def _modulate_layout(kg, v, chunk, out):
+def _modulate_layout(kg, v, chunk, out, *args):
     return v.shape[0] * -(-v.shape[1] // chunk), v.size
 
 
@@ -164,7 +193,8 @@ def exclusive_scan(part_max, part_sum, part_vec, carry_max, carry_sum, carry_vec
 
 @jit(nogil=True)
 def _causal_queries_jobs(job_lo, job_hi, q, k, w_q, w_k, valid, has_mask, chunk, carry_max, carry_sum, carry_vec,
-                         store_pools, p, logits_k, qg_out, part_max, part_sum, part_vec):
+                         store_pools, p, logits_k, qg_out, part_max, part_sum, part_vec, k_bits, exponent_mask, check,
+                         part_exponent):
     """Causal scan, second pass: prefix query pools, ``p_i``, ``b_i`` and per-chunk key partials,
     for the ``(batch, chunk)`` jobs ``job_lo <= job < job_hi``.
 
@@ -173,7 +203,8 @@ def _causal_queries_jobs(job_lo, job_hi, q, k, w_q, w_k, valid, has_mask, chunk,
     continues the online softmax from its carry, writes ``p_i = qg_i * k_i`` to ``p`` (zero at
     masked positions), ``b_i = p_i . w_k`` to ``logits_k`` (``-inf`` at masked positions), the
     prefix pools to ``qg_out`` when ``store_pools`` (zero before the first valid position),
-    and its chunk's key softmax partial ``(max, sum, sum_i exp(b_i - max) p_i)``.
+    and its chunk's key softmax partial ``(max, sum, sum_i exp(b_i - max) p_i)``; with
+    ``check``, the chunk's largest exponent field of ``k`` (every row) into ``part_exponent``.
     """
     n_batch, n, d = q.shape
     n_chunks = carry_max.shape[1]
@@ -188,7 +219,10 @@ def _causal_queries_jobs(job_lo, job_hi, q, k, w_q, w_k, valid, has_mask, chunk,
         qg = acc / total if total > 0 else np.zeros(d, dtype=q.dtype)  # a masked first row keeps the carry
         total = np.float64(total)  # the running sum is float64 (_online_add's `+ 1` promotes it)
         k_top = q.dtype.type(-np.inf)
+        exponent = k_bits.dtype.type(0)
         for i in range(i0, i1):
+            if check:
+                exponent = _row_exponent(k_bits, b, i, exponent_mask, exponent)
             if not has_mask or valid[b, i]:
                 a = q.dtype.type(0)
                 for e in range(d):
@@ -217,6 +251,7 @@ def _causal_queries_jobs(job_lo, job_hi, q, k, w_q, w_k, valid, has_mask, chunk,
                 else:
                     for e in range(d):
                         qg_out[b, i, e] = 0
+        part_exponent[b, c] = exponent
         part_max[b, c] = k_top
         part_sum[b, c] = 0
         part_vec[b, c] = 0
@@ -242,13 +277,14 @@ causal_queries = Threaded(_causal_queries_jobs, _causal_queries_layout)
 
 @jit(nogil=True)
 def _causal_keys_jobs(job_lo, job_hi, v, valid, has_mask, chunk, carry_max, carry_sum, carry_vec, store_pools,
-                      logits_k, out, kg_out):
+                      logits_k, out, kg_out, v_bits, exponent_mask, check, part_exponent):
     """Causal scan, last pass: prefix key pools ``kg_i`` and ``u_i = kg_i * v_i``, for the
     ``(batch, chunk)`` jobs ``job_lo <= job < job_hi``.
 
     ``out`` holds ``p_i`` on entry (from :func:`causal_queries`) and ``u_i`` on return: each
     row is read before it is overwritten. ``carry_*`` is the key pool state entering each
     chunk. A position with no valid position at or before it gets zero pools and output.
+    With ``check``, the chunk's largest exponent field of ``v`` into ``part_exponent``.
     """
     n_batch, n, d = v.shape
     n_chunks = carry_max.shape[1]
@@ -260,7 +296,10 @@ def _causal_keys_jobs(job_lo, job_hi, v, valid, has_mask, chunk, carry_max, carr
         acc = carry_vec[b, c].copy()
         top = carry_max[b, c]
         total = np.float64(carry_sum[b, c])  # float64, as _online_add's `+ 1` makes it
+        exponent = v_bits.dtype.type(0)
         for i in range(i0, i1):
+            if check:
+                exponent = _row_exponent(v_bits, b, i, exponent_mask, exponent)
             if not has_mask or valid[b, i]:
                 top, total = _online_add(acc, top, total, logits_k[b, i], out[b, i])
             if total > 0:
@@ -274,6 +313,7 @@ def _causal_keys_jobs(job_lo, job_hi, v, valid, has_mask, chunk, carry_max, carr
                 out[b, i] = 0
                 if store_pools:
                     kg_out[b, i] = 0
+        part_exponent[b, c] = exponent
 
 
 def _causal_keys_layout(v, valid, has_mask, chunk, carry_max, *args):
@@ -299,18 +339,57 @@ def merge_partials(part_max, part_sum, part_vec):
     return np.divide(pooled, total, out=np.zeros_like(pooled), where=total > 0)
 
 
-def _pool(x, w, valid, has_mask, chunk):
-    """Softmax pool of the rows of ``x`` (B, n, d) by the logits ``x . w``: ``(B, d)``."""
+class _FusedCheck:
+    """The ``check_finite`` of one call, fused into the passes that read the inputs.
+
+    Each pass that reads ``q``, ``k`` or ``v`` takes its unsigned-integer view and leaves the
+    largest exponent field of every chunk it read (:func:`_row_exponent`), so no separate
+    pass reads the inputs again: at n = 2**20 that pass was a third of the call. The check
+    covers every position, masked or not, as the separate pass did. Each input's result is
+    looked at once its pass is done (:meth:`raise_if_not_finite`), before any NumPy
+    arithmetic on what the pass produced, so the ``ValueError`` comes where the separate
+    check raised it, naming the first of ``q``, ``k``, ``v`` that holds NaN or infinity.
+    """
+
+    def __init__(self, enabled, n_batch, n_chunks):
+        self.enabled = enabled
+        self.shape = (n_batch, n_chunks)  # every job writes its entry, checked or not
+        self.parts = {}
+
+    def args(self, x, name):
+        """``(bits, exponent_mask, check, part_exponent)`` for a pass reading ``x`` as ``name``."""
+        bits, mask = exponent_bits(x)
+        part = np.zeros(self.shape, dtype=bits.dtype)
+        self.parts[name] = (part, mask)
+        return bits, mask, self.enabled, part
+
+    def raise_if_not_finite(self, *names):
+        """Raise the ``ValueError`` of ``check_finite`` for the first of ``names`` that failed."""
+        if not self.enabled:
+            return
+        from .._validate import nonfinite_error
+
+        for name in names:
+            part, mask = self.parts[name]
+            if part.size and part.max() == mask:
+                raise nonfinite_error(name)
+
+
+def _pool(x, w, valid, has_mask, chunk, check_args, check, name):
+    """Softmax pool of the rows of ``x`` (B, n, d) by the logits ``x . w``: ``(B, d)``;
+    ``check_args``: the fused finiteness check's arguments for ``x`` (:meth:`_FusedCheck.args`),
+    whose result ``check`` looks at (as ``name``) before the partials are merged."""
     n_batch, n, d = x.shape
     n_chunks = (n + chunk - 1) // chunk
     part_max = np.empty((n_batch, n_chunks), dtype=x.dtype)
     part_sum = np.empty((n_batch, n_chunks), dtype=x.dtype)
     part_vec = np.empty((n_batch, n_chunks, d), dtype=x.dtype)
-    chunk_partials(x, w, valid, has_mask, chunk, part_max, part_sum, part_vec)
+    chunk_partials(x, w, valid, has_mask, chunk, part_max, part_sum, part_vec, *check_args)
+    check.raise_if_not_finite(name)
     return merge_partials(part_max, part_sum, part_vec)
 
 
-def _causal(q, k, v, w_q, w_k, valid, has_mask, chunk, store_pools, out, qg_out, kg_out):
+def _causal(q, k, v, w_q, w_k, valid, has_mask, chunk, store_pools, out, qg_out, kg_out, check):
     """Causal Fastformer as a chunked scan, every pass parallel over ``(batch, chunk)`` jobs.
 
     Query pool: chunk partials (:func:`chunk_partials`), carries into each chunk
@@ -318,6 +397,7 @@ def _causal(q, k, v, w_q, w_k, valid, has_mask, chunk, store_pools, out, qg_out,
     its carry through the chunk, writing ``p_i`` into ``out`` and the key logits. Key pool:
     the same scan over ``p`` (:func:`causal_keys` overwrites ``p_i`` by ``u_i``). The chunks
     are fixed by ``chunk``, not by the thread count, so the result does not depend on it.
+    ``check`` (a :class:`_FusedCheck`) collects the finiteness of ``q``, ``k``, ``v``.
     """
     n_batch, n, d = q.shape
     n_chunks = (n + chunk - 1) // chunk
@@ -325,14 +405,15 @@ def _causal(q, k, v, w_q, w_k, valid, has_mask, chunk, store_pools, out, qg_out,
              np.empty((n_batch, n_chunks, d), q.dtype)]
     carry = [np.empty_like(x) for x in parts]
     logits_k = np.empty((n_batch, n), q.dtype)
-    chunk_partials(q, w_q, valid, has_mask, chunk, *parts)
+    chunk_partials(q, w_q, valid, has_mask, chunk, *parts, *check.args(q, "q"))
     exclusive_scan(*parts, *carry)
-    causal_queries(q, k, w_q, w_k, valid, has_mask, chunk, *carry, store_pools, out, logits_k, qg_out, *parts)
+    causal_queries(q, k, w_q, w_k, valid, has_mask, chunk, *carry, store_pools, out, logits_k, qg_out, *parts,
+                   *check.args(k, "k"))
     exclusive_scan(*parts, *carry)
-    causal_keys(v, valid, has_mask, chunk, *carry, store_pools, logits_k, out, kg_out)
+    causal_keys(v, valid, has_mask, chunk, *carry, store_pools, logits_k, out, kg_out, *check.args(v, "v"))
 
 
-def fastformer_batch(batch, w_q, w_k, *, causal, return_pools):
+def fastformer_batch(batch, w_q, w_k, *, causal, return_pools, check_finite=False):
     """Fastformer attention core of a validated batch.
 
     Parameters
@@ -342,6 +423,10 @@ def fastformer_batch(batch, w_q, w_k, *, causal, return_pools):
     w_q, w_k : ndarray, shape (B, d)
         Additive-attention vectors in ``batch.dtype``, one per batch entry (unscaled).
     causal, return_pools : bool
+    check_finite : bool, optional
+        Raise ``ValueError`` naming the first of ``q``, ``k``, ``v`` that holds NaN or
+        infinity anywhere, checked inside the passes that read them (:class:`_FusedCheck`);
+        the caller then skips the separate check.
 
     Returns
     -------
@@ -357,16 +442,22 @@ def fastformer_batch(batch, w_q, w_k, *, causal, return_pools):
     valid = batch.valid if has_mask else np.ones((1, 1), dtype=np.bool_)
     w_q = (w_q * scale).astype(dtype, copy=False)
     out = np.empty_like(batch.v)
+    n_batch, n = batch.q.shape[:2]
+    check = _FusedCheck(check_finite, n_batch, -(-n // chunk))
 
     with launch_guard():
         if causal:
             shape = batch.q.shape if return_pools else (1, 1, 1)
             qg, kg = np.empty(shape, dtype), np.empty(shape, dtype)
             w_k = (w_k * scale).astype(dtype, copy=False)
-            _causal(batch.q, batch.k, batch.v, w_q, w_k, valid, has_mask, chunk, return_pools, out, qg, kg)
+            # compiled passes only: nothing computes on a bad input's results before the check
+            _causal(batch.q, batch.k, batch.v, w_q, w_k, valid, has_mask, chunk, return_pools, out, qg, kg, check)
+            check.raise_if_not_finite("q", "k", "v")
             return (out, qg, kg) if return_pools else (out, None, None)
-        qg = _pool(batch.q, w_q, valid, has_mask, chunk)
+        qg = _pool(batch.q, w_q, valid, has_mask, chunk, check.args(batch.q, "q"), check, "q")
         # b_i = s (qg * k_i) . w_k = k_i . (s qg * w_k);  sum_i e_i p_i = qg * sum_i e_i k_i
-        kg = qg * _pool(batch.k, (qg * w_k * scale).astype(dtype, copy=False), valid, has_mask, chunk)
-        modulate(kg, batch.v, chunk, out)
+        kg = qg * _pool(batch.k, (qg * w_k * scale).astype(dtype, copy=False), valid, has_mask, chunk,
+                        check.args(batch.k, "k"), check, "k")
+        modulate(kg, batch.v, chunk, out, *check.args(batch.v, "v"))
+        check.raise_if_not_finite("v")
     return out, qg, kg

@@ -62,6 +62,15 @@ _FLOAT32 = (np.dtype(np.float32), np.uint32, np.uint32(0x7F800000))
 _FLOAT64 = (np.dtype(np.float64), np.uint64, np.uint64(0x7FF0000000000000))
 
 
+def exponent_bits(arr):
+    """``(bits, exponent_mask)``: the C-contiguous float32/float64 array ``arr`` viewed as
+    unsigned integers of its width (no copy) and the mask of their exponent field, for the
+    kernels that check finiteness as they read (an element is NaN or infinite exactly when
+    ``bits & exponent_mask == exponent_mask``)."""
+    _, word, mask = _FLOAT32 if arr.dtype == _FLOAT32[0] else _FLOAT64
+    return arr.view(word), mask
+
+
 def all_finite(arr):
     """``True`` if the C-contiguous float32/float64 array ``arr`` holds no NaN or infinity.
 
