@@ -57,8 +57,8 @@ EXACT_KEY_TILE = 512
 EXACT_GROUP_ENTRIES = 8
 #: Exact attention's forward: the dtypes (names) whose products run on the library's
 #: register-blocked micro-kernel, logits key-major; the others call BLAS (``np.dot``) per
-#: tile. Both by default: on a quiet machine the micro-kernel took 0.83 to 0.91 times
-#: BLAS's time in float64 as well (docs/performance.rst, "Exact attention's forward"); a
+#: tile. Both by default: on a quiet machine the micro-kernel took 0.85 to 0.92 times
+#: BLAS's time in float64 as well (n >= 4,096, medians of three rounds; docs/performance.rst); a
 #: host whose BLAS beats it at these shapes can name fewer.
 EXACT_MICRO_KERNEL_DTYPES = ("float32", "float64")
 
