@@ -364,9 +364,10 @@ def _layout(q, k, v, q_index, kv_index, pad, has_pad, mask_flat, mask_off, mask_
     """
     query_tile, key_tile = max(1, int(_config.EXACT_QUERY_TILE)), max(1, int(_config.EXACT_KEY_TILE))
     # kv_index by value: one plan per call shape, a few microseconds instead of tens
+    kv_bytes = np.ascontiguousarray(kv_index, dtype=np.int64).tobytes()
     members, group_start, n_jobs, total, per_tile, sizes = _job_plan(
         q.shape[1], k.shape[1], q.shape[2] + v.shape[2], query_tile, bool(causal), int(offset), int(left),
-        int(right), np.ascontiguousarray(kv_index, dtype=np.int64).tobytes(), int(_config.EXACT_GROUP_ENTRIES), num_threads())
+        int(right), kv_bytes, int(_config.EXACT_GROUP_ENTRIES), num_threads())
 
     def cumulative():
         in_order = per_tile[_tile_order(per_tile.size)]
