@@ -652,6 +652,12 @@ def test_bench_compares_exact_with_cpu_sdpa_when_torch_is_installed():
     assert np.allclose(out.numpy()[0], api.exact_attention(q, k, v), atol=1e-5)
 
 
+def test_bench_times_cpu_sdpa_in_a_process_of_its_own():
+    pytest.importorskip("torch")
+    times = _bench._sdpa_in_own_process([32, 64], 8, 1)
+    assert list(times) == [32, 64] and all(0 < t < 10 for t in times.values())
+
+
 def test_bench_backward_rows_time_forward_and_pullback(monkeypatch):
     import fmm_attention.grad as grad
 

@@ -137,6 +137,38 @@ def torch_sdpa(backend):
     return make_call, f"PyTorch {torch.__version__} scaled_dot_product_attention on the {device.upper()}{threads}"
 
 
+def sdpa_best_times(ns, d, repeat):
+    """Best times (seconds) of CPU SDPA at each ``n`` of ``ns``: ``{n: seconds}``.
+
+    The inputs are :func:`~fmm_attention.perf.random_inputs` of the bench's own rows (the
+    same seed, so the same numbers), with as many runs as the bench gives exact attention at
+    that ``n``. Run by :func:`_sdpa_in_own_process`, in a process of its own.
+    """
+    make_call, note = torch_sdpa("cpu")
+    if make_call is None:
+        raise RuntimeError(note)
+    times = {}
+    for n in ns:
+        call = make_call(*random_inputs(n, d, heads=1))
+        call()  # torch's first call at a shape sets up its kernels
+        times[n] = best_time(call, repeat=repeat if n <= 4096 else 2 if n <= 16384 else 1)
+    return times
+
+
+def _sdpa_in_own_process(ns, d, repeat):
+    """:func:`sdpa_best_times` in a spawned process, while this one waits.
+
+    PyTorch's CPU threads keep spinning after its calls: in one process, with a 0.4 s pause,
+    exact attention at n = 512 took 0.70 ms after an SDPA call against 0.40 ms before any,
+    so timing both in one process measured PyTorch's threads as much as the library.
+    """
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return pool.submit(sdpa_best_times, list(ns), d, repeat).result()
+
+
 def _scaling(args):
     from ..perf import DEFAULT_SCALING_NS, scaling_study
 
@@ -178,7 +210,7 @@ def run(args):
         dq, dk, dv = _on_backend(args, q, k, v)
         calls = {"numpy": partial(numpy_attention, q, k, v),
                  "exact": partial(api.exact_attention, dq, dk, dv, backend=args.backend, check_finite=False)}
-        if sdpa_call is not None:
+        if sdpa_call is not None and args.backend == "cuda":  # CPU: in its own process, below
             calls["sdpa"] = sdpa_call(q, k, v)
         for label, m, p in tracked:
             calls[f"fma {label}"] = partial(_fmm, dq, dk, dv, args, m, p)
@@ -187,6 +219,10 @@ def run(args):
         progress.update(f"n={n}")
     backward_rows = _bench_backward(args, tracked[0], progress) if backward else []
     progress.close()
+    if sdpa_call is not None and args.backend != "cuda":
+        sdpa_times = _sdpa_in_own_process([n for n, _ in timings], args.d, args.repeat)
+        for n, best in timings:
+            best["sdpa"] = sdpa_times[n]
     # The matmul rate is taken before and after the timings and the higher one is used:
     # a rate depressed by a passing load would flatter FMA's share of it.
     rate_after = matmul_rate()
@@ -211,7 +247,9 @@ def run(args):
           "attention do not depend on m/p: their figures repeat on each row of an n.")
     if sdpa_call is not None:
         label = tracked[0][0]
-        print(f"\n{sdpa_note}, float32, the same inputs, timed in the same rounds (fma {label}):")
+        where = ("timed in the same rounds" if args.backend == "cuda" else
+                 "timed in a process of its own after the others (in one process its threads slow the calls after it)")
+        print(f"\n{sdpa_note}, float32, the same inputs, {where} (fma {label}):")
         sdpa_rows = [[n, f"{best['sdpa'] * 1e3:.1f}", f"{best['exact'] * 1e3:.1f}", f"{best['sdpa'] / best['exact']:.2f}",
                       f"{4.0 * args.d * n * n / best['sdpa'] / 1e9:.1f}", f"{best[f'fma {label}'] * 1e3:.2f}",
                       f"{best['sdpa'] / best[f'fma {label}']:.1f}"] for n, best in timings]
