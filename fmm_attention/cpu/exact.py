@@ -359,10 +359,13 @@ def _key_span(n_q, n_k, query_tile, causal, offset, left, right):
 
 def _layout(q, k, v, q_index, kv_index, pad, has_pad, mask_flat, mask_off, mask_si, mask_sj, has_attn_mask,
             bias_flat, bias_off, bias_si, bias_sj, has_bias, scale, causal, offset, left, right, *outputs):
-    """Tile sizes from ``_config`` (read now), the number of jobs and their multiply-adds
-    (a tile reads only the keys its queries may see).
+    """Tile sizes from ``_config`` (read now: ``EXACT_LONG_QUERY_TILE`` for a long float32
+    call), the number of jobs and their multiply-adds (a tile reads only the keys its
+    queries may see).
     """
-    query_tile, key_tile = max(1, int(_config.EXACT_QUERY_TILE)), max(1, int(_config.EXACT_KEY_TILE))
+    long = q.dtype == np.float32 and k.shape[1] >= int(_config.EXACT_LONG_KEYS)
+    query_tile = max(1, int(_config.EXACT_LONG_QUERY_TILE if long else _config.EXACT_QUERY_TILE))
+    key_tile = max(1, int(_config.EXACT_KEY_TILE))
     # kv_index by value: one plan per call shape, a few microseconds instead of tens
     kv_bytes = np.ascontiguousarray(kv_index, dtype=np.int64).tobytes()
     members, group_start, n_jobs, total, per_tile, sizes = _job_plan(
