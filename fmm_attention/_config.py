@@ -50,8 +50,8 @@ THREADED_MIN_WORK = 1_000_000
 #: Exact attention: query rows per tile (the unit of parallel work) and keys per tile.
 EXACT_QUERY_TILE = 64
 EXACT_KEY_TILE = 512
-#: Exact attention's forward in float32 with at least ``EXACT_LONG_KEYS`` keys: query rows
-#: per tile. Each tile streams all its keys and values, and from 32,768 keys (16 MiB of k and
+#: Exact attention's forward in float32 with at least ``EXACT_LONG_KEYS`` queries and keys:
+#: query rows per tile (fewer queries keep the short tile, whose jobs the threads need). Each tile streams all its keys and values, and from 32,768 keys (16 MiB of k and
 #: v at d = 64) they no longer stay in a 32 MiB L3 cache beside the other arrays; twice the
 #: rows halve that traffic: 0.90-0.97 times the time at n = 32,768 and 65,536, neutral at
 #: 16,384; float64 gained nothing (docs/performance.rst). The query tile changes no bit.

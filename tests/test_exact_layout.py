@@ -109,8 +109,8 @@ def test_dtype_picks_the_kernel(monkeypatch):
 
 @pytest.mark.parametrize("causal", [False, True])
 def test_long_float32_calls_take_the_long_query_tile_and_the_same_bits(causal, monkeypatch):
-    """From ``EXACT_LONG_KEYS`` keys float32 uses ``EXACT_LONG_QUERY_TILE`` rows per query
-    tile (float64 keeps ``EXACT_QUERY_TILE``); a query's arithmetic does not depend on the
+    """From ``EXACT_LONG_KEYS`` queries and keys float32 uses ``EXACT_LONG_QUERY_TILE`` rows
+    per query tile (float64, and fewer queries, keep ``EXACT_QUERY_TILE``); a query's arithmetic does not depend on the
     query tile, so the results are bitwise those of the short tile."""
     from fmm_attention.cpu import exact as cpu_exact
 
@@ -119,14 +119,17 @@ def test_long_float32_calls_take_the_long_query_tile_and_the_same_bits(causal, m
     q, k, v = (rng.standard_normal((3, 200, 16)).astype(np.float32) for _ in range(3))
     ids, no = np.arange(3), np.zeros(1)
 
-    def tile(x):
-        args = (x, x, x, ids, ids, None, False, no, ids, 0, 0, False, no, ids, 0, 0, False, 1.0, causal, 0, 201, 201)
+    def tile(x, keys=None):
+        keys = x if keys is None else keys
+        args = (x, keys, keys, ids, ids, None, False, no, ids, 0, 0, False, no, ids, 0, 0, False, 1.0, causal,
+                keys.shape[1] - x.shape[1], 201, 201)
         return cpu_exact._layout(*args)[0][0]
 
     short = exact_attention(q, k, v, causal=causal, return_lse=True)
     monkeypatch.setattr(_config, "EXACT_LONG_KEYS", 200)
     monkeypatch.setattr(_config, "EXACT_LONG_QUERY_TILE", 24)
     assert tile(q) == 24 and tile(q.astype(np.float64)) == _config.EXACT_QUERY_TILE
+    assert tile(q[:, :100], keys=k) == _config.EXACT_QUERY_TILE  # short queries over long keys: the jobs
     long = exact_attention(q, k, v, causal=causal, return_lse=True)
     for a, b in zip(long, short):
         np.testing.assert_array_equal(a, b)

@@ -359,11 +359,12 @@ def _key_span(n_q, n_k, query_tile, causal, offset, left, right):
 
 def _layout(q, k, v, q_index, kv_index, pad, has_pad, mask_flat, mask_off, mask_si, mask_sj, has_attn_mask,
             bias_flat, bias_off, bias_si, bias_sj, has_bias, scale, causal, offset, left, right, *outputs):
-    """Tile sizes from ``_config`` (read now: ``EXACT_LONG_QUERY_TILE`` for a long float32
-    call), the number of jobs and their multiply-adds (a tile reads only the keys its
+    """Tile sizes from ``_config`` (read now: ``EXACT_LONG_QUERY_TILE`` for a float32 call
+    with long queries and keys), the number of jobs and their multiply-adds (a tile reads only the keys its
     queries may see).
     """
-    long = q.dtype == np.float32 and k.shape[1] >= int(_config.EXACT_LONG_KEYS)
+    # long queries too: a few query tiles over many keys need the short tile's jobs for the threads
+    long = q.dtype == np.float32 and min(q.shape[1], k.shape[1]) >= int(_config.EXACT_LONG_KEYS)
     query_tile = max(1, int(_config.EXACT_LONG_QUERY_TILE if long else _config.EXACT_QUERY_TILE))
     key_tile = max(1, int(_config.EXACT_KEY_TILE))
     # kv_index by value: one plan per call shape, a few microseconds instead of tens
