@@ -110,8 +110,9 @@ def test_dtype_picks_the_kernel(monkeypatch):
 @pytest.mark.parametrize("causal", [False, True])
 def test_long_float32_calls_take_the_long_query_tile_and_the_same_bits(causal, monkeypatch):
     """From ``EXACT_LONG_KEYS`` queries and keys float32 uses ``EXACT_LONG_QUERY_TILE`` rows
-    per query tile (float64, and fewer queries, keep ``EXACT_QUERY_TILE``); a query's arithmetic does not depend on the
-    query tile, so the results are bitwise those of the short tile."""
+    per query tile (float64, and fewer queries, keep ``EXACT_QUERY_TILE``); a query's
+    arithmetic does not depend on the query tile, so the results are bitwise those of the
+    short tile."""
     from fmm_attention.cpu import exact as cpu_exact
 
     monkeypatch.setattr(_config, "EXACT_KEY_TILE", 48)

@@ -151,7 +151,7 @@ def sdpa_best_times(ns, d, repeat):
     for n in ns:
         call = make_call(*random_inputs(n, d, heads=1))
         call()  # torch's first call at a shape sets up its kernels
-        times[n] = best_time(call, repeat=repeat if n <= 4096 else 2 if n <= 16384 else 1)
+        times[n] = best_time(call, repeat=_slow_runs(n, repeat))
     return times
 
 
@@ -296,6 +296,11 @@ def _bench_backward(args, config, progress):
     return rows
 
 
+def _slow_runs(n, repeat):
+    """Timed runs of an O(n^2) method at ``n`` (NumPy, exact attention, SDPA): ``repeat``, fewer at large n."""
+    return repeat if n <= 4096 else 2 if n <= 16384 else 1
+
+
 def _time_methods(args, timer, n, calls):
     """Best times of each method at one ``n`` (a dict like ``calls``), in two rounds.
 
@@ -306,7 +311,7 @@ def _time_methods(args, timer, n, calls):
     their runs are split between the rounds, and a method with a single run is timed in the
     first round only. FMA runs as often as fits in a quarter second per round.
     """
-    slow_runs = args.repeat if n <= 4096 else 2 if n <= 16384 else 1
+    slow_runs = _slow_runs(n, args.repeat)
     best = {name: float("inf") for name in calls}
     if n > args.numpy_max_n:
         best["numpy"] = float("nan")

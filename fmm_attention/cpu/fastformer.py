@@ -32,21 +32,15 @@ from .. import _config
 from ._jit import jit
 from ._launch import Threaded, launch_guard
 from ._softmax import exp_inplace
-from .finite import exponent_bits
+from .finite import _max_exponent_range, exponent_bits
 
 
 @jit()
 def _row_exponent(bits, b, i, exponent_mask, top):
-    """``max(top, bits[b, i, e] & exponent_mask over e)``: the finiteness check of one row,
-    read while the row is in the cache (a float is NaN or infinite exactly when its exponent
-    field is all ones; see :mod:`.finite`)."""
-    word = bits.dtype.type
+    """``max(top, bits[b, i, e] & exponent_mask over e)``: the finiteness check of one row
+    (:func:`.finite._max_exponent_range`), read while the row is in the cache."""
     row = bits[b, i]
-    for e in range(row.size):
-        field = word(row[e] & exponent_mask)
-        if field > top:
-            top = field
-    return top
+    return max(top, _max_exponent_range(row, exponent_mask, np.int64(0), row.size))
 
 
 @jit(nogil=True)
@@ -375,16 +369,15 @@ class _FusedCheck:
                 raise nonfinite_error(name)
 
 
-def _pool(x, w, valid, has_mask, chunk, check_args, check, name):
+def _pool(x, w, valid, has_mask, chunk, check, name):
     """Softmax pool of the rows of ``x`` (B, n, d) by the logits ``x . w``: ``(B, d)``;
-    ``check_args``: the fused finiteness check's arguments for ``x`` (:meth:`_FusedCheck.args`),
-    whose result ``check`` looks at (as ``name``) before the partials are merged."""
+    ``check`` (a :class:`_FusedCheck`) checks ``x`` as ``name`` before the partials are merged."""
     n_batch, n, d = x.shape
     n_chunks = (n + chunk - 1) // chunk
     part_max = np.empty((n_batch, n_chunks), dtype=x.dtype)
     part_sum = np.empty((n_batch, n_chunks), dtype=x.dtype)
     part_vec = np.empty((n_batch, n_chunks, d), dtype=x.dtype)
-    chunk_partials(x, w, valid, has_mask, chunk, part_max, part_sum, part_vec, *check_args)
+    chunk_partials(x, w, valid, has_mask, chunk, part_max, part_sum, part_vec, *check.args(x, name))
     check.raise_if_not_finite(name)
     return merge_partials(part_max, part_sum, part_vec)
 
@@ -454,10 +447,9 @@ def fastformer_batch(batch, w_q, w_k, *, causal, return_pools, check_finite=Fals
             _causal(batch.q, batch.k, batch.v, w_q, w_k, valid, has_mask, chunk, return_pools, out, qg, kg, check)
             check.raise_if_not_finite("q", "k", "v")
             return (out, qg, kg) if return_pools else (out, None, None)
-        qg = _pool(batch.q, w_q, valid, has_mask, chunk, check.args(batch.q, "q"), check, "q")
+        qg = _pool(batch.q, w_q, valid, has_mask, chunk, check, "q")
         # b_i = s (qg * k_i) . w_k = k_i . (s qg * w_k);  sum_i e_i p_i = qg * sum_i e_i k_i
-        kg = qg * _pool(batch.k, (qg * w_k * scale).astype(dtype, copy=False), valid, has_mask, chunk,
-                        check.args(batch.k, "k"), check, "k")
+        kg = qg * _pool(batch.k, (qg * w_k * scale).astype(dtype, copy=False), valid, has_mask, chunk, check, "k")
         modulate(kg, batch.v, chunk, out, *check.args(batch.v, "v"))
         check.raise_if_not_finite("v")
     return out, qg, kg

@@ -77,18 +77,11 @@ def all_finite(arr):
     Other arrays (non-contiguous, other dtypes) fall back to ``np.isfinite``. Arrays of
     fewer than ``_config.FINITE_PARALLEL_MIN_BYTES`` bytes are checked on the calling thread.
     """
-    dtype = arr.dtype
-    if dtype == _FLOAT32[0]:
-        _, bits, mask = _FLOAT32
-    elif dtype == _FLOAT64[0]:
-        _, bits, mask = _FLOAT64
-    else:
-        return bool(np.isfinite(arr).all())
-    if not arr.flags.c_contiguous:
+    if arr.dtype not in (_FLOAT32[0], _FLOAT64[0]) or not arr.flags.c_contiguous:
         return bool(np.isfinite(arr).all())
     if arr.size == 0:
         return True
-    flat = arr.reshape(-1).view(bits)
+    flat, mask = exponent_bits(arr.reshape(-1))
     if arr.nbytes < _config.FINITE_PARALLEL_MIN_BYTES:
         return bool(_max_exponent_serial(flat, mask) != mask)
     with launch_guard():
